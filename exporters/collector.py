@@ -1,0 +1,222 @@
+"""The collector's state: snapshots from many processes merged into one view.
+
+Each process ships cumulative snapshots; the collector keeps the latest one
+per process and sums across processes. When a process stops reporting (its
+worker died, it was restarted) its gauges go away after a few of its own
+intervals, so a dead worker cannot leave waiting replies stuck, and its
+counters are folded into a "retired" total so the sums Prometheus sees never
+go backwards.
+
+Every message is checked against the metric schema; anything malformed or
+foreign is skipped and counted, never raised.
+"""
+
+import collections
+import json
+import logging
+import threading
+import time
+
+from commlens.tracer import metrics
+from commlens.tracer import recorder
+
+LOG = logging.getLogger(__name__)
+
+EXPIRE_AFTER_INTERVALS = 3
+MIN_EXPIRY_SECONDS = 1.0
+MAX_PROCESSES = 20000
+MAX_HOPS = 100000
+MAX_LABEL_LENGTH = 200
+_N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
+
+# Outcomes of one received message, as counted on /metrics.
+ACCEPTED, MALFORMED, FOREIGN, STALE, REJECTED = (
+    "accepted", "malformed", "foreign", "stale", "rejected")
+
+
+class _Process:
+    __slots__ = ("id", "service", "host", "pid", "seq", "interval", "last_seen",
+                 "counters", "histograms", "gauges")
+
+    def __init__(self, process_id):
+        self.id = process_id
+        self.seq = -1
+        self.counters = {}
+        self.histograms = {}
+        self.gauges = {}
+
+
+class Collector:
+
+    def __init__(self, clock=time.monotonic, max_hops=MAX_HOPS):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._processes = {}
+        self._retired_counters = collections.defaultdict(float)
+        self._retired_histograms = {}
+        self.hops = collections.deque(maxlen=max_hops)
+        self.messages = collections.Counter()
+        self.invalid_series = 0
+
+    # -- intake ----------------------------------------------------------
+
+    def ingest(self, body):
+        """Take one shipped message (bytes or str); returns its outcome."""
+        try:
+            outcome = self._ingest(body)
+        except Exception:
+            LOG.debug("collector: message rejected", exc_info=True)
+            outcome = REJECTED
+        with self._lock:
+            self.messages[outcome] += 1
+        if outcome not in (ACCEPTED, STALE):
+            LOG.debug("collector: skipped a %s message", outcome)
+        return outcome
+
+    def _ingest(self, body):
+        try:
+            data = json.loads(body)
+        except (ValueError, TypeError):
+            return MALFORMED
+        if not isinstance(data, dict) or data.get("format") != recorder.SNAPSHOT_FORMAT:
+            return FOREIGN
+        process = data.get("process")
+        if not isinstance(process, dict) or not _short_str(process.get("id"), 64):
+            return MALFORMED
+        seq = data.get("seq")
+        interval = data.get("interval")
+        if not isinstance(seq, int) or not isinstance(interval, (int, float)) or interval <= 0:
+            return MALFORMED
+
+        counters, histograms, gauges, invalid = _parse_series(data)
+        with self._lock:
+            self.invalid_series += invalid
+            entry = self._processes.get(process["id"])
+            if entry is None:
+                if len(self._processes) >= MAX_PROCESSES:
+                    return REJECTED
+                entry = self._processes[process["id"]] = _Process(process["id"])
+            elif seq <= entry.seq:
+                return STALE
+            entry.service = str(process.get("service"))[:64]
+            entry.host = str(process.get("host"))[:255]
+            entry.pid = process.get("pid") if isinstance(process.get("pid"), int) else None
+            entry.seq = seq
+            entry.interval = float(interval)
+            entry.last_seen = self._clock()
+            entry.counters = counters
+            entry.histograms = histograms
+            entry.gauges = gauges
+            if data.get("final") is True:
+                self._retire(entry)
+        for hop in data.get("hops") or ():
+            if isinstance(hop, dict) and _short_str(hop.get("trace_id"), 32):
+                self.hops.append(hop)
+        return ACCEPTED
+
+    # -- expiry ----------------------------------------------------------
+
+    def expire(self):
+        now = self._clock()
+        with self._lock:
+            for entry in list(self._processes.values()):
+                deadline = max(MIN_EXPIRY_SECONDS,
+                               EXPIRE_AFTER_INTERVALS * entry.interval)
+                if now - entry.last_seen > deadline:
+                    LOG.info("collector: %s (pid %s on %s) stopped reporting; "
+                             "its gauges are removed", entry.service, entry.pid,
+                             entry.host)
+                    self._retire(entry)
+
+    def _retire(self, entry):
+        """Called with the lock held."""
+        for key, value in entry.counters.items():
+            self._retired_counters[key] += value
+        for key, (counts, total) in entry.histograms.items():
+            retired = self._retired_histograms.get(key)
+            if retired is None:
+                self._retired_histograms[key] = [list(counts), total]
+            else:
+                retired[0] = [a + b for a, b in zip(retired[0], counts)]
+                retired[1] += total
+        del self._processes[entry.id]
+
+    # -- views -----------------------------------------------------------
+
+    def merged(self):
+        """(counters, histograms, gauges): {(name, labels): value}, summed."""
+        self.expire()
+        with self._lock:
+            counters = collections.defaultdict(float, self._retired_counters)
+            histograms = {k: [list(v[0]), v[1]] for k, v in self._retired_histograms.items()}
+            gauges = collections.defaultdict(float)
+            for entry in self._processes.values():
+                for key, value in entry.counters.items():
+                    counters[key] += value
+                for key, (counts, total) in entry.histograms.items():
+                    merged = histograms.get(key)
+                    if merged is None:
+                        histograms[key] = [list(counts), total]
+                    else:
+                        merged[0] = [a + b for a, b in zip(merged[0], counts)]
+                        merged[1] += total
+                for key, value in entry.gauges.items():
+                    gauges[key] += value
+        return counters, histograms, gauges
+
+    def processes(self):
+        self.expire()
+        now = self._clock()
+        with self._lock:
+            return [{"id": p.id, "service": p.service, "host": p.host, "pid": p.pid,
+                     "interval": p.interval, "seconds_since_report": round(now - p.last_seen, 3)}
+                    for p in self._processes.values()]
+
+    def message_counts(self):
+        with self._lock:
+            return dict(self.messages)
+
+
+def _short_str(value, limit):
+    return isinstance(value, str) and 0 < len(value) <= limit
+
+
+def _valid_labels(metric, labels):
+    return (isinstance(labels, list) and len(labels) == len(metric.labels)
+            and all(isinstance(v, str) and len(v) <= MAX_LABEL_LENGTH for v in labels))
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_series(data):
+    """The snapshot's series that match the schema; and how many did not."""
+    counters, histograms, gauges = {}, {}, {}
+    invalid = 0
+    for kind, target in (("counter", counters), ("gauge", gauges)):
+        for item in data.get(kind + "s") or ():
+            try:
+                name, labels, value = item
+                metric = metrics.SHIPPED[name]
+            except (TypeError, ValueError, KeyError):
+                invalid += 1
+                continue
+            if metric.kind != kind or not _valid_labels(metric, labels) or not _number(value):
+                invalid += 1
+                continue
+            target[(name, tuple(labels))] = float(value)
+    for item in data.get("histograms") or ():
+        try:
+            name, labels, counts, total = item
+            metric = metrics.SHIPPED[name]
+        except (TypeError, ValueError, KeyError):
+            invalid += 1
+            continue
+        if (metric.kind != "histogram" or not _valid_labels(metric, labels)
+                or not isinstance(counts, list) or len(counts) != _N_BUCKETS
+                or not all(_number(c) for c in counts) or not _number(total)):
+            invalid += 1
+            continue
+        histograms[(name, tuple(labels))] = (counts, float(total))
+    return counters, histograms, gauges, invalid

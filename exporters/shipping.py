@@ -1,0 +1,252 @@
+"""Getting snapshots out of the process: a background shipper and its transports.
+
+The shipper wakes every ``interval`` seconds, takes a snapshot from the
+recorder, encodes it and hands it to a transport. It never blocks the
+service: the service only ever touches the recorder. When the transport
+fails, hops go back to the recorder's bounded buffer (or are counted as
+dropped), and the shipper reconnects with exponential backoff.
+
+Transports, chosen by the export URL:
+- ``amqp://...``  publishes with pika to the ``commlens`` exchange;
+- ``memory://``   hands snapshots to a collector in the same process.
+"""
+
+import json
+import logging
+import threading
+import time
+
+from commlens.exporters import urls
+
+LOG = logging.getLogger(__name__)
+
+MAX_HOPS_PER_SNAPSHOT = 2000
+BACKOFF_MAX = 30.0
+
+
+class ExportUrlError(ValueError):
+    """The export URL cannot be used; the message never contains its secrets."""
+
+
+def make_transport(export_url):
+    if not isinstance(export_url, str) or "://" not in export_url:
+        raise ExportUrlError(
+            f"export URL {urls.redact(export_url)!r}: expected amqp://... or memory://")
+    scheme = export_url.split("://", 1)[0].lower()
+    if scheme in ("amqp", "amqps"):
+        return AmqpTransport(export_url)
+    if scheme == "memory":
+        return MemoryTransport()
+    raise ExportUrlError(
+        f"export URL {urls.redact(export_url)!r}: unknown scheme {scheme!r} "
+        "(expected amqp, amqps or memory)")
+
+
+class MemoryBus:
+    """Snapshots passed inside one process, to an embedded collector.
+
+    With no subscriber, snapshots are dropped (and counted by the shipper as
+    ship failures): there is nowhere to keep them.
+    """
+
+    def __init__(self):
+        self._subscribers = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, callback):
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def unsubscribe(self, callback):
+        with self._lock:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+    def publish(self, body):
+        with self._lock:
+            subscribers = list(self._subscribers)
+        if not subscribers:
+            return False
+        for callback in subscribers:
+            callback(body)
+        return True
+
+
+MEMORY_BUS = MemoryBus()
+
+
+class MemoryTransport:
+    description = "memory://"
+
+    def send(self, body, routing_key):
+        if not MEMORY_BUS.publish(body):
+            raise ConnectionError("no collector in this process")
+
+    def close(self):
+        pass
+
+
+class NowhereTransport:
+    """Stands in when the export URL is unusable: every send fails (and is counted)."""
+
+    def __init__(self, reason):
+        self.description = "nowhere (%s)" % reason
+
+    def send(self, body, routing_key):
+        raise ConnectionError("no usable export URL")
+
+    def close(self):
+        pass
+
+
+class AmqpTransport:
+    """Publishes to a topic exchange with pika; one connection, reopened on failure."""
+
+    def __init__(self, export_url):
+        import pika  # imported here so memory-only processes never need it
+
+        self._pika = pika
+        url, ours = urls.split_query(export_url, {"exchange"})
+        self.exchange = ours.get("exchange") or urls.DEFAULT_EXCHANGE
+        self.description = urls.redact(url)
+        try:
+            self._params = pika.URLParameters(url)
+        except Exception as exc:
+            raise ExportUrlError(
+                f"export URL {self.description!r} is not a valid AMQP URL: "
+                f"{type(exc).__name__}") from None
+        # Fail fast on a dead broker rather than hang the shipper thread.
+        self._params.socket_timeout = 2
+        self._params.blocked_connection_timeout = 5
+        self._params.connection_attempts = 1
+        self._connection = None
+        self._channel = None
+
+    def _connect(self):
+        self._connection = self._pika.BlockingConnection(self._params)
+        self._channel = self._connection.channel()
+        declare_exchange(self._channel, self.exchange)
+
+    def send(self, body, routing_key):
+        if self._channel is None or self._channel.is_closed:
+            self.close()
+            self._connect()
+        try:
+            self._channel.basic_publish(
+                self.exchange, routing_key, body,
+                self._pika.BasicProperties(content_type="application/json",
+                                           delivery_mode=1))
+        except Exception:
+            self.close()
+            raise
+
+    def close(self):
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+
+def declare_exchange(channel, name):
+    """The exchange shared by every agent and collector; same arguments everywhere."""
+    channel.exchange_declare(exchange=name, exchange_type="topic",
+                             durable=True, auto_delete=False)
+
+
+class Shipper:
+
+    def __init__(self, recorder, transport, interval):
+        self._recorder = recorder
+        self._transport = transport
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = None
+        self._failures_in_row = 0
+        self._next_attempt = 0.0
+        self.shipped = 0
+
+    def start(self):
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopped.clear()
+        self._thread = threading.Thread(target=self._run, name="commlens-shipper",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=5.0):
+        """Ship a last snapshot (marked final) and stop the thread."""
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._thread = None
+        self._transport.close()
+
+    def flush(self):
+        """Ship now (used by tests and at shutdown)."""
+        self.ship_once()
+
+    def after_fork_in_child(self):
+        # The parent's thread does not exist here and its connection (a
+        # socket shared with the parent) must not be used: start clean.
+        self._thread = None
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._transport = _reopen(self._transport)
+
+    def _run(self):
+        while not self._stopped.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stopped.is_set():
+                break
+            self.ship_once()
+        self.ship_once(final=True)
+
+    def ship_once(self, final=False):
+        now = time.monotonic()
+        if not final and now < self._next_attempt:
+            return False
+        try:
+            snapshot = self._recorder.snapshot(self.interval, final=final,
+                                               max_hops=MAX_HOPS_PER_SNAPSHOT)
+        except Exception:
+            LOG.debug("commlens: snapshot failed", exc_info=True)
+            self._recorder.dropped("recording_error")
+            return False
+        try:
+            body = json.dumps(snapshot, separators=(",", ":"), default=str).encode()
+            self._transport.send(body, "snapshot." + snapshot["process"]["service"])
+        except Exception as exc:
+            self._failed(snapshot, exc)
+            return False
+        if self._failures_in_row:
+            LOG.info("commlens: shipping to %s works again",
+                     self._transport.description)
+        self._failures_in_row = 0
+        self._next_attempt = 0.0
+        self.shipped += 1
+        return True
+
+    def _failed(self, snapshot, exc):
+        self._failures_in_row += 1
+        backoff = min(BACKOFF_MAX, self.interval * (2 ** min(self._failures_in_row, 10)))
+        self._next_attempt = time.monotonic() + backoff
+        self._recorder.inc_ship_failure()
+        self._recorder.return_hops(snapshot["hops"])
+        log = LOG.warning if self._failures_in_row == 1 else LOG.debug
+        # str(exc) of a connection error never holds the URL's password,
+        # but the URL itself might: only the redacted description is logged.
+        log("commlens: cannot ship to %s (%s); retrying in %.0fs, the service "
+            "is not affected", self._transport.description, type(exc).__name__, backoff)
+
+
+def _reopen(transport):
+    if isinstance(transport, AmqpTransport):
+        # Drop the inherited connection without closing the parent's socket.
+        transport._connection = None
+        transport._channel = None
+    return transport

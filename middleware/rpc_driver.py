@@ -1,0 +1,471 @@
+"""The oslo.messaging driver wrapper: ``commlens+<driver>://`` transport URLs.
+
+oslo.messaging loads the driver plugin named by the URL scheme up to the
+first ``+``; for ``commlens+rabbit://`` that is this class, which builds the
+real ``rabbit`` driver with the scheme rewritten and forwards every call to
+it. The wrapper only adds recording around the calls: the inner driver's
+return values, exceptions, timeouts, heartbeats, acks and requeues pass
+through untouched, and a failure inside commlens is counted, never raised.
+
+What travels with each message (in the message context, so every driver
+carries it):
+- ``traceparent`` and ``baggage`` (W3C), the keys oslo.messaging's own
+  OpenTelemetry tracing uses; a traceparent already set by that tracing is
+  kept, so both tracers see one trace;
+- ``commlens_kind``: call, cast or fanout, because the server side cannot
+  tell them apart reliably (the RPC server replies to casts too). The
+  receiving wrapper removes it before the service sees the context.
+"""
+
+import logging
+import time
+
+from oslo_messaging._drivers import base
+from oslo_messaging import exceptions as om_exceptions
+from oslo_messaging import transport as om_transport
+from stevedore import driver as stevedore_driver
+
+from commlens.exporters import shipping
+from commlens.exporters import urls
+from commlens.tracer import context
+from commlens.tracer import hops
+from commlens.tracer import labels
+from commlens.tracer import metrics
+from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import settings as settings_mod
+
+LOG = logging.getLogger(__name__)
+
+PLUGIN = "commlens"
+KIND_KEY = "commlens_kind"
+CALL, CAST, FANOUT = "call", "cast", "fanout"
+_KINDS = frozenset((CALL, CAST, FANOUT))
+_URL_PREFIX = "commlens_"  # query parameters for us, removed before the inner driver
+_AMQP_DRIVERS = frozenset(("rabbit", "kombu", "amqp"))
+
+_perf_counter = time.perf_counter
+_time = time.time
+
+
+class CommlensDriver(base.BaseDriver):
+    """A driver that records every message and delegates to a real driver."""
+
+    def __init__(self, conf, url, default_exchange=None,
+                 allowed_remote_exmods=None):
+        super().__init__(conf, url, default_exchange, allowed_remote_exmods)
+        scheme, _, inner_scheme = url.transport.partition("+")
+        if not inner_scheme or inner_scheme.split("+")[0] == PLUGIN:
+            raise om_transport.DriverLoadFailure(
+                url.transport, RuntimeError(
+                    "commlens needs a real driver after '+', e.g. "
+                    "commlens+rabbit://user:password@host:5672/"))
+        query = {k: v for k, v in url.query.items() if not k.startswith(_URL_PREFIX)}
+        inner_url = om_transport.TransportURL(
+            conf, transport=inner_scheme, virtual_host=url.virtual_host,
+            hosts=url.hosts, query=query)
+        self._inner = stevedore_driver.DriverManager(
+            "oslo.messaging.drivers", inner_scheme.split("+")[0],
+            invoke_on_load=True, invoke_args=[conf, inner_url],
+            invoke_kwds=dict(default_exchange=default_exchange,
+                             allowed_remote_exmods=allowed_remote_exmods),
+        ).driver
+
+        settings = settings_mod.load(conf)
+        service = url.query.get(_URL_PREFIX + "service_name") or settings.service_name
+        if not settings_mod.valid_service_name(service):
+            LOG.error("commlens: service name %r is not valid; using %r",
+                      service, settings.service_name)
+            service = settings.service_name
+        self._recorder = recorder_mod.install(
+            service, lambda rec: _make_shipper(rec, settings, inner_url))
+        self._service = self._recorder.service
+        self._sample_ratio = settings.hop_sample_ratio
+        self._slow = settings.slow_hop_seconds
+        self._open_calls = set()
+
+    # Everything the inner driver offers and we do not wrap stays reachable,
+    # so code that peeks at driver attributes keeps working.
+    def __getattr__(self, name):
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    @property
+    def prefetch_size(self):
+        return self._inner.prefetch_size
+
+    def require_features(self, requeue=False):
+        return self._inner.require_features(requeue=requeue)
+
+    # -- client side -----------------------------------------------------
+
+    def send(self, target, ctxt, message, wait_for_reply=None, timeout=None,
+             call_monitor_timeout=None, retry=None, transport_options=None):
+        try:
+            call = self._begin_send(target, ctxt, message, wait_for_reply)
+        except Exception:
+            self._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a send failed", exc_info=True)
+            call = None
+        if call is None:
+            return self._inner.send(
+                target, ctxt, message, wait_for_reply=wait_for_reply,
+                timeout=timeout, call_monitor_timeout=call_monitor_timeout,
+                retry=retry, transport_options=transport_options)
+        try:
+            result = self._inner.send(
+                target, call.ctxt, message, wait_for_reply=wait_for_reply,
+                timeout=timeout, call_monitor_timeout=call_monitor_timeout,
+                retry=retry, transport_options=transport_options)
+        except BaseException as exc:
+            self._end_send(call, exc)
+            raise
+        self._end_send(call, None)
+        return result
+
+    def send_notification(self, target, ctxt, message, version, retry=None):
+        try:
+            ctxt = self._notification_sent(target, ctxt, message)
+        except Exception:
+            self._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a notification failed", exc_info=True)
+        return self._inner.send_notification(target, ctxt, message, version,
+                                             retry=retry)
+
+    def _begin_send(self, target, ctxt, message, wait_for_reply):
+        out = _context_copy(ctxt)
+        if out is None:
+            self._recorder.dropped("bad_context")
+            return None
+        kind = CALL if wait_for_reply else (FANOUT if target.fanout else CAST)
+        method = labels.method(message.get("method"))
+        topic = target.topic
+        parsed = context.parse_traceparent(out.get(context.TRACEPARENT))
+        if parsed is not None:
+            # oslo.messaging's own tracing already opened a producer span for
+            # this send: our client hop is that span.
+            current = context.current()
+            ctx = context.TraceContext(parsed[0], parsed[1],
+                                       current.span_id if current else None,
+                                       parsed[2])
+        else:
+            ctx = context.outgoing()
+            out[context.TRACEPARENT] = ctx.traceparent()
+        out[context.BAGGAGE] = context.with_baggage_service(
+            out.get(context.BAGGAGE), self._service)
+        out[KIND_KEY] = kind
+
+        rec = self._recorder
+        rec.inc(metrics.RPC_SENT, (self._service, topic, method, kind))
+        call = _Send(out, ctx, kind, topic, method)
+        if kind == CALL:
+            call.token = rec.call_started((self._service, topic, method))
+            self._open_calls.add(call.token)
+        call.start = _perf_counter()
+        return call
+
+    def _end_send(self, call, exc):
+        try:
+            duration = _perf_counter() - call.start
+            rec = self._recorder
+            if call.token is not None:
+                rec.call_finished(call.token)
+                self._open_calls.discard(call.token)
+            if exc is None:
+                outcome, error = metrics.OK, None
+            else:
+                outcome, error = _classify_send_error(exc, call.kind)
+                rec.inc(metrics.RPC_CALL_ERRORS,
+                        (self._service, call.topic, call.method, outcome, error))
+            if call.kind == CALL:
+                rec.observe(metrics.RPC_REPLY_WAIT,
+                            (self._service, call.topic, call.method, outcome),
+                            duration)
+            if (error is not None or duration >= self._slow
+                    or hops.trace_in_sample(call.ctx.trace_id, self._sample_ratio)):
+                rec.add_hop(hops.make_hop(
+                    call.ctx, service=self._service, side=hops.CLIENT,
+                    protocol=hops.RPC, peer=None, target=call.topic,
+                    operation=call.method, kind=call.kind, outcome=outcome,
+                    error=error, start=hops.wall_clock_start(call.start, call.start + duration),
+                    duration=duration,
+                    request_id=labels.request_id(call.ctxt.get("request_id")),
+                    global_request_id=labels.request_id(call.ctxt.get("global_request_id"))))
+        except Exception:
+            self._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a send's end failed", exc_info=True)
+
+    def _notification_sent(self, target, ctxt, message):
+        out = _context_copy(ctxt)
+        if out is None:
+            self._recorder.dropped("bad_context")
+            return ctxt
+        if context.parse_traceparent(out.get(context.TRACEPARENT)) is None:
+            out[context.TRACEPARENT] = context.outgoing().traceparent()
+        out[context.BAGGAGE] = context.with_baggage_service(
+            out.get(context.BAGGAGE), self._service)
+        self._recorder.inc(metrics.NOTIFICATIONS_SENT, (
+            self._service, labels.dotted(target.topic),
+            labels.dotted(message.get("event_type")),
+            labels.dotted(str(message.get("priority", "")).lower())))
+        return out
+
+    # -- server side -----------------------------------------------------
+
+    def listen(self, target, batch_size, batch_timeout):
+        listener = self._inner.listen(target, batch_size, batch_timeout)
+        return _InstrumentedListener(listener, self, labels.dotted(target.topic),
+                                     notifications=False)
+
+    def listen_for_notifications(self, targets_and_priorities, pool,
+                                 batch_size, batch_timeout):
+        listener = self._inner.listen_for_notifications(
+            targets_and_priorities, pool, batch_size, batch_timeout)
+        topic = targets_and_priorities[0][0].topic if targets_and_priorities else ""
+        return _InstrumentedListener(listener, self, labels.dotted(topic),
+                                     notifications=True)
+
+    def _received(self, incoming, topic, notifications):
+        """Count a message as it is handed to the service; strip our key."""
+        ctxt = incoming.ctxt
+        if not isinstance(ctxt, dict):
+            return None
+        kind = ctxt.pop(KIND_KEY, None)
+        caller = context.parse_baggage_service(ctxt.get(context.BAGGAGE)) or labels.UNKNOWN
+        raw_traceparent = ctxt.get(context.TRACEPARENT)
+        ctx, valid = context.child_of_incoming(raw_traceparent)
+        if not valid:
+            self._recorder.dropped("bad_context")
+        message = incoming.message if isinstance(incoming.message, dict) else {}
+        if notifications:
+            priority = labels.dotted(str(message.get("priority", "")).lower())
+            self._recorder.inc(metrics.NOTIFICATIONS_RECEIVED, (
+                self._service, caller, topic + "." + priority,
+                labels.dotted(message.get("event_type")), priority))
+            return None
+        if kind not in _KINDS:
+            # An uninstrumented sender: a reply is expected only for a call.
+            # A fanout from such a sender is counted as a cast.
+            kind = CALL if getattr(incoming, "orig_msg_id", None) or ctxt.get("msg_id") else CAST
+        method = labels.method(message.get("method"))
+        self._recorder.inc(metrics.RPC_RECEIVED,
+                           (self._service, caller, topic, method, kind))
+        return _Received(ctx, caller, topic, method, kind,
+                         labels.request_id(ctxt.get("request_id")),
+                         labels.request_id(ctxt.get("global_request_id")))
+
+    def _processed(self, received, failure):
+        duration = _perf_counter() - received.start
+        if failure is None:
+            outcome, error = metrics.OK, None
+        else:
+            outcome = metrics.ERROR
+            exc_type = failure[0] if isinstance(failure, tuple) else type(failure)
+            error = labels.error_class(getattr(exc_type, "__name__", None))
+            self._recorder.inc(metrics.RPC_PROCESSING_ERRORS, (
+                self._service, received.caller, received.topic, received.method, error))
+        self._recorder.observe(metrics.RPC_PROCESSING,
+                               (self._service, received.topic, received.method, outcome),
+                               duration)
+        if (error is not None or duration >= self._slow
+                or hops.trace_in_sample(received.ctx.trace_id, self._sample_ratio)):
+            self._recorder.add_hop(hops.make_hop(
+                received.ctx, service=self._service, side=hops.SERVER,
+                protocol=hops.RPC, peer=received.caller, target=received.topic,
+                operation=received.method, kind=received.kind, outcome=outcome,
+                error=error, start=hops.wall_clock_start(received.start, received.start + duration),
+                duration=duration, request_id=received.request_id,
+                global_request_id=received.global_request_id))
+
+    def cleanup(self):
+        # Calls still waiting will never get their reply through this driver.
+        tokens, self._open_calls = self._open_calls, set()
+        self._recorder.release_calls(tokens)
+        self._inner.cleanup()
+
+
+class _Send:
+    __slots__ = ("ctxt", "ctx", "kind", "topic", "method", "token", "start")
+
+    def __init__(self, ctxt, ctx, kind, topic, method):
+        self.ctxt = ctxt
+        self.ctx = ctx
+        self.kind = kind
+        self.topic = topic
+        self.method = method
+        self.token = None
+        self.start = 0.0
+
+
+class _Received:
+    __slots__ = ("ctx", "caller", "topic", "method", "kind", "request_id",
+                 "global_request_id", "start", "context_token", "done")
+
+    def __init__(self, ctx, caller, topic, method, kind, request_id, global_request_id):
+        self.ctx = ctx
+        self.caller = caller
+        self.topic = topic
+        self.method = method
+        self.kind = kind
+        self.request_id = request_id
+        self.global_request_id = global_request_id
+        self.start = _perf_counter()
+        self.context_token = None
+        self.done = False
+
+
+class _InstrumentedListener(base.Listener):
+    """Wraps the inner driver's listener; wraps each incoming message."""
+
+    def __init__(self, inner, driver, topic, notifications):
+        super().__init__(inner.batch_size, inner.batch_timeout, inner.prefetch_size)
+        self._inner = inner
+        self._driver = driver
+        self._topic = topic
+        self._notifications = notifications
+
+    def __getattr__(self, name):
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def start(self, on_incoming_callback):
+        super().start(on_incoming_callback)
+
+        def on_incoming(incoming):
+            return on_incoming_callback([self._wrap(m) for m in incoming])
+
+        self._inner.start(on_incoming)
+
+    def _wrap(self, message):
+        try:
+            received = self._driver._received(message, self._topic, self._notifications)
+        except Exception:
+            self._driver._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a received message failed", exc_info=True)
+            return message
+        if received is None:
+            return message
+        return _InstrumentedIncoming(message, self._driver, received)
+
+    def stop(self):
+        self._inner.stop()
+        super().stop()
+
+    def cleanup(self):
+        self._inner.cleanup()
+
+
+class _InstrumentedIncoming(base.RpcIncomingMessage):
+    """An incoming RPC whose processing is timed from dispatch to reply.
+
+    The RPC server calls ``acknowledge()`` in the worker right before
+    dispatching and ``reply()`` right after, for casts too; between the two,
+    the hop is the current one, so calls the endpoint makes become its children.
+    """
+
+    def __init__(self, inner, driver, received):
+        # base.IncomingMessage.__init__ would invent a msg_id; take the inner one.
+        self._inner = inner
+        self._driver = driver
+        self._received = received
+        self.ctxt = inner.ctxt
+        self.message = inner.message
+        self.msg_id = inner.msg_id
+        self.client_timeout = getattr(inner, "client_timeout", None)
+
+    def __getattr__(self, name):
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def acknowledge(self):
+        self._inner.acknowledge()
+        try:
+            received = self._received
+            received.start = _perf_counter()
+            received.context_token = context.set_current(received.ctx)
+        except Exception:
+            LOG.debug("commlens: marking dispatch start failed", exc_info=True)
+
+    def reply(self, reply=None, failure=None):
+        self._finish(failure)
+        return self._inner.reply(reply=reply, failure=failure)
+
+    def requeue(self):
+        self._finish(None)
+        return self._inner.requeue()
+
+    def heartbeat(self):
+        return self._inner.heartbeat()
+
+    def _finish(self, failure):
+        received = self._received
+        if received.done:
+            return
+        received.done = True
+        try:
+            if received.context_token is not None:
+                context.reset_current(received.context_token)
+            self._driver._processed(received, failure)
+        except Exception:
+            self._driver._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a reply failed", exc_info=True)
+
+
+def _context_copy(ctxt):
+    """A dict copy of the message context we may add keys to, or None."""
+    if isinstance(ctxt, dict):
+        return dict(ctxt)
+    to_dict = getattr(ctxt, "to_dict", None)
+    if to_dict is not None:
+        value = to_dict()
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+_TRANSPORT_MODULES = ("kombu", "amqp", "pika", "socket", "ssl")
+
+
+def _classify_send_error(exc, kind):
+    """(outcome, error class label) for an exception out of the inner send."""
+    if isinstance(exc, om_exceptions.MessagingTimeout):
+        return metrics.TIMEOUT, "MessagingTimeout"
+    exc_type = type(exc)
+    name = exc_type.__name__
+    exc_type_remote = getattr(exc, "exc_type", None)
+    if name == "RemoteError" and exc_type_remote:
+        return metrics.REMOTE_ERROR, labels.error_class(exc_type_remote)
+    if name.endswith("_Remote"):
+        return metrics.REMOTE_ERROR, labels.error_class(name[:-len("_Remote")])
+    module = getattr(exc_type, "__module__", "") or ""
+    if (isinstance(exc, (om_exceptions.MessagingException, OSError))
+            or not isinstance(exc, Exception)
+            or module.split(".")[0] in _TRANSPORT_MODULES):
+        return metrics.TRANSPORT_ERROR, labels.error_class(name)
+    # A builtin exception raised by the endpoint comes back as the same
+    # builtin class (no _Remote suffix is possible on builtins).
+    if kind == CALL:
+        return metrics.REMOTE_ERROR, labels.error_class(name)
+    return metrics.TRANSPORT_ERROR, labels.error_class(name)
+
+
+def _make_shipper(recorder, settings, inner_url):
+    export_url = settings.export_url
+    if not export_url:
+        if inner_url.transport.split("+")[0] in _AMQP_DRIVERS:
+            export_url = urls.amqp_url_from_transport(inner_url) or "memory://"
+        else:
+            export_url = "memory://"
+    try:
+        transport = shipping.make_transport(export_url)
+    except shipping.ExportUrlError as exc:
+        # The service must start even with a bad commlens setting: record,
+        # never ship, and say so loudly once.
+        LOG.error("commlens: %s; records will not be shipped", exc)
+        transport = shipping.NowhereTransport(str(exc))
+    LOG.info("commlens: %s ships to %s every %.1fs", recorder.service,
+             transport.description, settings.ship_interval)
+    return shipping.Shipper(recorder, transport, settings.ship_interval)
+

@@ -1,0 +1,164 @@
+"""Identity of a hop: W3C trace context and the caller's service.
+
+Over HTTP these are the ``traceparent`` and ``baggage`` headers; over RPC the
+same keys at the top level of the message context, which is exactly where
+oslo.messaging's own OpenTelemetry tracing (18.3+) puts them, so a fleet that
+mixes both joins into one trace.
+
+Parsing is hand-written rather than done with OpenTelemetry's propagators
+because it sits on every hop and must stay within a few microseconds; the
+format is small and strict (https://www.w3.org/TR/trace-context/).
+"""
+
+import contextvars
+import random
+import re
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+BAGGAGE = "baggage"
+# The baggage entry naming the service that sent the hop. Each instrumented
+# sender overwrites it, so it always names the immediate caller.
+BAGGAGE_SERVICE = "commlens.service"
+
+_MAX_HEADER = 8192  # W3C recommends at least 8192 bytes for baggage; we stop there
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+_getrandbits = random.getrandbits
+
+
+class TraceContext:
+    """What one hop knows of its place in a trace."""
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled")
+
+    def __init__(self, trace_id, span_id, parent_id=None, sampled=True):
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.sampled = sampled
+
+    def traceparent(self):
+        return "00-%s-%s-%s" % (self.trace_id, self.span_id,
+                                "01" if self.sampled else "00")
+
+    def __repr__(self):
+        return f"TraceContext({self.trace_id}, {self.span_id}, parent={self.parent_id})"
+
+
+def new_trace_id():
+    return "%032x" % (_getrandbits(128) or 1)
+
+
+def new_span_id():
+    return "%016x" % (_getrandbits(64) or 1)
+
+
+def parse_traceparent(value):
+    """(trace_id, span_id, sampled) from a traceparent, or None if not valid."""
+    if not isinstance(value, str) or len(value) > 512:
+        return None
+    match = _TRACEPARENT.match(value)
+    if match is None:
+        return None
+    version, trace_id, span_id, flags = match.groups()
+    if version == "ff" or trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    if version == "00" and len(value) != 55:
+        return None
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+def parse_baggage_service(value):
+    """The caller's service from a W3C baggage value, or None."""
+    if not isinstance(value, str) or len(value) > _MAX_HEADER:
+        return None
+    start = value.find(BAGGAGE_SERVICE + "=")
+    if start < 0:
+        return None
+    if start and value[start - 1] not in ", \t":
+        return None  # a longer key that merely ends with ours
+    rest = value[start + len(BAGGAGE_SERVICE) + 1:]
+    service = rest.split(",", 1)[0].split(";", 1)[0].strip()
+    return service if _SERVICE.match(service) else None
+
+
+def with_baggage_service(existing, service):
+    """A baggage value carrying ``service``, keeping other members."""
+    member = BAGGAGE_SERVICE + "=" + service
+    if not existing or not isinstance(existing, str) or len(existing) > _MAX_HEADER:
+        return member
+    kept = [m for m in existing.split(",")
+            if m.strip() and not m.strip().startswith(BAGGAGE_SERVICE + "=")]
+    kept.append(member)
+    return ",".join(kept)
+
+
+# The hop this thread (or greenthread) is serving right now: outgoing calls
+# made while it is set become its children.
+_current = contextvars.ContextVar("commlens_current_hop", default=None)
+
+
+def current():
+    return _current.get()
+
+
+def set_current(ctx):
+    return _current.set(ctx)
+
+
+def reset_current(token):
+    try:
+        _current.reset(token)
+    except ValueError:
+        # Reset from another context (a different thread ran the reply).
+        _current.set(None)
+
+
+def child_of_incoming(traceparent_value):
+    """The context of a hop received with ``traceparent_value`` (maybe None).
+
+    Returns (TraceContext, valid) where valid is False when a value was
+    present but malformed.
+    """
+    parsed = parse_traceparent(traceparent_value) if traceparent_value else None
+    if parsed is None:
+        return (TraceContext(new_trace_id(), new_span_id()),
+                traceparent_value is None)
+    trace_id, parent_id, sampled = parsed
+    return TraceContext(trace_id, new_span_id(), parent_id, sampled), True
+
+
+def outgoing():
+    """The context for a hop we send: a child of the hop being served, if any."""
+    parent = _current.get()
+    if parent is None:
+        otel = _otel_parent()
+        if otel is not None:
+            return TraceContext(otel[0], new_span_id(), otel[1])
+        return TraceContext(new_trace_id(), new_span_id())
+    return TraceContext(parent.trace_id, new_span_id(), parent.span_id,
+                        parent.sampled)
+
+
+def _otel_parent():
+    """(trace_id, span_id) of an active OpenTelemetry span, if any.
+
+    A service that also runs OpenTelemetry instrumentation (oslo.middleware's
+    TracingMiddleware, say) keeps one trace when commlens joins in.
+    """
+    span = _otel_get_current_span()
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    return "%032x" % ctx.trace_id, "%016x" % ctx.span_id
+
+
+try:
+    from opentelemetry.trace import get_current_span as _otel_get_current_span
+except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+    def _otel_get_current_span():
+        return None

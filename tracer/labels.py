@@ -1,0 +1,46 @@
+"""Turning what arrives from the outside into bounded, safe label values.
+
+Anything a peer sends (a method name, an event type, an exception class)
+may be garbage or hostile; it becomes a label only if it looks like the
+identifier it claims to be, otherwise it becomes ``invalid``. Valid values
+are remembered, so the common case is one set look-up.
+"""
+
+import re
+
+INVALID = "invalid"
+UNKNOWN = "unknown"
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_DOTTED = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+_MAX_REMEMBERED = 10000
+
+
+class _Checked:
+    __slots__ = ("_pattern", "_seen")
+
+    def __init__(self, pattern):
+        self._pattern = pattern
+        self._seen = set()
+
+    def __call__(self, value):
+        if value in self._seen:
+            return value
+        if isinstance(value, str) and self._pattern.match(value):
+            if len(self._seen) < _MAX_REMEMBERED:
+                self._seen.add(value)
+            return value
+        return INVALID
+
+
+method = _Checked(_IDENTIFIER)       # an RPC method name
+error_class = _Checked(_IDENTIFIER)  # an exception class name
+dotted = _Checked(_DOTTED)           # a topic, an event type
+
+
+def request_id(value):
+    """An OpenStack request id fit for a hop record, or None."""
+    if isinstance(value, str) and _REQUEST_ID.match(value):
+        return value
+    return None

@@ -1,0 +1,92 @@
+"""The metric schema: names, types and labels exposed on the collector's /metrics.
+
+These names are a contract (DESIGN.md): dashboards, alert rules and
+operators' queries use them. The recorder keys its aggregates by the names
+here and the collector refuses anything that is not declared here.
+Labels stay bounded: service names, topics, RPC methods, route templates,
+status codes, exception class names; never a host, an id or a raw URL.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # counter, gauge, histogram
+    labels: tuple
+    help: str
+
+
+# Seconds. Covers a fast local RPC (ms) up to oslo.messaging's default
+# rpc_response_timeout (60 s) and beyond.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# Outcomes of an RPC call, seen by the caller.
+OK = "ok"
+REMOTE_ERROR = "remote_error"
+TIMEOUT = "timeout"
+TRANSPORT_ERROR = "transport_error"
+# Outcome of processing, seen by the server.
+ERROR = "error"
+
+RPC_SENT = Metric(
+    "commlens_rpc_sent_total", "counter",
+    ("service", "target", "method", "kind"),
+    "RPC messages sent, by target topic, method and kind (call, cast, fanout).")
+RPC_RECEIVED = Metric(
+    "commlens_rpc_received_total", "counter",
+    ("service", "caller", "target", "method", "kind"),
+    "RPC messages received and handed to the service, by caller service.")
+RPC_WAITING_REPLIES = Metric(
+    "commlens_rpc_waiting_replies", "gauge",
+    ("service", "target", "method"),
+    "RPC calls sent whose reply has not arrived yet.")
+RPC_REPLY_WAIT = Metric(
+    "commlens_rpc_reply_wait_seconds", "histogram",
+    ("service", "target", "method", "outcome"),
+    "Time a caller waited for an RPC reply (outcome: ok, remote_error, "
+    "timeout, transport_error).")
+RPC_CALL_ERRORS = Metric(
+    "commlens_rpc_call_errors_total", "counter",
+    ("service", "target", "method", "outcome", "error"),
+    "Failed RPC sends and calls seen by the caller, by exception class.")
+RPC_PROCESSING = Metric(
+    "commlens_rpc_processing_seconds", "histogram",
+    ("service", "target", "method", "outcome"),
+    "Time the server spent on an RPC, from dispatch to reply (outcome: ok, error).")
+RPC_PROCESSING_ERRORS = Metric(
+    "commlens_rpc_processing_errors_total", "counter",
+    ("service", "caller", "target", "method", "error"),
+    "RPCs whose endpoint raised, by exception class.")
+NOTIFICATIONS_SENT = Metric(
+    "commlens_notifications_sent_total", "counter",
+    ("service", "target", "event_type", "priority"),
+    "Notifications sent, by topic, event type and priority.")
+NOTIFICATIONS_RECEIVED = Metric(
+    "commlens_notifications_received_total", "counter",
+    ("service", "caller", "target", "event_type", "priority"),
+    "Notifications received, by caller service.")
+
+AGENT_DROPPED = Metric(
+    "commlens_agent_records_dropped_total", "counter",
+    ("service", "reason"),
+    "Records the in-process agent could not keep or ship (reason: "
+    "hop_buffer_full, ship_failed, recording_error, series_limit, bad_context).")
+AGENT_SHIP_FAILURES = Metric(
+    "commlens_agent_ship_failures_total", "counter",
+    ("service",),
+    "Snapshots the agent failed to ship (collector or broker unreachable).")
+AGENT_QUEUE_DEPTH = Metric(
+    "commlens_agent_queue_depth", "gauge",
+    ("service",),
+    "Hops waiting in the agent to be shipped.")
+
+# Everything a process ships, in one table.
+SHIPPED = {m.name: m for m in (
+    RPC_SENT, RPC_RECEIVED, RPC_WAITING_REPLIES, RPC_REPLY_WAIT,
+    RPC_CALL_ERRORS, RPC_PROCESSING, RPC_PROCESSING_ERRORS,
+    NOTIFICATIONS_SENT, NOTIFICATIONS_RECEIVED,
+    AGENT_DROPPED, AGENT_SHIP_FAILURES, AGENT_QUEUE_DEPTH,
+)}
