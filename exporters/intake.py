@@ -50,7 +50,7 @@ class AmqpIntake:
         import pika
 
         self._pika = pika
-        url, ours = urls.split_query(export_url, {"exchange", "queue"})
+        url, ours = urls.split_query(export_url, urls.OUR_QUERY)
         self.exchange = ours.get("exchange") or urls.DEFAULT_EXCHANGE
         self.queue = ours.get("queue") or DEFAULT_QUEUE
         self.description = urls.redact(url)

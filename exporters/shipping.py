@@ -106,7 +106,7 @@ class AmqpTransport:
         import pika  # imported here so memory-only processes never need it
 
         self._pika = pika
-        url, ours = urls.split_query(export_url, {"exchange"})
+        url, ours = urls.split_query(export_url, urls.OUR_QUERY)
         self.exchange = ours.get("exchange") or urls.DEFAULT_EXCHANGE
         self.description = urls.redact(url)
         try:

@@ -221,8 +221,10 @@ class CommlensDriver(base.BaseDriver):
                                  batch_size, batch_timeout):
         listener = self._inner.listen_for_notifications(
             targets_and_priorities, pool, batch_size, batch_timeout)
-        topic = targets_and_priorities[0][0].topic if targets_and_priorities else ""
-        return _InstrumentedListener(listener, self, labels.dotted(topic),
+        # A set of (target, priority); the label names the first topic.
+        topics = sorted(str(target.topic) for target, _ in targets_and_priorities)
+        return _InstrumentedListener(listener, self,
+                                     labels.dotted(topics[0] if topics else None),
                                      notifications=True)
 
     def _received(self, incoming, topic, notifications):

@@ -1,0 +1,95 @@
+"""Fixtures that own real resources: RabbitMQ, a collector process, RPC peers.
+
+Every test run ships to its own exchange on the real broker, so runs never
+see each other's data; every test uses its own topic, so tests never see
+each other's series.
+"""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from support import (BROKER, EXPORT_URL, PEERS, Peer, broker_accepts, collector_ready,
+                     run_collector, wait_for)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """The real broker; .ci/run starts it. Missing is a failure, never a skip."""
+    if not broker_accepts():
+        wait_for(broker_accepts, timeout=30, message="RabbitMQ on 127.0.0.1:5672")
+    return BROKER
+
+
+@pytest.fixture(scope="session")
+def conf():
+    from oslo_config import cfg
+
+    # oslo.messaging registers its tracing options on the global CONF only,
+    # so tests use the global CONF as services do.
+    cfg.CONF([], project="commlens-tests")
+    return cfg.CONF
+
+
+@pytest.fixture(scope="session")
+def collector(rabbitmq, tmp_path_factory):
+    with run_collector(EXPORT_URL, tmp_path_factory.mktemp("collector")) as process:
+        wait_for(lambda: collector_ready(process), timeout=30, message="collector ready")
+        yield process
+
+
+@pytest.fixture
+def start_peer(rabbitmq, tmp_path):
+    """Start an RPC server process: start_peer(url, topic, service=..., ...)."""
+    peers = []
+
+    def start(url, topic, service="peer-server", executor="threading",
+              notifications=False, otel=False, env=None):
+        log_path = tmp_path / f"peer-{len(peers)}.log"
+        command = [sys.executable, str(PEERS / "rpc_peer.py"), "--url", url,
+                   "--topic", topic, "--executor", executor]
+        if notifications:
+            command.append("--notifications")
+        if otel:
+            command.append("--otel")
+        environment = dict(os.environ, COMMLENS_SERVICE_NAME=service, **(env or {}))
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log,
+                                       env=environment, text=True)
+        peer = Peer(process, log_path)
+        peers.append(peer)
+        line = process.stdout.readline()
+        if line.strip() != "READY":
+            peer.stop()
+            raise AssertionError(f"peer did not start: {line!r}\n{peer.log()}")
+        return peer
+
+    yield start
+    for peer in peers:
+        peer.stop()
+
+
+@pytest.fixture
+def topic(request):
+    return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:6]}".replace("[", "-").replace("]", "")
+
+
+@pytest.fixture
+def rpc_client(conf):
+    """rpc_client(url, topic, **prepare) -> an RPCClient; transports cleaned up."""
+    import oslo_messaging as om
+
+    transports = []
+
+    def make(url, topic, fanout=False, **prepare):
+        transport = om.get_rpc_transport(conf, url=url)
+        transports.append(transport)
+        client = om.get_rpc_client(transport, om.Target(topic=topic, fanout=fanout))
+        return client.prepare(**prepare) if prepare else client
+
+    yield make
+    for transport in transports:
+        transport.cleanup()

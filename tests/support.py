@@ -1,0 +1,148 @@
+"""Shared test support: constants, polling, real processes and scrapes.
+
+Every test run ships to its own exchange on the real broker, so runs never
+see each other's data; every test uses its own topic, so tests never see
+each other's series.
+"""
+
+import contextlib
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+from prometheus_client.parser import text_string_to_metric_families
+
+RUN_ID = uuid.uuid4().hex[:10]
+BROKER = ("127.0.0.1", 5672)
+EXPORT_URL = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-test-{RUN_ID}"
+              f"&queue=commlens-test-{RUN_ID}")
+RABBIT_URL = "rabbit://guest:guest@127.0.0.1:5672/"
+COMMLENS_URL = "commlens+" + RABBIT_URL
+PEERS = pathlib.Path(__file__).parent / "peers"
+ARTIFACTS = pathlib.Path(__file__).parent.parent / "artifacts"
+
+# This test process is itself an instrumented service ("test-client"); the
+# environment is how a non-oslo service configures commlens.
+os.environ.update({
+    "COMMLENS_SERVICE_NAME": "test-client",
+    "COMMLENS_EXPORT_URL": EXPORT_URL,
+    "COMMLENS_SHIP_INTERVAL": "0.2",
+    "COMMLENS_HOP_SAMPLE_RATIO": "1",
+})
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1, message="condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last: {last!r}")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def broker_accepts():
+    try:
+        with socket.create_connection(BROKER, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class Metrics:
+    """A scrape of /metrics, looked up by name and a subset of labels."""
+
+    def __init__(self, text):
+        self.text = text
+        self.samples = []
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples.append((sample.name, sample.labels, sample.value))
+
+    def value(self, name, **labels):
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        return sum(v for n, ls, v in self.samples
+                   if n == name and all(ls.get(k) == str(val) for k, val in labels.items()))
+
+    def series(self, name, **labels):
+        return [(ls, v) for n, ls, v in self.samples
+                if n == name and all(ls.get(k) == str(val) for k, val in labels.items())]
+
+class CollectorProcess:
+    def __init__(self, process, base_url, log_path):
+        self.process = process
+        self.base_url = base_url
+        self.log_path = log_path
+
+    def get(self, path, timeout=5):
+        with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
+            return response.status, response.read().decode()
+
+    def metrics(self):
+        return Metrics(self.get("/metrics")[1])
+
+    def wait_metric(self, name, expected, timeout=20, **labels):
+        return wait_for(lambda: self.metrics().value(name, **labels) == expected or None,
+                        timeout=timeout,
+                        message=f"{name}{labels} == {expected}") and True
+
+    def log(self):
+        return self.log_path.read_text()
+
+@contextlib.contextmanager
+def run_collector(export_url, tmp_path, extra_args=()):
+    port = free_port()
+    log_path = tmp_path / f"collector-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "commlens.cli.main", "collector",
+             "--listen", f"127.0.0.1:{port}", "--export-url", export_url, *extra_args],
+            stdout=log, stderr=subprocess.STDOUT)
+    collector = CollectorProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        yield collector
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+def collector_ready(collector):
+    if collector.process.poll() is not None:
+        raise AssertionError("collector exited:\n" + collector.log())
+    try:
+        return collector.get("/readyz")[0] == 200
+    except OSError:
+        return False
+
+class Peer:
+    def __init__(self, process, log_path):
+        self.process = process
+        self.log_path = log_path
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

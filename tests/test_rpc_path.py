@@ -1,0 +1,180 @@
+"""The RPC path end to end: real RabbitMQ, real oslo.messaging, separate processes.
+
+The test process is the caller ("test-client"), an RPC peer process is the
+server ("peer-server"), and a collector process merges what both ship.
+"""
+
+import concurrent.futures
+import subprocess
+import threading
+
+import oslo_messaging as om
+import pytest
+
+from support import COMMLENS_URL, RABBIT_URL, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_received_counts_equal_sent_counts_per_method_and_kind(
+        collector, start_peer, rpc_client, topic):
+    start_peer(COMMLENS_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic)
+    for i in range(7):
+        assert client.call({}, "echo", value=i) == i
+    for _ in range(4):
+        client.cast({}, "count_cast")
+    fanout = rpc_client(COMMLENS_URL, topic, fanout=True)
+    for _ in range(3):
+        fanout.cast({}, "count_cast")
+    wait_for(lambda: client.call({}, "casts_seen") == 7, message="casts delivered")
+
+    for method, kind, count in (("echo", "call", 7), ("count_cast", "cast", 4),
+                                ("count_cast", "fanout", 3)):
+        collector.wait_metric("commlens_rpc_received_total", count, service="peer-server",
+                              caller="test-client", target=topic, method=method, kind=kind)
+        collector.wait_metric("commlens_rpc_sent_total", count, service="test-client",
+                              target=topic, method=method, kind=kind)
+    metrics = collector.metrics()
+    assert metrics.value("commlens_rpc_reply_wait_seconds_count", service="test-client",
+                         target=topic, method="echo", outcome="ok") == 7
+    assert metrics.value("commlens_rpc_processing_seconds_count", service="peer-server",
+                         target=topic, method="echo", outcome="ok") == 7
+
+
+def test_waiting_replies_follow_twenty_concurrent_slow_calls(
+        collector, start_peer, rpc_client, topic):
+    start_peer(COMMLENS_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic, timeout=60)
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(client.call, {}, "slow", seconds=4) for _ in range(20)]
+        collector.wait_metric("commlens_rpc_waiting_replies", 20, timeout=10,
+                              service="test-client", target=topic, method="slow")
+        release.set()
+        assert [f.result() for f in futures] == [4] * 20
+    collector.wait_metric("commlens_rpc_waiting_replies", 0, service="test-client",
+                          target=topic, method="slow")
+
+
+def test_waiting_replies_return_to_zero_after_timeout(collector, start_peer, rpc_client, topic):
+    start_peer(COMMLENS_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic, timeout=1)
+    with pytest.raises(om.MessagingTimeout):
+        client.call({}, "slow", seconds=3)
+    collector.wait_metric("commlens_rpc_call_errors_total", 1, service="test-client",
+                          target=topic, method="slow", outcome="timeout",
+                          error="MessagingTimeout")
+    assert collector.metrics().value("commlens_rpc_waiting_replies", service="test-client",
+                                     target=topic, method="slow") == 0
+
+
+def _raised(client, error):
+    try:
+        client.call({}, "fail", error=error)
+    except Exception as exc:  # the class is what we compare
+        return exc
+    raise AssertionError("no exception")
+
+
+@pytest.mark.parametrize("error, expected_label", [
+    ("ValueError", "ValueError"),
+    ("PortBindingFailed", "PortBindingFailed"),
+    ("MessagingTimeout", "MessagingTimeout"),
+])
+def test_remote_errors_reach_the_caller_exactly_as_without_commlens(
+        collector, start_peer, rpc_client, topic, error, expected_label):
+    start_peer(COMMLENS_URL, topic)
+    plain = _raised(rpc_client(RABBIT_URL, topic), error)
+    wrapped = _raised(rpc_client(COMMLENS_URL, topic), error)
+    assert type(wrapped).__name__ == type(plain).__name__
+    assert type(wrapped).__mro__[1:] == type(plain).__mro__[1:] or type(wrapped) is type(plain)
+    assert getattr(wrapped, "exc_type", None) == getattr(plain, "exc_type", None)
+
+    collector.wait_metric("commlens_rpc_processing_errors_total", 2, service="peer-server",
+                          target=topic, method="fail", error=expected_label)
+    metrics = collector.metrics()
+    assert metrics.value("commlens_rpc_call_errors_total", service="test-client",
+                         target=topic, method="fail", error=expected_label) == 1
+    assert metrics.value("commlens_rpc_waiting_replies", service="test-client",
+                         target=topic) == 0
+
+
+def test_send_to_an_unreachable_broker_is_a_transport_error(collector, rpc_client, topic):
+    # A cast: for a call, the rabbit driver itself retries the reply queue's
+    # connection forever, with or without commlens.
+    dead = "guest:guest@127.0.0.1:1/"
+    plain = _outcome(lambda: rpc_client("rabbit://" + dead, topic, retry=0).cast({}, "echo"))
+    wrapped = _outcome(
+        lambda: rpc_client("commlens+rabbit://" + dead, topic, retry=0).cast({}, "echo"))
+    assert wrapped == plain != "ok"
+    collector.wait_metric("commlens_rpc_call_errors_total", 1, service="test-client",
+                          target=topic, method="echo", outcome="transport_error",
+                          error=wrapped)
+
+
+def test_waiting_replies_return_to_zero_when_broker_connections_are_lost(
+        collector, start_peer, rpc_client, topic):
+    start_peer(COMMLENS_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic, timeout=8)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client.call, {}, "slow", seconds=2) for _ in range(3)]
+        collector.wait_metric("commlens_rpc_waiting_replies", 3, timeout=10,
+                              service="test-client", target=topic, method="slow")
+        subprocess.run(["rabbitmqctl", "close_all_connections", "commlens test"],
+                       check=True, capture_output=True, timeout=60)
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result(timeout=30))
+            except Exception as exc:
+                outcomes.append(type(exc).__name__)
+    collector.wait_metric("commlens_rpc_waiting_replies", 0, timeout=30,
+                          service="test-client", target=topic, method="slow")
+
+
+def test_waiting_replies_return_to_zero_when_the_driver_is_cleaned_up(
+        collector, start_peer, conf, topic):
+    start_peer(COMMLENS_URL, topic)
+    transport = om.get_rpc_transport(conf, url=COMMLENS_URL)
+    client = om.get_rpc_client(transport, om.Target(topic=topic), timeout=30)
+    results = []
+    caller = threading.Thread(
+        target=lambda: results.append(_outcome(lambda: client.call({}, "slow", seconds=10))))
+    caller.start()
+    collector.wait_metric("commlens_rpc_waiting_replies", 1, timeout=10,
+                          service="test-client", target=topic, method="slow")
+    transport.cleanup()
+    collector.wait_metric("commlens_rpc_waiting_replies", 0, timeout=10,
+                          service="test-client", target=topic, method="slow")
+    caller.join(40)
+    assert results, "the call did not end"
+    assert collector.metrics().value("commlens_rpc_waiting_replies", service="test-client",
+                                     target=topic, method="slow") == 0
+
+
+def _outcome(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def test_notifications_are_counted_on_both_sides(collector, start_peer, conf, topic):
+    start_peer(COMMLENS_URL, topic, notifications=True)
+    transport = om.get_notification_transport(conf, url=COMMLENS_URL)
+    try:
+        notifier = om.Notifier(transport, publisher_id="compute.host-1", driver="messaging",
+                               topics=[topic + "-notifications"])
+        for _ in range(5):
+            notifier.info({}, "compute.instance.create.end", {"id": 1})
+        collector.wait_metric("commlens_notifications_received_total", 5,
+                              service="peer-server", caller="test-client",
+                              event_type="compute.instance.create.end", priority="info")
+        assert collector.metrics().value(
+            "commlens_notifications_sent_total", service="test-client",
+            target=topic + "-notifications.info",
+            event_type="compute.instance.create.end", priority="info") == 5
+    finally:
+        transport.cleanup()
