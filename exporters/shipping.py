@@ -117,6 +117,7 @@ class AmqpTransport:
                 f"{type(exc).__name__}") from None
         # Fail fast on a dead broker rather than hang the shipper thread.
         self._params.socket_timeout = 2
+        self._params.stack_timeout = 3
         self._params.blocked_connection_timeout = 5
         self._params.connection_attempts = 1
         self._connection = None

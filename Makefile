@@ -1,0 +1,28 @@
+# The commands the README documents. `make test` is what CI runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast run bench
+
+setup:
+	@scripts/setup
+
+## Everything: install what is missing, start RabbitMQ if needed, run all tests.
+test: setup
+	@scripts/ensure-rabbitmq
+	$(PY) -m pytest
+
+## The fast tests only (no multi-process end-to-end runs).
+test-fast: setup
+	@scripts/ensure-rabbitmq
+	$(PY) -m pytest -m "not slow"
+
+## The main job: the collector on 127.0.0.1:9780, consuming the local broker.
+run: setup
+	@scripts/ensure-rabbitmq
+	$(VENV)/bin/commlens collector --listen 127.0.0.1:9780
+
+## The RPC overhead benchmark (rabbit:// vs commlens+rabbit:// in one run).
+bench: setup
+	@scripts/ensure-rabbitmq
+	$(PY) benchmarks/rpc_overhead.py

@@ -1,0 +1,94 @@
+"""Mixed fleets: instrumented and uninstrumented peers, and oslo.messaging's own tracing."""
+
+import json
+import urllib.request
+
+import pytest
+from oslo_config import cfg
+
+from support import COMMLENS_URL, RABBIT_URL, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _hops(collector, **match):
+    with urllib.request.urlopen(collector.base_url + "/api/hops?limit=10000", timeout=5) as r:
+        hops = json.load(r)["hops"]
+    return [h for h in hops if all(h.get(k) == v for k, v in match.items())]
+
+
+def test_uninstrumented_caller_is_counted_as_unknown(collector, start_peer, rpc_client, topic):
+    start_peer(COMMLENS_URL, topic)
+    plain = rpc_client(RABBIT_URL, topic)
+    assert plain.call({}, "echo", value="x") == "x"
+    plain.cast({}, "count_cast")
+    collector.wait_metric("commlens_rpc_received_total", 1, service="peer-server",
+                          caller="unknown", target=topic, method="echo", kind="call")
+    collector.wait_metric("commlens_rpc_received_total", 1, service="peer-server",
+                          caller="unknown", target=topic, method="count_cast", kind="cast")
+
+
+def test_uninstrumented_server_answers_an_instrumented_caller(start_peer, rpc_client, topic):
+    start_peer(RABBIT_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic)
+    assert client.call({"request_id": "req-1"}, "echo", value=[1, 2]) == [1, 2]
+    client.cast({}, "count_cast")
+    wait_for(lambda: client.call({}, "casts_seen") == 1, message="cast delivered")
+    # An uninstrumented receiver sees the W3C keys (as with oslo.messaging's
+    # own tracing) and our call/cast marker; oslo.context ignores both.
+    keys = client.call({"request_id": "req-1"}, "context_keys")
+    assert {"traceparent", "baggage", "request_id"} <= set(keys)
+
+
+def test_instrumented_receiver_removes_the_commlens_key(start_peer, rpc_client, topic):
+    start_peer(COMMLENS_URL, topic)
+    keys = rpc_client(COMMLENS_URL, topic).call({"request_id": "req-1"}, "context_keys")
+    assert "commlens_kind" not in keys
+    assert {"traceparent", "baggage", "request_id"} <= set(keys)
+
+
+def test_commlens_caller_joins_the_trace_of_a_server_with_oslo_tracing(
+        collector, start_peer, rpc_client, topic):
+    start_peer(RABBIT_URL, topic, otel=True)
+    client = rpc_client(COMMLENS_URL, topic)
+    client.call({}, "echo", value=1)
+    (hop,) = wait_for(lambda: _hops(collector, target=topic, side="client", operation="echo"),
+                      message="the client hop")
+    spans = [s for s in client.call({}, "otel_spans") if s["name"] == "echo receive"]
+    assert spans, "oslo.messaging's tracing recorded no consumer span"
+    assert spans[0]["trace_id"] == hop["trace_id"]
+    assert spans[0]["parent_id"] == hop["span_id"]
+
+
+@pytest.fixture
+def oslo_tracing_in_this_process(conf):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    cfg.CONF.set_override("tracing_enabled", True, group="oslo_messaging_tracing")
+    yield exporter
+    cfg.CONF.clear_override("tracing_enabled", group="oslo_messaging_tracing")
+
+
+def test_caller_with_oslo_tracing_and_commlens_keeps_one_trace(
+        collector, start_peer, rpc_client, topic, oslo_tracing_in_this_process):
+    start_peer(COMMLENS_URL, topic)
+    rpc_client(COMMLENS_URL, topic).call({}, "echo", value=1)
+    producer = [s for s in oslo_tracing_in_this_process.get_finished_spans()
+                if s.name == f"{topic}.echo"]
+    assert producer, "oslo.messaging's tracing recorded no producer span"
+    trace_id = "%032x" % producer[0].context.trace_id
+    span_id = "%016x" % producer[0].context.span_id
+    (server_hop,) = wait_for(lambda: _hops(collector, target=topic, side="server"),
+                             message="the server hop")
+    (client_hop,) = _hops(collector, target=topic, side="client")
+    assert server_hop["trace_id"] == client_hop["trace_id"] == trace_id
+    assert client_hop["span_id"] == span_id == server_hop["parent_id"]
