@@ -245,7 +245,7 @@ class CommlensDriver(base.BaseDriver):
                 self._service, caller, topic + "." + priority,
                 labels.dotted(message.get("event_type")), priority))
             return None
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:
             # An uninstrumented sender: a reply is expected only for a call.
             # A fanout from such a sender is counted as a cast.
             kind = CALL if getattr(incoming, "orig_msg_id", None) or ctxt.get("msg_id") else CAST
