@@ -25,9 +25,11 @@ class _Checked:
         self._seen = set()
 
     def __call__(self, value):
+        if not isinstance(value, str):
+            return INVALID
         if value in self._seen:
             return value
-        if isinstance(value, str) and self._pattern.match(value):
+        if self._pattern.match(value):
             if len(self._seen) < _MAX_REMEMBERED:
                 self._seen.add(value)
             return value

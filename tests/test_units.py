@@ -1,0 +1,233 @@
+"""Fast tests of the pure parts: context parsing, labels, URLs, settings, merging."""
+
+import json
+
+import pytest
+from oslo_config import cfg
+
+from commlens.exporters import collector as collector_mod
+from commlens.exporters import prometheus
+from commlens.exporters import shipping
+from commlens.exporters import urls
+from commlens.tracer import context
+from commlens.tracer import labels
+from commlens.tracer import metrics
+from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import settings
+
+VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+# -- trace context -------------------------------------------------------
+
+def test_valid_traceparent_is_parsed():
+    assert context.parse_traceparent(VALID) == (
+        "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", True)
+
+
+@pytest.mark.parametrize("value", [
+    None, 42, "", "garbage", VALID.upper(), VALID + "-extra",
+    "ff" + VALID[2:], "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", "x" * 100000,
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nX-Injected: 1",
+])
+def test_invalid_traceparent_is_refused(value):
+    assert context.parse_traceparent(value) is None
+
+
+def test_malformed_traceparent_starts_a_new_trace_and_is_reported():
+    ctx, valid = context.child_of_incoming("zz")
+    assert not valid and context.parse_traceparent(ctx.traceparent())
+    ctx, valid = context.child_of_incoming(None)
+    assert valid
+    ctx, valid = context.child_of_incoming(VALID)
+    assert valid and ctx.trace_id == VALID[3:35] and ctx.parent_id == VALID[36:52]
+
+
+@pytest.mark.parametrize("baggage, service", [
+    ("commlens.service=nova-api", "nova-api"),
+    ("a=1,commlens.service=nova-conductor;prop=x, b=2", "nova-conductor"),
+    ("xcommlens.service=evil", None),
+    ('commlens.service=evil"} 1', None),
+    ("commlens.service=" + "x" * 65, None),
+    ("commlens.service=a" + "," * 9000, None),
+    (None, None), (["commlens.service=x"], None),
+])
+def test_baggage_names_the_caller_only_when_well_formed(baggage, service):
+    assert context.parse_baggage_service(baggage) == service
+
+
+def test_baggage_member_is_replaced_and_others_kept():
+    value = context.with_baggage_service("k=v,commlens.service=old", "nova-api")
+    assert value == "k=v,commlens.service=nova-api"
+    assert context.with_baggage_service(None, "x") == "commlens.service=x"
+
+
+def test_outgoing_hop_is_a_child_of_the_hop_being_served():
+    parent = context.TraceContext("a" * 32, "b" * 16)
+    token = context.set_current(parent)
+    try:
+        child = context.outgoing()
+    finally:
+        context.reset_current(token)
+    assert (child.trace_id, child.parent_id) == (parent.trace_id, parent.span_id)
+    assert context.current() is None
+
+
+# -- labels and URLs ------------------------------------------------------
+
+@pytest.mark.parametrize("raw, label", [
+    ("build_instances", "build_instances"), ("select_destinations", "select_destinations"),
+    ("bad method", "invalid"), ("x" * 200, "invalid"), (None, "invalid"),
+    ({"a": 1}, "invalid"), ("ünïcode", "invalid"),
+])
+def test_method_labels_are_identifiers_or_invalid(raw, label):
+    assert labels.method(raw) == label
+
+
+def test_redact_hides_every_host_credentials():
+    url = "rabbit://nova:s3cret@h1:5672,nova:s3cret@h2:5672/nova?ssl=1"
+    assert "s3cret" not in urls.redact(url) and "h2:5672" in urls.redact(url)
+    assert "pw" not in urls.redact("amqp://us@er:pw@host/")
+
+
+def test_our_query_parameters_are_split_from_the_broker_url():
+    url, ours = urls.split_query("amqp://h/?exchange=x&heartbeat=5&queue=q", urls.OUR_QUERY)
+    assert ours == {"exchange": "x", "queue": "q"} and url == "amqp://h/?heartbeat=5"
+
+
+@pytest.mark.parametrize("url", ["", "nowhere", "kafka://x", None])
+def test_unusable_export_url_is_a_clear_error(url):
+    with pytest.raises(shipping.ExportUrlError):
+        shipping.make_transport(url)
+
+
+# -- settings -------------------------------------------------------------
+
+def test_config_file_wins_over_environment_which_wins_over_defaults(monkeypatch):
+    monkeypatch.setenv("COMMLENS_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("COMMLENS_SHIP_INTERVAL", "7")
+    monkeypatch.delenv("COMMLENS_HOP_SAMPLE_RATIO")
+    conf = cfg.ConfigOpts()
+    conf([])
+    settings.register_opts(conf)
+    conf.set_override("service_name", "from-config", group="commlens")
+    loaded = settings.load(conf)
+    assert loaded.service_name == "from-config"
+    assert loaded.ship_interval == 7.0
+    assert loaded.hop_sample_ratio == settings.DEFAULTS["hop_sample_ratio"]
+
+
+def test_service_name_defaults_to_the_program_name():
+    assert settings.program_service_name("/usr/bin/nova-conductor") == "nova-conductor"
+    assert settings.program_service_name("") == "unknown"
+
+
+def test_bad_environment_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("COMMLENS_SHIP_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="COMMLENS_SHIP_INTERVAL"):
+        settings.load(None)
+
+
+# -- recorder -------------------------------------------------------------
+
+def test_series_beyond_the_cap_fold_into_other(monkeypatch):
+    monkeypatch.setattr(recorder_mod, "MAX_SERIES_PER_METRIC", 3)
+    rec = recorder_mod.Recorder("svc")
+    for i in range(10):
+        rec.inc(metrics.RPC_SENT, ("svc", "topic", f"m{i}", "call"))
+    sent = [c for c in rec.snapshot(1)["counters"] if c[0] == metrics.RPC_SENT.name]
+    assert len(sent) == 4
+    assert ["commlens_rpc_sent_total", ["svc", "other", "other", "other"], 7] in sent
+
+
+def test_waiting_calls_finish_once_even_when_released_twice():
+    rec = recorder_mod.Recorder("svc")
+    token = rec.call_started(("svc", "t", "m"))
+    rec.release_calls([token])
+    rec.call_finished(token)
+    gauges = rec.snapshot(1)["gauges"]
+    assert ["commlens_rpc_waiting_replies", ["svc", "t", "m"], 0] in gauges
+
+
+def test_hop_buffer_is_bounded_and_counts_what_it_drops():
+    rec = recorder_mod.Recorder("svc", max_pending_hops=5)
+    for i in range(8):
+        rec.add_hop({"trace_id": str(i)})
+    snapshot = rec.snapshot(1)
+    assert [h["trace_id"] for h in snapshot["hops"]] == ["3", "4", "5", "6", "7"]
+    assert ["commlens_agent_records_dropped_total", ["svc", "hop_buffer_full"], 3] \
+        in snapshot["counters"]
+
+
+# -- collector state ------------------------------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _snapshot(process_id, seq, sent, waiting, final=False, interval=1.0):
+    return json.dumps({
+        "format": recorder_mod.SNAPSHOT_FORMAT, "seq": seq, "interval": interval,
+        "final": final, "process": {"id": process_id, "service": "svc", "pid": 1},
+        "counters": [["commlens_rpc_sent_total", ["svc", "t", "m", "call"], sent]],
+        "histograms": [["commlens_rpc_reply_wait_seconds", ["svc", "t", "m", "ok"],
+                        [1] + [0] * len(metrics.LATENCY_BUCKETS), 0.001]],
+        "gauges": [["commlens_rpc_waiting_replies", ["svc", "t", "m"], waiting]],
+    })
+
+
+def _sent_and_waiting(collector):
+    counters, _, gauges = collector.merged()
+    return (counters.get(("commlens_rpc_sent_total", ("svc", "t", "m", "call")), 0),
+            gauges.get(("commlens_rpc_waiting_replies", ("svc", "t", "m")), 0))
+
+
+def test_processes_are_summed_and_a_silent_one_loses_its_gauges_not_its_counts():
+    clock = Clock()
+    collector = collector_mod.Collector(clock=clock)
+    assert collector.ingest(_snapshot("a", 1, 10, 4)) == "accepted"
+    assert collector.ingest(_snapshot("b", 1, 5, 2)) == "accepted"
+    assert _sent_and_waiting(collector) == (15, 6)
+    clock.now += 2
+    collector.ingest(_snapshot("b", 2, 6, 0))
+    clock.now += 2  # "a" silent for 4 intervals: expired
+    assert _sent_and_waiting(collector) == (16, 0)
+    assert [p["id"] for p in collector.processes()] == ["b"]
+
+
+def test_final_snapshot_retires_at_once_and_stale_ones_are_ignored():
+    collector = collector_mod.Collector(clock=Clock())
+    collector.ingest(_snapshot("a", 2, 10, 1))
+    assert collector.ingest(_snapshot("a", 1, 3, 9)) == "stale"
+    collector.ingest(_snapshot("a", 3, 12, 0, final=True))
+    assert _sent_and_waiting(collector) == (12, 0)
+    assert collector.processes() == []
+
+
+@pytest.mark.parametrize("body, outcome", [
+    (b"\xff", "malformed"), (b"{", "malformed"), (b"[]", "foreign"),
+    (b'{"format": "x"}', "foreign"),
+    (json.dumps({"format": recorder_mod.SNAPSHOT_FORMAT, "process": {"id": ""},
+                 "seq": 1, "interval": 1}).encode(), "malformed"),
+    (json.dumps({"format": recorder_mod.SNAPSHOT_FORMAT, "process": {"id": "p"},
+                 "seq": "1", "interval": 1}).encode(), "malformed"),
+])
+def test_collector_classifies_bad_messages(body, outcome):
+    collector = collector_mod.Collector()
+    assert collector.ingest(body) == outcome
+    assert collector.message_counts() == {outcome: 1}
+
+
+def test_exposition_uses_the_contract_names():
+    collector = collector_mod.Collector(clock=Clock())
+    collector.ingest(_snapshot("a", 1, 3, 1))
+    text = prometheus.render(collector)[0].decode()
+    assert 'commlens_rpc_sent_total{kind="call",method="m",service="svc",target="t"} 3.0' in text
+    assert 'commlens_rpc_waiting_replies{method="m",service="svc",target="t"} 1.0' in text
+    assert 'commlens_rpc_reply_wait_seconds_bucket{le="0.001",method="m",outcome="ok",' \
+           'service="svc",target="t"} 1.0' in text
