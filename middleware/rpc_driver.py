@@ -7,14 +7,13 @@ it. The wrapper only adds recording around the calls: the inner driver's
 return values, exceptions, timeouts, heartbeats, acks and requeues pass
 through untouched, and a failure inside commlens is counted, never raised.
 
-What travels with each message (in the message context, so every driver
-carries it):
-- ``traceparent`` and ``baggage`` (W3C), the keys oslo.messaging's own
-  OpenTelemetry tracing uses; a traceparent already set by that tracing is
-  kept, so both tracers see one trace;
-- ``commlens_kind``: call, cast or fanout, because the server side cannot
-  tell them apart reliably (the RPC server replies to casts too). The
-  receiving wrapper removes it before the service sees the context.
+What travels with each message, in the message context (so every driver
+carries it): only the W3C keys ``traceparent`` and ``baggage``, the ones
+oslo.messaging's own OpenTelemetry tracing uses. A traceparent already set by
+that tracing is kept, so both tracers see one trace. Our baggage member
+``commlens.service=NAME;kind=KIND;span=SPAN`` names the caller and says call,
+cast or fanout, because the server side cannot tell them apart reliably (the
+RPC server replies to casts too).
 """
 
 import logging
@@ -37,7 +36,6 @@ from commlens.tracer import settings as settings_mod
 LOG = logging.getLogger(__name__)
 
 PLUGIN = "commlens"
-KIND_KEY = "commlens_kind"
 CALL, CAST, FANOUT = "call", "cast", "fanout"
 _KINDS = frozenset((CALL, CAST, FANOUT))
 _URL_PREFIX = "commlens_"  # query parameters for us, removed before the inner driver
@@ -151,9 +149,8 @@ class CommlensDriver(base.BaseDriver):
         else:
             ctx = context.outgoing()
             out[context.TRACEPARENT] = ctx.traceparent()
-        out[context.BAGGAGE] = context.with_baggage_service(
-            out.get(context.BAGGAGE), self._service)
-        out[KIND_KEY] = kind
+        out[context.BAGGAGE] = context.with_baggage_sender(
+            out.get(context.BAGGAGE), self._service, kind, ctx.span_id)
 
         rec = self._recorder
         rec.inc(metrics.RPC_SENT, (self._service, topic, method, kind))
@@ -200,10 +197,15 @@ class CommlensDriver(base.BaseDriver):
         if out is None:
             self._recorder.dropped("bad_context")
             return ctxt
-        if context.parse_traceparent(out.get(context.TRACEPARENT)) is None:
-            out[context.TRACEPARENT] = context.outgoing().traceparent()
-        out[context.BAGGAGE] = context.with_baggage_service(
-            out.get(context.BAGGAGE), self._service)
+        parsed = context.parse_traceparent(out.get(context.TRACEPARENT))
+        if parsed is None:
+            ctx = context.outgoing()
+            out[context.TRACEPARENT] = ctx.traceparent()
+            span_id = ctx.span_id
+        else:
+            span_id = parsed[1]
+        out[context.BAGGAGE] = context.with_baggage_sender(
+            out.get(context.BAGGAGE), self._service, "notification", span_id)
         self._recorder.inc(metrics.NOTIFICATIONS_SENT, (
             self._service, labels.dotted(target.topic),
             labels.dotted(message.get("event_type")),
@@ -228,16 +230,15 @@ class CommlensDriver(base.BaseDriver):
                                      notifications=True)
 
     def _received(self, incoming, topic, notifications):
-        """Count a message as it is handed to the service; strip our key."""
+        """Count a message as it is handed to the service."""
         ctxt = incoming.ctxt
         if not isinstance(ctxt, dict):
             return None
-        kind = ctxt.pop(KIND_KEY, None)
-        caller = context.parse_baggage_service(ctxt.get(context.BAGGAGE)) or labels.UNKNOWN
-        raw_traceparent = ctxt.get(context.TRACEPARENT)
-        ctx, valid = context.child_of_incoming(raw_traceparent)
+        ctx, valid = context.child_of_incoming(ctxt.get(context.TRACEPARENT))
         if not valid:
             self._recorder.dropped("bad_context")
+        caller, kind = context.parse_baggage_sender(ctxt.get(context.BAGGAGE), ctx.parent_id)
+        caller = caller or labels.UNKNOWN
         message = incoming.message if isinstance(incoming.message, dict) else {}
         if notifications:
             priority = labels.dotted(str(message.get("priority", "")).lower())

@@ -93,11 +93,10 @@ def test_remote_errors_reach_the_caller_exactly_as_without_commlens(
 
     collector.wait_metric("commlens_rpc_processing_errors_total", 2, service="peer-server",
                           target=topic, method="fail", error=expected_label)
-    metrics = collector.metrics()
-    assert metrics.value("commlens_rpc_call_errors_total", service="test-client",
-                         target=topic, method="fail", error=expected_label) == 1
-    assert metrics.value("commlens_rpc_waiting_replies", service="test-client",
-                         target=topic) == 0
+    collector.wait_metric("commlens_rpc_call_errors_total", 1, service="test-client",
+                          target=topic, method="fail", error=expected_label)
+    assert collector.metrics().value("commlens_rpc_waiting_replies", service="test-client",
+                                     target=topic) == 0
 
 
 def test_send_to_an_unreachable_broker_is_a_transport_error(collector, rpc_client, topic):

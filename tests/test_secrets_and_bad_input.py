@@ -98,11 +98,11 @@ def test_garbage_context_from_a_peer_is_served_and_counted(collector, start_peer
     try:
         client = om.get_rpc_client(transport, om.Target(topic=topic))
         garbage = [
-            {"commlens_kind": {"nested": ["x"]}, "traceparent": "zz-not-a-trace",
-             "baggage": "commlens.service=" + "x" * 100000},
+            {"traceparent": "zz-not-a-trace",
+             "baggage": "commlens.service=" + "x" * 100000 + ";kind=call"},
             {"traceparent": "00-" + "0" * 32 + "-" + "0" * 16 + "-01",
-             "baggage": 'commlens.service=evil"} 1\nfake_metric{a="b'},
-            {"traceparent": 42, "baggage": ["not", "a", "string"], "commlens_kind": "call"},
+             "baggage": 'commlens.service=evil"} 1\nfake_metric{a="b;kind={"x": 1}'},
+            {"traceparent": 42, "baggage": ["not", "a", "string"]},
             {"huge": "y" * 1_000_000},
         ]
         for ctxt in garbage:

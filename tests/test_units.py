@@ -44,23 +44,31 @@ def test_malformed_traceparent_starts_a_new_trace_and_is_reported():
     assert valid and ctx.trace_id == VALID[3:35] and ctx.parent_id == VALID[36:52]
 
 
-@pytest.mark.parametrize("baggage, service", [
-    ("commlens.service=nova-api", "nova-api"),
-    ("a=1,commlens.service=nova-conductor;prop=x, b=2", "nova-conductor"),
-    ("xcommlens.service=evil", None),
-    ('commlens.service=evil"} 1', None),
-    ("commlens.service=" + "x" * 65, None),
-    ("commlens.service=a" + "," * 9000, None),
-    (None, None), (["commlens.service=x"], None),
+SPAN = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize("baggage, sender", [
+    (f"commlens.service=nova-api;kind=call;span={SPAN}", ("nova-api", "call")),
+    (f"a=1,commlens.service=nova-conductor;span={SPAN};kind=cast, b=2",
+     ("nova-conductor", "cast")),
+    # forwarded by a service that is not instrumented by commlens: stale
+    ("commlens.service=nova-api;kind=call;span=1111111111111111", (None, None)),
+    ("commlens.service=nova-api", (None, None)),
+    (f"xcommlens.service=evil;span={SPAN}", (None, None)),
+    (f'commlens.service=evil"}} 1;span={SPAN}', (None, None)),
+    (f"commlens.service={'x' * 65};span={SPAN}", (None, None)),
+    ("commlens.service=a" + "," * 9000, (None, None)),
+    (None, (None, None)), (["commlens.service=x"], (None, None)),
 ])
-def test_baggage_names_the_caller_only_when_well_formed(baggage, service):
-    assert context.parse_baggage_service(baggage) == service
+def test_baggage_names_the_caller_only_when_well_formed_and_current(baggage, sender):
+    assert context.parse_baggage_sender(baggage, SPAN) == sender
 
 
 def test_baggage_member_is_replaced_and_others_kept():
-    value = context.with_baggage_service("k=v,commlens.service=old", "nova-api")
-    assert value == "k=v,commlens.service=nova-api"
-    assert context.with_baggage_service(None, "x") == "commlens.service=x"
+    value = context.with_baggage_sender("k=v,commlens.service=old;span=1", "nova-api",
+                                        "cast", SPAN)
+    assert value == f"k=v,commlens.service=nova-api;kind=cast;span={SPAN}"
+    assert context.parse_baggage_sender(value, SPAN) == ("nova-api", "cast")
 
 
 def test_outgoing_hop_is_a_child_of_the_hop_being_served():

@@ -17,8 +17,9 @@ import re
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 BAGGAGE = "baggage"
-# The baggage entry naming the service that sent the hop. Each instrumented
-# sender overwrites it, so it always names the immediate caller.
+# The baggage member naming the service that sent the hop, with the kind of
+# hop and the sender's span id as properties. Each instrumented sender
+# overwrites it; the receiver trusts it only if the span id matches.
 BAGGAGE_SERVICE = "commlens.service"
 
 _MAX_HEADER = 8192  # W3C recommends at least 8192 bytes for baggage; we stop there
@@ -70,23 +71,31 @@ def parse_traceparent(value):
     return trace_id, span_id, bool(int(flags, 16) & 1)
 
 
-def parse_baggage_service(value):
-    """The caller's service from a W3C baggage value, or None."""
+def parse_baggage_sender(value, parent_span_id):
+    """(service, kind) of the sender from a W3C baggage value, or (None, None).
+
+    Our member is ``commlens.service=NAME;kind=KIND;span=SPAN``. It counts
+    only if SPAN is the parent span of the hop being received: a service in
+    between that forwards baggage without being instrumented by commlens
+    (OpenTelemetry propagates baggage as it is) leaves a stale member, which
+    must not name the wrong caller.
+    """
     if not isinstance(value, str) or len(value) > _MAX_HEADER:
-        return None
+        return None, None
     start = value.find(BAGGAGE_SERVICE + "=")
-    if start < 0:
-        return None
-    if start and value[start - 1] not in ", \t":
-        return None  # a longer key that merely ends with ours
-    rest = value[start + len(BAGGAGE_SERVICE) + 1:]
-    service = rest.split(",", 1)[0].split(";", 1)[0].strip()
-    return service if _SERVICE.match(service) else None
+    if start < 0 or (start and value[start - 1] not in ", \t"):
+        return None, None
+    member = value[start + len(BAGGAGE_SERVICE) + 1:].split(",", 1)[0]
+    service, *properties = [part.strip() for part in member.split(";")]
+    props = dict(p.partition("=")[::2] for p in properties)
+    if props.get("span") != parent_span_id or not _SERVICE.match(service):
+        return None, None
+    return service, props.get("kind")
 
 
-def with_baggage_service(existing, service):
-    """A baggage value carrying ``service``, keeping other members."""
-    member = BAGGAGE_SERVICE + "=" + service
+def with_baggage_sender(existing, service, kind, span_id):
+    """A baggage value naming this sender, keeping other members."""
+    member = "%s=%s;kind=%s;span=%s" % (BAGGAGE_SERVICE, service, kind, span_id)
     if not existing or not isinstance(existing, str) or len(existing) > _MAX_HEADER:
         return member
     kept = [m for m in existing.split(",")

@@ -1,0 +1,240 @@
+"""RPC overhead of commlens and its peers, measured in one run on real RabbitMQ.
+
+    .venv/bin/python benchmarks/rpc_overhead.py [--calls 2000 --casts 4000 --rounds 3]
+
+Variants, each a fresh client process (instrumentation is process-wide),
+interleaved round by round so machine drift hits all of them alike:
+
+  plain      rabbit:// client and server
+  commlens   commlens+rabbit:// client and server, shipping to the broker every 1 s
+  oslo.metrics         rabbit:// with [oslo_messaging_metrics] metrics_enabled,
+                       the real oslo-metrics exporter listening
+  otel-oslo-messaging  opentelemetry-instrumentation-oslo-messaging with an SDK
+                       TracerProvider and a batch processor (spans discarded)
+
+Prints calls/s and casts/s (median of the rounds), the ratio to plain, and
+client CPU per operation. Then the wrapper's own hot path alone (begin and
+end of a send, no broker) in microseconds, the figure the 30 µs budget is about.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+BROKER = "guest:guest@127.0.0.1:5672/"
+HERE = os.path.abspath(__file__)
+RUN = uuid.uuid4().hex[:8]
+VARIANTS = ("plain", "commlens", "oslo.metrics", "otel-oslo-messaging")
+
+
+def serve(url, topic):
+    import oslo_messaging as om
+    from oslo_config import cfg
+
+    cfg.CONF([], project="commlens-bench")
+
+    class Endpoint:
+        def echo(self, ctxt, value):
+            return value
+
+        def note(self, ctxt, value):
+            pass
+
+    transport = om.get_rpc_transport(cfg.CONF, url=url)
+    server = om.get_rpc_server(transport, om.Target(topic=topic, server="bench"),
+                               [Endpoint()], executor="threading")
+    server.start()
+    print("READY", flush=True)
+    sys.stdin.read()
+    server.stop()
+    server.wait()
+
+
+def client(variant, topic, calls, casts, metrics_socket):
+    import oslo_messaging as om
+    from oslo_config import cfg
+
+    cfg.CONF([], project="commlens-bench")
+    url = ("commlens+rabbit://" if variant == "commlens" else "rabbit://") + BROKER
+    if variant == "oslo.metrics":
+        cfg.CONF.set_override("metrics_enabled", True, group="oslo_messaging_metrics")
+        cfg.CONF.set_override("metrics_socket_file", metrics_socket,
+                              group="oslo_messaging_metrics")
+    if variant == "otel-oslo-messaging":
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.oslo_messaging import OsloMessagingInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
+                                                    SpanExportResult)
+
+        class Discard(SpanExporter):
+            def export(self, spans):
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
+        trace.set_tracer_provider(provider)
+        OsloMessagingInstrumentor().instrument()
+
+    transport = om.get_rpc_transport(cfg.CONF, url=url)
+    rpc = om.get_rpc_client(transport, om.Target(topic=topic), timeout=30)
+    for i in range(50):  # warm up connections and reply queue
+        rpc.call({}, "echo", value=i)
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(calls):
+        rpc.call({"request_id": "req-bench"}, "echo", value=i)
+    call_cpu, call_wall = time.process_time() - cpu, time.perf_counter() - wall
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(casts):
+        rpc.cast({"request_id": "req-bench"}, "note", value=i)
+    cast_cpu, cast_wall = time.process_time() - cpu, time.perf_counter() - wall
+    rpc.call({}, "echo", value=0)  # casts delivered before we leave
+    transport.cleanup()
+    print(json.dumps({
+        "calls_per_s": calls / call_wall, "casts_per_s": casts / cast_wall,
+        "cpu_us_per_call": call_cpu / calls * 1e6, "cpu_us_per_cast": cast_cpu / casts * 1e6,
+    }), flush=True)
+
+
+def hot_path(iterations=100000):
+    """µs per send spent in the wrapper itself (begin + end), with no broker."""
+    import oslo_messaging as om
+    from oslo_config import cfg
+
+    from commlens.middleware import rpc_driver
+
+    os.environ.setdefault("COMMLENS_EXPORT_URL", "memory://")
+    cfg.CONF([], project="commlens-bench")
+    transport = om.get_rpc_transport(cfg.CONF, url="commlens+fake://")
+    driver = transport._driver
+    target = om.Target(topic="bench")
+    message = {"method": "echo", "args": {"value": 1}}
+    results = {}
+    for kind, wait in (("call", True), ("cast", None)):
+        ctxt = {"request_id": "req-bench", "user_id": "u", "project_id": "p"}
+        start = time.perf_counter()
+        for _ in range(iterations):
+            driver._end_send(driver._begin_send(target, ctxt, message, wait), None)
+        results[kind] = (time.perf_counter() - start) / iterations * 1e6
+    transport.cleanup()
+    del rpc_driver
+    return results
+
+
+def _start(command, env=None):
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env=env)
+    line = process.stdout.readline()
+    if line.strip() != "READY":
+        raise SystemExit(f"benchmark: {command[2:4]} did not start")
+    return process
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _available(variant):
+    module = {"oslo.metrics": "oslo_metrics",
+              "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}.get(variant)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--casts", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve", nargs=2, metavar=("URL", "TOPIC"), help=argparse.SUPPRESS)
+    parser.add_argument("--client", nargs=3, metavar=("VARIANT", "TOPIC", "SOCKET"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve(*args.serve)
+    if args.client:
+        return client(args.client[0], args.client[1], args.calls, args.casts, args.client[2])
+
+    env = dict(os.environ, COMMLENS_SERVICE_NAME="bench",
+               COMMLENS_EXPORT_URL=f"amqp://{BROKER}?exchange=commlens-bench",
+               COMMLENS_SHIP_INTERVAL="1")
+    workdir = tempfile.mkdtemp(prefix="commlens-bench-")
+    metrics_socket = os.path.join(workdir, "oslo-metrics.sock")
+    topics = {"plain": f"bench-plain-{RUN}", "commlens": f"bench-commlens-{RUN}"}
+    servers = [
+        _start([sys.executable, HERE, "--serve", "rabbit://" + BROKER, topics["plain"]], env),
+        _start([sys.executable, HERE, "--serve", "commlens+rabbit://" + BROKER,
+                topics["commlens"]], dict(env, COMMLENS_SERVICE_NAME="bench-server")),
+    ]
+    extra = []
+    variants = [v for v in VARIANTS if _available(v)]
+    if "oslo.metrics" in variants:
+        config = os.path.join(workdir, "oslo-metrics.conf")
+        with open(config, "w") as f:
+            f.write(f"[oslo_metrics]\nmetrics_socket_file = {metrics_socket}\n"
+                    f"prometheus_host = 127.0.0.1\nprometheus_port = {_free_port()}\n")
+        oslo_metrics = os.path.join(os.path.dirname(sys.executable), "oslo-metrics")
+        extra.append(subprocess.Popen([oslo_metrics, "--config-file", config],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(metrics_socket) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    results = {v: [] for v in variants}
+    try:
+        for round_number in range(args.rounds):
+            for variant in variants:
+                topic = topics["commlens" if variant == "commlens" else "plain"]
+                done = subprocess.run(
+                    [sys.executable, HERE, "--calls", str(args.calls), "--casts",
+                     str(args.casts), "--client", variant, topic, metrics_socket],
+                    env=env, capture_output=True, text=True, timeout=900)
+                if done.returncode != 0:
+                    raise SystemExit(f"benchmark: {variant} failed:\n{done.stderr[-2000:]}")
+                results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"round {round_number + 1}/{args.rounds} {variant}: "
+                      f"{results[variant][-1]['calls_per_s']:.0f} calls/s", file=sys.stderr)
+    finally:
+        for process in servers:
+            process.stdin.close()
+            process.wait(30)
+        for process in extra:
+            process.terminate()
+            process.wait(10)
+
+    def median(variant, key):
+        return statistics.median(r[key] for r in results[variant])
+
+    print(f"\nRPC overhead on real RabbitMQ: {args.calls} sequential calls and "
+          f"{args.casts} casts per round, median of {args.rounds} rounds, one client thread")
+    print(f"{'variant':<22}{'calls/s':>9}{'ratio':>8}{'casts/s':>9}{'ratio':>8}"
+          f"{'CPU µs/call':>13}{'CPU µs/cast':>13}")
+    base_calls, base_casts = median("plain", "calls_per_s"), median("plain", "casts_per_s")
+    for variant in variants:
+        calls, casts = median(variant, "calls_per_s"), median(variant, "casts_per_s")
+        print(f"{variant:<22}{calls:>9.0f}{calls / base_calls:>8.3f}{casts:>9.0f}"
+              f"{casts / base_casts:>8.3f}{median(variant, 'cpu_us_per_call'):>13.0f}"
+              f"{median(variant, 'cpu_us_per_cast'):>13.0f}")
+    micro = hot_path()
+    print(f"\ncommlens wrapper hot path alone (no broker): {micro['call']:.1f} µs per call, "
+          f"{micro['cast']:.1f} µs per cast")
+
+
+if __name__ == "__main__":
+    main()
