@@ -19,6 +19,7 @@ import time
 
 from commlens.tracer import metrics
 from commlens.tracer import recorder
+from commlens.tracer import settings
 
 LOG = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class Collector:
                 entry = self._processes[process["id"]] = _Process(process["id"])
             elif seq <= entry.seq:
                 return STALE
-            entry.service = str(process.get("service"))[:64]
+            service = process.get("service")
+            entry.service = service if settings.valid_service_name(service) else "invalid"
             entry.host = str(process.get("host"))[:255]
             entry.pid = process.get("pid") if isinstance(process.get("pid"), int) else None
             entry.seq = seq
@@ -110,7 +112,8 @@ class Collector:
             if data.get("final") is True:
                 self._retire(entry)
         for hop in data.get("hops") or ():
-            if isinstance(hop, dict) and _short_str(hop.get("trace_id"), 32):
+            hop = _clean_hop(hop)
+            if hop is not None:
                 self.hops.append(hop)
         return ACCEPTED
 
@@ -179,6 +182,27 @@ class Collector:
 
 def _short_str(value, limit):
     return isinstance(value, str) and 0 < len(value) <= limit
+
+
+_HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol", "peer",
+               "target", "operation", "kind", "outcome", "error", "start", "duration",
+               "request_id", "global_request_id")
+
+
+def _clean_hop(hop):
+    """The hop's known fields, if they are scalars of sane size; else None."""
+    if not isinstance(hop, dict) or not _short_str(hop.get("trace_id"), 32):
+        return None
+    clean = {}
+    for field in _HOP_FIELDS:
+        value = hop.get(field)
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            clean[field] = value
+        elif isinstance(value, str) and len(value) <= MAX_LABEL_LENGTH:
+            clean[field] = value
+        else:
+            return None
+    return clean
 
 
 def _valid_labels(metric, labels):

@@ -139,9 +139,11 @@ class CommlensDriver(base.BaseDriver):
         method = labels.method(message.get("method"))
         topic = target.topic
         parsed = context.parse_traceparent(out.get(context.TRACEPARENT))
-        if parsed is not None:
-            # oslo.messaging's own tracing already opened a producer span for
-            # this send: our client hop is that span.
+        if parsed is not None and parsed[:2] == context.otel_current():
+            # oslo.messaging's own tracing opened a producer span for this
+            # send (it is the active span) and injected it: our client hop is
+            # that span. Any other traceparent already in the context is
+            # stale, e.g. an incoming context forwarded as-is, and replaced.
             current = context.current()
             ctx = context.TraceContext(parsed[0], parsed[1],
                                        current.span_id if current else None,
@@ -253,9 +255,7 @@ class CommlensDriver(base.BaseDriver):
         method = labels.method(message.get("method"))
         self._recorder.inc(metrics.RPC_RECEIVED,
                            (self._service, caller, topic, method, kind))
-        return _Received(ctx, caller, topic, method, kind,
-                         labels.request_id(ctxt.get("request_id")),
-                         labels.request_id(ctxt.get("global_request_id")))
+        return _Received(ctx, caller, topic, method, kind, ctxt)
 
     def _processed(self, received, failure):
         duration = _perf_counter() - received.start
@@ -277,8 +277,9 @@ class CommlensDriver(base.BaseDriver):
                 protocol=hops.RPC, peer=received.caller, target=received.topic,
                 operation=received.method, kind=received.kind, outcome=outcome,
                 error=error, start=hops.wall_clock_start(received.start, received.start + duration),
-                duration=duration, request_id=received.request_id,
-                global_request_id=received.global_request_id))
+                duration=duration,
+                request_id=labels.request_id(received.ctxt.get("request_id")),
+                global_request_id=labels.request_id(received.ctxt.get("global_request_id"))))
 
     def cleanup(self):
         # Calls still waiting will never get their reply through this driver.
@@ -301,17 +302,16 @@ class _Send:
 
 
 class _Received:
-    __slots__ = ("ctx", "caller", "topic", "method", "kind", "request_id",
-                 "global_request_id", "start", "context_token", "done")
+    __slots__ = ("ctx", "caller", "topic", "method", "kind", "ctxt", "start",
+                 "context_token", "done")
 
-    def __init__(self, ctx, caller, topic, method, kind, request_id, global_request_id):
+    def __init__(self, ctx, caller, topic, method, kind, ctxt):
         self.ctx = ctx
         self.caller = caller
         self.topic = topic
         self.method = method
         self.kind = kind
-        self.request_id = request_id
-        self.global_request_id = global_request_id
+        self.ctxt = ctxt  # request ids are read from it only if a hop is shipped
         self.start = _perf_counter()
         self.context_token = None
         self.done = False

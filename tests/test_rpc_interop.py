@@ -54,6 +54,18 @@ def test_commlens_caller_joins_the_trace_of_a_server_with_oslo_tracing(
     assert spans[0]["parent_id"] == hop["span_id"]
 
 
+def test_a_forwarded_traceparent_is_replaced_not_reused(collector, start_peer, rpc_client,
+                                                       topic):
+    start_peer(COMMLENS_URL, topic)
+    stale = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    rpc_client(COMMLENS_URL, topic).call({"traceparent": stale}, "echo", value=1)
+    (server_hop,) = wait_for(lambda: _hops(collector, target=topic, side="server"),
+                             message="the server hop")
+    (client_hop,) = _hops(collector, target=topic, side="client")
+    assert client_hop["span_id"] != "00f067aa0ba902b7"
+    assert server_hop["parent_id"] == client_hop["span_id"]
+
+
 @pytest.fixture
 def oslo_tracing_in_this_process(conf):
     from opentelemetry import trace

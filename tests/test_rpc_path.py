@@ -177,3 +177,30 @@ def test_notifications_are_counted_on_both_sides(collector, start_peer, conf, to
             event_type="compute.instance.create.end", priority="info") == 5
     finally:
         transport.cleanup()
+
+
+def test_heartbeats_keep_a_long_call_alive_through_the_wrapper(
+        collector, start_peer, rpc_client, topic):
+    # With call_monitor_timeout the server heartbeats every timeout/2 s
+    # (oslo.messaging skips it below 1 s) while it works; a wrapper that lost
+    # heartbeats would time out after 2 s.
+    start_peer(COMMLENS_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic, timeout=30, call_monitor_timeout=2)
+    assert client.call({}, "slow", seconds=6) == 6
+
+
+def test_requeued_notifications_are_redelivered_through_the_wrapper(
+        collector, start_peer, conf, topic):
+    start_peer(COMMLENS_URL, topic, notifications=True)
+    transport = om.get_notification_transport(conf, url=COMMLENS_URL)
+    try:
+        notifier = om.Notifier(transport, publisher_id="compute.host-1", driver="messaging",
+                               topics=[topic + "-notifications"])
+        for i in range(3):
+            notifier.warn({}, "compute.instance.delete.start", {"id": i})
+        # Each one requeued once, then handled: received twice.
+        collector.wait_metric("commlens_notifications_received_total", 6,
+                              service="peer-server", caller="test-client",
+                              event_type="compute.instance.delete.start", priority="warn")
+    finally:
+        transport.cleanup()

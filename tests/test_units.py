@@ -49,8 +49,10 @@ SPAN = "00f067aa0ba902b7"
 
 @pytest.mark.parametrize("baggage, sender", [
     (f"commlens.service=nova-api;kind=call;span={SPAN}", ("nova-api", "call")),
-    (f"a=1,commlens.service=nova-conductor;span={SPAN};kind=cast, b=2",
+    (f"a=1,commlens.service=nova-conductor;kind=cast;span={SPAN}, b=2",
      ("nova-conductor", "cast")),
+    # read only in the order with_baggage_sender writes it
+    (f"commlens.service=nova-conductor;span={SPAN};kind=cast", (None, None)),
     # forwarded by a service that is not instrumented by commlens: stale
     ("commlens.service=nova-api;kind=call;span=1111111111111111", (None, None)),
     ("commlens.service=nova-api", (None, None)),
@@ -239,3 +241,18 @@ def test_exposition_uses_the_contract_names():
     assert 'commlens_rpc_waiting_replies{method="m",service="svc",target="t"} 1.0' in text
     assert 'commlens_rpc_reply_wait_seconds_bucket{le="0.001",method="m",outcome="ok",' \
            'service="svc",target="t"} 1.0' in text
+
+
+def test_collector_keeps_only_sane_hops_and_service_names():
+    collector = collector_mod.Collector(clock=Clock())
+    body = json.loads(_snapshot("a", 1, 1, 0))
+    body["process"]["service"] = 'evil"}\n'
+    body["hops"] = [{"trace_id": "a" * 32, "span_id": "b" * 16, "service": "svc",
+                     "extra": "dropped", "duration": 0.1},
+                    {"trace_id": "c" * 32, "service": {"nested": 1}},
+                    {"trace_id": "d" * 32, "operation": "x" * 10000},
+                    "not a hop"]
+    assert collector.ingest(json.dumps(body)) == "accepted"
+    assert [h["trace_id"] for h in collector.hops] == ["a" * 32]
+    assert "extra" not in collector.hops[0]
+    assert collector.processes()[0]["service"] == "invalid"

@@ -25,6 +25,9 @@ BAGGAGE_SERVICE = "commlens.service"
 _MAX_HEADER = 8192  # W3C recommends at least 8192 bytes for baggage; we stop there
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# Our member, in the order with_baggage_sender writes it.
+_SENDER = re.compile(r"(?:^|[,\s])commlens\.service=([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
+                     r";kind=([a-z]{1,16});span=([0-9a-f]{16})\s*(?:,|$)")
 
 _getrandbits = random.getrandbits
 
@@ -82,15 +85,10 @@ def parse_baggage_sender(value, parent_span_id):
     """
     if not isinstance(value, str) or len(value) > _MAX_HEADER:
         return None, None
-    start = value.find(BAGGAGE_SERVICE + "=")
-    if start < 0 or (start and value[start - 1] not in ", \t"):
+    match = _SENDER.search(value)
+    if match is None or match.group(3) != parent_span_id:
         return None, None
-    member = value[start + len(BAGGAGE_SERVICE) + 1:].split(",", 1)[0]
-    service, *properties = [part.strip() for part in member.split(";")]
-    props = dict(p.partition("=")[::2] for p in properties)
-    if props.get("span") != parent_span_id or not _SERVICE.match(service):
-        return None, None
-    return service, props.get("kind")
+    return match.group(1), match.group(2)
 
 
 def with_baggage_sender(existing, service, kind, span_id):
@@ -143,7 +141,7 @@ def outgoing():
     """The context for a hop we send: a child of the hop being served, if any."""
     parent = _current.get()
     if parent is None:
-        otel = _otel_parent()
+        otel = otel_current()
         if otel is not None:
             return TraceContext(otel[0], new_span_id(), otel[1])
         return TraceContext(new_trace_id(), new_span_id())
@@ -151,8 +149,8 @@ def outgoing():
                         parent.sampled)
 
 
-def _otel_parent():
-    """(trace_id, span_id) of an active OpenTelemetry span, if any.
+def otel_current():
+    """(trace_id, span_id) of the active OpenTelemetry span, if any.
 
     A service that also runs OpenTelemetry instrumentation (oslo.middleware's
     TracingMiddleware, say) keeps one trace when commlens joins in.

@@ -92,9 +92,19 @@ class Endpoint:
 class NotificationEndpoint:
     def __init__(self):
         self.seen = 0
+        self.requeued = set()
 
     def info(self, ctxt, publisher_id, event_type, payload, metadata):
         self.seen += 1
+
+    def warn(self, ctxt, publisher_id, event_type, payload, metadata):
+        # Requeue each notification once, as a listener that cannot handle
+        # it yet would; the redelivery is counted again on our side.
+        key = payload.get("id")
+        if key not in self.requeued:
+            self.requeued.add(key)
+            return om.NotificationResult.REQUEUE
+        return om.NotificationResult.HANDLED
 
 
 class NoOpSerializer(om.NoOpSerializer):
@@ -112,7 +122,7 @@ if args.notifications:
     notification_transport = om.get_notification_transport(cfg.CONF, url=args.url)
     listener = om.get_notification_listener(
         notification_transport, [om.Target(topic=args.topic + "-notifications")],
-        [NotificationEndpoint()], executor=args.executor)
+        [NotificationEndpoint()], executor=args.executor, allow_requeue=True)
     listener.start()
 
 stopping = []
