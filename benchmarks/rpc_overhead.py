@@ -255,7 +255,7 @@ def main():
 
     def paired_ratio(variant, key):
         return statistics.median(v[key] / p[key]
-                                 for v, p in zip(results[variant], results["plain"]))
+                                 for v, p in zip(results[variant], results["plain"], strict=True))
 
     print(f"\nRPC overhead on real RabbitMQ: {args.calls} sequential calls and "
           f"{args.casts} casts per round, {args.rounds} rounds, one client thread; "

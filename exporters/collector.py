@@ -140,7 +140,7 @@ class Collector:
             if retired is None:
                 self._retired_histograms[key] = [list(counts), total]
             else:
-                retired[0] = [a + b for a, b in zip(retired[0], counts)]
+                retired[0] = [a + b for a, b in zip(retired[0], counts, strict=True)]
                 retired[1] += total
         del self._processes[entry.id]
 
@@ -161,7 +161,7 @@ class Collector:
                     if merged is None:
                         histograms[key] = [list(counts), total]
                     else:
-                        merged[0] = [a + b for a, b in zip(merged[0], counts)]
+                        merged[0] = [a + b for a, b in zip(merged[0], counts, strict=True)]
                         merged[1] += total
                 for key, value in entry.gauges.items():
                     gauges[key] += value

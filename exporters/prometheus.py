@@ -41,7 +41,7 @@ class CollectorExposition:
             families[name].add_metric(list(labels), value)
         for (name, labels), (counts, total) in histograms.items():
             cumulative, running = [], 0
-            for bound, count in zip(_BOUNDS, counts):
+            for bound, count in zip(_BOUNDS, counts, strict=True):
                 running += count
                 cumulative.append((bound, running))
             families[name].add_metric(list(labels), cumulative, total)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from support import COMMLENS_URL, EXPORT_URL, PEERS
+from support import COMMLENS_URL, PEERS
 
 pytestmark = pytest.mark.slow
 

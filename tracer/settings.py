@@ -88,7 +88,7 @@ def _from_env(name, cast):
         return cast(raw)
     except ValueError:
         raise ValueError(
-            f"COMMLENS_{name.upper()}={raw!r} is not a valid {cast.__name__}")
+            f"COMMLENS_{name.upper()}={raw!r} is not a valid {cast.__name__}") from None
 
 
 def load(conf=None):
