@@ -251,3 +251,20 @@ def _reopen(transport):
         transport._connection = None
         transport._channel = None
     return transport
+
+
+def make_shipper(recorder, settings, default_export_url="memory://"):
+    """The shipper for a process: settings' export URL, else the default.
+
+    A service must start even with a bad commlens setting: an unusable export
+    URL is logged once and records are then kept but never shipped.
+    """
+    export_url = settings.export_url or default_export_url
+    try:
+        transport = make_transport(export_url)
+    except ExportUrlError as exc:
+        LOG.error("commlens: %s; records will not be shipped", exc)
+        transport = NowhereTransport(str(exc))
+    LOG.info("commlens: %s ships to %s every %.1fs", recorder.service,
+             transport.description, settings.ship_interval)
+    return Shipper(recorder, transport, settings.ship_interval)

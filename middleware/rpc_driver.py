@@ -75,10 +75,9 @@ class CommlensDriver(base.BaseDriver):
                       service, settings.service_name)
             service = settings.service_name
         self._recorder = recorder_mod.install(
-            service, lambda rec: _make_shipper(rec, settings, inner_url))
+            settings, lambda rec: shipping.make_shipper(
+                rec, settings, _default_export_url(inner_url)), service=service)
         self._service = self._recorder.service
-        self._sample_ratio = settings.hop_sample_ratio
-        self._slow = settings.slow_hop_seconds
         self._open_calls = set()
 
     # Everything the inner driver offers and we do not wrap stays reachable,
@@ -180,8 +179,7 @@ class CommlensDriver(base.BaseDriver):
                 rec.observe(metrics.RPC_REPLY_WAIT,
                             (self._service, call.topic, call.method, outcome),
                             duration)
-            if (error is not None or duration >= self._slow
-                    or hops.trace_in_sample(call.ctx.trace_id, self._sample_ratio)):
+            if rec.keeps_hop(call.ctx.trace_id, duration, error is not None):
                 rec.add_hop(hops.make_hop(
                     call.ctx, service=self._service, side=hops.CLIENT,
                     protocol=hops.RPC, peer=None, target=call.topic,
@@ -270,8 +268,7 @@ class CommlensDriver(base.BaseDriver):
         self._recorder.observe(metrics.RPC_PROCESSING,
                                (self._service, received.topic, received.method, outcome),
                                duration)
-        if (error is not None or duration >= self._slow
-                or hops.trace_in_sample(received.ctx.trace_id, self._sample_ratio)):
+        if self._recorder.keeps_hop(received.ctx.trace_id, duration, error is not None):
             self._recorder.add_hop(hops.make_hop(
                 received.ctx, service=self._service, side=hops.SERVER,
                 protocol=hops.RPC, peer=received.caller, target=received.topic,
@@ -428,6 +425,13 @@ def _context_copy(ctxt):
     return None
 
 
+def _default_export_url(inner_url):
+    """The transport's own broker for AMQP drivers; else in memory."""
+    if inner_url.transport.split("+")[0] in _AMQP_DRIVERS:
+        return urls.amqp_url_from_transport(inner_url) or "memory://"
+    return "memory://"
+
+
 _TRANSPORT_MODULES = ("kombu", "amqp", "pika", "socket", "ssl")
 
 
@@ -452,23 +456,3 @@ def _classify_send_error(exc, kind):
     if kind == CALL:
         return metrics.REMOTE_ERROR, labels.error_class(name)
     return metrics.TRANSPORT_ERROR, labels.error_class(name)
-
-
-def _make_shipper(recorder, settings, inner_url):
-    export_url = settings.export_url
-    if not export_url:
-        if inner_url.transport.split("+")[0] in _AMQP_DRIVERS:
-            export_url = urls.amqp_url_from_transport(inner_url) or "memory://"
-        else:
-            export_url = "memory://"
-    try:
-        transport = shipping.make_transport(export_url)
-    except shipping.ExportUrlError as exc:
-        # The service must start even with a bad commlens setting: record,
-        # never ship, and say so loudly once.
-        LOG.error("commlens: %s; records will not be shipped", exc)
-        transport = shipping.NowhereTransport(str(exc))
-    LOG.info("commlens: %s ships to %s every %.1fs", recorder.service,
-             transport.description, settings.ship_interval)
-    return shipping.Shipper(recorder, transport, settings.ship_interval)
-

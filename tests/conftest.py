@@ -93,3 +93,31 @@ def rpc_client(conf):
     yield make
     for transport in transports:
         transport.cleanup()
+
+
+@pytest.fixture
+def start_wsgi(rabbitmq, tmp_path):
+    """Start a WSGI service process; returns (peer, base URL)."""
+    peers = []
+
+    def start(kind, service, downstream=None, endpoints=""):
+        log_path = tmp_path / f"wsgi-{len(peers)}.log"
+        command = [sys.executable, str(PEERS / "wsgi_service.py"), "--kind", kind,
+                   "--service", service]
+        if downstream:
+            command += ["--downstream", downstream]
+        if endpoints:
+            command += ["--endpoints", endpoints]
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        peer = Peer(process, log_path)
+        peers.append(peer)
+        words = process.stdout.readline().split()
+        if not words or words[0] != "READY":
+            peer.stop()
+            raise AssertionError(f"WSGI service did not start\n{peer.log()}")
+        return peer, f"http://127.0.0.1:{words[1]}"
+
+    yield start
+    for peer in peers:
+        peer.stop()

@@ -28,8 +28,10 @@ OK = "ok"
 REMOTE_ERROR = "remote_error"
 TIMEOUT = "timeout"
 TRANSPORT_ERROR = "transport_error"
-# Outcome of processing, seen by the server.
+# Outcome of processing, seen by the server; 5xx for REST.
 ERROR = "error"
+# An outbound REST request that got no response at all.
+FAILED = "failed"
 
 RPC_SENT = Metric(
     "commlens_rpc_sent_total", "counter",
@@ -69,6 +71,26 @@ NOTIFICATIONS_RECEIVED = Metric(
     ("service", "caller", "target", "event_type", "priority"),
     "Notifications received, by caller service.")
 
+HTTP_REQUESTS = Metric(
+    "commlens_http_requests_total", "counter",
+    ("service", "caller", "method", "route", "code"),
+    "Inbound REST requests, by calling service, route template and status code.")
+HTTP_DURATION = Metric(
+    "commlens_http_request_duration_seconds", "histogram",
+    ("service", "method", "route", "outcome"),
+    "Inbound REST request time to the last byte of the body (outcome: ok, "
+    "error for 5xx).")
+HTTP_CLIENT_REQUESTS = Metric(
+    "commlens_http_client_requests_total", "counter",
+    ("service", "target", "method", "code"),
+    "Outbound REST requests, by target service and status code "
+    "(code 'failed' when no response came).")
+HTTP_CLIENT_DURATION = Metric(
+    "commlens_http_client_request_duration_seconds", "histogram",
+    ("service", "target", "method", "outcome"),
+    "Outbound REST request time until the response headers arrived "
+    "(outcome: ok, error for 5xx, failed).")
+
 AGENT_DROPPED = Metric(
     "commlens_agent_records_dropped_total", "counter",
     ("service", "reason"),
@@ -88,5 +110,6 @@ SHIPPED = {m.name: m for m in (
     RPC_SENT, RPC_RECEIVED, RPC_WAITING_REPLIES, RPC_REPLY_WAIT,
     RPC_CALL_ERRORS, RPC_PROCESSING, RPC_PROCESSING_ERRORS,
     NOTIFICATIONS_SENT, NOTIFICATIONS_RECEIVED,
+    HTTP_REQUESTS, HTTP_DURATION, HTTP_CLIENT_REQUESTS, HTTP_CLIENT_DURATION,
     AGENT_DROPPED, AGENT_SHIP_FAILURES, AGENT_QUEUE_DEPTH,
 )}

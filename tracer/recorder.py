@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 
+from commlens.tracer import hops
 from commlens.tracer import metrics
 
 LOG = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ _BUCKETS = metrics.LATENCY_BUCKETS
 
 class Recorder:
 
-    def __init__(self, service, max_pending_hops=MAX_PENDING_HOPS):
+    def __init__(self, service, max_pending_hops=MAX_PENDING_HOPS,
+                 hop_sample_ratio=0.01, slow_hop_seconds=1.0):
         self.service = service
         self._max_pending_hops = max_pending_hops
+        self._hop_sample_ratio = hop_sample_ratio
+        self._slow_hop_seconds = slow_hop_seconds
         self._reset()
         self.shipper = None
         self._start_shipper_on_use = False
@@ -98,6 +102,11 @@ class Recorder:
             labels = self._waiting_calls.pop(token, None)
             if labels is not None:
                 self._waiting[labels] -= 1
+
+    def keeps_hop(self, trace_id, duration, failed):
+        """Ship this hop? Failed and slow ones always; others by trace sample."""
+        return (failed or duration >= self._slow_hop_seconds
+                or hops.trace_in_sample(trace_id, self._hop_sample_ratio))
 
     def add_hop(self, hop):
         with self._lock:
@@ -214,17 +223,19 @@ def get_recorder():
     return _RECORDER
 
 
-def install(service, shipper_factory=None):
+def install(settings, shipper_factory=None, service=None):
     """Create the process's recorder once; later calls return the same one.
 
     ``shipper_factory(recorder)`` builds the shipper; it runs only for the
-    first call, so the first instrumented component of a process decides
-    where the process ships to (documented in the README).
+    first call, so the first instrumented component of a process decides its
+    service name, where it ships to and which hops it keeps (README).
     """
     global _RECORDER
     with _RECORDER_LOCK:
         if _RECORDER is None:
-            recorder = Recorder(service)
+            recorder = Recorder(service or settings.service_name,
+                                hop_sample_ratio=settings.hop_sample_ratio,
+                                slow_hop_seconds=settings.slow_hop_seconds)
             if shipper_factory is not None:
                 recorder.attach_shipper(shipper_factory(recorder))
             _RECORDER = recorder

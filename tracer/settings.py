@@ -34,6 +34,19 @@ _OPTS = [
     cfg.FloatOpt("slow_hop_seconds", min=0.0,
                  help="A hop at least this slow is always shipped "
                       "(env COMMLENS_SLOW_HOP_SECONDS). Default 1."),
+    cfg.BoolOpt("http_outbound",
+                help="Trace outbound HTTP calls made with requests once the "
+                     "WSGI middleware is loaded (env COMMLENS_HTTP_OUTBOUND). "
+                     "Default true."),
+    cfg.IntOpt("http_max_routes", min=1,
+               help="Distinct route templates kept per service; more are "
+                    "counted as 'other' (env COMMLENS_HTTP_MAX_ROUTES). Default 200."),
+    cfg.ListOpt("http_endpoints",
+                help="Outbound targets: SERVICE=URL pairs, e.g. "
+                     "neutron-server=http://10.0.0.5:9696 (env "
+                     "COMMLENS_HTTP_ENDPOINTS). Requests to other hosts are "
+                     "labelled with the Keystone service type when keystoneauth1 "
+                     "made them, else 'unknown'."),
 ]
 
 DEFAULTS = {
@@ -42,6 +55,9 @@ DEFAULTS = {
     "ship_interval": 5.0,
     "hop_sample_ratio": 0.01,
     "slow_hop_seconds": 1.0,
+    "http_outbound": True,
+    "http_max_routes": 200,
+    "http_endpoints": [],
 }
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -66,6 +82,9 @@ class Settings:
     ship_interval: float
     hop_sample_ratio: float
     slow_hop_seconds: float
+    http_outbound: bool
+    http_max_routes: int
+    http_endpoints: list
 
 
 def program_service_name(argv0=None):
@@ -80,19 +99,35 @@ def valid_service_name(name):
     return isinstance(name, str) and bool(_SERVICE_NAME.match(name))
 
 
-def _from_env(name, cast):
-    raw = os.environ.get("COMMLENS_" + name.upper())
+def _cast(opt, raw, origin):
+    """A raw string (environment, paste.ini) as the option's type."""
+    try:
+        if isinstance(opt, cfg.BoolOpt):
+            return {"true": True, "1": True, "yes": True, "on": True,
+                    "false": False, "0": False, "no": False, "off": False}[raw.strip().lower()]
+        if isinstance(opt, cfg.IntOpt):
+            return int(raw)
+        if isinstance(opt, cfg.FloatOpt):
+            return float(raw)
+        if isinstance(opt, cfg.ListOpt):
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        return raw
+    except (KeyError, ValueError, AttributeError):
+        raise ValueError(f"{origin}={raw!r} is not a valid {opt.type}") from None
+
+
+def _from_env(opt):
+    name = "COMMLENS_" + opt.dest.upper()
+    raw = os.environ.get(name)
     if raw in (None, ""):
         return None
-    try:
-        return cast(raw)
-    except ValueError:
-        raise ValueError(
-            f"COMMLENS_{name.upper()}={raw!r} is not a valid {cast.__name__}") from None
+    return _cast(opt, raw, name)
 
 
-def load(conf=None):
-    """Settings from ``conf`` (a ConfigOpts, usually the service's), then env."""
+def load(conf=None, overrides=None):
+    """Settings: ``overrides`` (a paste filter's local options), then ``conf``
+    (a ConfigOpts, usually the service's), then the environment, then defaults.
+    """
     values = {}
     group = None
     if conf is not None:
@@ -101,17 +136,24 @@ def load(conf=None):
             group = conf[GROUP]
         except (cfg.NoSuchOptError, cfg.NoSuchGroupError, cfg.Error):
             group = None
+    overrides = overrides or {}
+    unknown = set(overrides) - {opt.dest for opt in _OPTS}
+    if unknown:
+        raise ValueError(f"unknown commlens option(s): {', '.join(sorted(unknown))}")
     for opt in _OPTS:
         value = None
-        if group is not None:
+        if opt.dest in overrides:
+            value = overrides[opt.dest]
+            if isinstance(value, str):  # from paste.ini; code may pass typed values
+                value = _cast(opt, value, opt.dest)
+        if value is None and group is not None:
             try:
                 value = group[opt.dest]
             except (cfg.Error, RuntimeError):
                 # An unparsed ConfigOpts (no args yet) raises; fall back.
                 value = None
         if value is None:
-            cast = float if isinstance(opt, cfg.FloatOpt) else str
-            value = _from_env(opt.dest, cast)
+            value = _from_env(opt)
         if value is None:
             value = DEFAULTS[opt.dest]
         values[opt.dest] = value

@@ -1,0 +1,189 @@
+"""The outbound HTTP hook: REST calls made with ``requests``, seen by the caller.
+
+keystoneauth1 and openstacksdk send through ``requests.Session.send``; the
+hook wraps it (``instrument()``), adds ``traceparent`` and our baggage member
+to the request, and records target service, method, status and the time
+until the response headers arrived. ``uninstrument()`` puts the original back.
+Both are safe to call twice.
+
+The target service comes from the ``http_endpoints`` map (SERVICE=URL, matched
+on scheme, host and port), else from the Keystone catalog's service type when
+keystoneauth1 made the request, else ``unknown``: never a URL.
+"""
+
+import contextvars
+import logging
+import threading
+import time
+import urllib.parse
+
+from commlens.tracer import context
+from commlens.tracer import hops
+from commlens.tracer import labels
+from commlens.tracer import metrics
+from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import settings as settings_mod
+
+LOG = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_original_send = None
+_original_keystone_request = None
+_endpoints = {}
+# The service type keystoneauth1 is resolving an endpoint for, if any.
+_keystone_service_type = contextvars.ContextVar("commlens_keystone_service_type",
+                                                default=None)
+_perf_counter = time.perf_counter
+
+
+def parse_endpoints(pairs):
+    """["neutron-server=http://10.0.0.5:9696", ...] -> {("http", "10.0.0.5", 9696): name}."""
+    mapping = {}
+    for pair in pairs or ():
+        service, sep, url = pair.partition("=")
+        service = service.strip()
+        if not sep or not settings_mod.valid_service_name(service):
+            raise ValueError(f"http_endpoints: {pair!r} is not SERVICE=URL")
+        mapping[_endpoint_key(url.strip())] = service
+    return mapping
+
+
+def _endpoint_key(url):
+    parts = urllib.parse.urlsplit(url)
+    scheme = (parts.scheme or "http").lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def instrument(endpoint_pairs=()):
+    """Wrap requests.Session.send (and keystoneauth1 if installed)."""
+    global _original_send, _original_keystone_request, _endpoints
+    endpoints = parse_endpoints(endpoint_pairs)
+    with _lock:
+        _endpoints = {**_endpoints, **endpoints}
+        if _original_send is not None:
+            return
+        import requests
+
+        _original_send = requests.Session.send
+        requests.Session.send = _send
+        try:
+            from keystoneauth1 import session as ks_session
+        except ImportError:
+            return
+        _original_keystone_request = ks_session.Session.request
+        ks_session.Session.request = _keystone_request
+
+
+def uninstrument():
+    global _original_send, _original_keystone_request, _endpoints
+    with _lock:
+        if _original_send is not None:
+            import requests
+
+            requests.Session.send = _original_send
+            _original_send = None
+        if _original_keystone_request is not None:
+            from keystoneauth1 import session as ks_session
+
+            ks_session.Session.request = _original_keystone_request
+            _original_keystone_request = None
+        _endpoints = {}
+
+
+def _keystone_request(self, url, method, *args, **kwargs):
+    service_type = None
+    try:
+        endpoint_filter = kwargs.get("endpoint_filter") or {}
+        service_type = kwargs.get("service_type") or endpoint_filter.get("service_type")
+    except Exception:
+        pass
+    token = _keystone_service_type.set(service_type)
+    try:
+        return _original_keystone_request(self, url, method, *args, **kwargs)
+    finally:
+        _keystone_service_type.reset(token)
+
+
+def _send(self, request, **kwargs):
+    original = _original_send
+    try:
+        call = _begin(request)
+    except Exception:
+        call = None
+        recorder = recorder_mod.get_recorder()
+        if recorder is not None:
+            recorder.dropped("recording_error")
+        LOG.debug("commlens: recording an outbound request failed", exc_info=True)
+    if call is None:
+        return original(self, request, **kwargs)
+    try:
+        response = original(self, request, **kwargs)
+    except BaseException:
+        _end(call, None)
+        raise
+    _end(call, response)
+    return response
+
+
+class _Call:
+    __slots__ = ("recorder", "ctx", "target", "method", "start")
+
+
+def _begin(request):
+    recorder = recorder_mod.get_recorder()
+    if recorder is None:
+        return None
+    call = _Call()
+    call.recorder = recorder
+    call.ctx = context.outgoing()
+    request.headers[context.TRACEPARENT] = call.ctx.traceparent()
+    request.headers[context.BAGGAGE] = context.with_baggage_sender(
+        request.headers.get(context.BAGGAGE), recorder.service, "http", call.ctx.span_id)
+    call.target = _target(request.url)
+    method = request.method
+    call.method = method if method in ("GET", "HEAD", "POST", "PUT", "PATCH",
+                                       "DELETE", "OPTIONS") else "other"
+    call.start = _perf_counter()
+    return call
+
+
+def _target(url):
+    try:
+        service = _endpoints.get(_endpoint_key(url))
+    except ValueError:
+        service = None
+    if service is None:
+        service_type = _keystone_service_type.get()
+        service = labels.dotted(service_type) if service_type else labels.UNKNOWN
+    return service
+
+
+def _end(call, response):
+    try:
+        duration = _perf_counter() - call.start
+        rec = call.recorder
+        if response is None:
+            code, outcome = metrics.FAILED, metrics.FAILED
+        else:
+            code = str(response.status_code)
+            outcome = metrics.ERROR if code.startswith("5") else metrics.OK
+        rec.inc(metrics.HTTP_CLIENT_REQUESTS, (rec.service, call.target, call.method, code))
+        rec.observe(metrics.HTTP_CLIENT_DURATION,
+                    (rec.service, call.target, call.method, outcome), duration)
+        failed = outcome != metrics.OK or (response is not None and code[0] == "4")
+        if rec.keeps_hop(call.ctx.trace_id, duration, failed):
+            request_id = None
+            if response is not None:
+                request_id = labels.request_id(
+                    response.headers.get("x-openstack-request-id")
+                    or response.headers.get("x-compute-request-id"))
+            rec.add_hop(hops.make_hop(
+                call.ctx, service=rec.service, side=hops.CLIENT, protocol=hops.HTTP,
+                peer=None, target=call.target, operation=call.method, kind=call.method,
+                outcome=outcome, error=code if failed else None,
+                start=hops.wall_clock_start(call.start, call.start + duration),
+                duration=duration, request_id=request_id))
+    except Exception:
+        call.recorder.dropped("recording_error")
+        LOG.debug("commlens: recording an outbound response failed", exc_info=True)

@@ -1,0 +1,217 @@
+"""The WSGI middleware: every inbound REST request, seen from the server's end.
+
+In an api-paste.ini pipeline::
+
+    [filter:commlens]
+    paste.filter_factory = commlens.middleware.wsgi:filter_factory
+    # optional, the same names as the [commlens] options:
+    service_name = nova-api
+
+or around a WSGI app in code: ``app = CommlensMiddleware(app)``.
+
+Per request it records the calling service (from our baggage member, else a
+known OpenStack client's User-Agent, else ``unknown``), the method, the route
+template, the status code and the time to the last byte of the body (the
+body iterator is wrapped and ``close()`` always forwarded), with OpenStack's
+request ids next to the trace id. It reads neither the body, the query
+string nor any auth header. Loading it also installs the outbound hook
+(``http_outbound``), so a service that calls others needs no code change.
+
+The application's behaviour is unchanged: its exceptions propagate as they
+are (and count as 500), its status, headers and body pass through untouched.
+"""
+
+import logging
+import time
+
+from commlens.exporters import shipping
+from commlens.middleware import http_client
+from commlens.tracer import context
+from commlens.tracer import hops
+from commlens.tracer import labels
+from commlens.tracer import metrics
+from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import routes
+from commlens.tracer import settings as settings_mod
+
+LOG = logging.getLogger(__name__)
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# Products in User-Agent headers of OpenStack's clients, first match wins:
+# keystoneauth1 puts the calling client first ("python-novaclient
+# keystoneauth1/5.1 python-requests/2.31 CPython/3.11").
+_USER_AGENT_CALLERS = (
+    ("openstacksdk", "openstacksdk"), ("python-openstackclient", "openstackclient"),
+    ("python-novaclient", "novaclient"), ("python-neutronclient", "neutronclient"),
+    ("python-cinderclient", "cinderclient"), ("python-glanceclient", "glanceclient"),
+    ("python-keystoneclient", "keystoneclient"), ("osc-placement", "placementclient"),
+    ("keystonemiddleware", "keystonemiddleware"), ("keystoneauth1", "keystoneauth1"),
+)
+_REQUEST_ID_HEADERS = ("x-openstack-request-id", "x-compute-request-id")
+
+_perf_counter = time.perf_counter
+
+
+def filter_factory(global_conf, **local_conf):
+    """paste.deploy entry: options in the filter section override [commlens]."""
+    def make(app):
+        return CommlensMiddleware(app, **local_conf)
+    return make
+
+
+class CommlensMiddleware:
+
+    def __init__(self, app, conf=None, **options):
+        """``conf``: the service's ConfigOpts (default: oslo.config's global
+        CONF); ``options``: overrides, by [commlens] option name."""
+        if conf is None:
+            from oslo_config import cfg
+            conf = cfg.CONF
+        self._app = app
+        settings = settings_mod.load(conf, overrides=options)
+        self._recorder = recorder_mod.install(
+            settings, lambda rec: shipping.make_shipper(rec, settings))
+        self._service = self._recorder.service
+        self._routes = routes.RouteCap(settings.http_max_routes)
+        if settings.http_outbound:
+            http_client.instrument(settings.http_endpoints)
+
+    def __call__(self, environ, start_response):
+        try:
+            request = self._begin(environ)
+        except Exception:
+            self._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a request failed", exc_info=True)
+            return self._app(environ, start_response)
+
+        def recording_start_response(status, headers, exc_info=None):
+            request.status = status
+            request.headers = headers
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        token = context.set_current(request.ctx)
+        try:
+            body = self._app(environ, recording_start_response)
+        except BaseException:
+            context.reset_current(token)
+            request.failed = True
+            self._finish(request)
+            raise
+        context.reset_current(token)
+        return _Body(body, self, request)
+
+    def _begin(self, environ):
+        ctx, valid = context.child_of_incoming(environ.get("HTTP_TRACEPARENT"))
+        if not valid:
+            self._recorder.dropped("bad_context")
+        caller, _kind = context.parse_baggage_sender(environ.get("HTTP_BAGGAGE"), ctx.parent_id)
+        if caller is None:
+            caller = _caller_from_user_agent(environ.get("HTTP_USER_AGENT"))
+        method = environ.get("REQUEST_METHOD")
+        return _Request(ctx, caller, method if method in _METHODS else "other",
+                        self._routes(routes.template(environ.get("PATH_INFO"))), environ)
+
+    def _finish(self, request):
+        if request.done:
+            return
+        request.done = True
+        try:
+            duration = _perf_counter() - request.start
+            code = _status_code(request.status)
+            if request.failed:
+                code = "500"
+            outcome = metrics.ERROR if code[0] == "5" else metrics.OK
+            rec = self._recorder
+            rec.inc(metrics.HTTP_REQUESTS,
+                    (self._service, request.caller, request.method, request.route, code))
+            rec.observe(metrics.HTTP_DURATION,
+                        (self._service, request.method, request.route, outcome), duration)
+            # 4xx counts as ok for latency but its hop is kept: a 409 is often
+            # where an error chain starts.
+            failed = code[0] in "45" or code == "000"
+            if rec.keeps_hop(request.ctx.trace_id, duration, failed):
+                request_id, global_request_id = _request_ids(request)
+                rec.add_hop(hops.make_hop(
+                    request.ctx, service=self._service, side=hops.SERVER,
+                    protocol=hops.HTTP, peer=request.caller, target=request.route,
+                    operation=request.method + " " + request.route, kind=request.method,
+                    outcome=outcome, error=code if failed else None,
+                    start=hops.wall_clock_start(request.start, request.start + duration),
+                    duration=duration, request_id=request_id,
+                    global_request_id=global_request_id))
+        except Exception:
+            self._recorder.dropped("recording_error")
+            LOG.debug("commlens: recording a response failed", exc_info=True)
+
+
+class _Request:
+    __slots__ = ("ctx", "caller", "method", "route", "environ", "start", "status",
+                 "headers", "failed", "done")
+
+    def __init__(self, ctx, caller, method, route, environ):
+        self.ctx = ctx
+        self.caller = caller
+        self.method = method
+        self.route = route
+        self.environ = environ
+        self.start = _perf_counter()
+        self.status = None
+        self.headers = None
+        self.failed = False
+        self.done = False
+
+
+class _Body:
+    """The application's body, passed through; the request ends at close()."""
+
+    def __init__(self, body, middleware, request):
+        self._body = body
+        self._middleware = middleware
+        self._request = request
+
+    def __iter__(self):
+        try:
+            yield from self._body
+        except BaseException:
+            self._request.failed = True
+            raise
+
+    def close(self):
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._middleware._finish(self._request)
+
+
+def _status_code(status):
+    """'404 Not Found' -> '404'; anything odd -> '000'."""
+    if isinstance(status, str) and len(status) >= 3 and status[:3].isdigit():
+        return status[:3]
+    return "000"
+
+
+def _caller_from_user_agent(user_agent):
+    if not isinstance(user_agent, str):
+        return labels.UNKNOWN
+    head = user_agent[:512]
+    for product, caller in _USER_AGENT_CALLERS:
+        if product in head:
+            return caller
+    return labels.UNKNOWN
+
+
+def _request_ids(request):
+    """OpenStack's request ids: response headers first, then oslo.middleware's environ."""
+    found = None
+    for name, value in request.headers or ():
+        if name.lower() in _REQUEST_ID_HEADERS:
+            found = labels.request_id(value)
+            if found:
+                break
+    environ = request.environ
+    return (found or labels.request_id(environ.get("openstack.request_id")),
+            labels.request_id(environ.get("openstack.global_request_id")))
