@@ -164,7 +164,12 @@ class _Request:
 
 
 class _Body:
-    """The application's body, passed through; the request ends at close()."""
+    """The application's body, passed through.
+
+    The request ends when the body is exhausted (its last byte went out), or
+    at ``close()`` for a body the server stopped reading; whichever comes
+    first, once. ``close()`` is always forwarded to the application's body.
+    """
 
     def __init__(self, body, middleware, request):
         self._body = body
@@ -174,6 +179,11 @@ class _Body:
     def __iter__(self):
         try:
             yield from self._body
+            self._middleware._finish(self._request)
+        except GeneratorExit:
+            # The server stopped iterating: the client went away. Not a
+            # server error; the status that was sent is what counts.
+            raise
         except BaseException:
             self._request.failed = True
             raise

@@ -3,7 +3,9 @@
 ``/v2.1/servers/6f1c.../action`` -> ``/v2.1/servers/{id}/action``. Three rules,
 in order, per path segment:
 1. a segment that looks like an id (UUID, number, long hex, request id) or
-   that is not a plain word (odd characters, non-ASCII, very long) is ``{id}``;
+   that is not a plain word (any digit outside a version segment, odd
+   characters, non-ASCII, longer than 32) is ``{id}``: a token or a password
+   pasted into a URL is high-entropy and never becomes a label;
 2. after a collection of a known OpenStack API (compute, network, identity,
    image, volume, placement) the next segment is ``{id}`` unless it is one of
    that API's literal words (``detail``, ``action``, ...), which is how names in
@@ -21,7 +23,7 @@ OTHER = "other"
 DEFAULT_MAX_ROUTES = 200
 MAX_SEGMENTS = 8
 
-_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,39}$")
+_WORD = re.compile(r"^[A-Za-z][A-Za-z_.\-]{0,31}$")
 _ID_LIKE = re.compile(
     r"^(?:[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
     r"|\d+|[0-9a-fA-F]{8,}|req-[0-9a-fA-F\-]{8,})$")

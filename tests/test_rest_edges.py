@@ -1,0 +1,294 @@
+"""The WSGI middleware at the edges: bodies, errors, disconnects, bad input, secrets.
+
+A real werkzeug server runs in a thread of the test process, with the
+middleware in front of small WSGI apps; requests go over real sockets. The
+test process's own recorder is read directly for counts; hops and the
+Prometheus view are read from the collector it ships to.
+"""
+
+import contextlib
+import json
+import random
+import socket
+import string
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+from werkzeug import serving
+
+from commlens.middleware import http_client
+from commlens.middleware.wsgi import CommlensMiddleware
+from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import routes
+from support import wait_for
+
+
+class ClosableBody:
+    def __init__(self, chunks, delay=0.0):
+        self.chunks = chunks
+        self.delay = delay
+        self.closed = False
+
+    def __iter__(self):
+        for chunk in self.chunks:
+            time.sleep(self.delay)
+            yield chunk
+
+    def close(self):
+        self.closed = True
+
+
+class App:
+    """Routes by the first path segment; remembers what it returned."""
+
+    def __init__(self):
+        self.bodies = []
+
+    def __call__(self, environ, start_response):
+        kind = environ["PATH_INFO"].split("/")[1]
+        if kind == "stream":
+            body = ClosableBody([b"a" * 1000] * 5, delay=0.05)
+            self.bodies.append(body)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return body
+        if kind == "slowstream":
+            body = ClosableBody([b"b" * 65536] * 200, delay=0.02)
+            self.bodies.append(body)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return body
+        if kind in ("empty", "notmodified"):
+            start_response("204 No Content" if kind == "empty" else "304 Not Modified", [])
+            return []
+        if kind == "upload":
+            data = environ["wsgi.input"].read()
+            start_response("201 Created", [("Content-Type", "text/plain")])
+            return [str(len(data)).encode()]
+        if kind == "raise":
+            raise KeyError("app failure")
+        if kind == "raise-in-body":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+
+            def failing():
+                yield b"partial"
+                raise ValueError("body failure")
+            return failing()
+        if kind == "fail":
+            start_response("502 Bad Gateway", [("Content-Type", "text/plain")])
+            return [b"upstream down"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+
+@contextlib.contextmanager
+def serve(app):
+    server = serving.make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+@pytest.fixture
+def app():
+    return App()
+
+
+@pytest.fixture
+def base_url(app, conf):
+    middleware = CommlensMiddleware(app, http_outbound="false")
+    with serve(middleware) as url:
+        yield url
+
+
+def requests_seen(route, **labels):
+    recorder = recorder_mod.get_recorder()
+    snapshot_counters = recorder.snapshot(1.0, max_hops=0)["counters"]
+    total = 0
+    for name, values, value in snapshot_counters:
+        if name != "commlens_http_requests_total":
+            continue
+        series = dict(zip(("service", "caller", "method", "route", "code"), values,
+                          strict=True))
+        if series["route"] == route and all(series[k] == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+def test_streamed_body_is_timed_to_the_last_byte_and_closed(app, base_url):
+    before = requests_seen("/stream/{id}", code="200")
+    started = time.monotonic()
+    assert requests.get(f"{base_url}/stream/{uuid.uuid4()}", timeout=10).content == b"a" * 5000
+    elapsed = time.monotonic() - started
+    wait_for(lambda: requests_seen("/stream/{id}", code="200") == before + 1,
+             message="the streamed request counted")
+    wait_for(lambda: app.bodies[-1].closed, message="the app's body closed")
+    # the duration histogram saw at least the body's 5 x 50 ms
+    recorder = recorder_mod.get_recorder()
+    durations = [h for h in recorder.snapshot(1.0, max_hops=0)["histograms"]
+                 if h[0] == "commlens_http_request_duration_seconds" and h[1][2] == "/stream/{id}"]
+    assert durations and durations[0][3] >= 0.25 and durations[0][3] <= elapsed + 1
+
+
+@pytest.mark.parametrize("method, path, code", [
+    ("HEAD", "/plain", "200"), ("GET", "/empty", "204"), ("GET", "/notmodified", "304"),
+    ("GET", "/fail", "502"),
+])
+def test_head_and_bodiless_and_5xx_responses_are_counted(base_url, method, path, code):
+    before = requests_seen(path, method=method, code=code)
+    response = requests.request(method, base_url + path, timeout=10)
+    assert str(response.status_code) == code
+    wait_for(lambda: requests_seen(path, method=method, code=code) == before + 1,
+             message=f"{method} {path} counted")
+
+
+def test_chunked_upload_reaches_the_app_whole(base_url):
+    before = requests_seen("/upload", code="201")
+    chunks = (b"x" * 1000 for _ in range(10))  # a generator: Transfer-Encoding chunked
+    response = requests.post(f"{base_url}/upload", data=chunks, timeout=10)
+    assert response.status_code == 201 and response.text == "10000"
+    wait_for(lambda: requests_seen("/upload", code="201") == before + 1,
+             message="the upload counted")
+
+
+def _start_response(status, headers, exc_info=None):
+    return lambda data: None
+
+
+def test_app_exceptions_propagate_unchanged_and_count_as_500(app, conf):
+    middleware = CommlensMiddleware(app, http_outbound="false")
+    before = requests_seen("/raise", code="500")
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/raise"}
+    with pytest.raises(KeyError, match="app failure"):
+        middleware(environ, _start_response)
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/raise-in-body"},
+                      _start_response)
+    with pytest.raises(ValueError, match="body failure"):
+        list(body)
+    body.close()
+    assert requests_seen("/raise", code="500") == before + 1
+    assert requests_seen("/raise-in-body", code="500") >= 1
+
+
+def test_client_disconnect_mid_body_still_closes_and_counts(app, base_url):
+    before = requests_seen("/slowstream", code="200")
+    host, port = base_url.rsplit(":", 1)
+    with socket.create_connection(("127.0.0.1", int(port))) as sock:
+        sock.sendall(b"GET /slowstream HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(1024)
+    wait_for(lambda: app.bodies and app.bodies[-1].closed, timeout=20,
+             message="the app's body closed after the client left")
+    wait_for(lambda: requests_seen("/slowstream", code="200") == before + 1,
+             message="the aborted request counted")
+
+
+def test_garbage_headers_and_odd_paths_are_served_and_kept_out_of_labels(base_url, collector):
+    odd = [
+        {"traceparent": "zz" * 1000, "baggage": "commlens.service=evil\"}" * 100},
+        {"traceparent": "00-" + "f" * 32 + "-" + "f" * 16 + "-01",
+         "baggage": "commlens.service=x;kind=http;span=" + "f" * 16 + ",a=\u00e9"},
+        {"user-agent": "python-novaclient" + "x" * 10000},
+    ]
+    for headers in odd:
+        assert requests.get(f"{base_url}/plain", headers=headers, timeout=10).status_code == 200
+    # A non-UTF-8 path and a header injection attempt, sent raw.
+    host, port = base_url.rsplit(":", 1)
+    for raw in (b"GET /plain/\xff\xfe%FF HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                b"GET /plain HTTP/1.1\r\nHost: x\r\nbaggage: commlens.service=a\r\n"
+                b" injected: 1\r\nConnection: close\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", int(port))) as sock:
+            sock.sendall(raw)
+            assert sock.recv(100).split(b" ")[1] in (b"200", b"400")
+    recorder = recorder_mod.get_recorder()
+    labels = {v for _, values, _ in recorder.snapshot(1.0, max_hops=0)["counters"]
+              for v in values}
+    assert all(set(v) <= set(string.ascii_letters + string.digits + "_.-/{}")
+               for v in labels), sorted(v for v in labels if not v.isascii())
+
+
+def test_tokens_and_passwords_never_reach_labels_hops_or_metrics(base_url, collector):
+    token = "gAAAAAB" + uuid.uuid4().hex
+    password = "Pw-" + uuid.uuid4().hex
+    for path in (f"/fail?password={password}", f"/plain/{password}"):
+        requests.post(base_url + path, timeout=10,
+                      headers={"X-Auth-Token": token, "X-Subject-Token": token},
+                      json={"auth": {"identity": {"password": {"user": {
+                          "name": "admin", "password": password}}}}})
+    wait_for(lambda: requests_seen("/fail", code="502") >= 1, message="the requests counted")
+    time.sleep(0.5)  # one more ship interval
+    exposed = collector.get("/metrics")[1] + collector.get("/api/hops")[1]
+    exposed += json.dumps(recorder_mod.get_recorder().snapshot(1.0, max_hops=0))
+    assert token not in exposed and password not in exposed
+
+
+def test_ten_thousand_random_paths_stay_within_the_route_cap(conf):
+    middleware = CommlensMiddleware(lambda e, s: s("200 OK", []) or [b""],
+                                    http_outbound="false", http_max_routes="50")
+    alphabet = string.ascii_letters + string.digits + "-_."
+    rng = random.Random(7)
+    for _ in range(10000):
+        path = "/" + "/".join("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+                              for _ in range(rng.randint(1, 5)))
+        body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, _start_response)
+        body.close()
+    assert len(middleware._routes._seen) <= 50
+    assert middleware._routes("/a-new-route") == routes.OTHER
+
+
+def test_outbound_hook_is_symmetric_and_can_be_turned_off(conf):
+    original = requests.Session.send
+    http_client.uninstrument()
+    CommlensMiddleware(App(), http_outbound="false")
+    assert requests.Session.send is original
+    CommlensMiddleware(App())
+    CommlensMiddleware(App())  # twice is safe
+    assert requests.Session.send is not original
+    http_client.uninstrument()
+    http_client.uninstrument()
+    assert requests.Session.send is original
+
+
+PASTE_INI = textwrap.dedent("""
+    [pipeline:main]
+    pipeline = request_id commlens app
+
+    [filter:request_id]
+    paste.filter_factory = oslo_middleware:RequestId.factory
+
+    [filter:commlens]
+    paste.filter_factory = commlens.middleware.wsgi:filter_factory
+    http_outbound = false
+
+    [app:app]
+    paste.app_factory = test_rest_edges:app_factory
+""")
+
+
+def app_factory(global_conf, **local_conf):
+    def app(environ, start_response):
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"no such server"]
+    return app
+
+
+def test_openstack_paste_pipeline_keeps_request_ids(tmp_path, collector, conf):
+    from paste import deploy
+
+    ini = tmp_path / "api-paste.ini"
+    ini.write_text(PASTE_INI)
+    pipeline = deploy.loadapp(f"config:{ini}")
+    with serve(pipeline) as url:
+        response = requests.get(f"{url}/v2.1/servers/{uuid.uuid4()}", timeout=10)
+    assert response.status_code == 404
+    request_id = response.headers["X-OpenStack-Request-ID"]
+    assert request_id.startswith("req-")
+    (hop,) = wait_for(lambda: [h for h in json.loads(collector.get("/api/hops")[1])["hops"]
+                               if h.get("request_id") == request_id],
+                      message="the hop with the request id")
+    assert hop["target"] == "/v2.1/servers/{id}" and hop["error"] == "404"
