@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.parse
 
+from commlens.exporters import shipping
 from commlens.tracer import context
 from commlens.tracer import hops
 from commlens.tracer import labels
@@ -55,9 +56,22 @@ def _endpoint_key(url):
     return scheme, (parts.hostname or "").lower(), port
 
 
-def instrument(endpoint_pairs=()):
-    """Wrap requests.Session.send (and keystoneauth1 if installed)."""
+def instrument(endpoint_pairs=None, conf=None):
+    """Wrap requests.Session.send (and keystoneauth1's request if installed).
+
+    The one call a service with neither a WSGI pipeline nor a commlens+
+    transport makes; it installs the process's agent from ``conf`` (default:
+    oslo.config's global CONF) and the environment if nothing else did.
+    """
     global _original_send, _original_keystone_request, _endpoints
+    if endpoint_pairs is None or recorder_mod.get_recorder() is None:
+        if conf is None:
+            from oslo_config import cfg
+            conf = cfg.CONF
+        settings = settings_mod.load(conf)
+        recorder_mod.install(settings, lambda rec: shipping.make_shipper(rec, settings))
+        if endpoint_pairs is None:
+            endpoint_pairs = settings.http_endpoints
     endpoints = parse_endpoints(endpoint_pairs)
     with _lock:
         _endpoints = {**_endpoints, **endpoints}

@@ -26,6 +26,7 @@ from stevedore import driver as stevedore_driver
 
 from commlens.exporters import shipping
 from commlens.exporters import urls
+from commlens.middleware import http_client
 from commlens.tracer import context
 from commlens.tracer import hops
 from commlens.tracer import labels
@@ -79,6 +80,13 @@ class CommlensDriver(base.BaseDriver):
                 rec, settings, _default_export_url(inner_url)), service=service)
         self._service = self._recorder.service
         self._open_calls = set()
+        if settings.http_outbound:
+            # Services without a WSGI pipeline (conductor, agents) get their
+            # outbound REST calls traced from here.
+            try:
+                http_client.instrument(settings.http_endpoints)
+            except Exception as exc:
+                LOG.error("commlens: outbound HTTP tracing not installed: %s", exc)
 
     # Everything the inner driver offers and we do not wrap stays reachable,
     # so code that peeks at driver attributes keeps working.

@@ -71,3 +71,24 @@ def test_errors_are_counted_at_both_ends_with_the_request_id(collector, api_and_
     (hop,) = wait_for(lambda: _hops(collector, service=network_service, error="409"),
                       message="the 409 hop")
     assert hop["request_id"] == "req-6f1c4b2e-5d3a-4c1b-9e8f-0a1b2c3d4e5f"
+
+
+def test_keystoneauth_requests_are_labelled_with_the_catalog_service_type(collector,
+                                                                          start_wsgi, conf):
+    from keystoneauth1 import adapter, noauth, session
+
+    from commlens.middleware import http_client
+
+    service = f"neutron-server-{uuid.uuid4().hex[:6]}"
+    _, network_url = start_wsgi("plain", service)
+    http_client.instrument()  # what loading the middleware or the RPC driver does
+    try:
+        network = adapter.Adapter(session.Session(auth=noauth.NoAuth()),
+                                  service_type="network", endpoint_override=network_url)
+        assert network.get(f"/v2.0/ports/{uuid.uuid4()}").status_code == 200
+    finally:
+        http_client.uninstrument()
+    collector.wait_metric("commlens_http_client_requests_total", 1, service="test-client",
+                          target="network", method="GET", code="200")
+    collector.wait_metric("commlens_http_requests_total", 1, service=service,
+                          caller="test-client", route="/v2.0/ports/{id}", code="200")
