@@ -22,7 +22,8 @@ run: setup
 	@scripts/ensure-rabbitmq
 	$(VENV)/bin/commlens collector --listen 127.0.0.1:9780
 
-## The RPC overhead benchmark (rabbit:// vs commlens+rabbit:// in one run).
+## The overhead benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk).
 bench: setup
 	@scripts/ensure-rabbitmq
 	$(PY) benchmarks/rpc_overhead.py
+	$(PY) benchmarks/wsgi_overhead.py

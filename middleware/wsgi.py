@@ -100,6 +100,10 @@ class CommlensMiddleware:
             self._finish(request)
             raise
         context.reset_current(token)
+        if type(body) is list:
+            # Already produced in full: the request ends when the server has
+            # written it and calls close().
+            return _ListBody(body, self, request)
         return _Body(body, self, request)
 
     def _begin(self, environ):
@@ -197,6 +201,26 @@ class _Body:
             self._middleware._finish(self._request)
 
 
+class _ListBody:
+    __slots__ = ("_body", "_middleware", "_request")
+
+    def __init__(self, body, middleware, request):
+        self._body = body
+        self._middleware = middleware
+        self._request = request
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def __len__(self):
+        # Servers (gunicorn among them) use len() of a one-item body to set
+        # Content-Length, as they would on the application's own list.
+        return len(self._body)
+
+    def close(self):
+        self._middleware._finish(self._request)
+
+
 def _status_code(status):
     """'404 Not Found' -> '404'; anything odd -> '000'."""
     if isinstance(status, str) and len(status) >= 3 and status[:3].isdigit():
@@ -204,14 +228,26 @@ def _status_code(status):
     return "000"
 
 
+_user_agent_memo = {}
+
+
 def _caller_from_user_agent(user_agent):
-    if not isinstance(user_agent, str):
-        return labels.UNKNOWN
-    head = user_agent[:512]
-    for product, caller in _USER_AGENT_CALLERS:
-        if product in head:
-            return caller
-    return labels.UNKNOWN
+    """A fleet sends a handful of distinct User-Agents: remembered, bounded."""
+    try:
+        return _user_agent_memo[user_agent]
+    except (KeyError, TypeError):
+        pass
+    caller = labels.UNKNOWN
+    if isinstance(user_agent, str):
+        head = user_agent[:512]
+        for product, name in _USER_AGENT_CALLERS:
+            if product in head:
+                caller = name
+                break
+        if len(_user_agent_memo) >= 1024:
+            _user_agent_memo.clear()
+        _user_agent_memo[user_agent] = caller
+    return caller
 
 
 def _request_ids(request):

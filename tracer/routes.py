@@ -53,8 +53,29 @@ usages traits aggregates extensions limits defaults os-security-groups
 """.split())
 
 
+_MEMO_SIZE = 4096
+_memo = {}
+
+
 def template(path):
-    """The route template of a raw PATH_INFO (a str, possibly latin-1 garbage)."""
+    """The route template of a raw PATH_INFO (a str, possibly latin-1 garbage).
+
+    Remembered for the last few thousand distinct paths: clients poll the
+    same resources (a server's status while it builds) again and again.
+    """
+    try:
+        return _memo[path]
+    except (KeyError, TypeError):
+        pass
+    result = _template(path)
+    if isinstance(path, str) and len(path) <= 1024:
+        if len(_memo) >= _MEMO_SIZE:
+            _memo.clear()
+        _memo[path] = result
+    return result
+
+
+def _template(path):
     if not isinstance(path, str):
         return OTHER
     segments = [s for s in path.split("/") if s]

@@ -1,0 +1,46 @@
+"""The minimal WSGI app of benchmarks/wsgi_overhead.py, wrapped per BENCH_VARIANT.
+
+Loaded by gunicorn as ``wsgi_apps:app`` (run from benchmarks/).
+"""
+
+import os
+
+
+def minimal(environ, start_response):
+    body = b'{"server": {"status": "ACTIVE"}}'
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _wrap(variant):
+    if variant == "plain":
+        return minimal
+    if variant == "commlens":
+        from commlens.middleware.wsgi import CommlensMiddleware
+
+        return CommlensMiddleware(minimal, http_outbound="false")
+    if variant == "otel-wsgi":
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
+                                                    SpanExportResult)
+
+        class Discard(SpanExporter):
+            def export(self, spans):
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
+        trace.set_tracer_provider(provider)
+        return OpenTelemetryMiddleware(minimal)
+    if variant == "ceilometermiddleware":
+        from ceilometermiddleware import swift
+
+        return swift.filter_factory({}, url=os.environ["BENCH_RABBIT_URL"],
+                                    ignore_projects="")(minimal)
+    raise SystemExit(f"unknown BENCH_VARIANT {variant!r}")
+
+
+app = _wrap(os.environ.get("BENCH_VARIANT", "plain"))
