@@ -23,7 +23,6 @@ broker) in microseconds, the figure the 30 µs budget is about.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 import uuid
 
 BROKER = "guest:guest@127.0.0.1:5672/"
+import common  # noqa: E402  (benchmarks/ is the script's own folder)
+
 HERE = os.path.abspath(__file__)
 RUN = uuid.uuid4().hex[:8]
 VARIANTS = ("plain", "commlens", "oslo.metrics", "otel-oslo-messaging")
@@ -71,19 +72,9 @@ def client(variant, topic, calls, casts, metrics_socket):
         cfg.CONF.set_override("metrics_socket_file", metrics_socket,
                               group="oslo_messaging_metrics")
     if variant == "otel-oslo-messaging":
-        from opentelemetry import trace
         from opentelemetry.instrumentation.oslo_messaging import OsloMessagingInstrumentor
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
-                                                    SpanExportResult)
 
-        class Discard(SpanExporter):
-            def export(self, spans):
-                return SpanExportResult.SUCCESS
-
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(Discard()))
-        trace.set_tracer_provider(provider)
+        common.discarding_tracer_provider()
         OsloMessagingInstrumentor().instrument()
 
     transport = om.get_rpc_transport(cfg.CONF, url=url)
@@ -171,24 +162,6 @@ def _start(command, env=None):
     return process
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _available(variant):
-    module = {"oslo.metrics": "oslo_metrics",
-              "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}.get(variant)
-    if module is None:
-        return True
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1000)
@@ -215,12 +188,14 @@ def main():
                 topics["commlens"]], dict(env, COMMLENS_SERVICE_NAME="bench-server")),
     ]
     extra = []
-    variants = [v for v in VARIANTS if _available(v)]
+    optional = {"oslo.metrics": "oslo_metrics",
+                "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
+    variants = [v for v in VARIANTS if v not in optional or common.installed(optional[v])]
     if "oslo.metrics" in variants:
         config = os.path.join(workdir, "oslo-metrics.conf")
         with open(config, "w") as f:
             f.write(f"[oslo_metrics]\nmetrics_socket_file = {metrics_socket}\n"
-                    f"prometheus_host = 127.0.0.1\nprometheus_port = {_free_port()}\n")
+                    f"prometheus_host = 127.0.0.1\nprometheus_port = {common.free_port()}\n")
         oslo_metrics = os.path.join(os.path.dirname(sys.executable), "oslo-metrics")
         extra.append(subprocess.Popen([oslo_metrics, "--config-file", config],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

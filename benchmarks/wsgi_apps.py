@@ -21,19 +21,11 @@ def _wrap(variant):
 
         return CommlensMiddleware(minimal, http_outbound="false")
     if variant == "otel-wsgi":
-        from opentelemetry import trace
         from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
-                                                    SpanExportResult)
 
-        class Discard(SpanExporter):
-            def export(self, spans):
-                return SpanExportResult.SUCCESS
+        import common
 
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(Discard()))
-        trace.set_tracer_provider(provider)
+        common.discarding_tracer_provider()
         return OpenTelemetryMiddleware(minimal)
     if variant == "ceilometermiddleware":
         from ceilometermiddleware import swift

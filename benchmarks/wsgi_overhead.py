@@ -23,28 +23,12 @@ import subprocess
 import sys
 import time
 
+import common  # noqa: E402  (benchmarks/ is the script's own folder)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("plain", "commlens", "otel-wsgi", "ceilometermiddleware")
 RABBIT = "guest:guest@127.0.0.1:5672/"
 PATH = "/v1/AUTH_bench/container/object"  # ceilometermiddleware notifies for Swift paths
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _available(variant):
-    module = {"otel-wsgi": "opentelemetry.instrumentation.wsgi",
-              "ceilometermiddleware": "ceilometermiddleware.swift"}.get(variant)
-    if module is None:
-        return True
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
 
 
 def _cpu_seconds(pids):
@@ -69,7 +53,7 @@ def _children(pid):
 
 
 def run_variant(variant, seconds, connections):
-    port = _free_port()
+    port = common.free_port()
     env = dict(os.environ, BENCH_VARIANT=variant, BENCH_RABBIT_URL="rabbit://" + RABBIT,
                COMMLENS_SERVICE_NAME="bench-api",
                COMMLENS_EXPORT_URL=os.environ.get("BENCH_EXPORT_URL",
@@ -115,7 +99,9 @@ def main():
     if shutil.which("wrk") is None:
         raise SystemExit("benchmark: wrk is missing "
                          "(Debian package wrk; scripts/setup installs it)")
-    variants = [v for v in VARIANTS if _available(v)]
+    optional = {"otel-wsgi": "opentelemetry.instrumentation.wsgi",
+                "ceilometermiddleware": "ceilometermiddleware.swift"}
+    variants = [v for v in VARIANTS if v not in optional or common.installed(optional[v])]
     results = {v: [] for v in variants}
     for round_number in range(args.rounds):
         for variant in variants:

@@ -6,6 +6,7 @@ each other's series.
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import socket
@@ -93,6 +94,11 @@ class CollectorProcess:
 
     def metrics(self):
         return Metrics(self.get("/metrics")[1])
+
+    def hops(self, **match):
+        """Recent hops whose fields equal ``match``."""
+        hops = json.loads(self.get("/api/hops?limit=10000")[1])["hops"]
+        return [h for h in hops if all(h.get(k) == v for k, v in match.items())]
 
     def wait_metric(self, name, expected, timeout=20, **labels):
         return wait_for(lambda: self.metrics().value(name, **labels) == expected or None,

@@ -121,6 +121,11 @@ def requests_seen(route, **labels):
     return total
 
 
+def _series_for(path):
+    counters = recorder_mod.get_recorder().snapshot(1.0, max_hops=0)["counters"]
+    return [c for c in counters if c[0] == "commlens_http_requests_total" and path in c[1]]
+
+
 def test_streamed_body_is_timed_to_the_last_byte_and_closed(app, base_url):
     before = requests_seen("/stream/{id}", code="200")
     started = time.monotonic()
@@ -145,7 +150,8 @@ def test_head_and_bodiless_and_5xx_responses_are_counted(base_url, method, path,
     response = requests.request(method, base_url + path, timeout=10)
     assert str(response.status_code) == code
     wait_for(lambda: requests_seen(path, method=method, code=code) == before + 1,
-             message=f"{method} {path} counted")
+             message=f"{method} {path} counted (before: {before}; recorded: "
+                     f"{_series_for(path)})")
 
 
 def test_chunked_upload_reaches_the_app_whole(base_url):
@@ -288,7 +294,6 @@ def test_openstack_paste_pipeline_keeps_request_ids(tmp_path, collector, conf):
     assert response.status_code == 404
     request_id = response.headers["X-OpenStack-Request-ID"]
     assert request_id.startswith("req-")
-    (hop,) = wait_for(lambda: [h for h in json.loads(collector.get("/api/hops")[1])["hops"]
-                               if h.get("request_id") == request_id],
+    (hop,) = wait_for(lambda: collector.hops(request_id=request_id),
                       message="the hop with the request id")
     assert hop["target"] == "/v2.1/servers/{id}" and hop["error"] == "404"

@@ -1,7 +1,5 @@
 """Mixed fleets: instrumented and uninstrumented peers, and oslo.messaging's own tracing."""
 
-import json
-import urllib.request
 
 import pytest
 from oslo_config import cfg
@@ -9,12 +7,6 @@ from oslo_config import cfg
 from support import COMMLENS_URL, RABBIT_URL, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _hops(collector, **match):
-    with urllib.request.urlopen(collector.base_url + "/api/hops?limit=10000", timeout=5) as r:
-        hops = json.load(r)["hops"]
-    return [h for h in hops if all(h.get(k) == v for k, v in match.items())]
 
 
 def test_uninstrumented_caller_is_counted_as_unknown(collector, start_peer, rpc_client, topic):
@@ -46,7 +38,7 @@ def test_commlens_caller_joins_the_trace_of_a_server_with_oslo_tracing(
     start_peer(RABBIT_URL, topic, otel=True)
     client = rpc_client(COMMLENS_URL, topic)
     client.call({}, "echo", value=1)
-    (hop,) = wait_for(lambda: _hops(collector, target=topic, side="client", operation="echo"),
+    (hop,) = wait_for(lambda: collector.hops(target=topic, side="client", operation="echo"),
                       message="the client hop")
     spans = [s for s in client.call({}, "otel_spans") if s["name"] == "echo receive"]
     assert spans, "oslo.messaging's tracing recorded no consumer span"
@@ -59,9 +51,10 @@ def test_a_forwarded_traceparent_is_replaced_not_reused(collector, start_peer, r
     start_peer(COMMLENS_URL, topic)
     stale = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     rpc_client(COMMLENS_URL, topic).call({"traceparent": stale}, "echo", value=1)
-    (server_hop,) = wait_for(lambda: _hops(collector, target=topic, side="server"),
+    (server_hop,) = wait_for(lambda: collector.hops(target=topic, side="server"),
                              message="the server hop")
-    (client_hop,) = _hops(collector, target=topic, side="client")
+    (client_hop,) = wait_for(lambda: collector.hops(target=topic, side="client"),
+                             message="the client hop")
     assert client_hop["span_id"] != "00f067aa0ba902b7"
     assert server_hop["parent_id"] == client_hop["span_id"]
 
@@ -93,8 +86,9 @@ def test_caller_with_oslo_tracing_and_commlens_keeps_one_trace(
     assert producer, "oslo.messaging's tracing recorded no producer span"
     trace_id = "%032x" % producer[0].context.trace_id
     span_id = "%016x" % producer[0].context.span_id
-    (server_hop,) = wait_for(lambda: _hops(collector, target=topic, side="server"),
+    (server_hop,) = wait_for(lambda: collector.hops(target=topic, side="server"),
                              message="the server hop")
-    (client_hop,) = _hops(collector, target=topic, side="client")
+    (client_hop,) = wait_for(lambda: collector.hops(target=topic, side="client"),
+                             message="the client hop")
     assert server_hop["trace_id"] == client_hop["trace_id"] == trace_id
     assert client_hop["span_id"] == span_id == server_hop["parent_id"]

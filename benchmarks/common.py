@@ -1,0 +1,37 @@
+"""What both overhead benchmarks need: ports, optional peers, a discarding OTel SDK."""
+
+import importlib
+import socket
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def installed(module):
+    """Whether an optional peer (oslo.metrics, an OTel instrumentation) imports."""
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+def discarding_tracer_provider():
+    """An OpenTelemetry SDK provider with a batch processor whose spans go nowhere:
+    the peer's real recording cost, without an OTLP backend."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SpanExporter,
+                                                SpanExportResult)
+
+    class Discard(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    trace.set_tracer_provider(provider)
+    return provider
