@@ -145,7 +145,6 @@ def hot_path(iterations=100000):
         incoming.reply({"ok": 1})
     results["server"] = (time.perf_counter() - start) / iterations * 1e6
     transport.cleanup()
-    del rpc_driver
     return results
 
 

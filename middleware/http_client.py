@@ -150,14 +150,9 @@ def _begin(request):
         return None
     call = _Call()
     call.recorder = recorder
-    call.ctx = context.outgoing()
-    request.headers[context.TRACEPARENT] = call.ctx.traceparent()
-    request.headers[context.BAGGAGE] = context.with_baggage_sender(
-        request.headers.get(context.BAGGAGE), recorder.service, "http", call.ctx.span_id)
+    call.ctx = context.stamp_outgoing(request.headers, recorder.service, "http")
     call.target = _target(request.url)
-    method = request.method
-    call.method = method if method in ("GET", "HEAD", "POST", "PUT", "PATCH",
-                                       "DELETE", "OPTIONS") else "other"
+    call.method = labels.http_method(request.method)
     call.start = _perf_counter()
     return call
 

@@ -9,8 +9,8 @@ through untouched, and a failure inside commlens is counted, never raised.
 
 What travels with each message, in the message context (so every driver
 carries it): only the W3C keys ``traceparent`` and ``baggage``, the ones
-oslo.messaging's own OpenTelemetry tracing uses. A traceparent already set by
-that tracing is kept, so both tracers see one trace. Our baggage member
+oslo.messaging's own OpenTelemetry tracing uses (see context.stamp_outgoing
+for how a traceparent set by that tracing is kept). Our baggage member
 ``commlens.service=NAME;kind=KIND;span=SPAN`` names the caller and says call,
 cast or fanout, because the server side cannot tell them apart reliably (the
 RPC server replies to casts too).
@@ -145,21 +145,7 @@ class CommlensDriver(base.BaseDriver):
         kind = CALL if wait_for_reply else (FANOUT if target.fanout else CAST)
         method = labels.method(message.get("method"))
         topic = target.topic
-        parsed = context.parse_traceparent(out.get(context.TRACEPARENT))
-        if parsed is not None and parsed[:2] == context.otel_current():
-            # oslo.messaging's own tracing opened a producer span for this
-            # send (it is the active span) and injected it: our client hop is
-            # that span. Any other traceparent already in the context is
-            # stale, e.g. an incoming context forwarded as-is, and replaced.
-            current = context.current()
-            ctx = context.TraceContext(parsed[0], parsed[1],
-                                       current.span_id if current else None,
-                                       parsed[2])
-        else:
-            ctx = context.outgoing()
-            out[context.TRACEPARENT] = ctx.traceparent()
-        out[context.BAGGAGE] = context.with_baggage_sender(
-            out.get(context.BAGGAGE), self._service, kind, ctx.span_id)
+        ctx = context.stamp_outgoing(out, self._service, kind)
 
         rec = self._recorder
         rec.inc(metrics.RPC_SENT, (self._service, topic, method, kind))
@@ -205,15 +191,7 @@ class CommlensDriver(base.BaseDriver):
         if out is None:
             self._recorder.dropped("bad_context")
             return ctxt
-        parsed = context.parse_traceparent(out.get(context.TRACEPARENT))
-        if parsed is None:
-            ctx = context.outgoing()
-            out[context.TRACEPARENT] = ctx.traceparent()
-            span_id = ctx.span_id
-        else:
-            span_id = parsed[1]
-        out[context.BAGGAGE] = context.with_baggage_sender(
-            out.get(context.BAGGAGE), self._service, "notification", span_id)
+        context.stamp_outgoing(out, self._service, "notification")
         self._recorder.inc(metrics.NOTIFICATIONS_SENT, (
             self._service, labels.dotted(target.topic),
             labels.dotted(message.get("event_type")),

@@ -36,7 +36,6 @@ from commlens.tracer import settings as settings_mod
 
 LOG = logging.getLogger(__name__)
 
-_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 # Products in User-Agent headers of OpenStack's clients, first match wins:
 # keystoneauth1 puts the calling client first ("python-novaclient
 # keystoneauth1/5.1 python-requests/2.31 CPython/3.11").
@@ -113,8 +112,7 @@ class CommlensMiddleware:
         caller, _kind = context.parse_baggage_sender(environ.get("HTTP_BAGGAGE"), ctx.parent_id)
         if caller is None:
             caller = _caller_from_user_agent(environ.get("HTTP_USER_AGENT"))
-        method = environ.get("REQUEST_METHOD")
-        return _Request(ctx, caller, method if method in _METHODS else "other",
+        return _Request(ctx, caller, labels.http_method(environ.get("REQUEST_METHOD")),
                         self._routes(routes.template(environ.get("PATH_INFO"))), environ)
 
     def _finish(self, request):

@@ -256,3 +256,22 @@ def test_collector_keeps_only_sane_hops_and_service_names():
     assert [h["trace_id"] for h in collector.hops] == ["a" * 32]
     assert "extra" not in collector.hops[0]
     assert collector.processes()[0]["service"] == "invalid"
+
+
+def test_stamp_outgoing_adopts_only_the_active_opentelemetry_span():
+    from opentelemetry import trace
+
+    stale = {"traceparent": VALID}
+    ctx = context.stamp_outgoing(stale, "nova-api", "notification")
+    assert ctx.span_id != VALID[36:52] and stale["traceparent"] == ctx.traceparent()
+    assert context.parse_baggage_sender(stale["baggage"], ctx.span_id) == (
+        "nova-api", "notification")
+
+    active = trace.NonRecordingSpan(trace.SpanContext(
+        int(VALID[3:35], 16), int(VALID[36:52], 16), is_remote=False,
+        trace_flags=trace.TraceFlags(1)))
+    injected = {"traceparent": VALID}
+    with trace.use_span(active):
+        ctx = context.stamp_outgoing(injected, "nova-api", "call")
+    assert (ctx.trace_id, ctx.span_id) == (VALID[3:35], VALID[36:52])
+    assert injected["traceparent"] == VALID

@@ -24,7 +24,6 @@ BAGGAGE_SERVICE = "commlens.service"
 
 _MAX_HEADER = 8192  # W3C recommends at least 8192 bytes for baggage; we stop there
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 # Our member, in the order with_baggage_sender writes it.
 _SENDER = re.compile(r"(?:^|[,\s])commlens\.service=([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
                      r";kind=([a-z]{1,16});span=([0-9a-f]{16})\s*(?:,|$)")
@@ -147,6 +146,28 @@ def outgoing():
         return TraceContext(new_trace_id(), new_span_id())
     return TraceContext(parent.trace_id, new_span_id(), parent.span_id,
                         parent.sampled)
+
+
+def stamp_outgoing(carrier, service, kind):
+    """Put this hop's trace context and our baggage member into ``carrier``
+    (an RPC message context or HTTP request headers); return the hop's context.
+
+    A traceparent already in the carrier is kept only if it is the active
+    OpenTelemetry span: oslo.messaging's own tracing (or another OpenTelemetry
+    instrumentation) opened a producer span for this very send and injected
+    it, so our hop is that span and both tracers see one trace. Any other is
+    stale, e.g. an incoming context forwarded as-is, and is replaced.
+    """
+    parsed = parse_traceparent(carrier.get(TRACEPARENT))
+    if parsed is not None and parsed[:2] == otel_current():
+        parent = _current.get()
+        ctx = TraceContext(parsed[0], parsed[1], parent.span_id if parent else None,
+                           parsed[2])
+    else:
+        ctx = outgoing()
+        carrier[TRACEPARENT] = ctx.traceparent()
+    carrier[BAGGAGE] = with_baggage_sender(carrier.get(BAGGAGE), service, kind, ctx.span_id)
+    return ctx
 
 
 def otel_current():

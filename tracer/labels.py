@@ -41,6 +41,14 @@ error_class = _Checked(_IDENTIFIER)  # an exception class name
 dotted = _Checked(_DOTTED)           # a topic, an event type
 
 
+_HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
+
+def http_method(value):
+    """A standard HTTP method, else ``other``."""
+    return value if value in _HTTP_METHODS else "other"
+
+
 def request_id(value):
     """An OpenStack request id fit for a hop record, or None."""
     if isinstance(value, str) and _REQUEST_ID.match(value):

@@ -36,8 +36,8 @@ _OPTS = [
                       "(env COMMLENS_SLOW_HOP_SECONDS). Default 1."),
     cfg.BoolOpt("http_outbound",
                 help="Trace outbound HTTP calls made with requests once the "
-                     "WSGI middleware is loaded (env COMMLENS_HTTP_OUTBOUND). "
-                     "Default true."),
+                     "WSGI middleware or a commlens+ transport is loaded "
+                     "(env COMMLENS_HTTP_OUTBOUND). Default true."),
     cfg.IntOpt("http_max_routes", min=1,
                help="Distinct route templates kept per service; more are "
                     "counted as 'other' (env COMMLENS_HTTP_MAX_ROUTES). Default 200."),

@@ -107,15 +107,11 @@ class NotificationEndpoint:
         return om.NotificationResult.HANDLED
 
 
-class NoOpSerializer(om.NoOpSerializer):
-    pass
-
-
 transport = om.get_rpc_transport(cfg.CONF, url=args.url)
 endpoint = Endpoint()
 server = om.get_rpc_server(transport, om.Target(topic=args.topic, server=args.server),
                            [endpoint], executor=args.executor,
-                           serializer=NoOpSerializer())
+                           serializer=om.NoOpSerializer())
 server.start()
 listener = None
 if args.notifications:
