@@ -3,12 +3,19 @@
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 
+from commlens.cli import incident
+from commlens.exporters import durations
+
 DEFAULT_LISTEN = "127.0.0.1:9780"
 DEFAULT_EXPORT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_HISTORY = os.path.join(
+    os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"),
+    "commlens", "history.sqlite")
 
 
 def _listen_address(value):
@@ -32,24 +39,69 @@ def build_parser():
     collector.add_argument("--export-url", default=os.environ.get("COMMLENS_EXPORT_URL"),
                            help="where agents ship: amqp://... (default: COMMLENS_EXPORT_URL, "
                                 f"else {DEFAULT_EXPORT_URL.replace('guest:guest@', '<guest>@')})")
+    collector.add_argument("--replica", type=_replica_name, default=None,
+                           help="run as one of several collectors sharing the load "
+                                "(a name unique among them, e.g. 1, 2)")
+    collector.add_argument("--history", default=os.environ.get("COMMLENS_HISTORY",
+                                                               DEFAULT_HISTORY),
+                           help="SQLite file of traces and chains; ':memory:' for none "
+                                f"(default {DEFAULT_HISTORY})")
+    collector.add_argument("--history-max-age", type=_duration, default="24h",
+                           help="forget traces older than this (default 24h)")
+    collector.add_argument("--history-max-traces", type=int, default=200000,
+                           help="keep at most this many traces (default 200000)")
+    collector.add_argument("--trace-quiet", type=_duration, default="5s",
+                           help="a trace closes after this long without new hops (default 5s)")
+    collector.add_argument("--max-open-traces", type=int, default=50000,
+                           help="traces assembled at once; the oldest closes early "
+                                "past it (default 50000)")
+    collector.add_argument("--rabbitmq-management-url",
+                           default=os.environ.get("COMMLENS_RABBITMQ_MANAGEMENT_URL"),
+                           help="http://user:password@host:15672/ to show RPC queue "
+                                "depths beside the graph")
     collector.set_defaults(run=run_collector)
+
+    incident.add_commands(commands)
     return parser
+
+
+def _duration(value):
+    try:
+        return durations.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _replica_name(value):
+    if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: letters, digits, '.', '_' or '-'")
+    return value
 
 
 def run_collector(args):
     from werkzeug import serving
 
+    from commlens.exporters import broker
     from commlens.exporters import collector as collector_mod
+    from commlens.exporters import history as history_mod
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
     from commlens.exporters import shipping
+    from commlens.exporters import traces
     from commlens.exporters import urls
 
     export_url = args.export_url or DEFAULT_EXPORT_URL
-    collector = collector_mod.Collector()
     try:
-        intake = intake_mod.make_intake(export_url, collector)
-    except shipping.ExportUrlError as exc:
+        collector = collector_mod.Collector(
+            window=traces.TraceWindow(quiet_seconds=args.trace_quiet,
+                                      max_open_traces=args.max_open_traces),
+            history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
+                                        max_traces=args.history_max_traces))
+        intake = intake_mod.make_intake(export_url, collector, replica=args.replica)
+        if args.rabbitmq_management_url:
+            collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
+    except (shipping.ExportUrlError, history_mod.HistoryError,
+            broker.BrokerUrlError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
     host, port = args.listen
@@ -61,10 +113,17 @@ def run_collector(args):
               file=sys.stderr)
         return 2
     intake.start()
-    print(f"commlens collector: consuming {urls.redact(export_url)}; "
-          f"metrics on http://{host}:{server.port}/metrics", flush=True)
+    collector.start_sweeper()
+    if collector.queue_watcher is not None:
+        collector.queue_watcher.start()
+    print(f"commlens collector: consuming {urls.redact(export_url)}"
+          f"{' as replica ' + args.replica if args.replica else ''}; "
+          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}",
+          flush=True)
     _serve_until_signalled(server)
     intake.stop()
+    collector.stop()
+    collector.history.close()
     return 0
 
 

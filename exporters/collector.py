@@ -14,9 +14,17 @@ foreign is skipped and counted, never raised.
 import collections
 import json
 import logging
+import math
+import re
 import threading
 import time
 
+from commlens.exporters import chains
+from commlens.exporters import graph
+from commlens.exporters import history as history_mod
+from commlens.exporters import shipping
+from commlens.exporters import traces
+from commlens.tracer import hops as hops_mod
 from commlens.tracer import metrics
 from commlens.tracer import recorder
 from commlens.tracer import settings
@@ -48,8 +56,11 @@ class _Process:
 
 
 class Collector:
+    """``window``, ``history`` and ``chain_counter`` assemble hops into
+    traces and chains (defaults: a TraceWindow, an in-memory History)."""
 
-    def __init__(self, clock=time.monotonic, max_hops=MAX_HOPS):
+    def __init__(self, clock=time.monotonic, max_hops=MAX_HOPS, window=None,
+                 history=None, chain_counter=None):
         self._clock = clock
         self._lock = threading.Lock()
         self._processes = {}
@@ -58,6 +69,16 @@ class Collector:
         self.hops = collections.deque(maxlen=max_hops)
         self.messages = collections.Counter()
         self.invalid_series = 0
+        self.invalid_hops = 0
+        self.window = window if window is not None else traces.TraceWindow()
+        self.history = history if history is not None else history_mod.History()
+        self.chain_counter = chain_counter or chains.ChainCounter()
+        self.graph_samples = graph.GraphSamples()
+        self.queue_watcher = None
+        self.history_errors = 0
+        self._sweep_lock = threading.Lock()
+        self._sweeper = None
+        self._stop_sweeper = threading.Event()
 
     # -- intake ----------------------------------------------------------
 
@@ -79,7 +100,11 @@ class Collector:
             data = json.loads(body)
         except (ValueError, TypeError):
             return MALFORMED
-        if not isinstance(data, dict) or data.get("format") != recorder.SNAPSHOT_FORMAT:
+        if not isinstance(data, dict):
+            return FOREIGN
+        if data.get("format") == shipping.HOPS_FORMAT:
+            return self._ingest_hops(data.get("hops"))
+        if data.get("format") != recorder.SNAPSHOT_FORMAT:
             return FOREIGN
         process = data.get("process")
         if not isinstance(process, dict) or not _short_str(process.get("id"), 64):
@@ -111,11 +136,100 @@ class Collector:
             entry.gauges = gauges
             if data.get("final") is True:
                 self._retire(entry)
-        for hop in data.get("hops") or ():
-            hop = _clean_hop(hop)
-            if hop is not None:
-                self.hops.append(hop)
+        # Agents before hops travelled on their own put them in the snapshot.
+        return self._ingest_hops(data.get("hops") or [])
+
+    def _ingest_hops(self, hops):
+        if not isinstance(hops, list):
+            return MALFORMED
+        cleaned = [hop for hop in map(_clean_hop, hops) if hop is not None]
+        with self._lock:
+            self.hops.extend(cleaned)
+            self.invalid_hops += len(hops) - len(cleaned)
+            add = self.window.add
+            for hop in cleaned:
+                add(hop)
         return ACCEPTED
+
+    # -- traces and chains -------------------------------------------------
+
+    def sweep(self, force=False):
+        """Close quiet traces, derive their chains, store them; returns how many closed.
+
+        Hops of a trace already in the history (they came late, or before a
+        restart) are merged with it and its chains derived again; a chain is
+        counted on /metrics once per trace, when first seen.
+        """
+        with self._sweep_lock:
+            with self._lock:
+                closed = self.window.take_closed(force)
+            if not closed:
+                return 0
+            try:
+                stored = self.history.load(t.trace_id for t in closed)
+            except Exception:
+                LOG.exception("collector: reading the history failed")
+                self.history_errors += 1
+                stored = {}
+            records = []
+            for trace in closed:
+                hops = list(trace.hops.values())
+                earlier = stored.get(trace.trace_id)
+                known_keys = set()
+                if earlier:
+                    spans = {h.get("span_id") for h in hops}
+                    hops.extend(h for h in earlier if h.get("span_id") not in spans)
+                    known_keys = {c["key"] for c in chains.derive(earlier)}
+                found = chains.derive(hops)
+                for chain in found:
+                    if chain["key"] not in known_keys:
+                        self.chain_counter.count(chain)
+                records.append((trace.trace_id, hops, found))
+            try:
+                self.history.save(records)
+            except Exception:
+                LOG.exception("collector: writing %d traces to the history failed",
+                              len(records))
+                self.history_errors += 1
+            return len(closed)
+
+    def start_sweeper(self, interval=1.0, prune_every=60.0):
+        """Sweep, sample the graph and prune the history in a thread."""
+        def run():
+            last_prune = self._clock()
+            while not self._stop_sweeper.wait(interval):
+                try:
+                    self.sweep()
+                    self.sample_graph()
+                    if self._clock() - last_prune >= prune_every:
+                        last_prune = self._clock()
+                        self.history.prune()
+                except Exception:
+                    LOG.exception("collector: sweeping failed")
+        self._sweeper = threading.Thread(target=run, name="commlens-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def stop(self):
+        """Stop the sweeper and put every open trace in the history."""
+        self._stop_sweeper.set()
+        if self._sweeper is not None:
+            self._sweeper.join(10)
+        if self.queue_watcher is not None:
+            self.queue_watcher.stop()
+        self.sweep(force=True)
+
+    # -- the graph -----------------------------------------------------------
+
+    def sample_graph(self):
+        totals, _consumers = graph.edge_totals(*self.merged())
+        self.graph_samples.add(totals)
+
+    def graph(self, window_seconds=300):
+        counters, histograms, gauges = self.merged()
+        current, consumers = graph.edge_totals(counters, histograms, gauges)
+        age, baseline = self.graph_samples.baseline(window_seconds)
+        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        return graph.build(current, baseline, age, consumers, queues, self.processes())
 
     # -- expiry ----------------------------------------------------------
 
@@ -189,19 +303,43 @@ _HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol"
                "request_id", "global_request_id")
 
 
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_SIDES = frozenset((hops_mod.CLIENT, hops_mod.SERVER))
+_PROTOCOLS = frozenset((hops_mod.RPC, hops_mod.HTTP))
+_MAX_DURATION = 86400.0
+_MAX_CLOCK_SKEW = 86400.0
+
+
 def _clean_hop(hop):
-    """The hop's known fields, if they are scalars of sane size; else None."""
-    if not isinstance(hop, dict) or not _short_str(hop.get("trace_id"), 32):
+    """The hop's known fields if they can be assembled, else None.
+
+    Ids must be W3C hex; strings are bounded; an absurd timestamp or
+    duration (another clock, garbage) becomes None rather than costing the
+    hop: its place in the trace comes from its parent link, not its time.
+    """
+    if (not isinstance(hop, dict) or not _HEX32.match(str(hop.get("trace_id")))
+            or not _HEX16.match(str(hop.get("span_id")))
+            or hop.get("side") not in _SIDES or hop.get("protocol") not in _PROTOCOLS
+            or not _short_str(hop.get("service"), MAX_LABEL_LENGTH)):
         return None
     clean = {}
     for field in _HOP_FIELDS:
         value = hop.get(field)
-        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value is None or isinstance(value, str) and len(value) <= MAX_LABEL_LENGTH:
             clean[field] = value
-        elif isinstance(value, str) and len(value) <= MAX_LABEL_LENGTH:
-            clean[field] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            clean[field] = value if math.isfinite(value) else None
         else:
             return None
+    parent = clean["parent_id"]
+    if parent is not None and not _HEX16.match(parent):
+        clean["parent_id"] = None
+    start, duration = clean["start"], clean["duration"]
+    if not isinstance(start, (int, float)) or abs(start - time.time()) > _MAX_CLOCK_SKEW:
+        clean["start"] = None
+    if not isinstance(duration, (int, float)) or not 0 <= duration <= _MAX_DURATION:
+        clean["duration"] = None
     return clean
 
 

@@ -2,6 +2,7 @@
 
 import flask
 
+from commlens.exporters import durations
 from commlens.exporters import prometheus
 
 
@@ -35,4 +36,46 @@ def create_app(collector, intake=None):
                     if trace_id is None or h.get("trace_id") == trace_id]
         return {"hops": selected[-limit:]}
 
+    @app.get("/api/graph")
+    def graph():
+        window = _duration_arg("window", 300)
+        return collector.graph(window)
+
+    @app.get("/api/chains")
+    def chains():
+        since = _duration_arg("since", 900)
+        limit = max(1, min(flask.request.args.get("limit", 50, type=int), 1000))
+        absorbed = {"true": True, "false": False}.get(flask.request.args.get("absorbed", ""))
+        return {"since_seconds": since,
+                "chains": collector.history.chains(since, limit, absorbed)}
+
+    @app.get("/api/traces/<trace_or_request_id>")
+    def trace(trace_or_request_id):
+        if len(trace_or_request_id) > 128:
+            flask.abort(404)
+        found = collector.history.trace(trace_or_request_id)
+        if found is None:
+            return {"error": f"no trace or request id {trace_or_request_id!r} in the "
+                             "history (it may still be open: traces close after "
+                             f"{collector.window.quiet_seconds:g}s without new hops)"}, 404
+        return found
+
+    @app.errorhandler(BadDuration)
+    def bad_duration(exc):
+        return {"error": str(exc)}, 400
+
     return app
+
+
+class BadDuration(ValueError):
+    pass
+
+
+def _duration_arg(name, default):
+    value = flask.request.args.get(name)
+    if value is None:
+        return default
+    try:
+        return durations.parse(value)
+    except ValueError as exc:
+        raise BadDuration(f"{name}: {exc}") from None

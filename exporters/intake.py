@@ -19,12 +19,16 @@ QUEUE_ARGUMENTS = {
 BACKOFF_MAX = 30.0
 
 
-def make_intake(export_url, collector):
+SHARD_EXCHANGE_SUFFIX = ".shard"
+
+
+def make_intake(export_url, collector, replica=None):
+    """``replica``: a name for this collector when several share the load."""
     transport = shipping.make_transport(export_url)  # validates the URL
     transport.close()
     if isinstance(transport, shipping.MemoryTransport):
         return MemoryIntake(collector)
-    return AmqpIntake(export_url, collector)
+    return AmqpIntake(export_url, collector, replica=replica)
 
 
 class MemoryIntake:
@@ -46,13 +50,22 @@ class MemoryIntake:
 class AmqpIntake:
     """Consumes the commlens exchange in a thread; reconnects with backoff."""
 
-    def __init__(self, export_url, collector):
+    def __init__(self, export_url, collector, replica=None):
         import pika
 
         self._pika = pika
         url, ours = urls.split_query(export_url, urls.OUR_QUERY)
         self.exchange = ours.get("exchange") or urls.DEFAULT_EXCHANGE
         self.queue = ours.get("queue") or DEFAULT_QUEUE
+        # Replicas: the agents' exchange feeds a consistent-hash exchange
+        # (RabbitMQ plugin rabbitmq_consistent_hash_exchange) hashing the
+        # routing key, which is the process id for snapshots and the trace
+        # id's first byte for hops (shipping.*_routing_key). Each replica
+        # binds its own queue with equal weight: a process's totals and a
+        # trace's hops always reach the same replica.
+        self.replica = replica
+        if replica is not None:
+            self.queue = "%s.%s" % (self.queue, replica)
         self.description = urls.redact(url)
         try:
             self._params = pika.URLParameters(url)
@@ -110,8 +123,16 @@ class AmqpIntake:
             shipping.declare_exchange(channel, self.exchange)
             channel.queue_declare(queue=self.queue, durable=False,
                                   auto_delete=False, arguments=QUEUE_ARGUMENTS)
-            channel.queue_bind(queue=self.queue, exchange=self.exchange,
-                               routing_key="#")
+            if self.replica is None:
+                channel.queue_bind(queue=self.queue, exchange=self.exchange,
+                                   routing_key="#")
+            else:
+                shard = self.exchange + SHARD_EXCHANGE_SUFFIX
+                channel.exchange_declare(exchange=shard, exchange_type="x-consistent-hash",
+                                         durable=True, auto_delete=False)
+                channel.exchange_bind(destination=shard, source=self.exchange,
+                                      routing_key="#")
+                channel.queue_bind(queue=self.queue, exchange=shard, routing_key="1")
             channel.basic_qos(prefetch_count=200)
             self.connected = True
             LOG.info("collector: consuming %s on %s (queue %s)", self.exchange,

@@ -4,6 +4,7 @@ from prometheus_client import core
 from prometheus_client import exposition
 from prometheus_client import registry as prom_registry
 
+from commlens.exporters import graph
 from commlens.tracer import metrics
 
 _BOUNDS = [repr(float(b)) for b in metrics.LATENCY_BUCKETS] + ["+Inf"]
@@ -18,6 +19,37 @@ COLLECTOR_INVALID_SERIES = metrics.Metric(
 COLLECTOR_PROCESSES = metrics.Metric(
     "commlens_collector_processes", "gauge", ("service",),
     "Processes currently reporting to this collector.")
+ERROR_CHAINS = metrics.Metric(
+    "commlens_error_chain_total", "counter",
+    ("origin_service", "origin_operation", "origin_error", "entry_service", "entry_operation"),
+    "Error propagation chains that reached their entry point, by origin and entry "
+    "(the first label sets seen are kept; the rest are summed as 'other').")
+ABSORBED_CHAINS = metrics.Metric(
+    "commlens_error_chain_absorbed_total", "counter",
+    ("origin_service", "origin_operation", "origin_error", "entry_service", "entry_operation"),
+    "Error chains a caller caught and turned into a success (retry, fallback); "
+    "entry is the hop that absorbed the error.")
+COLLECTOR_HOPS = metrics.Metric(
+    "commlens_collector_hops_total", "counter", ("outcome",),
+    "Hops received, by outcome (assembled, duplicate, trace_full, invalid).")
+COLLECTOR_TRACES_CLOSED = metrics.Metric(
+    "commlens_collector_traces_closed_total", "counter", ("reason",),
+    "Traces closed: after a quiet period, or early because the window was full.")
+COLLECTOR_OPEN_TRACES = metrics.Metric(
+    "commlens_collector_open_traces", "gauge", (),
+    "Traces being assembled in the window.")
+COLLECTOR_HISTORY_ERRORS = metrics.Metric(
+    "commlens_collector_history_errors_total", "counter", (),
+    "Failed reads or writes of the history store.")
+BROKER_QUEUE_MESSAGES = metrics.Metric(
+    "commlens_broker_queue_messages", "gauge", ("queue", "state"),
+    "Messages in RPC topic queues, from RabbitMQ's management API (state: ready, unacked).")
+BROKER_QUEUE_CONSUMERS = metrics.Metric(
+    "commlens_broker_queue_consumers", "gauge", ("queue",),
+    "Consumers of RPC topic queues, from RabbitMQ's management API.")
+BROKER_UP = metrics.Metric(
+    "commlens_broker_management_up", "gauge", (),
+    "1 when the last poll of RabbitMQ's management API worked, else 0.")
 COLLECTOR_INTAKE_UP = metrics.Metric(
     "commlens_collector_intake_up", "gauge", (),
     "1 while the collector is connected to where agents ship, else 0.")
@@ -31,7 +63,11 @@ class CollectorExposition:
         self._intake = intake
 
     def collect(self):
-        counters, histograms, gauges = self._collector.merged()
+        collector = self._collector
+        counters, histograms, gauges = collector.merged()
+        consumers = graph.topic_consumers(counters)
+        topics = graph.known_topics(counters)
+        counters, histograms = graph.resolve_rpc_servers(counters, histograms, consumers)
         families = {}
         for metric in metrics.SHIPPED.values():
             families[metric.name] = _family(metric)
@@ -61,10 +97,49 @@ class CollectorExposition:
         for service, count in sorted(per_service.items()):
             processes.add_metric([service], count)
         yield processes
+        for metric, counts in ((ERROR_CHAINS, collector.chain_counter.entry_errors),
+                               (ABSORBED_CHAINS, collector.chain_counter.absorbed)):
+            family = _family(metric)
+            for labels, count in sorted(counts.items()):
+                family.add_metric(list(labels), count)
+            yield family
+        hops = _family(COLLECTOR_HOPS)
+        for outcome, count in sorted(collector.window.hop_outcomes.items()):
+            hops.add_metric([outcome], count)
+        hops.add_metric(["invalid"], collector.invalid_hops)
+        yield hops
+        closed = _family(COLLECTOR_TRACES_CLOSED)
+        for reason, count in sorted(collector.window.closed.items()):
+            closed.add_metric([reason], count)
+        yield closed
+        open_traces = _family(COLLECTOR_OPEN_TRACES)
+        open_traces.add_metric([], len(collector.window))
+        yield open_traces
+        history_errors = _family(COLLECTOR_HISTORY_ERRORS)
+        history_errors.add_metric([], collector.history_errors)
+        yield history_errors
+        if collector.queue_watcher is not None:
+            yield from _broker_families(collector.queue_watcher, topics)
         if self._intake is not None:
             up = _family(COLLECTOR_INTAKE_UP)
             up.add_metric([], 1 if self._intake.connected else 0)
             yield up
+
+
+def _broker_families(watcher, topics):
+    up = _family(BROKER_UP)
+    up.add_metric([], 1 if watcher.up else 0)
+    yield up
+    messages, consumer_counts = _family(BROKER_QUEUE_MESSAGES), _family(BROKER_QUEUE_CONSUMERS)
+    queues = watcher.queues()
+    # Only topic queues: their names are bounded, the broker's others are not.
+    for topic in sorted(topics & set(queues)):
+        queue = queues[topic]
+        messages.add_metric([topic, "ready"], queue["ready"])
+        messages.add_metric([topic, "unacked"], queue["unacked"])
+        consumer_counts.add_metric([topic], queue["consumers"])
+    yield messages
+    yield consumer_counts
 
 
 def _family(metric):

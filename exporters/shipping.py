@@ -21,6 +21,9 @@ from commlens.exporters import urls
 LOG = logging.getLogger(__name__)
 
 MAX_HOPS_PER_SNAPSHOT = 2000
+# Hops travel apart from the metrics snapshot, grouped by trace (see
+# hop_routing_key); the collector accepts both formats.
+HOPS_FORMAT = "commlens.hops/1"
 BACKOFF_MAX = 30.0
 
 
@@ -218,12 +221,25 @@ class Shipper:
             LOG.debug("commlens: snapshot failed", exc_info=True)
             self._recorder.dropped("recording_error")
             return False
+        process = snapshot["process"]
+        hops, snapshot["hops"] = snapshot["hops"], []
         try:
-            body = json.dumps(snapshot, separators=(",", ":"), default=str).encode()
-            self._transport.send(body, "snapshot." + snapshot["process"]["service"])
+            self._transport.send(_encode(snapshot), snapshot_routing_key(process))
         except Exception as exc:
-            self._failed(snapshot, exc)
+            self._failed(hops, exc)
             return False
+        batches = _hop_batches(hops)
+        while batches:
+            key, batch = batches[-1]
+            try:
+                self._transport.send(_encode({
+                    "format": HOPS_FORMAT,
+                    "process": {"id": process["id"], "service": process["service"]},
+                    "hops": batch}), key)
+            except Exception as exc:
+                self._failed([hop for _, b in batches for hop in b], exc)
+                return False
+            batches.pop()
         if self._failures_in_row:
             LOG.info("commlens: shipping to %s works again",
                      self._transport.description)
@@ -232,17 +248,42 @@ class Shipper:
         self.shipped += 1
         return True
 
-    def _failed(self, snapshot, exc):
+    def _failed(self, hops, exc):
         self._failures_in_row += 1
         backoff = min(BACKOFF_MAX, self.interval * (2 ** min(self._failures_in_row, 10)))
         self._next_attempt = time.monotonic() + backoff
         self._recorder.inc_ship_failure()
-        self._recorder.return_hops(snapshot["hops"])
+        self._recorder.return_hops(hops)
         log = LOG.warning if self._failures_in_row == 1 else LOG.debug
         # str(exc) of a connection error never holds the URL's password,
         # but the URL itself might: only the redacted description is logged.
         log("commlens: cannot ship to %s (%s); retrying in %.0fs, the service "
             "is not affected", self._transport.description, type(exc).__name__, backoff)
+
+
+def _encode(message):
+    return json.dumps(message, separators=(",", ":"), default=str).encode()
+
+
+def snapshot_routing_key(process):
+    """A process's snapshots always share a key: with collector replicas behind
+    a consistent-hash exchange, one replica owns a process's cumulative totals,
+    so the replicas' sums never count it twice."""
+    return "snapshot.%s.%s" % (process["service"], process["id"])
+
+
+def hop_routing_key(trace_id):
+    """Hops of one trace always share a key, so one replica assembles the whole
+    trace; the first two hex digits give 256 keys to spread."""
+    return "hops." + trace_id[:2]
+
+
+def _hop_batches(hops):
+    """[(routing key, hops)] grouping the hops by their trace's routing key."""
+    batches = {}
+    for hop in hops:
+        batches.setdefault(hop_routing_key(hop["trace_id"]), []).append(hop)
+    return list(batches.items())
 
 
 def _reopen(transport):

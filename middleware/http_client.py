@@ -180,7 +180,14 @@ def _end(call, response):
         rec.inc(metrics.HTTP_CLIENT_REQUESTS, (rec.service, call.target, call.method, code))
         rec.observe(metrics.HTTP_CLIENT_DURATION,
                     (rec.service, call.target, call.method, outcome), duration)
+        edge = (rec.service, call.target, "")
+        rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS, edge, duration)
+        if response is None:
+            rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
+            rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
         failed = outcome != metrics.OK or (response is not None and code[0] == "4")
+        if failed:
+            context.mark_child_failed()
         if rec.keeps_hop(call.ctx.trace_id, duration, failed):
             request_id = None
             if response is not None:

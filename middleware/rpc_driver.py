@@ -39,6 +39,9 @@ LOG = logging.getLogger(__name__)
 PLUGIN = "commlens"
 CALL, CAST, FANOUT = "call", "cast", "fanout"
 _KINDS = frozenset((CALL, CAST, FANOUT))
+# Outcomes where no server answered: the caller counts the service-graph
+# request itself, since no server-side hop will.
+_UNANSWERED = frozenset((metrics.TIMEOUT, metrics.TRANSPORT_ERROR))
 _URL_PREFIX = "commlens_"  # query parameters for us, removed before the inner driver
 _AMQP_DRIVERS = frozenset(("rabbit", "kombu", "amqp"))
 
@@ -169,10 +172,17 @@ class CommlensDriver(base.BaseDriver):
                 outcome, error = _classify_send_error(exc, call.kind)
                 rec.inc(metrics.RPC_CALL_ERRORS,
                         (self._service, call.topic, call.method, outcome, error))
+            edge = (self._service, call.topic, metrics.MESSAGING_SYSTEM)
             if call.kind == CALL:
                 rec.observe(metrics.RPC_REPLY_WAIT,
                             (self._service, call.topic, call.method, outcome),
                             duration)
+                rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS, edge, duration)
+            if outcome in _UNANSWERED:
+                rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
+                rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
+            if error is not None:
+                context.mark_child_failed()
             if rec.keeps_hop(call.ctx.trace_id, duration, error is not None):
                 rec.add_hop(hops.make_hop(
                     call.ctx, service=self._service, side=hops.CLIENT,
@@ -251,10 +261,16 @@ class CommlensDriver(base.BaseDriver):
             error = labels.error_class(getattr(exc_type, "__name__", None))
             self._recorder.inc(metrics.RPC_PROCESSING_ERRORS, (
                 self._service, received.caller, received.topic, received.method, error))
-        self._recorder.observe(metrics.RPC_PROCESSING,
-                               (self._service, received.topic, received.method, outcome),
-                               duration)
-        if self._recorder.keeps_hop(received.ctx.trace_id, duration, error is not None):
+        rec = self._recorder
+        rec.observe(metrics.RPC_PROCESSING,
+                    (self._service, received.topic, received.method, outcome), duration)
+        edge = (received.caller, self._service, metrics.MESSAGING_SYSTEM)
+        rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
+        rec.observe(metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, duration)
+        if error is not None:
+            rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
+        if rec.keeps_hop(received.ctx.trace_id, duration,
+                         error is not None or received.ctx.child_failed):
             self._recorder.add_hop(hops.make_hop(
                 received.ctx, service=self._service, side=hops.SERVER,
                 protocol=hops.RPC, peer=received.caller, target=received.topic,

@@ -13,14 +13,16 @@ Per request it records the calling service (from our baggage member, else a
 known OpenStack client's User-Agent, else ``unknown``), the method, the route
 template, the status code and the time to the last byte of the body (the
 body iterator is wrapped and ``close()`` always forwarded), with OpenStack's
-request ids next to the trace id. It reads neither the body, the query
-string nor any auth header. Loading it also installs the outbound hook
+request ids next to the trace id. It reads neither the query string nor
+any auth header, and of a body only the exception class of a small JSON
+fault in an error response (see ``_hop_error``). Loading it also installs the outbound hook
 (``http_outbound``), so a service that calls others needs no code change.
 
 The application's behaviour is unchanged: its exceptions propagate as they
 are (and count as 500), its status, headers and body pass through untouched.
 """
 
+import json
 import logging
 import time
 
@@ -93,9 +95,10 @@ class CommlensMiddleware:
         token = context.set_current(request.ctx)
         try:
             body = self._app(environ, recording_start_response)
-        except BaseException:
+        except BaseException as exc:
             context.reset_current(token)
             request.failed = True
+            request.error = labels.error_class(type(exc).__name__)
             self._finish(request)
             raise
         context.reset_current(token)
@@ -130,16 +133,22 @@ class CommlensMiddleware:
                     (self._service, request.caller, request.method, request.route, code))
             rec.observe(metrics.HTTP_DURATION,
                         (self._service, request.method, request.route, outcome), duration)
+            edge = (request.caller, self._service, "")
+            rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
+            rec.observe(metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, duration)
+            if outcome != metrics.OK:
+                rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
             # 4xx counts as ok for latency but its hop is kept: a 409 is often
             # where an error chain starts.
             failed = code[0] in "45" or code == "000"
-            if rec.keeps_hop(request.ctx.trace_id, duration, failed):
+            if rec.keeps_hop(request.ctx.trace_id, duration,
+                             failed or request.ctx.child_failed):
                 request_id, global_request_id = _request_ids(request)
                 rec.add_hop(hops.make_hop(
                     request.ctx, service=self._service, side=hops.SERVER,
                     protocol=hops.HTTP, peer=request.caller, target=request.route,
                     operation=request.method + " " + request.route, kind=request.method,
-                    outcome=outcome, error=code if failed else None,
+                    outcome=outcome, error=_hop_error(code, request) if failed else None,
                     start=hops.wall_clock_start(request.start, request.start + duration),
                     duration=duration, request_id=request_id,
                     global_request_id=global_request_id))
@@ -150,7 +159,7 @@ class CommlensMiddleware:
 
 class _Request:
     __slots__ = ("ctx", "caller", "method", "route", "environ", "start", "status",
-                 "headers", "failed", "done")
+                 "headers", "failed", "error", "body", "done")
 
     def __init__(self, ctx, caller, method, route, environ):
         self.ctx = ctx
@@ -162,6 +171,8 @@ class _Request:
         self.status = None
         self.headers = None
         self.failed = False
+        self.error = None
+        self.body = None
         self.done = False
 
 
@@ -216,7 +227,38 @@ class _ListBody:
         return len(self._body)
 
     def close(self):
+        self._request.body = self._body
         self._middleware._finish(self._request)
+
+
+def _hop_error(code, request):
+    """What a failed request's hop names as its error: the status code, with
+    the exception class when one is known ('409 PortBindingFailed').
+
+    The class comes from an exception the application raised, or from the
+    fault body OpenStack APIs return (neutron: {"NeutronError": {"type":
+    "PortBindingFailed", ...}}), read only for error responses whose JSON
+    body is already in memory and small. Only the class name is kept.
+    """
+    error = request.error or _fault_type(request)
+    return code + " " + error if error and error != labels.INVALID else code
+
+
+_MAX_FAULT_BODY = 16384
+
+
+def _fault_type(request):
+    body = request.body
+    if not body or len(body) != 1 or not isinstance(body[0], bytes):
+        return None
+    if len(body[0]) > _MAX_FAULT_BODY or not body[0].startswith(b"{"):
+        return None
+    try:
+        fault = json.loads(body[0])
+        (detail,) = fault.values()
+        return labels.error_class(detail.get("type")) if isinstance(detail, dict) else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def _status_code(status):

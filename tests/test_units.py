@@ -248,7 +248,10 @@ def test_collector_keeps_only_sane_hops_and_service_names():
     body = json.loads(_snapshot("a", 1, 1, 0))
     body["process"]["service"] = 'evil"}\n'
     body["hops"] = [{"trace_id": "a" * 32, "span_id": "b" * 16, "service": "svc",
-                     "extra": "dropped", "duration": 0.1},
+                     "side": "server", "protocol": "rpc", "extra": "dropped",
+                     "duration": 0.1},
+                    {"trace_id": "a" * 32, "span_id": "c" * 16, "service": "svc",
+                     "side": "sideways", "protocol": "rpc"},
                     {"trace_id": "c" * 32, "service": {"nested": 1}},
                     {"trace_id": "d" * 32, "operation": "x" * 10000},
                     "not a hop"]

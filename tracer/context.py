@@ -34,13 +34,17 @@ _getrandbits = random.getrandbits
 class TraceContext:
     """What one hop knows of its place in a trace."""
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "sampled")
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "child_failed")
 
     def __init__(self, trace_id, span_id, parent_id=None, sampled=True):
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_id = parent_id
         self.sampled = sampled
+        # Set when a call this hop made failed: if the hop still succeeds it
+        # absorbed an error (retry, fallback) and is shipped, so the chain
+        # shows where the error stopped.
+        self.child_failed = False
 
     def traceparent(self):
         return "00-%s-%s-%s" % (self.trace_id, self.span_id,
@@ -120,6 +124,13 @@ def reset_current(token):
     except ValueError:
         # Reset from another context (a different thread ran the reply).
         _current.set(None)
+
+
+def mark_child_failed():
+    """The hop being served made a call that failed."""
+    parent = _current.get()
+    if parent is not None:
+        parent.child_failed = True
 
 
 def child_of_incoming(traceparent_value):

@@ -105,6 +105,29 @@ AGENT_QUEUE_DEPTH = Metric(
     ("service",),
     "Hops waiting in the agent to be shipped.")
 
+# Tempo-compatible service-graph metrics: the same edges Grafana's service map
+# and service-graph dashboards read from Tempo's metrics generator, with the
+# same names and labels, so they work with no glue (connection_type is
+# "messaging_system" for RPC and empty for REST, as Tempo sets it). A server
+# counts every request it received; a caller counts only the requests no
+# server answered (timeout, broker or connection failure), so no request is
+# counted twice. A client-side ``server`` of an RPC edge is the target topic;
+# the collector names the service consuming it.
+MESSAGING_SYSTEM = "messaging_system"
+SERVICE_GRAPH_LABELS = ("client", "server", "connection_type")
+SERVICE_GRAPH_REQUESTS = Metric(
+    "traces_service_graph_request_total", "counter", SERVICE_GRAPH_LABELS,
+    "Requests between two services (Tempo service-graph compatible).")
+SERVICE_GRAPH_FAILED = Metric(
+    "traces_service_graph_request_failed_total", "counter", SERVICE_GRAPH_LABELS,
+    "Failed requests between two services (Tempo service-graph compatible).")
+SERVICE_GRAPH_SERVER_SECONDS = Metric(
+    "traces_service_graph_request_server_seconds", "histogram", SERVICE_GRAPH_LABELS,
+    "Time the server spent on requests of this edge.")
+SERVICE_GRAPH_CLIENT_SECONDS = Metric(
+    "traces_service_graph_request_client_seconds", "histogram", SERVICE_GRAPH_LABELS,
+    "Time the client waited on requests of this edge (RPC calls and REST).")
+
 # Everything a process ships, in one table.
 SHIPPED = {m.name: m for m in (
     RPC_SENT, RPC_RECEIVED, RPC_WAITING_REPLIES, RPC_REPLY_WAIT,
@@ -112,4 +135,6 @@ SHIPPED = {m.name: m for m in (
     NOTIFICATIONS_SENT, NOTIFICATIONS_RECEIVED,
     HTTP_REQUESTS, HTTP_DURATION, HTTP_CLIENT_REQUESTS, HTTP_CLIENT_DURATION,
     AGENT_DROPPED, AGENT_SHIP_FAILURES, AGENT_QUEUE_DEPTH,
+    SERVICE_GRAPH_REQUESTS, SERVICE_GRAPH_FAILED, SERVICE_GRAPH_SERVER_SECONDS,
+    SERVICE_GRAPH_CLIENT_SECONDS,
 )}

@@ -1,0 +1,183 @@
+"""Commands for the terminal during an incident: ``graph``, ``chains``, ``trace``.
+
+They read a running collector's JSON API (``--collector``, default the
+local one) and print readable tables, or the API's JSON with ``--json``.
+"""
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+DEFAULT_COLLECTOR = "http://127.0.0.1:9780"
+
+
+def add_commands(commands):
+    graph = commands.add_parser("graph", help="who calls whom: rates, errors, latency, "
+                                              "waiting replies")
+    graph.add_argument("--window", default="5m", help="rates over this window (default 5m)")
+    graph.set_defaults(run=run_graph)
+
+    chains = commands.add_parser("chains", help="error propagation chains, grouped")
+    chains.add_argument("--since", default="15m", help="chains of this last period "
+                                                       "(default 15m)")
+    chains.add_argument("--limit", type=int, default=20)
+    chains.set_defaults(run=run_chains)
+
+    trace = commands.add_parser("trace", help="a whole trace, by request id (req-...) "
+                                              "or trace id")
+    trace.add_argument("id", help="an OpenStack request id or a trace id")
+    trace.set_defaults(run=run_trace)
+
+    for command in (graph, chains, trace):
+        command.add_argument("--collector", default=os.environ.get(
+            "COMMLENS_COLLECTOR_URL", DEFAULT_COLLECTOR),
+            help=f"the collector's address (default {DEFAULT_COLLECTOR})")
+        command.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+class ApiError(Exception):
+    pass
+
+
+def _get(args, path, **query):
+    url = args.collector.rstrip("/") + path
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error")
+        except Exception:
+            message = None
+        raise ApiError(message or f"the collector answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiError(f"cannot reach the collector at {args.collector}: {reason}") from None
+
+
+def _run(render):
+    def run(args):
+        try:
+            data = render.fetch(args)
+        except ApiError as exc:
+            print(f"commlens {args.command}: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            json.dump(data, sys.stdout, indent=2)
+            print()
+        else:
+            from rich.console import Console
+            render.show(Console(), data)
+        return 0
+    return run
+
+
+def _seconds(value):
+    if value is None:
+        return "-"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _when(timestamp):
+    return time.strftime("%H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+class _Graph:
+    @staticmethod
+    def fetch(args):
+        return _get(args, "/api/graph", window=args.window)
+
+    @staticmethod
+    def show(console, data):
+        from rich.table import Table
+        table = Table(title=f"Communication graph, last {data['window_seconds']:.0f}s")
+        for column in ("caller", "callee", "proto", "req/s", "err %", "p50", "p99",
+                       "waiting", "timeouts", "queue ready/unacked/consumers"):
+            table.add_column(column, justify="left" if column in (
+                "caller", "callee", "proto") else "right")
+        for edge in sorted(data["edges"], key=lambda e: (-e["error_ratio"], -e["rate"])):
+            queues = ", ".join(f"{name} {q['ready']}/{q['unacked']}/{q['consumers']}"
+                               for name, q in (edge.get("queues") or {}).items())
+            error = f"{edge['error_ratio'] * 100:.1f}"
+            table.add_row(
+                edge["client"], edge["server"], edge["protocol"], f"{edge['rate']:.2f}",
+                f"[red]{error}[/red]" if edge["error_ratio"] else error,
+                _seconds(edge["p50_seconds"]), _seconds(edge["p99_seconds"]),
+                _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues)
+        console.print(table)
+
+
+def _count(value):
+    return "-" if value is None else f"{value:g}"
+
+
+class _Chains:
+    @staticmethod
+    def fetch(args):
+        return _get(args, "/api/chains", since=args.since, limit=args.limit)
+
+    @staticmethod
+    def show(console, data):
+        from rich.table import Table
+        table = Table(title=f"Error chains, last {data['since_seconds']:.0f}s "
+                            "(origin first)", show_lines=True)
+        for column in ("count", "origin", "chain", "first / last seen", "examples"):
+            table.add_column(column, justify="right" if column == "count" else "left")
+        for chain in data["chains"]:
+            origin = chain["origin"]
+            path = "\n-> ".join(
+                f"{h['service']} {h['operation']} ({h['error'] or 'ok'})"
+                for h in chain["hops"] if h["side"] == "server" or h is chain["hops"][0])
+            if chain["absorbed"]:
+                path += "\n[yellow]absorbed: the caller succeeded[/yellow]"
+            examples = "\n".join(e["request_id"] or e["trace_id"] for e in chain["examples"])
+            table.add_row(str(chain["count"]),
+                          f"{origin['service']}\n{origin['operation']}\n{origin['error']}",
+                          path, f"{_when(chain['first_seen'])}\n{_when(chain['last_seen'])}",
+                          examples)
+        console.print(table)
+        if not data["chains"]:
+            console.print("No error chains in this period.")
+
+
+class _Trace:
+    @staticmethod
+    def fetch(args):
+        return _get(args, "/api/traces/" + urllib.parse.quote(args.id, safe=""))
+
+    @staticmethod
+    def show(console, data):
+        from rich.table import Table
+        hops = data["hops"]
+        starts = [h["start"] for h in hops if h.get("start") is not None]
+        zero = min(starts) if starts else 0.0
+        table = Table(title=f"Trace {data['trace_id']}")
+        for column in ("at", "service", "side", "proto", "operation", "peer/target",
+                       "duration", "error", "request id"):
+            table.add_column(column)
+        for hop in hops:
+            at = f"+{(hop['start'] - zero) * 1000:.1f} ms" if hop.get("start") else "-"
+            table.add_row(at, hop["service"], hop["side"], hop["protocol"],
+                          hop.get("operation") or "-",
+                          hop.get("peer") if hop["side"] == "server" else hop.get("target"),
+                          _seconds(hop.get("duration")),
+                          f"[red]{hop['error']}[/red]" if hop.get("error") else "",
+                          hop.get("request_id") or "")
+        console.print(table)
+        for chain in data["chains"]:
+            origin = chain["origin"]
+            console.print(f"chain: origin {origin['service']} {origin['operation']} "
+                          f"{origin['error']} -> entry {chain['entry']['service']} "
+                          f"{chain['entry']['operation']}"
+                          + (" (absorbed)" if chain["absorbed"] else ""))
+
+
+run_graph = _run(_Graph)
+run_chains = _run(_Chains)
+run_trace = _run(_Trace)

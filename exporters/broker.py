@@ -1,0 +1,103 @@
+"""The broker's side of RPC edges: RabbitMQ queue depths and consumers.
+
+A growing reply wait and a growing queue with no consumers are one incident
+seen from two ends, so the graph shows both. The collector polls RabbitMQ's
+management API (``/api/queues``) when given its URL
+(``--rabbitmq-management-url http://user:pw@host:15672/``). Only queues named
+like a topic commlens has seen become metric labels, so the series stay
+bounded whatever else the broker carries (reply_ and fanout queues with
+random names never do).
+"""
+
+import base64
+import json
+import logging
+import threading
+import urllib.parse
+import urllib.request
+
+from commlens.exporters import urls
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_POLL_SECONDS = 10.0
+MAX_QUEUES = 20000
+
+
+class BrokerUrlError(ValueError):
+    """The management URL cannot be used; the message never holds its secrets."""
+
+
+class QueueWatcher:
+    """Polls the management API in a thread; ``queues()`` is the latest view."""
+
+    def __init__(self, management_url, poll_seconds=DEFAULT_POLL_SECONDS, timeout=5.0):
+        parts = urllib.parse.urlsplit(management_url or "")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BrokerUrlError(
+                f"RabbitMQ management URL {urls.redact(management_url)!r}: "
+                "expected http://user:password@host:15672/")
+        self.description = urls.redact(management_url)
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self._url = urllib.parse.urlunsplit(
+            (parts.scheme, netloc, parts.path.rstrip("/") + "/api/queues", "", ""))
+        self._url += "?columns=name,vhost,messages_ready,messages_unacknowledged,consumers"
+        credentials = "%s:%s" % (urllib.parse.unquote(parts.username or "guest"),
+                                 urllib.parse.unquote(parts.password or "guest"))
+        self._auth = "Basic " + base64.b64encode(credentials.encode()).decode()
+        self.poll_seconds = poll_seconds
+        self._timeout = timeout
+        self._queues = {}
+        self._stop = threading.Event()
+        self._thread = None
+        self.up = False
+        self.failures = 0
+
+    def queues(self):
+        """{queue name: {"ready", "unacked", "consumers"}} of the last poll."""
+        return self._queues
+
+    def poll(self):
+        request = urllib.request.Request(self._url, headers={"Authorization": self._auth})
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                data = json.loads(response.read(64 * 1024 * 1024))
+        except Exception as exc:
+            self.failures += 1
+            log = LOG.warning if self.up or self.failures == 1 else LOG.debug
+            log("collector: cannot read queues from %s (%s)", self.description,
+                type(exc).__name__)
+            self.up = False
+            return False
+        queues = {}
+        for queue in data if isinstance(data, list) else ():
+            if not isinstance(queue, dict) or not isinstance(queue.get("name"), str):
+                continue
+            if len(queues) >= MAX_QUEUES:
+                break
+            queues[queue["name"]] = {
+                "ready": _count(queue.get("messages_ready")),
+                "unacked": _count(queue.get("messages_unacknowledged")),
+                "consumers": _count(queue.get("consumers")),
+            }
+        self._queues = queues
+        self.up = True
+        return True
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="commlens-queues", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self._timeout + 1)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.poll_seconds)
+
+
+def _count(value):
+    return value if isinstance(value, int) and value >= 0 else 0

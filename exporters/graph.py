@@ -1,0 +1,218 @@
+"""The communication graph: services as nodes, (caller -> callee, protocol) as edges.
+
+Everything here is derived from the merged metrics, so the JSON graph and the
+Prometheus series (the Tempo-compatible service-graph metrics) always agree:
+
+- requests and failures per edge: ``traces_service_graph_request_total`` /
+  ``_failed_total`` (servers count what they received, callers what nobody
+  answered);
+- latency: the server-side histogram of the edge (client side when no server
+  reported);
+- for RPC edges, the callers' waiting replies and timeouts, and the broker's
+  queues of the edge's topics when the collector watches RabbitMQ.
+
+Callers name an RPC target by topic; the service consuming a topic is learnt
+from ``commlens_rpc_received_total``. A topic nobody consumes stays a node
+under the topic's own name (a conductor that is down shows as ``conductor``).
+
+Rates need two points in time: ``GraphSamples`` keeps the edge totals every
+few seconds for the longest window served.
+"""
+
+import bisect
+import collections
+import threading
+import time
+
+from commlens.tracer import metrics
+
+RPC, HTTP = "rpc", "http"
+MAX_WINDOW_SECONDS = 3600
+SAMPLE_INTERVAL_SECONDS = 5.0
+_BOUNDS = metrics.LATENCY_BUCKETS
+_N_BUCKETS = len(_BOUNDS) + 1
+
+
+def topic_consumers(counters):
+    """{topic: service} from who received what (the busiest consumer wins)."""
+    received = collections.Counter()
+    for (name, labels), value in counters.items():
+        if name == metrics.RPC_RECEIVED.name:
+            service, _caller, topic = labels[:3]
+            received[(topic, service)] += value
+    consumers = {}
+    for (topic, service), _count in sorted(received.items(), key=lambda kv: kv[1]):
+        consumers[topic] = service
+    return consumers
+
+
+def known_topics(counters):
+    """Topics anyone sent to or received from."""
+    topics = set()
+    for (name, labels) in counters:
+        if name == metrics.RPC_SENT.name:
+            topics.add(labels[1])
+        elif name == metrics.RPC_RECEIVED.name:
+            topics.add(labels[2])
+    return topics
+
+
+def resolve_rpc_servers(counters, histograms, consumers):
+    """The service-graph series with RPC topics renamed to their consumer service."""
+    def rename(series):
+        out = {}
+        for (name, labels), value in series.items():
+            if (name.startswith("traces_service_graph_")
+                    and labels[2] == metrics.MESSAGING_SYSTEM and labels[1] in consumers):
+                labels = (labels[0], consumers[labels[1]], labels[2])
+            key = (name, labels)
+            if key in out:
+                value = _add(out[key], value)
+            out[key] = value
+        return out
+    return rename(counters), rename(histograms)
+
+
+def _add(a, b):
+    if isinstance(a, (int, float)):
+        return a + b
+    return [[x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1]]
+
+
+class EdgeTotals:
+    """Cumulative figures of one edge at one moment."""
+
+    __slots__ = ("requests", "failed", "timeouts", "server", "client", "waiting")
+
+    def __init__(self):
+        self.requests = 0.0
+        self.failed = 0.0
+        self.timeouts = 0.0
+        self.server = [0] * _N_BUCKETS
+        self.client = [0] * _N_BUCKETS
+        self.waiting = 0.0
+
+
+def edge_totals(counters, histograms, gauges):
+    """{(client, server, protocol): EdgeTotals} and {topic: service}."""
+    consumers = topic_consumers(counters)
+    counters, histograms = resolve_rpc_servers(counters, histograms, consumers)
+    edges = collections.defaultdict(EdgeTotals)
+
+    def edge(client, server, connection_type):
+        return edges[(client, server, RPC if connection_type == metrics.MESSAGING_SYSTEM
+                      else HTTP)]
+
+    for (name, labels), value in counters.items():
+        if name == metrics.SERVICE_GRAPH_REQUESTS.name:
+            edge(*labels).requests += value
+        elif name == metrics.SERVICE_GRAPH_FAILED.name:
+            edge(*labels).failed += value
+        elif name == metrics.RPC_CALL_ERRORS.name and labels[3] == metrics.TIMEOUT:
+            service, topic = labels[:2]
+            edges[(service, consumers.get(topic, topic), RPC)].timeouts += value
+    for (name, labels), (counts, _total) in histograms.items():
+        if name == metrics.SERVICE_GRAPH_SERVER_SECONDS.name:
+            target = edge(*labels).server
+        elif name == metrics.SERVICE_GRAPH_CLIENT_SECONDS.name:
+            target = edge(*labels).client
+        else:
+            continue
+        for i, count in enumerate(counts):
+            target[i] += count
+    for (name, labels), value in gauges.items():
+        if name == metrics.RPC_WAITING_REPLIES.name:
+            service, topic = labels[:2]
+            edges[(service, consumers.get(topic, topic), RPC)].waiting += value
+    return dict(edges), consumers
+
+
+def quantile(q, counts):
+    """The q-quantile of a bucketed distribution (linear within a bucket), or None."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    running = 0
+    for i, count in enumerate(counts):
+        if running + count >= rank and count > 0:
+            lower = _BOUNDS[i - 1] if i > 0 else 0.0
+            if i >= len(_BOUNDS):
+                return lower
+            return lower + (_BOUNDS[i] - lower) * (rank - running) / count
+        running += count
+    return _BOUNDS[-1]
+
+
+class GraphSamples:
+    """Edge totals every few seconds, for rates over a window."""
+
+    def __init__(self, clock=time.monotonic, interval=SAMPLE_INTERVAL_SECONDS):
+        self._clock = clock
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._times = [clock()]
+        self._samples = [{}]  # the collector started with nothing
+
+    def add(self, totals):
+        now = self._clock()
+        with self._lock:
+            if now - self._times[-1] < self.interval:
+                return
+            self._times.append(now)
+            self._samples.append(totals)
+            while self._times and now - self._times[0] > MAX_WINDOW_SECONDS + self.interval:
+                self._times.pop(0)
+                self._samples.pop(0)
+
+    def baseline(self, window_seconds):
+        """(age in seconds, totals) of the sample closest to ``window_seconds`` ago."""
+        now = self._clock()
+        with self._lock:
+            index = max(0, bisect.bisect_left(self._times, now - window_seconds))
+            index = min(index, len(self._times) - 1)
+            return now - self._times[index], self._samples[index]
+
+
+def build(current, baseline, seconds, consumers, queues=None, processes=()):
+    """The graph JSON: nodes and edges with rates over ``seconds``."""
+    seconds = max(seconds, 1e-3)
+    edges, nodes = [], {}
+    for (client, server, protocol), now in sorted(current.items()):
+        then = baseline.get((client, server, protocol)) or EdgeTotals()
+        requests = max(0.0, now.requests - then.requests)
+        failed = max(0.0, now.failed - then.failed)
+        latency = [max(0, a - b) for a, b in zip(now.server, then.server, strict=True)]
+        if not any(latency):
+            latency = [max(0, a - b) for a, b in zip(now.client, then.client, strict=True)]
+        if requests == 0 and now.waiting == 0 and now.requests == 0:
+            continue
+        edge = {
+            "client": client, "server": server, "protocol": protocol,
+            "rate": requests / seconds,
+            "error_ratio": (failed / requests) if requests else 0.0,
+            "requests": requests, "failed": failed,
+            "p50_seconds": quantile(0.5, latency), "p99_seconds": quantile(0.99, latency),
+        }
+        if protocol == RPC:
+            edge["waiting_replies"] = now.waiting
+            edge["timeouts"] = max(0.0, now.timeouts - then.timeouts)
+            topics = sorted(t for t, s in consumers.items() if s == server) or [server]
+            if queues:
+                edge["queues"] = {t: queues[t] for t in topics if t in queues}
+        edges.append(edge)
+        for name, side in ((client, "out"), (server, "in")):
+            node = nodes.setdefault(name, {"service": name, "rate_in": 0.0, "rate_out": 0.0,
+                                           "failed_in": 0.0, "processes": 0})
+            node["rate_" + side] += edge["rate"]
+            if side == "in":
+                node["failed_in"] += failed / seconds
+    for process in processes:
+        node = nodes.setdefault(process["service"], {
+            "service": process["service"], "rate_in": 0.0, "rate_out": 0.0,
+            "failed_in": 0.0, "processes": 0})
+        node["processes"] += 1
+    for node in nodes.values():
+        node["error_ratio"] = (node["failed_in"] / node["rate_in"]) if node["rate_in"] else 0.0
+    return {"window_seconds": seconds, "nodes": sorted(nodes.values(), key=lambda n: n["service"]),
+            "edges": edges}

@@ -1,0 +1,239 @@
+"""The collector's searchable history: closed traces and their chains, in SQLite.
+
+Embedded, one file, bounded by age and by number of traces, and it survives
+a collector restart. ``:memory:`` keeps it in memory (tests, the demo).
+
+Only the collector's own thread touches the connection (the sweeper writes,
+API requests read under the same lock): SQLite's own locking is not needed
+and a single connection keeps writes batched in one transaction.
+"""
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_MAX_AGE_SECONDS = 24 * 3600
+DEFAULT_MAX_TRACES = 200000
+EXAMPLES_PER_CHAIN = 3
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS traces (
+    trace_id TEXT PRIMARY KEY,
+    seen REAL NOT NULL,            -- collector's wall clock when it (re)closed
+    start REAL, duration REAL,
+    entry_service TEXT, entry_operation TEXT,
+    failed INTEGER NOT NULL,
+    hops TEXT NOT NULL             -- JSON list of hops
+);
+CREATE INDEX IF NOT EXISTS traces_seen ON traces (seen);
+CREATE TABLE IF NOT EXISTS request_ids (
+    request_id TEXT NOT NULL, trace_id TEXT NOT NULL, seen REAL NOT NULL,
+    PRIMARY KEY (request_id, trace_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS request_ids_seen ON request_ids (seen);
+CREATE TABLE IF NOT EXISTS chains (
+    chain_key TEXT PRIMARY KEY,
+    chain TEXT NOT NULL            -- JSON of the chain's shape (first example)
+);
+CREATE TABLE IF NOT EXISTS trace_chains (
+    trace_id TEXT NOT NULL, chain_key TEXT NOT NULL, seen REAL NOT NULL,
+    request_id TEXT,
+    PRIMARY KEY (trace_id, chain_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS trace_chains_key_seen ON trace_chains (chain_key, seen);
+CREATE INDEX IF NOT EXISTS trace_chains_seen ON trace_chains (seen);
+"""
+
+
+class HistoryError(Exception):
+    """The history file cannot be opened; the message says which and why."""
+
+
+class History:
+
+    def __init__(self, path=":memory:", max_age_seconds=DEFAULT_MAX_AGE_SECONDS,
+                 max_traces=DEFAULT_MAX_TRACES, clock=time.time):
+        self.path = path
+        self.max_age_seconds = max_age_seconds
+        self.max_traces = max_traces
+        self._clock = clock
+        self._lock = threading.Lock()
+        try:
+            if path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise HistoryError(f"history {path!r}: {exc}") from None
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    # -- writing (the collector's sweeper) --------------------------------
+
+    def load(self, trace_ids):
+        """{trace_id: hops} of the given traces already in the history."""
+        found = {}
+        ids = list(trace_ids)
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                batch = ids[start:start + 500]
+                rows = self._db.execute(
+                    "SELECT trace_id, hops FROM traces WHERE trace_id IN (%s)"
+                    % ",".join("?" * len(batch)), batch)
+                for trace_id, hops in rows:
+                    found[trace_id] = json.loads(hops)
+        return found
+
+    def save(self, records):
+        """Store closed traces: [(trace_id, hops, chains)], replacing earlier versions."""
+        if not records:
+            return
+        now = self._clock()
+        trace_rows, request_rows, chain_rows, trace_chain_rows = [], [], [], []
+        for trace_id, hops, chains in records:
+            entry = _entry_hop(hops)
+            starts = [h["start"] for h in hops if isinstance(h.get("start"), (int, float))]
+            ends = [h["start"] + (h.get("duration") or 0) for h in hops
+                    if isinstance(h.get("start"), (int, float))]
+            start = min(starts) if starts else None
+            trace_rows.append((
+                trace_id, now, start, (max(ends) - start) if starts else None,
+                entry.get("service") if entry else None,
+                entry.get("operation") if entry else None,
+                1 if any(h.get("error") is not None for h in hops) else 0,
+                json.dumps(hops, separators=(",", ":"))))
+            for request_id in {h.get(k) for h in hops
+                               for k in ("request_id", "global_request_id")} - {None}:
+                request_rows.append((request_id, trace_id, now))
+            for chain in chains:
+                chain_rows.append((chain["key"], json.dumps(chain, separators=(",", ":"))))
+                trace_chain_rows.append((trace_id, chain["key"], now,
+                                         _entry_request_id(chain)))
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                db.executemany("DELETE FROM trace_chains WHERE trace_id = ?",
+                               [(r[0],) for r in trace_rows])
+                db.executemany("INSERT OR REPLACE INTO traces VALUES (?,?,?,?,?,?,?,?)",
+                               trace_rows)
+                db.executemany("INSERT OR REPLACE INTO request_ids VALUES (?,?,?)",
+                               request_rows)
+                db.executemany("INSERT OR IGNORE INTO chains VALUES (?,?)", chain_rows)
+                db.executemany("INSERT OR REPLACE INTO trace_chains VALUES (?,?,?,?)",
+                               trace_chain_rows)
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
+
+    def prune(self):
+        """Forget traces older than max_age or beyond max_traces; returns how many."""
+        with self._lock:
+            db = self._db
+            cutoff = self._clock() - self.max_age_seconds
+            (count,) = db.execute("SELECT count(*) FROM traces").fetchone()
+            if count > self.max_traces:
+                (nth,) = db.execute("SELECT seen FROM traces ORDER BY seen DESC "
+                                    "LIMIT 1 OFFSET ?", (self.max_traces,)).fetchone()
+                cutoff = max(cutoff, nth)
+            db.execute("BEGIN")
+            removed = db.execute("DELETE FROM traces WHERE seen <= ?", (cutoff,)).rowcount
+            db.execute("DELETE FROM request_ids WHERE seen <= ?", (cutoff,))
+            db.execute("DELETE FROM trace_chains WHERE seen <= ?", (cutoff,))
+            db.execute("DELETE FROM chains WHERE chain_key NOT IN "
+                       "(SELECT DISTINCT chain_key FROM trace_chains)")
+            db.execute("COMMIT")
+        return removed
+
+    # -- reading (the API) -------------------------------------------------
+
+    def trace(self, trace_or_request_id):
+        """The whole trace (every hop, by start time) for a trace id or a request id."""
+        with self._lock:
+            row = self._db.execute("SELECT trace_id FROM traces WHERE trace_id = ?",
+                                   (trace_or_request_id,)).fetchone()
+            if row is None:
+                row = self._db.execute(
+                    "SELECT trace_id FROM request_ids WHERE request_id = ? "
+                    "ORDER BY seen DESC LIMIT 1", (trace_or_request_id,)).fetchone()
+            if row is None:
+                return None
+            trace_id = row[0]
+            seen, start, duration, hops = self._db.execute(
+                "SELECT seen, start, duration, hops FROM traces WHERE trace_id = ?",
+                (trace_id,)).fetchone()
+            keys = [k for (k,) in self._db.execute(
+                "SELECT chain_key FROM trace_chains WHERE trace_id = ?", (trace_id,))]
+            chains = [json.loads(c) for (c,) in self._db.execute(
+                "SELECT chain FROM chains WHERE chain_key IN (%s)" % ",".join("?" * len(keys)),
+                keys)]
+        hops = sorted(json.loads(hops), key=lambda h: (_number(h.get("start")),))
+        return {"trace_id": trace_id, "seen": seen, "start": start, "duration": duration,
+                "hops": hops, "chains": [_shape(c) for c in chains]}
+
+    def chains(self, since_seconds=900, limit=50, absorbed=None):
+        """Chains of the last ``since_seconds``, grouped by shape, most frequent first."""
+        since = self._clock() - since_seconds
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tc.chain_key, count(*), min(tc.seen), max(tc.seen), c.chain "
+                "FROM trace_chains tc JOIN chains c ON c.chain_key = tc.chain_key "
+                "WHERE tc.seen >= ? GROUP BY tc.chain_key "
+                "ORDER BY count(*) DESC, max(tc.seen) DESC", (since,)).fetchall()
+            groups = []
+            for key, count, first, last, chain in rows:
+                chain = _shape(json.loads(chain))
+                if absorbed is not None and chain["absorbed"] != absorbed:
+                    continue
+                examples = self._db.execute(
+                    "SELECT trace_id, request_id FROM trace_chains "
+                    "WHERE chain_key = ? AND seen >= ? ORDER BY seen DESC LIMIT ?",
+                    (key, since, EXAMPLES_PER_CHAIN)).fetchall()
+                chain.update(count=count, first_seen=first, last_seen=last,
+                             examples=[{"trace_id": t, "request_id": r} for t, r in examples])
+                groups.append(chain)
+                if len(groups) >= limit:
+                    break
+        return groups
+
+    def size(self):
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM traces").fetchone()[0]
+
+
+def _number(value):
+    return value if isinstance(value, (int, float)) else 0.0
+
+
+def _entry_hop(hops):
+    """The hop with no parent in the trace (the earliest such), if any."""
+    spans = {h.get("span_id") for h in hops}
+    roots = [h for h in hops if h.get("parent_id") not in spans]
+    return min(roots, key=lambda h: _number(h.get("start")), default=None)
+
+
+def _entry_request_id(chain):
+    for step in reversed(chain["hops"]):
+        if step.get("request_id"):
+            return step["request_id"]
+    return None
+
+
+def _shape(chain):
+    """A chain as stored: its shape; per-trace timings and ids stay in the trace."""
+    return {"key": chain["key"], "origin": chain["origin"], "entry": chain["entry"],
+            "absorbed": chain["absorbed"],
+            "hops": [{k: s.get(k) for k in ("service", "side", "protocol", "operation",
+                                            "error", "kind")}
+                     for s in chain["hops"]]}
