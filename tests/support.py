@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -105,8 +106,27 @@ class CollectorProcess:
                         timeout=timeout,
                         message=f"{name}{labels} == {expected}") and True
 
+    def json(self, path):
+        return json.loads(self.get(path)[1])
+
+    def trace(self, trace_or_request_id, timeout=30):
+        """The assembled trace, once the collector has closed it."""
+        def found():
+            try:
+                return self.json("/api/traces/" + trace_or_request_id)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return None
+                raise
+        return wait_for(found, timeout=timeout, message=f"trace {trace_or_request_id}")
+
     def log(self):
         return self.log_path.read_text()
+
+
+# Traces close after this quiet period in the tests' collectors (default 5 s).
+TRACE_QUIET = "1.5s"
+
 
 @contextlib.contextmanager
 def run_collector(export_url, tmp_path, extra_args=()):
@@ -115,7 +135,9 @@ def run_collector(export_url, tmp_path, extra_args=()):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "commlens.cli.main", "collector",
-             "--listen", f"127.0.0.1:{port}", "--export-url", export_url, *extra_args],
+             "--listen", f"127.0.0.1:{port}", "--export-url", export_url,
+             "--history", str(tmp_path / f"history-{port}.sqlite"),
+             "--trace-quiet", TRACE_QUIET, *extra_args],
             stdout=log, stderr=subprocess.STDOUT)
     collector = CollectorProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:

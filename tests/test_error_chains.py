@@ -1,0 +1,195 @@
+"""Error chains across real processes: api (REST) -> conductor (RPC) -> network (REST).
+
+Every process is a real service on loopback over the real broker; they ship
+to the session's collector, which assembles traces and derives chains.
+"""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+
+from support import COMMLENS_URL, PEERS, Peer
+
+pytestmark = pytest.mark.slow
+
+
+def _start(tmp_path, role, *extra, service=None, env=None):
+    log_path = tmp_path / f"{role}.log"
+    environment = dict(os.environ, **(env or {}))
+    if service:
+        environment["COMMLENS_SERVICE_NAME"] = service
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(PEERS / "chain_services.py"), "--role", role, *extra],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
+    peer = Peer(process, log_path)
+    words = process.stdout.readline().split()
+    if not words or words[0] != "READY":
+        peer.stop()
+        raise AssertionError(f"{role} did not start\n{peer.log()}")
+    return peer, (f"http://127.0.0.1:{words[1]}" if len(words) > 1 else None)
+
+
+def _scenario(tmp_path, executor="threading", sample_ratio="0"):
+    """(api URL, peers): three services shipping only error and absorbing hops
+    unless ``sample_ratio`` says otherwise."""
+    topic = "conductor-" + uuid.uuid4().hex[:8]
+    env = {"COMMLENS_HOP_SAMPLE_RATIO": sample_ratio}
+    network, network_url = _start(tmp_path, "network", env=env)
+    conductor, _ = _start(tmp_path, "conductor", "--url", COMMLENS_URL, "--topic", topic,
+                          "--network", network_url, "--executor", executor,
+                          service="nova-conductor",
+                          env=dict(env, COMMLENS_HTTP_ENDPOINTS=f"neutron-server={network_url}"))
+    api, api_url = _start(tmp_path, "api", "--url", COMMLENS_URL, "--topic", topic,
+                          service="nova-api", env=env)
+    return api_url, topic, [api, conductor, network]
+
+
+@pytest.fixture(scope="module")
+def scenario(rabbitmq, collector, tmp_path_factory):
+    api_url, topic, peers = _scenario(tmp_path_factory.mktemp("chains"))
+    yield api_url, topic
+    for peer in peers:
+        peer.stop()
+
+
+def method_of(path, paths):
+    return next(method for method, p, _ in paths if p == path)
+
+
+def _request_id(response):
+    request_id = response.headers["X-OpenStack-Request-ID"]
+    assert request_id.startswith("req-")
+    return request_id
+
+
+def _steps(chain):
+    return [(h["service"], h["side"], h["protocol"], h["error"]) for h in chain["hops"]]
+
+
+def test_chain_names_the_network_service_as_origin_and_the_request_id_finds_it(
+        collector, scenario):
+    api_url, _topic = scenario
+    response = requests.post(f"{api_url}/v2.1/servers/{uuid.uuid4()}", timeout=15)
+    assert response.status_code == 500
+    trace = collector.trace(_request_id(response))
+
+    (chain,) = trace["chains"]
+    assert chain["origin"] == {"service": "neutron-server", "protocol": "http",
+                               "operation": "PUT /v2.0/ports/{id}/binding",
+                               "error": "409 PortBindingFailed"}
+    assert chain["entry"]["service"] == "nova-api"
+    # Flask turns the exception into its own 500: no exception reaches commlens.
+    assert chain["entry"]["error"] == "500"
+    assert chain["absorbed"] is False
+    assert _steps(chain) == [
+        ("neutron-server", "server", "http", "409 PortBindingFailed"),
+        ("nova-conductor", "client", "http", "409"),
+        ("nova-conductor", "server", "rpc", "PortBindingFailed"),
+        # The caller got PortBindingFailed_Remote: labelled by the remote
+        # class, with outcome remote_error.
+        ("nova-api", "client", "rpc", "PortBindingFailed"),
+        ("nova-api", "server", "http", "500"),
+    ]
+    api_call = next(h for h in trace["hops"] if h["service"] == "nova-api"
+                    and h["side"] == "client")
+    assert api_call["outcome"] == "remote_error" and api_call["operation"] == "build_instances"
+    # Every hop of the trace, with timing, in order of start.
+    assert [h["service"] for h in trace["hops"]][0] == "nova-api"
+    assert all(h["duration"] is not None for h in trace["hops"])
+    # The trace id finds the same trace.
+    assert collector.trace(trace["trace_id"])["hops"] == trace["hops"]
+
+    chains = collector.json("/api/chains?since=15m")["chains"]
+    group = next(c for c in chains if c["key"] == chain["key"])
+    assert group["count"] >= 1 and group["first_seen"] <= group["last_seen"]
+    assert any(e["trace_id"] == trace["trace_id"] for e in group["examples"])
+    assert collector.metrics().value(
+        "commlens_error_chain_total", origin_service="neutron-server",
+        origin_operation="PUT /v2.0/ports/{id}/binding",
+        origin_error="409 PortBindingFailed", entry_service="nova-api",
+        entry_operation="POST /v2.1/servers/{id}") >= 1
+
+
+def test_a_call_that_times_out_has_the_unanswering_conductor_as_origin(collector, scenario):
+    api_url, topic = scenario
+    response = requests.get(f"{api_url}/v2.1/servers/{uuid.uuid4()}/console", timeout=15)
+    assert response.status_code == 500
+    trace = collector.trace(_request_id(response))
+
+    (chain,) = trace["chains"]
+    # The conductor is still busy (it will never answer in time): the callee
+    # is the origin, named by the topic the caller waited on.
+    assert chain["origin"] == {"service": topic, "protocol": "rpc", "operation": "hang",
+                               "error": "MessagingTimeout"}
+    assert _steps(chain) == [
+        ("nova-api", "client", "rpc", "MessagingTimeout"),
+        ("nova-api", "server", "http", "500"),
+    ]
+
+
+def test_a_caller_that_retries_and_succeeds_is_an_absorbed_chain(collector, scenario):
+    api_url, _topic = scenario
+    response = requests.post(f"{api_url}/v2.1/servers/{uuid.uuid4()}/action", timeout=15)
+    assert response.status_code == 200
+    trace = collector.trace(_request_id(response))
+
+    (chain,) = trace["chains"]
+    assert chain["absorbed"] is True
+    assert chain["origin"]["service"] == "neutron-server"
+    assert chain["entry"] == {"service": "nova-conductor", "protocol": "rpc",
+                              "operation": "reserve", "error": None}
+    assert _steps(chain) == [
+        ("neutron-server", "server", "http", "409 PortBindingFailed"),
+        ("nova-conductor", "client", "http", "409"),
+        ("nova-conductor", "server", "rpc", None),
+    ]
+    # Not an error at the entry: the api's own hop succeeded and was not kept.
+    assert all(h["service"] != "nova-api" or h["error"] is None for h in trace["hops"])
+    absorbed = collector.json("/api/chains?since=15m&absorbed=true")["chains"]
+    assert chain["key"] in [c["key"] for c in absorbed]
+    assert collector.metrics().value(
+        "commlens_error_chain_absorbed_total", origin_service="neutron-server",
+        entry_service="nova-conductor", entry_operation="reserve") >= 1
+
+
+@pytest.mark.parametrize("executor", ["threading", "eventlet"])
+def test_concurrent_traces_in_one_process_never_mix_hops(collector, rabbitmq, tmp_path,
+                                                         executor):
+    api_url, _topic, peers = _scenario(tmp_path, executor=executor, sample_ratio="1")
+    try:
+        paths = [item for _ in range(6) for item in (
+            ("post", f"/v2.1/servers/{uuid.uuid4()}", 500),
+            ("post", f"/v2.1/servers/{uuid.uuid4()}/action", 200),
+            ("get", f"/v2.1/servers/{uuid.uuid4()}", 200))]
+
+        def send(item):
+            method, path, status = item
+            response = getattr(requests, method)(api_url + path, timeout=30)
+            assert response.status_code == status, response.text
+            return path, _request_id(response)
+
+        with concurrent.futures.ThreadPoolExecutor(len(paths)) as pool:
+            sent = list(pool.map(send, paths))
+        for path, request_id in sent:
+            trace = collector.trace(request_id)
+            hops = trace["hops"]
+            by_span = {h["span_id"]: h for h in hops}
+            (root,) = [h for h in hops if h["parent_id"] not in by_span]
+            assert root["service"] == "nova-api" and root["request_id"] == request_id
+            # Exactly this request's own calls, and nobody else's: one RPC
+            # call (both ends carry this request id) and the REST calls it made.
+            rpc = [h for h in hops if h["protocol"] == "rpc"]
+            assert len(rpc) == 2 and {h["request_id"] for h in rpc} == {request_id}
+            network_calls = len([h for h in hops if h["service"] == "neutron-server"])
+            expected = 2 if path.endswith("/action") else (1 if method_of(path, paths) ==
+                                                              "post" else 0)
+            assert network_calls == expected
+    finally:
+        for peer in peers:
+            peer.stop()
