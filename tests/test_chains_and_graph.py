@@ -5,6 +5,7 @@ to the session's collector, which assembles traces and derives chains.
 """
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import uuid
 import pytest
 import requests
 
-from support import COMMLENS_URL, PEERS, Peer
+from support import (COMMLENS_URL, EXPORT_URL, PEERS, Peer, collector_ready, run_collector,
+                     wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -193,3 +195,102 @@ def test_concurrent_traces_in_one_process_never_mix_hops(collector, rabbitmq, tm
     finally:
         for peer in peers:
             peer.stop()
+
+
+def _edge(graph, client, server, protocol):
+    return next((e for e in graph["edges"] if (e["client"], e["server"], e["protocol"])
+                 == (client, server, protocol)), None)
+
+
+@pytest.fixture(scope="module")
+def watching_collector(rabbitmq, tmp_path_factory):
+    """A second collector on its own queue (it sees everything too), watching
+    the broker's queues through the management API."""
+    with run_collector(EXPORT_URL + "&queue=commlens.watching-" + uuid.uuid4().hex[:6],
+                       tmp_path_factory.mktemp("watching"),
+                       ["--rabbitmq-management-url",
+                        "http://guest:guest@127.0.0.1:15672/"]) as process:
+        wait_for(lambda: collector_ready(process), timeout=30, message="collector ready")
+        yield process
+
+
+def test_graph_and_tempo_service_graph_metrics_show_both_kinds_of_edge(
+        collector, watching_collector, scenario):
+    api_url, topic = scenario
+    for _ in range(3):
+        assert requests.get(f"{api_url}/v2.1/servers/{uuid.uuid4()}", timeout=15).ok
+    assert requests.post(f"{api_url}/v2.1/servers/{uuid.uuid4()}", timeout=15).status_code \
+        == 500
+    assert requests.get(f"{api_url}/v2.1/servers/{uuid.uuid4()}/console",
+                        timeout=15).status_code == 500
+
+    def graph_ready():
+        graph = watching_collector.json("/api/graph?window=5m")
+        rpc = _edge(graph, "nova-api", "nova-conductor", "rpc")
+        rest = _edge(graph, "nova-conductor", "neutron-server", "http")
+        if rpc and rest and rpc["failed"] >= 2 and rpc["timeouts"] >= 1 and rpc.get("queues"):
+            return graph, rpc, rest
+        return None
+
+    graph, rpc, rest = wait_for(graph_ready, timeout=30, message="graph edges")
+    assert rpc["rate"] > 0 and 0 < rpc["error_ratio"] < 1
+    assert rpc["p50_seconds"] is not None and rpc["p99_seconds"] >= rpc["p50_seconds"]
+    assert rpc["waiting_replies"] >= 0
+    # The broker's side of the edge: the conductor's topic queue, consumed.
+    assert rpc["queues"][topic]["consumers"] == 1
+    assert rest["error_ratio"] == 0  # a 409 is the server refusing, not failing
+    services = {n["service"] for n in graph["nodes"]}
+    assert {"nova-api", "nova-conductor", "neutron-server"} <= services
+
+    metrics = watching_collector.metrics()
+    rpc_labels = {"client": "nova-api", "server": "nova-conductor",
+                  "connection_type": "messaging_system"}
+    assert metrics.value("traces_service_graph_request_total", **rpc_labels) >= 5
+    assert metrics.value("traces_service_graph_request_failed_total", **rpc_labels) >= 2
+    assert metrics.value("traces_service_graph_request_server_seconds_count",
+                         **rpc_labels) >= 3
+    # Client side: the caller named the topic; the collector names its consumer.
+    assert metrics.value("traces_service_graph_request_client_seconds_count",
+                         **rpc_labels) >= 5
+    assert metrics.value("traces_service_graph_request_total", client="nova-conductor",
+                         server="neutron-server", connection_type="") >= 1
+    assert metrics.value("commlens_broker_queue_consumers", queue=topic) == 1
+    assert metrics.value("commlens_broker_management_up") == 1
+
+
+def test_incident_commands_print_tables_and_json(collector, scenario):
+    api_url, _topic = scenario
+    response = requests.post(f"{api_url}/v2.1/servers/{uuid.uuid4()}", timeout=15)
+    request_id = _request_id(response)
+    collector.trace(request_id)
+
+    def commlens(*args):
+        done = subprocess.run([sys.executable, "-m", "commlens.cli.main", *args,
+                               "--collector", collector.base_url],
+                              capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, COLUMNS="200"))
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    table = commlens("trace", request_id)
+    assert "neutron-server" in table and "409 PortBindingFailed" in table
+    assert json.loads(commlens("trace", request_id, "--json"))["hops"]
+    chains = commlens("chains", "--since", "15m")
+    assert "neutron-server" in chains and request_id in chains
+    assert json.loads(commlens("chains", "--since", "15m", "--json"))["chains"]
+    graph = commlens("graph", "--window", "15m")
+    assert "nova-conductor" in graph
+    assert json.loads(commlens("graph", "--json"))["edges"]
+
+    missing = subprocess.run([sys.executable, "-m", "commlens.cli.main", "trace",
+                              "req-does-not-exist", "--collector", collector.base_url],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "no trace or request id" in missing.stderr
+    down = subprocess.run([sys.executable, "-m", "commlens.cli.main", "graph",
+                           "--collector", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and "cannot reach the collector" in down.stderr
+    bad = subprocess.run([sys.executable, "-m", "commlens.cli.main", "chains", "--since",
+                          "yesterday", "--collector", collector.base_url],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "not a duration" in bad.stderr

@@ -1,0 +1,91 @@
+"""Two collector replicas share the load through RabbitMQ's consistent-hash exchange.
+
+Real agents' shippers publish to a fresh exchange; each trace's hops come
+from three different processes. Every trace must be assembled whole by
+exactly one replica, and every process's totals must be on exactly one, so
+Prometheus can sum the replicas.
+"""
+
+import uuid
+
+import pytest
+
+from commlens.exporters import shipping
+from commlens.tracer import context
+from commlens.tracer import metrics
+from commlens.tracer import recorder as recorder_mod
+from support import collector_ready, run_collector, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROCESSES = 12
+TRACES = 120
+
+
+def _hop(trace_id, span_id, parent_id, service, side):
+    return {"trace_id": trace_id, "span_id": span_id, "parent_id": parent_id,
+            "service": service, "side": side, "protocol": "rpc", "peer": None,
+            "target": "topic", "operation": "build", "kind": "call", "outcome": "error",
+            "error": "Boom", "start": 1.0e9, "duration": 0.01, "request_id": None,
+            "global_request_id": None}
+
+
+def test_two_replicas_never_split_a_trace_and_sum_to_the_whole(rabbitmq, tmp_path):
+    run = uuid.uuid4().hex[:8]
+    export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-replicas-{run}"
+                  f"&queue=commlens.replicas-{run}")
+    with run_collector(export_url, tmp_path, ["--replica", "1"]) as one, \
+            run_collector(export_url, tmp_path, ["--replica", "2"]) as two:
+        replicas = (one, two)
+        for replica in replicas:
+            wait_for(lambda r=replica: collector_ready(r), timeout=30, message="replica")
+
+        recorders = [recorder_mod.Recorder(f"svc-{i}") for i in range(PROCESSES)]
+        trace_ids = [context.new_trace_id() for _ in range(TRACES)]
+        for n, trace_id in enumerate(trace_ids):
+            spans = [context.new_span_id() for _ in range(3)]
+            for k in range(3):
+                recorder = recorders[(n + k) % PROCESSES]
+                recorder.add_hop(_hop(trace_id, spans[k], spans[k - 1] if k else None,
+                                      recorder.service, "server" if k % 2 == 0 else "client"))
+        for recorder in recorders:
+            recorder.inc(metrics.RPC_SENT, (recorder.service, "topic", "build", "call"))
+            transport = shipping.AmqpTransport(export_url)
+            assert shipping.Shipper(recorder, transport, 1.0).ship_once()
+            transport.close()
+
+        def totals():
+            sent = [r.metrics().series("commlens_rpc_sent_total") for r in replicas]
+            return sent if sum(len(s) for s in sent) == PROCESSES else None
+
+        per_replica = wait_for(totals, timeout=30, message="every process on a replica")
+        assert all(per_replica), "both replicas take a share of the processes"
+        services = [label["service"] for series in per_replica for label, _ in series]
+        assert sorted(services) == sorted(r.service for r in recorders)
+
+        def assembled(trace_id):
+            found = []
+            for replica in replicas:
+                try:
+                    found.append(len(replica.json("/api/traces/" + trace_id)["hops"]))
+                except OSError:
+                    pass
+            return found or None
+
+        owners = {}
+        for trace_id in trace_ids:
+            (hops,) = wait_for(lambda t=trace_id: assembled(t), timeout=30,
+                               message=f"trace {trace_id}")
+            assert hops == 3
+            owners[trace_id] = [i for i, r in enumerate(replicas)
+                                if _has(r, trace_id)]
+        assert all(len(o) == 1 for o in owners.values())
+        assert {o[0] for o in owners.values()} == {0, 1}
+
+
+def _has(replica, trace_id):
+    try:
+        replica.json("/api/traces/" + trace_id)
+        return True
+    except OSError:
+        return False
