@@ -22,8 +22,9 @@ run: setup
 	@scripts/ensure-rabbitmq
 	$(VENV)/bin/commlens collector --listen 127.0.0.1:9780
 
-## The overhead benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk).
+## The benchmarks: RPC (rabbit:// vs commlens+rabbit://), WSGI (wrk), collector ingest.
 bench: setup
 	@scripts/ensure-rabbitmq
 	$(PY) benchmarks/rpc_overhead.py
 	$(PY) benchmarks/wsgi_overhead.py
+	$(PY) benchmarks/collector_ingest.py

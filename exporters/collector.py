@@ -14,7 +14,6 @@ foreign is skipped and counted, never raised.
 import collections
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -303,12 +302,16 @@ _HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol"
                "request_id", "global_request_id")
 
 
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
 _SIDES = frozenset((hops_mod.CLIENT, hops_mod.SERVER))
 _PROTOCOLS = frozenset((hops_mod.RPC, hops_mod.HTTP))
 _MAX_DURATION = 86400.0
 _MAX_CLOCK_SKEW = 86400.0
+
+
+_HOP_FIELD_SET = frozenset(_HOP_FIELDS)
+_STRING_FIELDS = tuple(f for f in _HOP_FIELDS if f not in ("start", "duration"))
 
 
 def _clean_hop(hop):
@@ -317,28 +320,29 @@ def _clean_hop(hop):
     Ids must be W3C hex; strings are bounded; an absurd timestamp or
     duration (another clock, garbage) becomes None rather than costing the
     hop: its place in the trace comes from its parent link, not its time.
+    This runs for every hop the collector receives: kept to plain look-ups.
     """
-    if (not isinstance(hop, dict) or not _HEX32.match(str(hop.get("trace_id")))
-            or not _HEX16.match(str(hop.get("span_id")))
-            or hop.get("side") not in _SIDES or hop.get("protocol") not in _PROTOCOLS
-            or not _short_str(hop.get("service"), MAX_LABEL_LENGTH)):
+    if type(hop) is not dict:
         return None
-    clean = {}
-    for field in _HOP_FIELDS:
-        value = hop.get(field)
-        if value is None or isinstance(value, str) and len(value) <= MAX_LABEL_LENGTH:
-            clean[field] = value
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            clean[field] = value if math.isfinite(value) else None
-        else:
+    # What agents send has exactly these keys: then the decoded dict is kept.
+    clean = hop if hop.keys() == _HOP_FIELD_SET else {f: hop.get(f) for f in _HOP_FIELDS}
+    for field in _STRING_FIELDS:
+        value = clean[field]
+        if value is not None and (type(value) is not str or len(value) > MAX_LABEL_LENGTH):
             return None
+    if (clean["side"] not in _SIDES or clean["protocol"] not in _PROTOCOLS
+            or not clean["service"] or clean["trace_id"] is None or clean["span_id"] is None
+            or not _HEX32.match(clean["trace_id"]) or not _HEX16.match(clean["span_id"])):
+        return None
     parent = clean["parent_id"]
     if parent is not None and not _HEX16.match(parent):
         clean["parent_id"] = None
     start, duration = clean["start"], clean["duration"]
-    if not isinstance(start, (int, float)) or abs(start - time.time()) > _MAX_CLOCK_SKEW:
+    if (type(start) is not float and type(start) is not int
+            or not abs(start - time.time()) <= _MAX_CLOCK_SKEW):
         clean["start"] = None
-    if not isinstance(duration, (int, float)) or not 0 <= duration <= _MAX_DURATION:
+    if (type(duration) is not float and type(duration) is not int
+            or not 0 <= duration <= _MAX_DURATION):
         clean["duration"] = None
     return clean
 

@@ -111,12 +111,12 @@ class History:
                 entry.get("service") if entry else None,
                 entry.get("operation") if entry else None,
                 1 if any(h.get("error") is not None for h in hops) else 0,
-                json.dumps(hops, separators=(",", ":"))))
+                _encode(hops)))
             for request_id in {h.get(k) for h in hops
                                for k in ("request_id", "global_request_id")} - {None}:
                 request_rows.append((request_id, trace_id, now))
             for chain in chains:
-                chain_rows.append((chain["key"], json.dumps(chain, separators=(",", ":"))))
+                chain_rows.append((chain["key"], _encode(chain)))
                 trace_chain_rows.append((trace_id, chain["key"], now,
                                          _entry_request_id(chain)))
         with self._lock:
@@ -212,6 +212,9 @@ class History:
             return self._db.execute("SELECT count(*) FROM traces").fetchone()[0]
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 def _number(value):
     return value if isinstance(value, (int, float)) else 0.0
 
@@ -231,9 +234,7 @@ def _entry_request_id(chain):
 
 
 def _shape(chain):
-    """A chain as stored: its shape; per-trace timings and ids stay in the trace."""
+    """A chain as stored: its shape, and the hops (durations, request ids) of
+    the first trace that had it; every trace keeps its own in ``trace()``."""
     return {"key": chain["key"], "origin": chain["origin"], "entry": chain["entry"],
-            "absorbed": chain["absorbed"],
-            "hops": [{k: s.get(k) for k in ("service", "side", "protocol", "operation",
-                                            "error", "kind")}
-                     for s in chain["hops"]]}
+            "absorbed": chain["absorbed"], "hops": chain["hops"]}

@@ -19,14 +19,14 @@ COLLECTOR_INVALID_SERIES = metrics.Metric(
 COLLECTOR_PROCESSES = metrics.Metric(
     "commlens_collector_processes", "gauge", ("service",),
     "Processes currently reporting to this collector.")
+CHAIN_LABELS = ("origin_service", "origin_operation", "origin_error", "entry_service",
+                "entry_operation")
 ERROR_CHAINS = metrics.Metric(
-    "commlens_error_chain_total", "counter",
-    ("origin_service", "origin_operation", "origin_error", "entry_service", "entry_operation"),
+    "commlens_error_chain_total", "counter", CHAIN_LABELS,
     "Error propagation chains that reached their entry point, by origin and entry "
     "(the first label sets seen are kept; the rest are summed as 'other').")
 ABSORBED_CHAINS = metrics.Metric(
-    "commlens_error_chain_absorbed_total", "counter",
-    ("origin_service", "origin_operation", "origin_error", "entry_service", "entry_operation"),
+    "commlens_error_chain_absorbed_total", "counter", CHAIN_LABELS,
     "Error chains a caller caught and turned into a success (retry, fallback); "
     "entry is the hop that absorbed the error.")
 COLLECTOR_HOPS = metrics.Metric(
