@@ -1,4 +1,4 @@
-"""Two collector replicas share the load through RabbitMQ's consistent-hash exchange.
+"""Collector processes: two replicas sharing the load, and a restart keeping the history.
 
 Real agents' shippers publish to a fresh exchange; each trace's hops come
 from three different processes. Every trace must be assembled whole by
@@ -89,3 +89,35 @@ def _has(replica, trace_id):
         return True
     except OSError:
         return False
+
+
+def test_a_restarted_collector_keeps_its_history_and_late_hops_still_join(rabbitmq, tmp_path):
+    run = uuid.uuid4().hex[:8]
+    export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-restart-{run}"
+                  f"&queue=commlens.restart-{run}")
+    history = ["--history", str(tmp_path / "kept.sqlite")]
+    trace_id = context.new_trace_id()
+    spans = [context.new_span_id() for _ in range(3)]
+    api, conductor = recorder_mod.Recorder("nova-api"), recorder_mod.Recorder("nova-conductor")
+
+    def ship(recorder):
+        transport = shipping.AmqpTransport(export_url)
+        assert shipping.Shipper(recorder, transport, 1.0).ship_once()
+        transport.close()
+
+    with run_collector(export_url, tmp_path, history) as first:
+        wait_for(lambda: collector_ready(first), timeout=30, message="collector")
+        api.add_hop(_hop(trace_id, spans[0], None, "nova-api", "server"))
+        api.add_hop(_hop(trace_id, spans[1], spans[0], "nova-api", "client"))
+        ship(api)
+        wait_for(lambda: _has(first, trace_id), timeout=30, message="trace closed")
+    with run_collector(export_url, tmp_path, history) as second:
+        wait_for(lambda: collector_ready(second), timeout=30, message="collector again")
+        assert len(second.json("/api/traces/" + trace_id)["hops"]) == 2
+        # The conductor's hop comes after the restart: it joins the stored trace.
+        conductor.add_hop(_hop(trace_id, spans[2], spans[1], "nova-conductor", "server"))
+        ship(conductor)
+        trace = wait_for(lambda: (lambda t: t if len(t["hops"]) == 3 else None)(
+            second.json("/api/traces/" + trace_id)), timeout=30, message="late hop joined")
+        (chain,) = trace["chains"]
+        assert chain["origin"]["service"] == "nova-conductor"
