@@ -17,10 +17,10 @@ test-fast: setup
 	@scripts/ensure-rabbitmq
 	$(PY) -m pytest -m "not slow"
 
-## The main job: the collector on 127.0.0.1:9780, consuming the local broker.
+## The main job: the emulated control plane with its collector on 127.0.0.1:9780
+## (embedded: no broker needed).
 run: setup
-	@scripts/ensure-rabbitmq
-	$(VENV)/bin/commlens collector --listen 127.0.0.1:9780
+	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780
 
 ## The benchmarks: RPC (rabbit:// vs commlens+rabbit://), WSGI (wrk), collector ingest.
 bench: setup

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from commlens.cli import demo
 from commlens.cli import incident
 from commlens.exporters import durations
 
@@ -62,6 +63,7 @@ def build_parser():
     collector.set_defaults(run=run_collector)
 
     incident.add_commands(commands)
+    demo.add_command(commands, _listen_address, DEFAULT_LISTEN)
     return parser
 
 

@@ -141,7 +141,7 @@ def _send(self, request, **kwargs):
 
 
 class _Call:
-    __slots__ = ("recorder", "ctx", "target", "method", "start")
+    __slots__ = ("recorder", "service", "ctx", "target", "method", "start")
 
 
 def _begin(request):
@@ -150,7 +150,8 @@ def _begin(request):
         return None
     call = _Call()
     call.recorder = recorder
-    call.ctx = context.stamp_outgoing(request.headers, recorder.service, "http")
+    call.service = context.current_service(recorder.service)
+    call.ctx = context.stamp_outgoing(request.headers, call.service, "http")
     call.target = _target(request.url)
     call.method = labels.http_method(request.method)
     call.start = _perf_counter()
@@ -177,10 +178,10 @@ def _end(call, response):
         else:
             code = str(response.status_code)
             outcome = metrics.ERROR if code.startswith("5") else metrics.OK
-        rec.inc(metrics.HTTP_CLIENT_REQUESTS, (rec.service, call.target, call.method, code))
+        rec.inc(metrics.HTTP_CLIENT_REQUESTS, (call.service, call.target, call.method, code))
         rec.observe(metrics.HTTP_CLIENT_DURATION,
-                    (rec.service, call.target, call.method, outcome), duration)
-        edge = (rec.service, call.target, "")
+                    (call.service, call.target, call.method, outcome), duration)
+        edge = (call.service, call.target, "")
         rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS, edge, duration)
         if response is None:
             rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
@@ -195,7 +196,7 @@ def _end(call, response):
                     response.headers.get("x-openstack-request-id")
                     or response.headers.get("x-compute-request-id"))
             rec.add_hop(hops.make_hop(
-                call.ctx, service=rec.service, side=hops.CLIENT, protocol=hops.HTTP,
+                call.ctx, service=call.service, side=hops.CLIENT, protocol=hops.HTTP,
                 peer=None, target=call.target, operation=call.method, kind=call.method,
                 outcome=outcome, error=code if failed else None,
                 start=hops.wall_clock_start(call.start, call.start + duration),

@@ -73,15 +73,17 @@ class CommlensDriver(base.BaseDriver):
         ).driver
 
         settings = settings_mod.load(conf)
-        service = url.query.get(_URL_PREFIX + "service_name") or settings.service_name
-        if not settings_mod.valid_service_name(service):
+        explicit = url.query.get(_URL_PREFIX + "service_name")
+        if explicit is not None and not settings_mod.valid_service_name(explicit):
             LOG.error("commlens: service name %r is not valid; using %r",
-                      service, settings.service_name)
-            service = settings.service_name
+                      explicit, settings.service_name)
+            explicit = None
         self._recorder = recorder_mod.install(
             settings, lambda rec: shipping.make_shipper(
-                rec, settings, _default_export_url(inner_url)), service=service)
-        self._service = self._recorder.service
+                rec, settings, _default_export_url(inner_url)), service=explicit)
+        # A name given in the URL is this transport's own; otherwise the
+        # process's (README: several services in one process).
+        self._service = explicit or self._recorder.service
         self._open_calls = set()
         if settings.http_outbound:
             # Services without a WSGI pipeline (conductor, agents) get their
@@ -233,6 +235,7 @@ class CommlensDriver(base.BaseDriver):
         ctx, valid = context.child_of_incoming(ctxt.get(context.TRACEPARENT))
         if not valid:
             self._recorder.dropped("bad_context")
+        ctx.service = self._service
         caller, kind = context.parse_baggage_sender(ctxt.get(context.BAGGAGE), ctx.parent_id)
         caller = caller or labels.UNKNOWN
         message = incoming.message if isinstance(incoming.message, dict) else {}

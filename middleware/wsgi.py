@@ -70,9 +70,14 @@ class CommlensMiddleware:
             conf = cfg.CONF
         self._app = app
         settings = settings_mod.load(conf, overrides=options)
+        explicit = options.get("service_name")
+        if explicit is not None and not settings_mod.valid_service_name(explicit):
+            explicit = None  # settings_mod.load has logged it
         self._recorder = recorder_mod.install(
-            settings, lambda rec: shipping.make_shipper(rec, settings))
-        self._service = self._recorder.service
+            settings, lambda rec: shipping.make_shipper(rec, settings), service=explicit)
+        # A name given to this filter is its own; otherwise the process's
+        # (README: several services in one process).
+        self._service = explicit or self._recorder.service
         self._routes = routes.RouteCap(settings.http_max_routes)
         if settings.http_outbound:
             http_client.instrument(settings.http_endpoints)
@@ -112,6 +117,7 @@ class CommlensMiddleware:
         ctx, valid = context.child_of_incoming(environ.get("HTTP_TRACEPARENT"))
         if not valid:
             self._recorder.dropped("bad_context")
+        ctx.service = self._service
         caller, _kind = context.parse_baggage_sender(environ.get("HTTP_BAGGAGE"), ctx.parent_id)
         if caller is None:
             caller = _caller_from_user_agent(environ.get("HTTP_USER_AGENT"))

@@ -34,13 +34,16 @@ _getrandbits = random.getrandbits
 class TraceContext:
     """What one hop knows of its place in a trace."""
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "child_failed")
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "child_failed", "service")
 
     def __init__(self, trace_id, span_id, parent_id=None, sampled=True):
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_id = parent_id
         self.sampled = sampled
+        # The service serving this hop: outbound REST calls made while it is
+        # current are that service's (several may share a process).
+        self.service = None
         # Set when a call this hop made failed: if the hop still succeeds it
         # absorbed an error (retry, fallback) and is shipped, so the chain
         # shows where the error stopped.
@@ -124,6 +127,12 @@ def reset_current(token):
     except ValueError:
         # Reset from another context (a different thread ran the reply).
         _current.set(None)
+
+
+def current_service(default):
+    """The service of the hop being served, else ``default``."""
+    parent = _current.get()
+    return parent.service if parent is not None and parent.service else default
 
 
 def mark_child_failed():

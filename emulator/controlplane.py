@@ -1,0 +1,440 @@
+"""An emulated OpenStack control plane whose parts really talk over REST and RPC.
+
+keystone validates tokens over REST; nova-api (REST) checks networks with
+neutron-server (REST) and calls nova-conductor,
+which calls nova-scheduler and then the chosen nova-compute over RPC; a
+compute creates and binds its port on neutron-server over REST; neutron-server
+tells its agents over an RPC fanout; computes and agents send periodic state
+reports (RPC calls) and computes send notifications. Every part is
+instrumented the way an operator would do it: a ``commlens+`` transport URL
+naming the service, and the WSGI middleware as the paste filter would build
+it. Nothing else in here knows about commlens.
+
+All parts run as threads of this process: over ``fake://`` (oslo.messaging's
+in-memory driver, whose queues are shared by every transport of a process,
+like one broker) or over a real broker with ``rabbit://``.
+"""
+
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+import urllib.parse
+import uuid
+
+from werkzeug import serving
+
+LOG = logging.getLogger(__name__)
+
+TOKEN = "gAAAAAB-demo-secret-token"  # sent by the workload: must never leak
+STATE_REPORT_SECONDS = 2.0
+SLOW_CONDUCTOR_SECONDS = 3.0
+
+CONDUCTOR, SCHEDULER, COMPUTE = "conductor", "scheduler", "compute"
+PLUGIN, PORT_UPDATE = "q-plugin", "q-agent-notifier-port-update"
+
+
+class PortBindingFailed(Exception):
+    pass
+
+
+class NeutronServerError(Exception):
+    pass
+
+
+def _with_query(url, **params):
+    return url + ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+
+
+class _Wsgi:
+    """A real WSGI server on loopback (werkzeug, threaded)."""
+
+    def __init__(self):
+        self.app = None
+        self._server = serving.make_server("127.0.0.1", 0, self._call, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.port}"
+        self._thread = None
+
+    def _call(self, environ, start_response):
+        return self.app(environ, start_response)
+
+    def start(self, app):
+        self.app = app
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _json_response(start_response, status, body=None, headers=()):
+    payload = b"" if body is None else json.dumps(body).encode()
+    start_response(status, [("Content-Type", "application/json"), *headers])
+    return [payload]
+
+
+def _request_ids(app):
+    """What oslo.middleware's request_id filter does: a req- id per request,
+    in the environ and on the response."""
+    def middleware(environ, start_response):
+        request_id = "req-" + str(uuid.uuid4())
+        environ["openstack.request_id"] = request_id
+
+        def start(status, headers, exc_info=None):
+            return start_response(status, [*headers, ("X-OpenStack-Request-ID", request_id)],
+                                  exc_info)
+        return app(environ, start)
+    return middleware
+
+
+class ControlPlane:
+
+    def __init__(self, transport_url="fake://", faults=None, computes=4, agents=2,
+                 rpc_timeout=5.0):
+        from commlens.emulator import faults as faults_mod
+
+        self.transport_url = transport_url
+        self.faults = faults or faults_mod.Faults()
+        self.computes = computes
+        self.agents = agents
+        self.rpc_timeout = rpc_timeout
+        self._transports = {}
+        self._servers = {}
+        self._wsgi = {}
+        self._stopping = threading.Event()
+        self._threads = []
+        self.instances = {}
+        self._instances_lock = threading.Lock()
+        self.compute_hosts = [f"compute-{i + 1}" for i in range(computes)]
+
+    # -- transports and RPC -----------------------------------------------
+
+    def transport(self, service):
+        import oslo_messaging as om
+        from oslo_config import cfg
+
+        if service not in self._transports:
+            url = _with_query("commlens+" + self.transport_url, commlens_service_name=service)
+            self._transports[service] = om.get_rpc_transport(
+                cfg.CONF, url=url, allowed_remote_exmods=[__name__])
+        return self._transports[service]
+
+    def client(self, service, topic, server=None, fanout=False, timeout=None):
+        import oslo_messaging as om
+
+        return om.get_rpc_client(
+            self.transport(service), om.Target(topic=topic, server=server, fanout=fanout),
+            serializer=om.NoOpSerializer(), timeout=timeout or self.rpc_timeout)
+
+    def serve(self, service, topic, endpoint, server):
+        import oslo_messaging as om
+
+        rpc = om.get_rpc_server(self.transport(service), om.Target(topic=topic, server=server),
+                                [endpoint], executor="threading",
+                                serializer=om.NoOpSerializer())
+        rpc.start()
+        self._servers[(service, server)] = rpc
+        return rpc
+
+    def unserve(self, service, server):
+        rpc = self._servers.pop((service, server), None)
+        if rpc is not None:
+            rpc.stop()
+            rpc.wait()
+
+    def every(self, seconds, task, alive=lambda: True):
+        """Run ``task`` periodically (a state report) until the plane stops."""
+        def run():
+            time.sleep(random.uniform(0, seconds))
+            while not self._stopping.wait(seconds):
+                if alive():
+                    try:
+                        task()
+                    except Exception as exc:
+                        LOG.debug("periodic task failed: %s", type(exc).__name__)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- the services -----------------------------------------------------
+
+    def start(self):
+        """Start every service; oslo.config's global CONF must be parsed already."""
+        for name in ("keystone", "neutron-server", "nova-api"):
+            self._wsgi[name] = _Wsgi()
+        # What an operator writes as http_endpoints: who lives where.
+        endpoints = [f"{name}={server.url}" for name, server in self._wsgi.items()]
+        self.endpoints = endpoints
+        self._start_keystone()
+        self._start_neutron()
+        for i in range(self.agents):
+            self._start_agent(f"agent-{i + 1}")
+        self._start_scheduler()
+        self._start_conductor()
+        for host in self.compute_hosts:
+            self._start_compute(host)
+        self._start_nova_api()
+        self.nova_api_url = self._wsgi["nova-api"].url
+
+    def _middleware(self, app, service):
+        from commlens.middleware.wsgi import CommlensMiddleware
+
+        # As [filter:commlens] with service_name and http_endpoints set.
+        return CommlensMiddleware(app, service_name=service, http_endpoints=self.endpoints)
+
+    def _start_keystone(self):
+        def keystone(environ, start_response):
+            if environ["PATH_INFO"] == "/v3/auth/tokens" and environ.get("HTTP_X_SUBJECT_TOKEN"):
+                return _json_response(start_response, "200 OK",
+                                      {"token": {"expires_at": "2099-01-01T00:00:00Z"}})
+            return _json_response(start_response, "401 Unauthorized", {"error": "no token"})
+        self._wsgi["keystone"].start(self._middleware(_request_ids(keystone), "keystone"))
+
+    def _validate(self, session, environ):
+        """keystonemiddleware's job: validate the caller's token with keystone."""
+        token = environ.get("HTTP_X_AUTH_TOKEN", "")
+        response = session.get(self._wsgi["keystone"].url + "/v3/auth/tokens",
+                               headers={"X-Auth-Token": "service-token",
+                                        "X-Subject-Token": token}, timeout=5)
+        return response.status_code == 200
+
+    def _start_neutron(self):
+        import requests
+
+        plane = self
+        session = requests.Session()
+        binding_failures = itertools.count()
+        notifier = self.client("neutron-server", PORT_UPDATE, fanout=True)
+
+        def neutron(environ, start_response):
+            method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+            if not plane._validate(session, environ):
+                return _json_response(start_response, "401 Unauthorized", {})
+            if path == "/v2.0/ports" and method == "POST":
+                port_id = str(uuid.uuid4())
+                notifier.cast({}, "port_update", port_id=port_id)
+                return _json_response(start_response, "201 Created", {"port": {"id": port_id}})
+            if path.startswith("/v2.0/ports/") and method == "PUT":
+                if "neutron-error" in plane.faults:
+                    if next(binding_failures) % 3:
+                        return _json_response(start_response, "409 Conflict", {"NeutronError": {
+                            "type": "PortBindingFailed", "message": "binding failed",
+                            "detail": ""}})
+                    return _json_response(start_response, "500 Internal Server Error", {
+                        "NeutronError": {"type": "NeutronServerError", "message": "db",
+                                         "detail": ""}})
+                return _json_response(start_response, "200 OK", {"port": {"status": "ACTIVE"}})
+            if path.startswith("/v2.0/ports/") and method == "DELETE":
+                return _json_response(start_response, "204 No Content")
+            if path == "/v2.0/ports" and method == "GET":
+                return _json_response(start_response, "200 OK", {"ports": []})
+            return _json_response(start_response, "404 Not Found", {})
+
+        class Plugin:
+            def report_state(self, ctxt, agent):
+                return "ok"
+
+        self.serve("neutron-server", PLUGIN, Plugin(), "neutron-1")
+        self._wsgi["neutron-server"].start(
+            self._middleware(_request_ids(neutron), "neutron-server"))
+
+    def _start_agent(self, host):
+        service = "neutron-openvswitch-agent"
+
+        class Agent:
+            def port_update(self, ctxt, port_id):
+                return None
+
+        self.serve(service, PORT_UPDATE, Agent(), host)
+        plugin = self.client(service, PLUGIN)
+        self.every(STATE_REPORT_SECONDS,
+                   lambda: plugin.call({}, "report_state", agent=host))
+
+    def _start_scheduler(self):
+        plane = self
+
+        class Scheduler:
+            def select_destinations(self, ctxt, instance):
+                return random.choice(plane.compute_hosts)
+
+        self.serve("nova-scheduler", SCHEDULER, Scheduler(), "scheduler-1")
+
+    def _start_conductor(self):
+        plane = self
+        scheduler = self.client("nova-conductor", SCHEDULER)
+
+        class Conductor:
+            def _maybe_slow(self):
+                if "slow-conductor" in plane.faults:
+                    time.sleep(SLOW_CONDUCTOR_SECONDS)
+
+            def build_instances(self, ctxt, instance):
+                self._maybe_slow()
+                host = scheduler.call(ctxt, "select_destinations", instance=instance)
+                compute = plane.client("nova-conductor", COMPUTE, server=host)
+                compute.call(ctxt, "build_and_run_instance", instance=instance)
+                return host
+
+            def instance_list(self, ctxt):
+                self._maybe_slow()
+                with plane._instances_lock:
+                    return list(plane.instances)[:50]
+
+            def compute_node_update(self, ctxt, host):
+                self._maybe_slow()
+                return "ok"
+
+        self._conductor = Conductor()
+        if "conductor-down" not in self.faults:
+            self.serve("nova-conductor", CONDUCTOR, self._conductor, "conductor-1")
+
+    def _start_compute(self, host):
+        import requests
+
+        plane = self
+        session = requests.Session()
+        neutron = self._wsgi["neutron-server"].url
+        headers = {"X-Auth-Token": "service-token"}
+        notifier = self._notifier()
+        conductor = self.client("nova-compute", CONDUCTOR)
+
+        class Compute:
+            def _bind_port(self, instance):
+                port = session.post(neutron + "/v2.0/ports", headers=headers, timeout=10)
+                port_id = port.json()["port"]["id"]
+                bound = session.put(f"{neutron}/v2.0/ports/{port_id}", headers=headers,
+                                    timeout=10)
+                if bound.status_code == 409:
+                    raise PortBindingFailed(f"port {port_id} of {instance}")
+                if bound.status_code >= 500:
+                    raise NeutronServerError(f"neutron-server: {bound.status_code}")
+                return port_id
+
+            def build_and_run_instance(self, ctxt, instance):
+                port_id = self._bind_port(instance)
+                with plane._instances_lock:
+                    plane.instances[instance] = (host, [port_id])
+                notifier.info(ctxt, "compute.instance.create.end", {"instance": instance})
+                return "ACTIVE"
+
+            def attach_interface(self, ctxt, instance):
+                port_id = self._bind_port(instance)
+                with plane._instances_lock:
+                    if instance in plane.instances:
+                        plane.instances[instance][1].append(port_id)
+                return port_id
+
+            def terminate_instance(self, ctxt, instance):
+                with plane._instances_lock:
+                    _host, ports = plane.instances.pop(instance, (None, []))
+                for port_id in ports:
+                    session.delete(f"{neutron}/v2.0/ports/{port_id}", headers=headers,
+                                   timeout=10)
+
+        self._computes = getattr(self, "_computes", {})
+        self._computes[host] = Compute()
+        self.serve("nova-compute", COMPUTE, self._computes[host], host)
+        self.every(STATE_REPORT_SECONDS,
+                   lambda: conductor.call({}, "compute_node_update", host=host),
+                   alive=lambda: not (host == self.compute_hosts[0]
+                                      and "compute-down" in self.faults))
+
+    def _notifier(self):
+        import oslo_messaging as om
+        from oslo_config import cfg
+
+        if not hasattr(self, "_notifications"):
+            url = _with_query("commlens+" + self.transport_url,
+                              commlens_service_name="nova-compute")
+            transport = om.get_notification_transport(cfg.CONF, url=url)
+            self._notifications = om.Notifier(transport, publisher_id="compute",
+                                              driver="messaging", topics=["notifications"])
+        return self._notifications
+
+    def _start_nova_api(self):
+        import flask
+        import requests
+
+        plane = self
+        session = requests.Session()
+        conductor = self.client("nova-api", CONDUCTOR)
+        app = flask.Flask("nova-api")
+        app.logger.setLevel(logging.CRITICAL)  # its failures are what commlens shows
+
+        def ctxt():
+            return {"request_id": flask.request.environ.get("openstack.request_id"),
+                    "auth_token": flask.request.headers.get("X-Auth-Token")}
+
+        @app.before_request
+        def authenticate():
+            if not plane._validate(session, flask.request.environ):
+                return {"error": "unauthorized"}, 401
+            return None
+
+        neutron = self._wsgi["neutron-server"].url
+
+        @app.post("/v2.1/servers")
+        def boot():
+            # nova-api checks the requested network with neutron first.
+            session.get(neutron + "/v2.0/ports", headers={"X-Auth-Token": "service-token"},
+                        timeout=10)
+            instance = str(uuid.uuid4())
+            host = conductor.call(ctxt(), "build_instances", instance=instance)
+            return {"server": {"id": instance, "host": host}}, 202
+
+        @app.get("/v2.1/servers")
+        def servers():
+            return {"servers": conductor.call(ctxt(), "instance_list")}
+
+        @app.post("/v2.1/servers/<instance>/action")
+        def attach(instance):
+            host = plane.host_of(instance)
+            if host is None:
+                return {"itemNotFound": {"code": 404}}, 404
+            compute = plane.client("nova-api", COMPUTE, server=host)
+            return {"port": compute.call(ctxt(), "attach_interface", instance=instance)}, 202
+
+        @app.delete("/v2.1/servers/<instance>")
+        def delete(instance):
+            host = plane.host_of(instance)
+            if host is None:
+                return {"itemNotFound": {"code": 404}}, 404
+            plane.client("nova-api", COMPUTE, server=host).cast(
+                ctxt(), "terminate_instance", instance=instance)
+            return "", 204
+
+        self._wsgi["nova-api"].start(self._middleware(_request_ids(app), "nova-api"))
+
+    def host_of(self, instance):
+        with self._instances_lock:
+            found = self.instances.get(instance)
+        return found[0] if found else None
+
+    # -- faults that change the topology ------------------------------------
+
+    def apply(self, name, on):
+        if name == "conductor-down":
+            if on:
+                self.unserve("nova-conductor", "conductor-1")
+            else:
+                self.serve("nova-conductor", CONDUCTOR, self._conductor, "conductor-1")
+        elif name == "compute-down":
+            host = self.compute_hosts[0]
+            if on:
+                self.unserve("nova-compute", host)
+            else:
+                self.serve("nova-compute", COMPUTE, self._computes[host], host)
+
+    def stop(self):
+        self._stopping.set()
+        for service, server in list(self._servers):
+            self.unserve(service, server)
+        for server in self._wsgi.values():
+            server.stop()
+        for thread in self._threads:
+            thread.join(STATE_REPORT_SECONDS + 1)
+        for transport in self._transports.values():
+            transport.cleanup()

@@ -1,0 +1,155 @@
+"""``commlens demo`` on its embedded default: traffic, every fault's signature, a clean stop."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from support import Metrics, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "gAAAAAB-demo-secret-token"
+
+
+class Demo:
+    def __init__(self, tmp_path, *args):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "demo.log"
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "commlens.cli.main", "demo", "--listen",
+                 f"127.0.0.1:{self.port}", "--no-live", "--duration", "300", *args],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.base + path, timeout=10) as response:
+            return response.read().decode()
+
+    def json(self, path):
+        return json.loads(self.get(path))
+
+    def fault(self, name, on=True):
+        request = urllib.request.Request(f"{self.base}/api/demo/faults/{name}",
+                                         method="POST" if on else "DELETE")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def metrics(self):
+        return Metrics(self.get("/metrics"))
+
+    def up(self):
+        if self.process.poll() is not None:
+            raise AssertionError("demo exited:\n" + self.log_path.read_text())
+        try:
+            return self.get("/readyz") and True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    started = time.monotonic()
+    demo = Demo(tmp_path_factory.mktemp("demo"))
+    wait_for(demo.up, timeout=30, message="demo serving")
+    demo.started = started
+    yield demo
+    if demo.process.poll() is None:
+        demo.process.kill()
+        demo.process.wait()
+
+
+def _chain(demo, origin_service=None, origin_error=None, entry_service="nova-api"):
+    for chain in demo.json("/api/chains?since=15m")["chains"]:
+        origin = chain["origin"]
+        if ((origin_service is None or origin["service"] == origin_service)
+                and (origin_error is None or origin["error"] == origin_error)
+                and chain["entry"]["service"] == entry_service):
+            return chain
+    return None
+
+
+def test_the_control_plane_talks_within_ten_seconds(demo):
+    def traffic():
+        metrics = demo.metrics()
+        received = {labels["service"] for labels, value
+                    in metrics.series("commlens_rpc_received_total") if value > 0}
+        rest = metrics.value("commlens_http_client_requests_total", service="nova-api",
+                             target="neutron-server", method="GET", code="200")
+        return {"nova-conductor", "nova-scheduler", "nova-compute"} <= received and rest
+    wait_for(traffic, timeout=10, message="RPCs received and nova-api -> neutron-server")
+    assert time.monotonic() - demo.started < 30
+
+
+def test_slow_conductor_makes_waiting_replies_grow(demo):
+    demo.fault("slow-conductor")
+    try:
+        wait_for(lambda: sum(v for _, v in demo.metrics().series(
+            "commlens_rpc_waiting_replies", target="conductor")) >= 2,
+            timeout=15, message="waiting replies on the conductor")
+    finally:
+        demo.fault("slow-conductor", on=False)
+
+
+def test_neutron_error_shows_a_chain_from_neutron_to_nova_api(demo):
+    demo.fault("neutron-error")
+    try:
+        chain = wait_for(lambda: _chain(demo, "neutron-server", "409 PortBindingFailed"),
+                         timeout=30, message="neutron-origin chain")
+    finally:
+        demo.fault("neutron-error", on=False)
+    services = [h["service"] for h in chain["hops"]]
+    assert "nova-conductor" in services and "nova-compute" in services
+    assert chain["entry"]["operation"] == "POST /v2.1/servers"
+    example = chain["examples"][0]["request_id"]
+    assert example.startswith("req-")
+    assert demo.json("/api/traces/" + example)["hops"]
+
+
+def test_conductor_down_gives_a_timeout_chain(demo):
+    demo.fault("conductor-down")
+    try:
+        wait_for(lambda: _chain(demo, "conductor", "MessagingTimeout"), timeout=40,
+                 message="timeout chain with the conductor as origin")
+    finally:
+        demo.fault("conductor-down", on=False)
+
+
+def test_compute_down_times_out_calls_to_its_host(demo):
+    demo.fault("compute-down")
+    try:
+        wait_for(lambda: demo.metrics().value("commlens_rpc_call_errors_total",
+                                              target="compute", outcome="timeout") >= 1,
+                 timeout=40, message="timeouts calling the compute that went away")
+    finally:
+        demo.fault("compute-down", on=False)
+
+
+def test_unknown_fault_is_a_clear_error(demo):
+    request = urllib.request.Request(f"{demo.base}/api/demo/faults/meteor", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert raised.value.code == 404 and b"unknown fault" in raised.value.read()
+
+
+def test_no_token_anywhere_and_sigint_stops_cleanly(demo):
+    exposed = demo.get("/metrics") + demo.get("/api/chains?since=1h") + demo.get(
+        "/api/hops?limit=10000") + demo.get("/api/graph")
+    assert TOKEN not in exposed
+    demo.process.send_signal(signal.SIGINT)
+    assert demo.process.wait(30) == 0
+    log = demo.log_path.read_text()
+    assert "commlens demo: stopped" in log and TOKEN not in log
+    assert "Traceback" not in log
+
+
+def test_bad_arguments_are_clear_errors():
+    done = subprocess.run([sys.executable, "-m", "commlens.cli.main", "demo",
+                           "--fault", "broker-restart", "--duration", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "needs --transport rabbit" in done.stderr
