@@ -3,7 +3,8 @@
 Embedded by default: the control plane over oslo.messaging's ``fake://``
 driver, shipping over ``memory://`` to a collector in this same process that
 serves /metrics, the JSON API and the fault control on ``--listen``. With
-``--transport rabbit://...`` the services talk over that broker instead.
+``--transport rabbit://...`` each part of the plane is a process of its own
+talking over that broker and shipping over AMQP to this process's collector.
 
 Faults at run time: ``POST /api/demo/faults/<name>`` turns one on,
 ``DELETE`` turns it off, ``GET /api/demo`` lists them.
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 
 LOG = logging.getLogger(__name__)
@@ -62,25 +64,29 @@ def run_demo(args):
     if "broker-restart" in args.fault and not args.transport.startswith("rabbit"):
         print("commlens demo: broker-restart needs --transport rabbit://...", file=sys.stderr)
         return 2
-    # Everything the services ship stays in this process; successful traces
-    # sampled often enough to show whole traces in a short demo.
-    os.environ["COMMLENS_EXPORT_URL"] = "memory://"
+    embedded = args.transport.startswith("fake")
     os.environ.setdefault("COMMLENS_SHIP_INTERVAL", "1")
+    # Successful traces sampled often enough to show whole ones in a short demo.
     os.environ.setdefault("COMMLENS_HOP_SAMPLE_RATIO", "0.05")
     # The emulated services' own error logs would flood the terminal during a
     # fault: what went wrong is what commlens shows.
     logging.getLogger("oslo_messaging").setLevel(logging.CRITICAL)
     logging.getLogger("commlens.exporters.shipping").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     from oslo_config import cfg
     cfg.CONF([], project="commlens-demo", default_config_files=[])
 
+    if embedded:
+        # Everything the services ship stays in this process.
+        export_url = os.environ["COMMLENS_EXPORT_URL"] = "memory://"
+        plane = controlplane.ControlPlane(args.transport, computes=args.computes)
+    else:
+        plane = _ProcessPlane(args)
+        export_url = plane.export_url
     collector = collector_mod.Collector()
-    intake = intake_mod.make_intake("memory://", collector)
-    plane = controlplane.ControlPlane(args.transport, computes=args.computes)
-    faults = faults_mod.Faults(on_change=lambda name, on: _apply(plane, args, name, on))
+    intake = intake_mod.make_intake(export_url, collector)
+    faults = faults_mod.Faults(on_change=lambda name, on: _apply(plane, faults, name, on))
     plane.faults = faults
     app = http.create_app(collector, intake)
     _add_fault_control(app, faults)
@@ -96,8 +102,15 @@ def run_demo(args):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     for name in args.fault:
         faults.set(name)
-    plane.start()
-    users = workload_mod.Workload(plane.nova_api_url, users=args.users)
+    try:
+        plane.start()
+    except Exception as exc:
+        print(f"commlens demo: the control plane did not start: {exc}", file=sys.stderr)
+        plane.stop()
+        intake.stop()
+        server.shutdown()
+        return 1
+    users = workload_mod.Workload(plane.urls["nova-api"], users=args.users)
     users.start()
     base = f"http://{host}:{server.port}"
     print(f"commlens demo: an emulated control plane over {urls.redact(args.transport)}; "
@@ -120,16 +133,73 @@ def run_demo(args):
     return 0
 
 
-def _apply(plane, args, name, on):
+def _apply(plane, faults, name, on):
     if name == "broker-restart":
         if on:
             # Every connection closed, as a broker restart does; the fault
             # clears itself: the services reconnect by themselves.
             subprocess.run(["rabbitmqctl", "close_all_connections", "commlens demo"],
                            capture_output=True, timeout=30, check=False)
-            threading.Timer(0.1, lambda: plane.faults.set("broker-restart", False)).start()
+            threading.Timer(0.1, lambda: faults.set("broker-restart", False)).start()
         return
     plane.apply(name, on)
+
+
+class _ProcessPlane:
+    """The control plane over RabbitMQ: each group of parts in its own process,
+    shipping over AMQP to a demo exchange this process's collector consumes."""
+
+    def __init__(self, args):
+        import oslo_messaging as om
+        from oslo_config import cfg
+
+        from commlens.exporters import urls
+
+        self._args = args
+        run = uuid.uuid4().hex[:8]
+        amqp = urls.amqp_url_from_transport(om.TransportURL.parse(cfg.CONF, args.transport))
+        self.export_url = f"{amqp}?exchange=commlens-demo-{run}&queue=commlens.demo-{run}"
+        self._faults_topic = f"commlens-demo-faults-{run}"
+        self._control = om.get_rpc_client(
+            om.get_rpc_transport(cfg.CONF, url=args.transport),
+            om.Target(topic=self._faults_topic, fanout=True))
+        self._children = []
+        self.urls = {}
+        self.faults = None
+
+    def start(self):
+        from commlens.emulator import controlplane
+
+        env = dict(os.environ, COMMLENS_EXPORT_URL=self.export_url)
+        for group in controlplane.GROUPS:
+            command = [sys.executable, "-m", "commlens.emulator.service", "--group", group,
+                       "--transport", self._args.transport, "--computes",
+                       str(self._args.computes), "--faults-topic", self._faults_topic,
+                       "--urls", ",".join(f"{k}={v}" for k, v in self.urls.items())]
+            for name in self.faults.active():
+                command += ["--fault", name]
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True,
+                                     start_new_session=True)
+            self._children.append(child)
+            words = child.stdout.readline().split()
+            if not words or words[0] != "READY":
+                raise RuntimeError(f"{group} exited ({child.poll()})")
+            self.urls.update(word.split("=", 1) for word in words[1:])
+
+    def apply(self, name, on):
+        if self._children:
+            self._control.cast({}, "set_fault", name=name, on=on)
+
+    def stop(self):
+        for child in reversed(self._children):
+            if child.poll() is None:
+                child.terminate()
+        for child in self._children:
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 def _add_fault_control(app, faults):

@@ -10,9 +10,11 @@ instrumented the way an operator would do it: a ``commlens+`` transport URL
 naming the service, and the WSGI middleware as the paste filter would build
 it. Nothing else in here knows about commlens.
 
-All parts run as threads of this process: over ``fake://`` (oslo.messaging's
-in-memory driver, whose queues are shared by every transport of a process,
-like one broker) or over a real broker with ``rabbit://``.
+Embedded, all parts run as threads of one process over ``fake://``
+(oslo.messaging's in-memory driver, whose queues are shared by every
+transport of a process, like one broker). Over a real broker
+(``rabbit://``) each group of ``GROUPS`` runs in a process of its own
+(``commlens.emulator.service``).
 """
 
 import itertools
@@ -90,10 +92,18 @@ def _request_ids(app):
     return middleware
 
 
+# The parts, in the order they start (a part needs the URLs of those before
+# it); with --transport rabbit:// each runs as a process of its own.
+GROUPS = ("keystone", "neutron", "nova-control", "nova-compute", "nova-api")
+_GROUP_WSGI = {"keystone": "keystone", "neutron": "neutron-server", "nova-api": "nova-api"}
+
+
 class ControlPlane:
+    """``groups``: the parts to run here; ``urls``: {service: base URL} of the
+    REST services running elsewhere."""
 
     def __init__(self, transport_url="fake://", faults=None, computes=4, agents=2,
-                 rpc_timeout=5.0):
+                 rpc_timeout=5.0, groups=GROUPS, urls=None):
         from commlens.emulator import faults as faults_mod
 
         self.transport_url = transport_url
@@ -101,12 +111,14 @@ class ControlPlane:
         self.computes = computes
         self.agents = agents
         self.rpc_timeout = rpc_timeout
+        self.groups = tuple(groups)
+        self.urls = dict(urls or {})
         self._transports = {}
         self._servers = {}
         self._wsgi = {}
         self._stopping = threading.Event()
         self._threads = []
-        self.instances = {}
+        self.instances = {}  # nova-api's view: instance -> host
         self._instances_lock = threading.Lock()
         self.compute_hosts = [f"compute-{i + 1}" for i in range(computes)]
 
@@ -162,22 +174,31 @@ class ControlPlane:
     # -- the services -----------------------------------------------------
 
     def start(self):
-        """Start every service; oslo.config's global CONF must be parsed already."""
-        for name in ("keystone", "neutron-server", "nova-api"):
-            self._wsgi[name] = _Wsgi()
+        """Start this plane's parts; oslo.config's global CONF must be parsed already."""
+        for group in self.groups:
+            if group in _GROUP_WSGI:
+                self._wsgi[_GROUP_WSGI[group]] = _Wsgi()
+        self.urls.update({name: server.url for name, server in self._wsgi.items()})
         # What an operator writes as http_endpoints: who lives where.
-        endpoints = [f"{name}={server.url}" for name, server in self._wsgi.items()]
-        self.endpoints = endpoints
-        self._start_keystone()
-        self._start_neutron()
-        for i in range(self.agents):
-            self._start_agent(f"agent-{i + 1}")
-        self._start_scheduler()
-        self._start_conductor()
-        for host in self.compute_hosts:
-            self._start_compute(host)
-        self._start_nova_api()
-        self.nova_api_url = self._wsgi["nova-api"].url
+        self.endpoints = [f"{name}={url}" for name, url in self.urls.items()]
+        if "keystone" in self.groups:
+            self._start_keystone()
+        if "neutron" in self.groups:
+            self._start_neutron()
+            for i in range(self.agents):
+                self._start_agent(f"agent-{i + 1}")
+        if "nova-control" in self.groups:
+            self._start_scheduler()
+            self._start_conductor()
+        if "nova-compute" in self.groups:
+            for host in self.compute_hosts:
+                self._start_compute(host)
+        if "nova-api" in self.groups:
+            self._start_nova_api()
+
+    def own_urls(self):
+        """{service: URL} of the REST services running here."""
+        return {name: server.url for name, server in self._wsgi.items()}
 
     def _middleware(self, app, service):
         from commlens.middleware.wsgi import CommlensMiddleware
@@ -196,7 +217,7 @@ class ControlPlane:
     def _validate(self, session, environ):
         """keystonemiddleware's job: validate the caller's token with keystone."""
         token = environ.get("HTTP_X_AUTH_TOKEN", "")
-        response = session.get(self._wsgi["keystone"].url + "/v3/auth/tokens",
+        response = session.get(self.urls["keystone"] + "/v3/auth/tokens",
                                headers={"X-Auth-Token": "service-token",
                                         "X-Subject-Token": token}, timeout=5)
         return response.status_code == 200
@@ -265,6 +286,7 @@ class ControlPlane:
     def _start_conductor(self):
         plane = self
         scheduler = self.client("nova-conductor", SCHEDULER)
+        built = []
 
         class Conductor:
             def _maybe_slow(self):
@@ -276,12 +298,13 @@ class ControlPlane:
                 host = scheduler.call(ctxt, "select_destinations", instance=instance)
                 compute = plane.client("nova-conductor", COMPUTE, server=host)
                 compute.call(ctxt, "build_and_run_instance", instance=instance)
+                built.append(instance)
+                del built[:-50]
                 return host
 
             def instance_list(self, ctxt):
                 self._maybe_slow()
-                with plane._instances_lock:
-                    return list(plane.instances)[:50]
+                return list(built)
 
             def compute_node_update(self, ctxt, host):
                 self._maybe_slow()
@@ -294,12 +317,13 @@ class ControlPlane:
     def _start_compute(self, host):
         import requests
 
-        plane = self
         session = requests.Session()
-        neutron = self._wsgi["neutron-server"].url
+        neutron = self.urls["neutron-server"]
         headers = {"X-Auth-Token": "service-token"}
         notifier = self._notifier()
         conductor = self.client("nova-compute", CONDUCTOR)
+        ports = {}  # this compute's view: instance -> its ports
+        ports_lock = threading.Lock()
 
         class Compute:
             def _bind_port(self, instance):
@@ -315,28 +339,28 @@ class ControlPlane:
 
             def build_and_run_instance(self, ctxt, instance):
                 port_id = self._bind_port(instance)
-                with plane._instances_lock:
-                    plane.instances[instance] = (host, [port_id])
+                with ports_lock:
+                    ports[instance] = [port_id]
                 notifier.info(ctxt, "compute.instance.create.end", {"instance": instance})
                 return "ACTIVE"
 
             def attach_interface(self, ctxt, instance):
                 port_id = self._bind_port(instance)
-                with plane._instances_lock:
-                    if instance in plane.instances:
-                        plane.instances[instance][1].append(port_id)
+                with ports_lock:
+                    ports.setdefault(instance, []).append(port_id)
                 return port_id
 
             def terminate_instance(self, ctxt, instance):
-                with plane._instances_lock:
-                    _host, ports = plane.instances.pop(instance, (None, []))
-                for port_id in ports:
+                with ports_lock:
+                    instance_ports = ports.pop(instance, [])
+                for port_id in instance_ports:
                     session.delete(f"{neutron}/v2.0/ports/{port_id}", headers=headers,
                                    timeout=10)
 
         self._computes = getattr(self, "_computes", {})
         self._computes[host] = Compute()
-        self.serve("nova-compute", COMPUTE, self._computes[host], host)
+        if not (host == self.compute_hosts[0] and "compute-down" in self.faults):
+            self.serve("nova-compute", COMPUTE, self._computes[host], host)
         self.every(STATE_REPORT_SECONDS,
                    lambda: conductor.call({}, "compute_node_update", host=host),
                    alive=lambda: not (host == self.compute_hosts[0]
@@ -374,7 +398,7 @@ class ControlPlane:
                 return {"error": "unauthorized"}, 401
             return None
 
-        neutron = self._wsgi["neutron-server"].url
+        neutron = self.urls["neutron-server"]
 
         @app.post("/v2.1/servers")
         def boot():
@@ -383,6 +407,8 @@ class ControlPlane:
                         timeout=10)
             instance = str(uuid.uuid4())
             host = conductor.call(ctxt(), "build_instances", instance=instance)
+            with plane._instances_lock:
+                plane.instances[instance] = host
             return {"server": {"id": instance, "host": host}}, 202
 
         @app.get("/v2.1/servers")
@@ -402,6 +428,8 @@ class ControlPlane:
             host = plane.host_of(instance)
             if host is None:
                 return {"itemNotFound": {"code": 404}}, 404
+            with plane._instances_lock:
+                plane.instances.pop(instance, None)
             plane.client("nova-api", COMPUTE, server=host).cast(
                 ctxt(), "terminate_instance", instance=instance)
             return "", 204
@@ -410,18 +438,18 @@ class ControlPlane:
 
     def host_of(self, instance):
         with self._instances_lock:
-            found = self.instances.get(instance)
-        return found[0] if found else None
+            return self.instances.get(instance)
 
     # -- faults that change the topology ------------------------------------
 
     def apply(self, name, on):
-        if name == "conductor-down":
+        """Faults that change who consumes; the others are read per request."""
+        if name == "conductor-down" and "nova-control" in self.groups:
             if on:
                 self.unserve("nova-conductor", "conductor-1")
             else:
                 self.serve("nova-conductor", CONDUCTOR, self._conductor, "conductor-1")
-        elif name == "compute-down":
+        elif name == "compute-down" and "nova-compute" in self.groups:
             host = self.compute_hosts[0]
             if on:
                 self.unserve("nova-compute", host)

@@ -1,6 +1,7 @@
 """``commlens demo`` on its embedded default: traffic, every fault's signature, a clean stop."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from support import Metrics, free_port, wait_for
+from support import RABBIT_URL, Metrics, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +154,57 @@ def test_bad_arguments_are_clear_errors():
                            "--fault", "broker-restart", "--duration", "1"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "needs --transport rabbit" in done.stderr
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    return [int(p) for p, parent in (line.split() for line in out.splitlines())
+            if int(parent) == pid]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_over_rabbitmq_the_parts_are_processes_and_faults_reach_them(rabbitmq, tmp_path):
+    demo = Demo(tmp_path, "--transport", RABBIT_URL)
+    try:
+        wait_for(demo.up, timeout=60, message="demo over RabbitMQ serving")
+        children = wait_for(lambda: (lambda c: c if len(c) == 5 else None)(
+            _children(demo.process.pid)), timeout=30, message="five part processes")
+
+        def traffic():
+            metrics = demo.metrics()
+            reporting = {labels["service"] for labels, _ in
+                         metrics.series("commlens_collector_processes")}
+            received = {labels["service"] for labels, value
+                        in metrics.series("commlens_rpc_received_total") if value > 0}
+            # A process is named after its first service (scheduler before conductor).
+            return ({"nova-api", "nova-scheduler", "nova-compute", "neutron-server",
+                     "keystone"} <= reporting
+                    and {"nova-conductor", "nova-scheduler", "nova-compute"} <= received)
+        wait_for(traffic, timeout=20, message="every part reporting over AMQP")
+
+        demo.fault("neutron-error")
+        wait_for(lambda: _chain(demo, "neutron-server", "409 PortBindingFailed"),
+                 timeout=40, message="neutron-origin chain across processes")
+        demo.fault("neutron-error", on=False)
+
+        before = demo.metrics().value("commlens_rpc_received_total",
+                                      service="nova-conductor", method="build_instances")
+        demo.fault("broker-restart")
+        wait_for(lambda: demo.metrics().value(
+            "commlens_rpc_received_total", service="nova-conductor",
+            method="build_instances") > before + 5, timeout=60,
+            message="the plane recovers after the broker closed every connection")
+    finally:
+        demo.process.send_signal(signal.SIGINT)
+        assert demo.process.wait(60) == 0
+    assert not [pid for pid in children if _alive(pid)], "no part process left behind"
+    assert TOKEN not in demo.log_path.read_text()
