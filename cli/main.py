@@ -9,6 +9,7 @@ import sys
 import threading
 
 from commlens.cli import demo
+from commlens.cli import emulate
 from commlens.cli import incident
 from commlens.exporters import durations
 
@@ -64,6 +65,7 @@ def build_parser():
 
     incident.add_commands(commands)
     demo.add_command(commands, _listen_address, DEFAULT_LISTEN)
+    emulate.add_command(commands, _listen_address, DEFAULT_LISTEN)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""``commlens emulate``: the control plane's behaviour as the fleet of agents grows.
+
+Starts a collector (unless ``--without-commlens``), the emulated control plane
+and ``--agents`` agents multiplexed over ``--processes`` processes
+(``commlens.emulator.scale``), all on a real RabbitMQ; measures a window of
+``--duration`` seconds once everything is up, and reports RPC rates, reply
+waits, timeouts, broker queue depths and commlens's own cost.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+DEFAULT_TRANSPORT = "rabbit://guest:guest@127.0.0.1:5672/"
+
+
+def add_command(commands, listen_type, default_listen):
+    emulate = commands.add_parser(
+        "emulate", help="many emulated agents on a real RabbitMQ, for control-plane tuning")
+    emulate.add_argument("--transport", default=DEFAULT_TRANSPORT,
+                         help="rabbit://user:pw@host:5672/ (default the local broker)")
+    emulate.add_argument("--agents", type=int, default=200, help="emulated agents (200)")
+    emulate.add_argument("--processes", type=int, default=4,
+                         help="processes the agents are spread over (4)")
+    emulate.add_argument("--interval", type=float, default=10.0,
+                         help="seconds between an agent's state reports (10)")
+    emulate.add_argument("--duration", type=float, default=30.0,
+                         help="seconds measured once every agent is up (30)")
+    emulate.add_argument("--without-commlens", action="store_true",
+                         help="plain rabbit:// transports and no collector")
+    emulate.add_argument("--listen", type=listen_type, default=default_listen,
+                         help=f"the collector's address (default {default_listen})")
+    emulate.add_argument("--rabbitmq-management-url", default=None,
+                         help="for queue depths (default: the broker's host, port 15672)")
+    emulate.add_argument("--json", action="store_true", help="print the report as JSON")
+    emulate.set_defaults(run=run_emulate)
+
+
+def run_emulate(args):
+    from commlens.exporters import broker
+    from commlens.exporters import urls
+
+    if not args.transport.startswith("rabbit://") or args.agents < 1 or args.processes < 1:
+        print("commlens emulate: needs --transport rabbit://..., --agents >= 1 and "
+              "--processes >= 1", file=sys.stderr)
+        return 2
+    run = uuid.uuid4().hex[:8]
+    parts = urllib.parse.urlsplit(args.transport)
+    amqp = urllib.parse.urlunsplit(("amqp",) + tuple(parts[1:]))
+    export_url = f"{amqp}{'&' if parts.query else '?'}exchange=commlens-emulate-{run}" \
+                 f"&queue=commlens.emulate-{run}"
+    management = args.rabbitmq_management_url or urllib.parse.urlunsplit(
+        ("http", f"{parts.netloc.rsplit(':', 1)[0] if parts.port else parts.netloc}:15672",
+         "/", "", ""))
+    env = dict(os.environ, COMMLENS_EXPORT_URL=export_url, COMMLENS_SHIP_INTERVAL="2")
+    host, port = args.listen
+    processes, collector = [], None
+    started = time.monotonic()
+    try:
+        if not args.without_commlens:
+            collector = _start([sys.executable, "-m", "commlens.cli.main", "collector",
+                                "--listen", f"{host}:{port}", "--export-url", export_url,
+                                "--history", ":memory:"], env, ready=None)
+            _wait_http(f"http://{host}:{port}/readyz", collector)
+        common = ["--transport", args.transport, "--agents", str(args.agents),
+                  "--interval", str(args.interval)]
+        if args.without_commlens:
+            common.append("--plain")
+        scale = [sys.executable, "-m", "commlens.emulator.scale"]
+        processes.append(_start(scale + ["--role", "control"] + common, env))
+        per = -(-args.agents // args.processes)
+        agents = [_start(scale + ["--role", "agents", "--first", str(first), "--count",
+                                  str(min(per, args.agents - first))] + common, env,
+                         ready=False)
+                  for first in range(0, args.agents, per)]
+        processes += agents
+        for process in agents:
+            _await_ready(process)
+        startup = time.monotonic() - started
+        _mark(processes)  # the window starts
+        watcher = broker.QueueWatcher(management, poll_seconds=1.0)
+        depth = _watch_queues(watcher, args.duration)
+        _mark(processes)  # the window ends
+        metrics_text = _get(f"http://{host}:{port}/metrics") if collector else ""
+        collector_cost = _cost(collector.pid) if collector else None
+    finally:
+        # Agents first: their last reports still find the control plane up.
+        results = _stop(processes[1:]) + _stop(processes[:1])
+        if collector is not None:
+            _stop([collector], parse=False)
+    report = _report(args, results, depth, metrics_text, collector_cost, startup)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report, urls.redact(args.transport))
+    return 0
+
+
+def _start(command, env, ready=True):
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL,
+                               env=env, text=True, start_new_session=True)
+    if ready:
+        _await_ready(process)
+    return process
+
+
+def _mark(processes):
+    for process in processes:
+        process.stdin.write("mark\n")
+        process.stdin.flush()
+
+
+def _await_ready(process):
+    line = process.stdout.readline()
+    if line.strip() != "READY":
+        raise RuntimeError(f"an emulator process did not start ({process.poll()})")
+
+
+def _wait_http(url, process, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the collector exited")
+        try:
+            _get(url)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("the collector did not become ready")
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def _watch_queues(watcher, seconds):
+    """Max ready messages on the control plane's queues while measuring."""
+    from commlens.emulator import scale
+
+    depth = {scale.CONDUCTOR: 0, scale.PLUGIN: 0}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if watcher.poll():
+            for queue in depth:
+                ready = watcher.queues().get(queue, {}).get("ready", 0)
+                depth[queue] = max(depth[queue], ready)
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    return depth if watcher.up else None
+
+
+def _cost(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    return {"cpu_seconds": cpu, "rss_mib": rss / 1024}
+
+
+def _stop(processes, parse=True):
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    results = []
+    for process in processes:
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
+        if parse:
+            for line in (out or "").splitlines():
+                if line.startswith("{"):
+                    results.append(json.loads(line))
+    return results
+
+
+def _quantile(q, buckets, bounds):
+    total = sum(buckets)
+    if not total:
+        return None
+    running = 0
+    for count, bound in zip(buckets, list(bounds) + [float("inf")], strict=True):
+        running += count
+        if running >= q * total:
+            return bound
+    return None
+
+
+def _report(args, results, depth, metrics_text, collector_cost, startup):
+    control = next((r for r in results if r["role"] == "control"), None)
+    agents = [r for r in results if r["role"] == "agents"]
+    seconds = (control or {}).get("window_seconds") or args.duration
+    handled = sum((control or {"counts": {}})["counts"].get(k, 0)
+                  for k in ("compute_node_update", "report_state"))
+    counts = {}
+    buckets = None
+    for result in agents:
+        for key, value in result["counts"].items():
+            counts[key] = counts.get(key, 0) + value
+        buckets = result["buckets"] if buckets is None else [
+            a + b for a, b in zip(buckets, result["buckets"], strict=True)]
+    bounds = agents[0]["bounds"] if agents else []
+    series = [line for line in metrics_text.splitlines() if line and not line.startswith("#")]
+    return {
+        "agents": args.agents, "processes": args.processes, "interval": args.interval,
+        "commlens": not args.without_commlens, "startup_seconds": round(startup, 1),
+        "window_seconds": round(seconds, 1),
+        "control_plane_rpc_per_second": handled / seconds if seconds else 0.0,
+        "agents_seen_by_control_plane": (control or {}).get("hosts", 0),
+        "reports_ok": counts.get("report_ok", 0),
+        "report_timeouts": counts.get("report_timeout", 0),
+        "report_errors": counts.get("report_error", 0),
+        "reports_skipped": counts.get("report_skipped", 0),
+        "reply_wait_p50_seconds": _quantile(0.5, buckets or [], bounds),
+        "reply_wait_p99_seconds": _quantile(0.99, buckets or [], bounds),
+        "max_queue_ready": depth,
+        "agent_cpu_seconds": round(sum(r["cpu_seconds"] for r in agents), 1),
+        "collector": collector_cost,
+        "prometheus_series": len(series) if metrics_text else None,
+        "series_with_host_labels": sum(1 for line in series if "host-" in line),
+    }
+
+
+def _print(report, transport):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"commlens emulate: {report['agents']} agents over "
+                        f"{report['processes']} processes on {transport}, "
+                        f"commlens {'on' if report['commlens'] else 'off'}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        if isinstance(value, float):
+            value = f"{value:,.3f}"
+        table.add_row(key.replace("_", " "), str(value))
+    Console().print(table)

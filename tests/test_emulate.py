@@ -1,0 +1,45 @@
+"""``commlens emulate`` on the real broker: many agents, bounded series."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from support import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _emulate(agents, *extra):
+    done = subprocess.run(
+        [sys.executable, "-m", "commlens.cli.main", "emulate", "--agents", str(agents),
+         "--processes", "4", "--interval", "3", "--duration", "8",
+         "--listen", f"127.0.0.1:{free_port()}", "--json", *extra],
+        capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_200_agents_all_report_and_the_series_do_not_grow_with_them(rabbitmq):
+    report = _emulate(200)
+    assert report["agents_seen_by_control_plane"] == 200
+    assert report["report_timeouts"] == 0 and report["report_errors"] == 0
+    # 200 agents reporting every 3 s for 8 s, give or take a timer.
+    assert report["reports_ok"] >= 400
+    assert report["control_plane_rpc_per_second"] > 40
+    assert report["reply_wait_p99_seconds"] is not None
+    assert report["max_queue_ready"] is not None  # the management API answered
+    assert report["collector"]["rss_mib"] > 0
+    assert report["series_with_host_labels"] == 0
+
+    few = _emulate(8)
+    assert few["agents_seen_by_control_plane"] == 8
+    assert abs(report["prometheus_series"] - few["prometheus_series"]) <= 10
+
+
+def test_bad_arguments_are_clear_errors():
+    done = subprocess.run([sys.executable, "-m", "commlens.cli.main", "emulate",
+                           "--transport", "fake://", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "needs --transport rabbit://" in done.stderr
