@@ -406,6 +406,9 @@ class ControlPlane:
             session.get(neutron + "/v2.0/ports", headers={"X-Auth-Token": "service-token"},
                         timeout=10)
             instance = str(uuid.uuid4())
+            # Real nova casts build requests and reports failures later; the
+            # demo calls, so an error travels back to the user and shows as a
+            # chain ending at nova-api.
             host = conductor.call(ctxt(), "build_instances", instance=instance)
             with plane._instances_lock:
                 plane.instances[instance] = host
