@@ -56,6 +56,7 @@ def run_demo(args):
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
     from commlens.exporters import urls
+    from commlens.tracer import recorder as recorder_mod
 
     if args.transport.split("://")[0] not in ("fake", "rabbit"):
         print(f"commlens demo: --transport {urls.redact(args.transport)!r}: expected "
@@ -126,6 +127,8 @@ def run_demo(args):
     finally:
         users.stop()
         plane.stop()
+        # The services' last snapshot, while the collector still listens.
+        recorder_mod.uninstall()
         intake.stop()
         collector.stop()
         server.shutdown()
