@@ -65,7 +65,7 @@ def run_emulate(args):
         if not args.without_commlens:
             collector = _start([sys.executable, "-m", "commlens.cli.main", "collector",
                                 "--listen", f"{host}:{port}", "--export-url", export_url,
-                                "--history", ":memory:"], env, ready=None)
+                                "--history", ":memory:"], env, ready=False)
             _wait_http(f"http://{host}:{port}/readyz", collector)
         common = ["--transport", args.transport, "--agents", str(args.agents),
                   "--interval", str(args.interval)]

@@ -46,8 +46,11 @@ class NeutronServerError(Exception):
     pass
 
 
-def _with_query(url, **params):
-    return url + ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+def instrumented_url(transport_url, service):
+    """What an operator writes to turn commlens on for ``service``:
+    ``rabbit://...`` -> ``commlens+rabbit://...?commlens_service_name=SERVICE``."""
+    return ("commlens+" + transport_url + ("&" if "?" in transport_url else "?")
+            + urllib.parse.urlencode({"commlens_service_name": service}))
 
 
 class _Wsgi:
@@ -118,6 +121,8 @@ class ControlPlane:
         self._wsgi = {}
         self._stopping = threading.Event()
         self._threads = []
+        self._computes = {}  # host -> endpoint, to serve again after compute-down
+        self._notifications = None
         self.instances = {}  # nova-api's view: instance -> host
         self._instances_lock = threading.Lock()
         self.compute_hosts = [f"compute-{i + 1}" for i in range(computes)]
@@ -129,17 +134,17 @@ class ControlPlane:
         from oslo_config import cfg
 
         if service not in self._transports:
-            url = _with_query("commlens+" + self.transport_url, commlens_service_name=service)
             self._transports[service] = om.get_rpc_transport(
-                cfg.CONF, url=url, allowed_remote_exmods=[__name__])
+                cfg.CONF, url=instrumented_url(self.transport_url, service),
+                allowed_remote_exmods=[__name__])
         return self._transports[service]
 
-    def client(self, service, topic, server=None, fanout=False, timeout=None):
+    def client(self, service, topic, fanout=False):
         import oslo_messaging as om
 
         return om.get_rpc_client(
-            self.transport(service), om.Target(topic=topic, server=server, fanout=fanout),
-            serializer=om.NoOpSerializer(), timeout=timeout or self.rpc_timeout)
+            self.transport(service), om.Target(topic=topic, fanout=fanout),
+            serializer=om.NoOpSerializer(), timeout=self.rpc_timeout)
 
     def serve(self, service, topic, endpoint, server):
         import oslo_messaging as om
@@ -286,6 +291,7 @@ class ControlPlane:
     def _start_conductor(self):
         plane = self
         scheduler = self.client("nova-conductor", SCHEDULER)
+        computes = self.client("nova-conductor", COMPUTE)
         built = []
 
         class Conductor:
@@ -296,8 +302,8 @@ class ControlPlane:
             def build_instances(self, ctxt, instance):
                 self._maybe_slow()
                 host = scheduler.call(ctxt, "select_destinations", instance=instance)
-                compute = plane.client("nova-conductor", COMPUTE, server=host)
-                compute.call(ctxt, "build_and_run_instance", instance=instance)
+                computes.prepare(server=host).call(ctxt, "build_and_run_instance",
+                                                   instance=instance)
                 built.append(instance)
                 del built[:-50]
                 return host
@@ -357,7 +363,6 @@ class ControlPlane:
                     session.delete(f"{neutron}/v2.0/ports/{port_id}", headers=headers,
                                    timeout=10)
 
-        self._computes = getattr(self, "_computes", {})
         self._computes[host] = Compute()
         if not (host == self.compute_hosts[0] and "compute-down" in self.faults):
             self.serve("nova-compute", COMPUTE, self._computes[host], host)
@@ -370,10 +375,9 @@ class ControlPlane:
         import oslo_messaging as om
         from oslo_config import cfg
 
-        if not hasattr(self, "_notifications"):
-            url = _with_query("commlens+" + self.transport_url,
-                              commlens_service_name="nova-compute")
-            transport = om.get_notification_transport(cfg.CONF, url=url)
+        if self._notifications is None:
+            transport = om.get_notification_transport(
+                cfg.CONF, url=instrumented_url(self.transport_url, "nova-compute"))
             self._notifications = om.Notifier(transport, publisher_id="compute",
                                               driver="messaging", topics=["notifications"])
         return self._notifications
@@ -385,6 +389,7 @@ class ControlPlane:
         plane = self
         session = requests.Session()
         conductor = self.client("nova-api", CONDUCTOR)
+        computes = self.client("nova-api", COMPUTE)
         app = flask.Flask("nova-api")
         app.logger.setLevel(logging.CRITICAL)  # its failures are what commlens shows
 
@@ -423,8 +428,8 @@ class ControlPlane:
             host = plane.host_of(instance)
             if host is None:
                 return {"itemNotFound": {"code": 404}}, 404
-            compute = plane.client("nova-api", COMPUTE, server=host)
-            return {"port": compute.call(ctxt(), "attach_interface", instance=instance)}, 202
+            return {"port": computes.prepare(server=host).call(
+                ctxt(), "attach_interface", instance=instance)}, 202
 
         @app.delete("/v2.1/servers/<instance>")
         def delete(instance):
@@ -433,8 +438,8 @@ class ControlPlane:
                 return {"itemNotFound": {"code": 404}}, 404
             with plane._instances_lock:
                 plane.instances.pop(instance, None)
-            plane.client("nova-api", COMPUTE, server=host).cast(
-                ctxt(), "terminate_instance", instance=instance)
+            computes.prepare(server=host).cast(ctxt(), "terminate_instance",
+                                               instance=instance)
             return "", 204
 
         self._wsgi["nova-api"].start(self._middleware(_request_ids(app), "nova-api"))

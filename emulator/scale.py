@@ -80,10 +80,9 @@ def _transport(args, service):
     import oslo_messaging as om
     from oslo_config import cfg
 
-    url = args.transport
-    if not args.plain:
-        url = "commlens+" + url + ("&" if "?" in url else "?") + \
-            "commlens_service_name=" + service
+    from commlens.emulator import controlplane
+
+    url = args.transport if args.plain else controlplane.instrumented_url(args.transport, service)
     return om.get_rpc_transport(cfg.CONF, url=url)
 
 

@@ -220,8 +220,11 @@ class Collector:
     # -- the graph -----------------------------------------------------------
 
     def sample_graph(self):
-        totals, _consumers = graph.edge_totals(*self.merged())
-        self.graph_samples.add(totals)
+        # The sweeper runs every second; a sample is kept every few seconds:
+        # merge only when one is due.
+        if self.graph_samples.due():
+            totals, _consumers = graph.edge_totals(*self.merged())
+            self.graph_samples.add(totals)
 
     def graph(self, window_seconds=300):
         counters, histograms, gauges = self.merged()

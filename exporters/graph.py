@@ -154,6 +154,10 @@ class GraphSamples:
         self._times = [clock()]
         self._samples = [{}]  # the collector started with nothing
 
+    def due(self):
+        """Whether ``add`` would keep a sample now."""
+        return self._clock() - self._times[-1] >= self.interval
+
     def add(self, totals):
         now = self._clock()
         with self._lock:
@@ -201,18 +205,21 @@ def build(current, baseline, seconds, consumers, queues=None, processes=()):
             if queues:
                 edge["queues"] = {t: queues[t] for t in topics if t in queues}
         edges.append(edge)
-        for name, side in ((client, "out"), (server, "in")):
-            node = nodes.setdefault(name, {"service": name, "rate_in": 0.0, "rate_out": 0.0,
-                                           "failed_in": 0.0, "processes": 0})
-            node["rate_" + side] += edge["rate"]
-            if side == "in":
-                node["failed_in"] += failed / seconds
+        _node(nodes, client)["rate_out"] += edge["rate"]
+        callee = _node(nodes, server)
+        callee["rate_in"] += edge["rate"]
+        callee["failed_in"] += failed / seconds
     for process in processes:
-        node = nodes.setdefault(process["service"], {
-            "service": process["service"], "rate_in": 0.0, "rate_out": 0.0,
-            "failed_in": 0.0, "processes": 0})
-        node["processes"] += 1
+        _node(nodes, process["service"])["processes"] += 1
     for node in nodes.values():
         node["error_ratio"] = (node["failed_in"] / node["rate_in"]) if node["rate_in"] else 0.0
     return {"window_seconds": seconds, "nodes": sorted(nodes.values(), key=lambda n: n["service"]),
             "edges": edges}
+
+
+def _node(nodes, service):
+    node = nodes.get(service)
+    if node is None:
+        node = nodes[service] = {"service": service, "rate_in": 0.0, "rate_out": 0.0,
+                                 "failed_in": 0.0, "processes": 0}
+    return node
