@@ -1,0 +1,140 @@
+"""The alert rules, checked by Debian's promtool and evaluated by a real Prometheus.
+
+promtool's unit tests (dashboards/alerts/tests/) give every alert input series
+that fire it and series that must not; the end-to-end test runs Debian's
+Prometheus against a real collector while a slow RPC endpoint makes replies wait.
+"""
+
+import concurrent.futures
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import yaml
+
+from support import COMMLENS_URL, free_port, wait_for
+
+ROOT = pathlib.Path(__file__).parent.parent
+RULES = ROOT / "dashboards" / "alerts" / "commlens.rules.yml"
+RULE_TESTS = sorted((ROOT / "dashboards" / "alerts" / "tests").glob("*.test.yml"))
+
+
+def _tool(name):
+    path = shutil.which(name)
+    assert path, f"{name} is missing: scripts/setup installs Debian's prometheus package"
+    return path
+
+
+def _alerts():
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def test_promtool_checks_the_rules():
+    result = subprocess.run([_tool("promtool"), "check", "rules", str(RULES)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(_alerts())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_pass():
+    result = subprocess.run([_tool("promtool"), "test", "rules", *map(str, RULE_TESTS)],
+                            capture_output=True, text=True, cwd=RULES.parent / "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_catch_a_broken_rule(tmp_path):
+    """The unit tests can fail: a rule with the wrong threshold is caught."""
+    broken = RULES.read_text().replace("> 0.05\n        for: 5m", "> 0.5\n        for: 5m")
+    assert broken != RULES.read_text()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "commlens.rules.yml").write_text(broken)
+    for test_file in RULE_TESTS:
+        shutil.copy(test_file, tmp_path / "tests")
+    result = subprocess.run([_tool("promtool"), "test", "rules",
+                             *(p.name for p in RULE_TESTS)],
+                            capture_output=True, text=True, cwd=tmp_path / "tests")
+    assert result.returncode != 0
+    assert "CommlensRestErrorRatioHigh" in result.stdout + result.stderr
+
+
+def test_every_alert_is_tested_firing_and_quiet_and_has_a_runbook():
+    tests = [yaml.safe_load(path.read_text()) for path in RULE_TESTS]
+    cases = [case for document in tests for group in document["tests"]
+             for case in group.get("alert_rule_test", [])]
+    readme = (ROOT / "README.md").read_text()
+    for rule in _alerts():
+        name = rule["alert"]
+        mine = [case for case in cases if case["alertname"] == name]
+        assert any(case["exp_alerts"] for case in mine), f"{name}: no firing case"
+        assert any(not case["exp_alerts"] for case in mine), f"{name}: no quiet case"
+        for key in ("summary", "description", "runbook"):
+            assert rule["annotations"].get(key), f"{name}: no {key}"
+        assert rule["annotations"]["runbook"] == f"README.md#{name.lower()}"
+        assert re.search(rf"^#### {name}$", readme, re.MULTILINE), \
+            f"README has no runbook section for {name}"
+
+
+@pytest.mark.slow
+def test_real_prometheus_sees_reply_waits_grow_into_an_alert(
+        collector, start_peer, rpc_client, topic, tmp_path):
+    """Debian's Prometheus scrapes the collector every second and evaluates the
+    real rules file while calls pile up on a slow endpoint."""
+    host_port = collector.base_url.removeprefix("http://")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "commlens-collector",
+                            "static_configs": [{"targets": [host_port]}]}],
+    }))
+    prometheus = subprocess.Popen(
+        [_tool("prometheus"), f"--config.file={config}",
+         f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def alert_state():
+        try:
+            with urllib.request.urlopen(api + "/alerts", timeout=2) as response:
+                alerts = json.load(response)["data"]["alerts"]
+        except OSError:
+            return None
+        return next((a["state"] for a in alerts
+                     if a["labels"].get("alertname") == "CommlensRpcReplyWaitsGrowing"
+                     and a["labels"].get("target") == topic), None)
+
+    start_peer(COMMLENS_URL, topic)
+    client = rpc_client(COMMLENS_URL, topic, timeout=60)
+    try:
+        wait_for(lambda: alert_state() is None and _scraped(api), timeout=30,
+                 message="Prometheus up and scraping, no alert yet")
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            # One more call waiting every 0.4 s: the gauge rises for 12 s.
+            for _ in range(30):
+                pool.submit(client.call, {}, "slow", seconds=20)
+                time.sleep(0.4)
+            state = wait_for(lambda: alert_state() in ("pending", "firing") and alert_state(),
+                             timeout=30, message="the reply-wait alert pending or firing")
+            assert state in ("pending", "firing")
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
+
+
+def _scraped(api):
+    query = urllib.parse.urlencode({"query": 'up{job="commlens-collector"}'})
+    try:
+        with urllib.request.urlopen(f"{api}/query?{query}", timeout=2) as response:
+            result = json.load(response)["data"]["result"]
+    except OSError:
+        return False
+    return bool(result) and result[0]["value"][1] == "1"
