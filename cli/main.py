@@ -10,6 +10,7 @@ import threading
 
 from commlens.cli import demo
 from commlens.cli import emulate
+from commlens.cli import grafana
 from commlens.cli import incident
 from commlens.exporters import durations
 
@@ -66,6 +67,7 @@ def build_parser():
     incident.add_commands(commands)
     demo.add_command(commands, _listen_address, DEFAULT_LISTEN)
     emulate.add_command(commands, _listen_address, DEFAULT_LISTEN)
+    grafana.add_command(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""What people look at: the web dashboard, Grafana dashboards, alert rules."""
