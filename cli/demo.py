@@ -2,7 +2,7 @@
 
 Embedded by default: the control plane over oslo.messaging's ``fake://``
 driver, shipping over ``memory://`` to a collector in this same process that
-serves /metrics, the JSON API and the fault control on ``--listen``. With
+serves the dashboard, /metrics, the JSON API and the fault control on ``--listen``. With
 ``--transport rabbit://...`` each part of the plane is a process of its own
 talking over that broker and shipping over AMQP to this process's collector.
 
@@ -30,7 +30,7 @@ def add_command(commands, listen_type, default_listen):
     demo = commands.add_parser(
         "demo", help="an emulated OpenStack control plane, instrumented, with faults to inject")
     demo.add_argument("--listen", type=listen_type, default=default_listen,
-                      help=f"address for /metrics, the API and fault control "
+                      help=f"address for the dashboard, /metrics, the API and fault control "
                            f"(default {default_listen})")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop by itself after this many seconds")
@@ -93,7 +93,8 @@ def run_demo(args):
     _add_fault_control(app, faults)
     host, port = args.listen
     try:
-        server = serving.make_server(host, port, app, threaded=True)
+        server = serving.make_server(host, port, app, threaded=True,
+                                     request_handler=http.RequestHandler)
     except OSError as exc:
         print(f"commlens demo: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 2
@@ -115,8 +116,8 @@ def run_demo(args):
     users.start()
     base = f"http://{host}:{server.port}"
     print(f"commlens demo: an emulated control plane over {urls.redact(args.transport)}; "
-          f"point your browser or Prometheus at {base}/metrics, the graph at "
-          f"{base}/api/graph, error chains at {base}/api/chains; inject faults with "
+          f"open the dashboard at {base}/dashboard/ (Prometheus: {base}/metrics, "
+          f"JSON: {base}/api/graph, {base}/api/chains); inject faults with "
           f"curl -X POST {base}/api/demo/faults/<name>. Ctrl-C stops.", flush=True)
 
     stop = threading.Event()

@@ -1,6 +1,7 @@
 """The ``commlens`` command."""
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ from commlens.cli import grafana
 from commlens.cli import incident
 from commlens.exporters import durations
 
+LOG = logging.getLogger("commlens.collector")
 DEFAULT_LISTEN = "127.0.0.1:9780"
 DEFAULT_EXPORT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_HISTORY = os.path.join(
@@ -62,6 +64,16 @@ def build_parser():
                            default=os.environ.get("COMMLENS_RABBITMQ_MANAGEMENT_URL"),
                            help="http://user:password@host:15672/ to show RPC queue "
                                 "depths beside the graph")
+    collector.add_argument("--dashboard-token",
+                           default=os.environ.get("COMMLENS_DASHBOARD_TOKEN"),
+                           help="require this token for the dashboard and the JSON API "
+                                "(default: COMMLENS_DASHBOARD_TOKEN; /metrics and the probes "
+                                "stay open). Set it whenever --listen is not a loopback address")
+    collector.add_argument("--degraded-error-ratio", type=float, default=0.01,
+                           help="the dashboard colours a node or edge degraded from this "
+                                "error ratio (default 0.01)")
+    collector.add_argument("--failing-error-ratio", type=float, default=0.05,
+                           help="... and failing from this one (default 0.05)")
     collector.set_defaults(run=run_collector)
 
     incident.add_commands(commands)
@@ -96,7 +108,17 @@ def run_collector(args):
     from commlens.exporters import traces
     from commlens.exporters import urls
 
+    from commlens.dashboards import health
+    from commlens.dashboards import web
+
     export_url = args.export_url or DEFAULT_EXPORT_URL
+    try:
+        dashboard = web.DashboardSettings(
+            tolerances=health.Tolerances(args.degraded_error_ratio, args.failing_error_ratio),
+            token=args.dashboard_token or None)
+    except ValueError as exc:
+        print(f"commlens collector: {exc}", file=sys.stderr)
+        return 2
     try:
         collector = collector_mod.Collector(
             window=traces.TraceWindow(quiet_seconds=args.trace_quiet,
@@ -112,8 +134,8 @@ def run_collector(args):
         return 2
     host, port = args.listen
     try:
-        server = serving.make_server(host, port, http.create_app(collector, intake),
-                                     threaded=True)
+        server = serving.make_server(host, port, http.create_app(collector, intake, dashboard),
+                                     threaded=True, request_handler=http.RequestHandler)
     except OSError as exc:
         print(f"commlens collector: cannot listen on {host}:{port}: {exc.strerror}",
               file=sys.stderr)
@@ -124,13 +146,24 @@ def run_collector(args):
         collector.queue_watcher.start()
     print(f"commlens collector: consuming {urls.redact(export_url)}"
           f"{' as replica ' + args.replica if args.replica else ''}; "
+          f"dashboard on http://{host}:{server.port}/dashboard/, "
           f"metrics on http://{host}:{server.port}/metrics; history in {args.history}",
           flush=True)
+    if not dashboard.token and not _loopback(host):
+        LOG.warning("commlens collector: the dashboard and JSON API on %s are open to anyone "
+                    "who can reach it; set --dashboard-token", host)
     _serve_until_signalled(server)
     intake.stop()
     collector.stop()
     collector.history.close()
     return 0
+
+
+def _loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _serve_until_signalled(server):

@@ -54,6 +54,11 @@ class _Process:
         self.gauges = {}
 
 
+# The dashboard's time series and methods tables look back this far at most.
+SERIES_SECONDS = 900
+METHOD_SAMPLE_SECONDS = 15.0
+
+
 class Collector:
     """``window``, ``history`` and ``chain_counter`` assemble hops into
     traces and chains (defaults: a TraceWindow, an in-memory History)."""
@@ -73,6 +78,10 @@ class Collector:
         self.history = history if history is not None else history_mod.History()
         self.chain_counter = chain_counter or chains.ChainCounter()
         self.graph_samples = graph.GraphSamples()
+        # Per-method totals are many more series than edges: sampled less often
+        # and kept for the dashboard's 15 minutes only.
+        self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+                                                 max_window=SERIES_SECONDS)
         self.queue_watcher = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
@@ -222,16 +231,66 @@ class Collector:
     def sample_graph(self):
         # The sweeper runs every second; a sample is kept every few seconds:
         # merge only when one is due.
-        if self.graph_samples.due():
-            totals, _consumers = graph.edge_totals(*self.merged())
+        edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
+        if not (edges_due or methods_due):
+            return
+        merged = self.merged()
+        totals, consumers = graph.edge_totals(*merged)
+        if edges_due:
             self.graph_samples.add(totals)
+        if methods_due:
+            self.method_samples.add(graph.method_totals(*merged, consumers))
 
     def graph(self, window_seconds=300):
-        counters, histograms, gauges = self.merged()
-        current, consumers = graph.edge_totals(counters, histograms, gauges)
+        merged = self.merged()
+        current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
-        return graph.build(current, baseline, age, consumers, queues, self.processes())
+        result = graph.build(current, baseline, age, consumers, queues, self.processes())
+        # Successful calls' latency comes from the per-method samples, which
+        # look back 15 minutes at most.
+        _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
+        graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
+                             method_baseline)
+        return result
+
+    def edge_details(self, client, server, protocol, window_seconds=300):
+        """The methods table of one edge and its last 15 minutes of waiting
+        replies and errors."""
+        edge = (client, server, protocol)
+        rows = self._method_rows(window_seconds, lambda key: key == edge)
+        return {"edge": {"client": client, "server": server, "protocol": protocol},
+                "methods": [row for _edge, row in rows],
+                "series": self._series(lambda key: key == edge)}
+
+    def node_details(self, service, window_seconds=300):
+        """What ``service`` serves, by caller and method or route, and the
+        waiting replies and errors of its inbound edges over 15 minutes."""
+        rows = self._method_rows(window_seconds, lambda key: key[1] == service)
+        return {"node": {"service": service},
+                "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
+                "series": self._series(lambda key: key[1] == service)}
+
+    def _method_rows(self, window_seconds, wanted):
+        counters, histograms, gauges = self.merged()
+        _totals, consumers = graph.edge_totals(counters, histograms, gauges)
+        current = graph.method_totals(counters, histograms, gauges, consumers)
+        age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
+        return [(edge, row) for edge in sorted(current) if wanted(edge)
+                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]
+
+    def _series(self, wanted):
+        points, previous = [], None
+        for seconds_ago, totals in self.graph_samples.since(SERIES_SECONDS):
+            selected = [t for key, t in totals.items() if wanted(key)]
+            failed = sum(t.failed for t in selected)
+            if previous is not None:
+                elapsed = max(previous[0] - seconds_ago, 1e-3)
+                points.append({"seconds_ago": round(seconds_ago, 1),
+                               "waiting_replies": sum(t.waiting for t in selected),
+                               "errors_per_second": max(0.0, failed - previous[1]) / elapsed})
+            previous = (seconds_ago, failed)
+        return points
 
     # -- expiry ----------------------------------------------------------
 

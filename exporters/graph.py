@@ -127,6 +127,111 @@ def edge_totals(counters, histograms, gauges):
     return dict(edges), consumers
 
 
+class MethodTotals:
+    """Cumulative figures of one RPC method or REST route on one edge.
+
+    ``ok_latency`` holds successful calls only (a caller's reply waits for RPC,
+    the route's request time for REST), so a burst of fast failures does not
+    make an edge look quick.
+    """
+
+    __slots__ = ("requests", "errors", "timeouts", "waiting", "ok_latency")
+
+    def __init__(self):
+        self.requests = 0.0
+        self.errors = 0.0
+        self.timeouts = 0.0
+        self.waiting = 0.0
+        self.ok_latency = [0] * _N_BUCKETS
+
+
+def method_totals(counters, histograms, gauges, consumers):
+    """{(client, server, protocol): {operation: MethodTotals}}.
+
+    RPC rows come from the callers (topic.method: what they sent, their errors
+    by outcome, their waits and waiting replies); REST rows from the servers
+    (method and route by caller, 5xx as errors; the route's latency is over all
+    its callers, as the server does not record it per caller).
+    """
+    edges = collections.defaultdict(lambda: collections.defaultdict(MethodTotals))
+    route_latency = collections.defaultdict(lambda: [0] * _N_BUCKETS)
+
+    def rpc_row(service, topic, method):
+        return edges[(service, consumers.get(topic, topic), RPC)][f"{topic}.{method}"]
+
+    for (name, labels), value in counters.items():
+        if name == metrics.RPC_SENT.name:
+            service, topic, method, _kind = labels
+            rpc_row(service, topic, method).requests += value
+        elif name == metrics.RPC_CALL_ERRORS.name:
+            service, topic, method, outcome, _error = labels
+            row = rpc_row(service, topic, method)
+            row.errors += value
+            if outcome == metrics.TIMEOUT:
+                row.timeouts += value
+        elif name == metrics.HTTP_REQUESTS.name:
+            service, caller, method, route, code = labels
+            row = edges[(caller, service, HTTP)][f"{method} {route}"]
+            row.requests += value
+            if code.startswith("5"):
+                row.errors += value
+    for (name, labels), value in gauges.items():
+        if name == metrics.RPC_WAITING_REPLIES.name:
+            rpc_row(*labels).waiting += value
+    for (name, labels), (counts, _total) in histograms.items():
+        if labels[-1] != metrics.OK:
+            continue
+        if name == metrics.RPC_REPLY_WAIT.name:
+            target = rpc_row(*labels[:3]).ok_latency
+        elif name == metrics.HTTP_DURATION.name:
+            service, method, route, _outcome = labels
+            target = route_latency[(service, f"{method} {route}")]
+        else:
+            continue
+        for i, count in enumerate(counts):
+            target[i] += count
+    for (_client, server, protocol), rows in edges.items():
+        if protocol == HTTP:
+            for operation, row in rows.items():
+                row.ok_latency = list(route_latency.get((server, operation), row.ok_latency))
+    return {edge: dict(rows) for edge, rows in edges.items()}
+
+
+def method_rows(current, baseline, seconds):
+    """Rows of a methods table: rates over ``seconds`` from two MethodTotals maps."""
+    seconds = max(seconds, 1e-3)
+    rows = []
+    for operation, now in sorted(current.items()):
+        then = baseline.get(operation) or MethodTotals()
+        requests = max(0.0, now.requests - then.requests)
+        errors = max(0.0, now.errors - then.errors)
+        latency = [max(0, a - b) for a, b in zip(now.ok_latency, then.ok_latency, strict=True)]
+        if requests == 0 and now.waiting == 0 and now.requests == 0:
+            continue
+        rows.append({
+            "operation": operation, "rate": requests / seconds,
+            "errors": errors, "error_ratio": (errors / requests) if requests else 0.0,
+            "timeouts": max(0.0, now.timeouts - then.timeouts), "waiting_replies": now.waiting,
+            "p50_seconds": quantile(0.5, latency), "p99_seconds": quantile(0.99, latency),
+        })
+    return rows
+
+
+def add_ok_latency(edges, current, baseline):
+    """Set ``ok_p50_seconds``/``ok_p99_seconds`` on graph edges: percentiles of
+    successful calls only, from two ``method_totals`` maps."""
+    for edge in edges:
+        key = (edge["client"], edge["server"], edge["protocol"])
+        latency = [0] * _N_BUCKETS
+        then_rows = baseline.get(key, {})
+        for operation, now in current.get(key, {}).items():
+            then = then_rows.get(operation)
+            for i, count in enumerate(now.ok_latency):
+                latency[i] += max(0, count - (then.ok_latency[i] if then else 0))
+        edge["ok_p50_seconds"] = quantile(0.5, latency)
+        edge["ok_p99_seconds"] = quantile(0.99, latency)
+
+
 def quantile(q, counts):
     """The q-quantile of a bucketed distribution (linear within a bucket), or None."""
     total = sum(counts)
@@ -145,11 +250,13 @@ def quantile(q, counts):
 
 
 class GraphSamples:
-    """Edge totals every few seconds, for rates over a window."""
+    """Totals every few seconds, for rates over a window and short series."""
 
-    def __init__(self, clock=time.monotonic, interval=SAMPLE_INTERVAL_SECONDS):
+    def __init__(self, clock=time.monotonic, interval=SAMPLE_INTERVAL_SECONDS,
+                 max_window=MAX_WINDOW_SECONDS):
         self._clock = clock
         self.interval = interval
+        self.max_window = max_window
         self._lock = threading.Lock()
         self._times = [clock()]
         self._samples = [{}]  # the collector started with nothing
@@ -165,7 +272,7 @@ class GraphSamples:
                 return
             self._times.append(now)
             self._samples.append(totals)
-            while self._times and now - self._times[0] > MAX_WINDOW_SECONDS + self.interval:
+            while self._times and now - self._times[0] > self.max_window + self.interval:
                 self._times.pop(0)
                 self._samples.pop(0)
 
@@ -176,6 +283,13 @@ class GraphSamples:
             index = max(0, bisect.bisect_left(self._times, now - window_seconds))
             index = min(index, len(self._times) - 1)
             return now - self._times[index], self._samples[index]
+
+    def since(self, seconds):
+        """[(seconds ago, totals)] of the samples kept in the last ``seconds``, oldest first."""
+        now = self._clock()
+        with self._lock:
+            return [(now - t, sample) for t, sample in zip(self._times, self._samples, strict=True)
+                    if now - t <= seconds]
 
 
 def build(current, baseline, seconds, consumers, queues=None, processes=()):

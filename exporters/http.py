@@ -1,14 +1,24 @@
-"""The collector's HTTP face: /metrics, health probes and the JSON API."""
+"""The collector's HTTP face: /metrics, health probes, the JSON API and the
+web dashboard (commlens.dashboards.web)."""
+
+import re
 
 import flask
+from werkzeug import serving
 
 from commlens.exporters import durations
 from commlens.exporters import prometheus
 
 
-def create_app(collector, intake=None):
+def create_app(collector, intake=None, dashboard=None):
+    from commlens.dashboards import web
+
+    dashboard = dashboard or web.DashboardSettings()
     app = flask.Flask("commlens.collector")
     app.config["COMMLENS_COLLECTOR"] = collector
+    if dashboard.token:
+        web.require_token(app, dashboard.token)
+    app.register_blueprint(web.create_blueprint(collector, dashboard, _duration_arg))
 
     @app.get("/metrics")
     def metrics():
@@ -65,6 +75,20 @@ def create_app(collector, intake=None):
         return {"error": str(exc)}, 400
 
     return app
+
+
+class RequestHandler(serving.WSGIRequestHandler):
+    """Werkzeug's request log, without the dashboard token of a ?token= URL."""
+
+    _TOKEN = re.compile(r"([?&]token=)[^&\s]*")
+
+    def log_request(self, *args, **kwargs):
+        # Werkzeug logs self.path (or the raw request line when it is bad);
+        # the application has already read the real ones by now.
+        self.requestline = self._TOKEN.sub(r"\1***", self.requestline)
+        if hasattr(self, "path"):
+            self.path = self._TOKEN.sub(r"\1***", self.path)
+        super().log_request(*args, **kwargs)
 
 
 class BadDuration(ValueError):

@@ -174,3 +174,41 @@ class Peer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class Demo:
+    """``commlens demo`` on its embedded default, in a process of its own."""
+
+    def __init__(self, tmp_path, *args):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "demo.log"
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "commlens.cli.main", "demo", "--listen",
+                 f"127.0.0.1:{self.port}", "--no-live", "--duration", "300", *args],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.base + path, timeout=10) as response:
+            return response.read().decode()
+
+    def json(self, path):
+        return json.loads(self.get(path))
+
+    def fault(self, name, on=True):
+        request = urllib.request.Request(f"{self.base}/api/demo/faults/{name}",
+                                         method="POST" if on else "DELETE")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def metrics(self):
+        return Metrics(self.get("/metrics"))
+
+    def up(self):
+        if self.process.poll() is not None:
+            raise AssertionError("demo exited:\n" + self.log_path.read_text())
+        try:
+            return self.get("/readyz") and True
+        except OSError:
+            return False

@@ -114,7 +114,7 @@ def test_dashboard_queries_run_on_a_real_prometheus(tmp_path):
     # promtool's rule checker parses PromQL without a server: one recording
     # rule per dashboard query.
     rules = []
-    for name, dashboard in load_dashboards().items():
+    for dashboard in load_dashboards().values():
         for panel in dashboard["panels"]:
             for target in panel.get("targets", []):
                 rules.append({"record": f"check:{len(rules)}", "expr": dashboard_query(

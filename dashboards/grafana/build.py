@@ -24,7 +24,8 @@ from commlens.dashboards.grafana import GENERATED
 
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RPC_SERVICES = 'service=~"$service", target=~"$target"'
-ERROR_CHAIN_LABELS = "origin_service, origin_operation, origin_error, entry_service, entry_operation"
+ERROR_CHAIN_LABELS = ("origin_service, origin_operation, origin_error, entry_service, "
+                      "entry_operation")
 
 
 def query(expr, legend=None, ref_id="A", instant=False, table_format=False, heatmap_format=False):

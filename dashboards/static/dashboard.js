@@ -1,0 +1,229 @@
+// The commlens dashboard's script: fetches the collector's SVG graph and JSON
+// API and refreshes them in place. No framework, no third-party code.
+"use strict";
+
+const REFRESH_MS = 10000;
+const state = { selected: null, services: [] };
+const $ = (id) => document.getElementById(id);
+
+function windowArg() { return $("window").value; }
+
+function setStatus(text) { $("status").textContent = text; }
+
+async function getJSON(url) {
+  const response = await fetch(url, { credentials: "same-origin" });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) { throw new Error(body.error || response.statusText); }
+  return body;
+}
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "class") { node.className = value; } else { node.setAttribute(key, value); }
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function rate(value) { return value >= 1000 ? (value / 1000).toPrecision(3) + "k/s" : value.toPrecision(3) + "/s"; }
+function ms(seconds) { return seconds == null ? "–" : (seconds * 1000).toPrecision(3) + " ms"; }
+function percent(ratio) { return (ratio * 100).toPrecision(2) + "%"; }
+function when(epoch) { return new Date(epoch * 1000).toLocaleTimeString(); }
+
+// -- graph ------------------------------------------------------------------
+
+function graphQuery() {
+  const query = new URLSearchParams({ window: windowArg() });
+  for (const name of ["find", "hide", "focus"]) {
+    if ($(name).value.trim()) { query.set(name, $(name).value.trim()); }
+  }
+  query.set("depth", $("depth").value || "1");
+  return query;
+}
+
+async function refreshGraph() {
+  const response = await fetch("/dashboard/graph.svg?" + graphQuery(), { credentials: "same-origin" });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({ error: response.statusText }));
+    $("filter-error").textContent = body.error;
+    return;
+  }
+  $("filter-error").textContent = "";
+  $("graph").innerHTML = await response.text();
+  $("graph").dataset.nodes = response.headers.get("X-Commlens-Nodes");
+  $("graph").dataset.edges = response.headers.get("X-Commlens-Edges");
+  for (const group of $("graph").querySelectorAll("g.node, g.edge")) {
+    group.addEventListener("click", () => select(group.id));
+    if (state.selected && group.id === state.selected.id) { group.classList.add("selected"); }
+  }
+}
+
+async function refreshServices() {
+  const graph = await getJSON("/api/graph?window=" + windowArg());
+  const services = graph.nodes.map((node) => node.service);
+  if (services.join() === state.services.join()) { return; }
+  state.services = services;
+  const focus = $("focus");
+  const chosen = focus.value;
+  focus.replaceChildren(element("option", { value: "" }, "(all services)"),
+    ...services.map((name) => element("option", { value: name }, name)));
+  focus.value = services.includes(chosen) ? chosen : "";
+}
+
+function select(id) {
+  if (id.startsWith("node:")) {
+    state.selected = { id, kind: "node", service: id.slice(5) };
+  } else {
+    const body = id.slice(5);
+    const colon = body.lastIndexOf(":");
+    const [client, server] = body.slice(0, colon).split("->");
+    state.selected = { id, kind: "edge", client, server, protocol: body.slice(colon + 1) };
+  }
+  for (const group of $("graph").querySelectorAll("g.selected")) { group.classList.remove("selected"); }
+  const group = document.getElementById(id);
+  if (group) { group.classList.add("selected"); }
+  refreshDetails();
+}
+
+async function refreshDetails() {
+  const chosen = state.selected;
+  if (!chosen) { return; }
+  let details;
+  if (chosen.kind === "node") {
+    details = await getJSON(`/api/graph/node/${encodeURIComponent(chosen.service)}?window=${windowArg()}`);
+    $("details-title").textContent = chosen.service;
+    $("details-note").textContent = "What it serves, by caller and method or route.";
+  } else {
+    const query = new URLSearchParams({ client: chosen.client, server: chosen.server,
+      protocol: chosen.protocol, window: windowArg() });
+    details = await getJSON("/api/graph/edge?" + query);
+    $("details-title").textContent = `${chosen.client} → ${chosen.server} (${chosen.protocol.toUpperCase()})`;
+    $("details-note").textContent = chosen.protocol === "rpc"
+      ? "As the caller sees it: latency is the reply wait of successful calls."
+      : "As the server sees it: latency is the route's, successful requests, all callers.";
+  }
+  const degraded = parseFloat(document.body.dataset.degraded);
+  const failing = parseFloat(document.body.dataset.failing);
+  $("methods").tBodies[0].replaceChildren(...details.methods.map((row) => element("tr",
+    { class: row.error_ratio >= failing ? "failing" : row.error_ratio >= degraded ? "degraded" : "" },
+    element("td", {}, (row.caller ? row.caller + " → " : "") + row.operation),
+    element("td", { class: "num" }, rate(row.rate)),
+    element("td", { class: "num" }, `${row.errors.toFixed(0)} (${percent(row.error_ratio)})` +
+      (row.timeouts ? `, ${row.timeouts.toFixed(0)} timeouts` : "")),
+    element("td", { class: "num" }, ms(row.p50_seconds)),
+    element("td", { class: "num" }, ms(row.p99_seconds)),
+    element("td", { class: "num" }, row.waiting_replies.toFixed(0)))));
+  sparkline($("spark-waiting"), details.series.map((p) => [p.seconds_ago, p.waiting_replies]));
+  sparkline($("spark-errors"), details.series.map((p) => [p.seconds_ago, p.errors_per_second]));
+  $("details").hidden = false;
+}
+
+function sparkline(svg, points) {
+  const width = 300, height = 60, span = 900;
+  const top = Math.max(1, ...points.map((p) => p[1]));
+  const coordinates = points.map(([ago, value]) =>
+    `${(width * (1 - ago / span)).toFixed(1)},${(height - 4 - (height - 8) * value / top).toFixed(1)}`);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", coordinates.join(" "));
+  const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
+  label.setAttribute("x", "4"); label.setAttribute("y", "12"); label.setAttribute("font-size", "10");
+  label.textContent = "max " + top.toPrecision(3);
+  svg.replaceChildren(line, label);
+  svg.dataset.points = String(points.length);
+}
+
+// -- chains -----------------------------------------------------------------
+
+async function refreshChains() {
+  const body = await getJSON(`/api/chains?since=${windowArg()}&limit=25`);
+  $("chains").tBodies[0].replaceChildren(...body.chains.map((chain) => {
+    const path = element("td", { class: "chain-path" });
+    chain.hops.forEach((hop, index) => {
+      if (index) { path.append(element("span", { class: "arrow" }, "→")); }
+      path.append(element("span", { class: "hop" }, `${hop.service} ${hop.operation} `,
+        element("span", { class: "err" }, hop.error ? `(${hop.error})` : "")));
+    });
+    const examples = element("td", {}, ...chain.examples.map((example) => {
+      const link = element("a", { href: "#", class: "request-id" }, example.request_id || example.trace_id);
+      link.addEventListener("click", (event) => { event.preventDefault(); openTrace(example.trace_id); });
+      return link;
+    }));
+    return element("tr", { class: chain.absorbed ? "absorbed" : "" },
+      element("td", { class: "num" }, chain.count), path,
+      element("td", {}, when(chain.first_seen)), element("td", {}, when(chain.last_seen)), examples);
+  }));
+}
+
+// -- traces -----------------------------------------------------------------
+
+async function openTrace(id) {
+  showTab("trace-tab");
+  $("trace-hops").replaceChildren();
+  try {
+    const trace = await getJSON("/api/traces/" + encodeURIComponent(id));
+    renderTrace(trace);
+  } catch (error) {
+    $("trace-title").textContent = error.message;
+  }
+}
+
+function renderTrace(trace) {
+  const hops = [...trace.hops].sort((a, b) => a.start - b.start);
+  const byId = new Map(hops.map((hop) => [hop.span_id, hop]));
+  const depth = (hop) => {
+    let level = 0;
+    for (let parent = byId.get(hop.parent_id); parent && level < 50; parent = byId.get(parent.parent_id)) { level++; }
+    return level;
+  };
+  const start = Math.min(...hops.map((hop) => hop.start));
+  const end = Math.max(...hops.map((hop) => hop.start + hop.duration));
+  const total = Math.max(end - start, 1e-6);
+  const requestIds = [...new Set(hops.map((hop) => hop.request_id).filter(Boolean))];
+  $("trace-title").textContent = `trace ${trace.trace_id} · ${hops.length} hops · ` +
+    `${ms(total)}${requestIds.length ? " · " + requestIds.join(", ") : ""}`;
+  $("trace-hops").replaceChildren(...hops.map((hop) => {
+    const failed = hop.error || (hop.outcome && hop.outcome !== "ok");
+    const text = `${hop.service} ${hop.side === "client" ? "→ " + hop.target + " " : ""}` +
+      `${hop.operation} ${hop.error ? "(" + hop.error + ")" : ""} ${ms(hop.duration)}`;
+    const label = element("div", { class: "label", title: `${text} ${hop.request_id || ""}` },
+      "\u00a0\u00a0".repeat(depth(hop)) + text);
+    const bar = element("div", { class: "bar" });
+    bar.style.left = `${(100 * (hop.start - start) / total).toFixed(2)}%`;
+    bar.style.width = `${(100 * hop.duration / total).toFixed(2)}%`;
+    return element("div", { class: "hop" + (failed ? " failed" : "") }, label,
+      element("div", { class: "lane" }, bar));
+  }));
+}
+
+// -- wiring -----------------------------------------------------------------
+
+function showTab(id) {
+  for (const tab of document.querySelectorAll(".tab")) { tab.classList.toggle("active", tab.dataset.tab === id); }
+  for (const body of document.querySelectorAll(".tab-body")) { body.classList.toggle("active", body.id === id); }
+}
+
+async function refreshAll() {
+  try {
+    await Promise.all([refreshGraph(), refreshServices(), refreshChains(), refreshDetails()]);
+    setStatus("updated " + new Date().toLocaleTimeString());
+  } catch (error) {
+    setStatus("refresh failed: " + error.message);
+  }
+}
+
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => showTab(tab.dataset.tab));
+}
+for (const id of ["find", "hide", "depth"]) { $(id).addEventListener("change", refreshGraph); }
+$("focus").addEventListener("change", refreshGraph);
+$("window").addEventListener("change", refreshAll);
+$("search").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const id = $("search-input").value.trim();
+  if (id) { openTrace(id); }
+});
+setInterval(() => { if ($("auto-refresh").checked) { refreshAll(); } }, REFRESH_MS);
+refreshAll();

@@ -1,0 +1,198 @@
+"""The web dashboard in a real headless Chromium (Debian's chromium, driven by
+Playwright; never a downloaded browser) against ``commlens demo``.
+
+Screenshots of every step are kept in artifacts/dashboard/.
+"""
+
+import json
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from support import ARTIFACTS, Demo, run_collector, wait_for, collector_ready, EXPORT_URL
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+SHOTS = ARTIFACTS / "dashboard"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: scripts/setup installs it"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    demo = Demo(tmp_path_factory.mktemp("dashboard-demo"))
+    wait_for(demo.up, timeout=30, message="demo serving")
+    yield demo
+    demo.process.kill()
+    demo.process.wait()
+
+
+@pytest.fixture
+def page(browser, demo):
+    context = browser.new_context(viewport={"width": 1500, "height": 950})
+    page = context.new_page()
+    page.requested = []
+    page.on("request", lambda request: page.requested.append(request.url))
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.goto(demo.base + "/dashboard/")
+    yield page
+    context.close()
+
+
+def _node_ids(page):
+    return set(page.eval_on_selector_all("#graph g.node", "els => els.map(e => e.id)"))
+
+
+def test_graph_shows_the_services_of_the_running_control_plane(page, demo):
+    services = {"nova-api", "nova-conductor", "nova-scheduler", "nova-compute",
+                "neutron-server", "keystone"}
+
+    def edge_classes():
+        return page.eval_on_selector_all("#graph g.edge",
+                                         "els => els.map(e => e.className.baseVal.split(' '))")
+
+    # The page refreshes itself; no reload.
+    wait_for(lambda: {f"node:{s}" for s in services} <= _node_ids(page)
+             and {"rpc", "http"} <= {c for classes in edge_classes() for c in classes},
+             timeout=40, interval=1, message="the control plane's services and edges")
+    page.screenshot(path=SHOTS / "graph.png", full_page=True)
+    # Everything the page loaded came from the collector: it works offline.
+    assert all(url.startswith(demo.base) for url in page.requested), page.requested
+    assert page.console_errors == []
+
+
+def test_clicking_a_node_and_an_edge_shows_methods_and_fifteen_minutes(page):
+    page.wait_for_selector("#graph g.node[id='node:nova-conductor']", timeout=30000)
+    page.click("#graph g.node[id='node:nova-conductor']")
+    page.wait_for_selector("#methods tbody tr")
+    assert page.inner_text("#details-title") == "nova-conductor"
+    methods = page.inner_text("#methods tbody")
+    assert "nova-api → conductor.build_instances" in methods
+    assert page.get_attribute("#spark-waiting", "data-points") is not None
+    page.screenshot(path=SHOTS / "node-details.png", full_page=True)
+
+    page.click("#graph g.edge[id='edge:nova-api->keystone:http'] text")  # its label
+    wait_for(lambda: "keystone" in page.inner_text("#details-title"), timeout=10)
+    assert "(HTTP)" in page.inner_text("#details-title")
+    assert page.locator("#methods tbody tr").count() >= 1
+    assert "/v3/" in page.inner_text("#methods tbody")
+
+
+def test_find_hide_and_focus(page):
+    page.wait_for_selector("#graph g.node[id='node:nova-conductor']", timeout=30000)
+    page.fill("#find", "service = nova-conductor")
+    page.dispatch_event("#find", "change")
+    page.wait_for_selector("#graph g.node.found")
+    assert page.eval_on_selector_all("#graph g.node.found", "els => els.map(e => e.id)") == [
+        "node:nova-conductor"]
+    page.fill("#find", "rate >")
+    page.dispatch_event("#find", "change")
+    wait_for(lambda: "expected FIELD OP VALUE" in page.inner_text("#filter-error"), timeout=10)
+    page.fill("#find", "")
+    page.fill("#hide", "service = keystone")
+    page.dispatch_event("#hide", "change")
+    wait_for(lambda: "node:keystone" not in _node_ids(page), timeout=10)
+    page.fill("#hide", "")
+    page.dispatch_event("#hide", "change")
+    page.select_option("#focus", "nova-scheduler")
+    page.fill("#depth", "1")
+    page.dispatch_event("#depth", "change")
+    wait_for(lambda: _node_ids(page) == {"node:nova-scheduler", "node:nova-conductor"},
+             timeout=10, message="focus on nova-scheduler, depth 1")
+    page.screenshot(path=SHOTS / "focus.png", full_page=True)
+
+
+def test_an_injected_error_appears_in_the_chains_without_a_reload(page, demo):
+    page.click("button[data-tab=chains-tab]")
+    page.wait_for_selector("#chains")
+    demo.fault("neutron-error")
+    try:
+        # No reload here: the page refreshes itself every 10 seconds.
+        wait_for(lambda: "PortBindingFailed" in page.inner_text("#chains tbody"),
+                 timeout=60, interval=1, message="the neutron chain in the table")
+    finally:
+        demo.fault("neutron-error", on=False)
+    first = page.locator("#chains tbody tr", has_text="PortBindingFailed").first
+    path = first.locator(".chain-path").inner_text()
+    assert path.startswith("neutron-server PUT /v2.0/ports/{id}") and "nova-api" in path
+    page.screenshot(path=SHOTS / "chains.png", full_page=True)
+    first.locator("a.request-id").first.click()
+    page.wait_for_selector("#trace-hops .hop.failed")
+    assert "nova-api POST /v2.1/servers" in page.inner_text("#trace-hops")
+
+
+def test_request_id_search_opens_the_trace_timeline(page, demo):
+    demo.fault("neutron-error")
+    try:
+        chain = wait_for(lambda: next((c for c in demo.json("/api/chains?since=15m")["chains"]
+                                       if c["origin"]["service"] == "neutron-server"), None),
+                         timeout=60, message="a neutron chain")
+    finally:
+        demo.fault("neutron-error", on=False)
+    request_id = next(e["request_id"] for e in chain["examples"] if e["request_id"])
+    page.fill("#search-input", request_id)
+    page.click("#search-button")
+    page.wait_for_selector("#trace-hops .hop")
+    assert request_id in page.inner_text("#trace-title")
+    assert page.locator("#trace-hops .hop").count() >= 5
+    bars = page.eval_on_selector_all("#trace-hops .bar", "els => els.map(e => e.style.width)")
+    assert all(b.endswith("%") for b in bars)
+    page.screenshot(path=SHOTS / "trace.png", full_page=True)
+
+    page.fill("#search-input", "req-00000000-0000-0000-0000-000000000000")
+    page.click("#search-button")
+    wait_for(lambda: "no trace or request id" in page.inner_text("#trace-title"), timeout=10)
+
+
+def test_the_dashboard_is_read_only(demo):
+    for path in ("/dashboard/", "/dashboard/graph.svg", "/api/graph/node/nova-api"):
+        request = urllib.request.Request(demo.base + path, method="POST", data=b"{}")
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=5)
+        assert error.value.code == 405
+
+
+def test_a_token_guards_the_dashboard_and_api_but_not_metrics(browser, rabbitmq, tmp_path):
+    token = "dashboard-secret-7f3a"
+    with run_collector(EXPORT_URL, tmp_path, ["--dashboard-token", token]) as collector:
+        wait_for(lambda: collector_ready(collector), timeout=30, message="collector ready")
+        for path, expected in (("/metrics", 200), ("/healthz", 200), ("/api/graph", 401),
+                               ("/dashboard/", 401), ("/api/chains", 401)):
+            try:
+                status = collector.get(path)[0]
+            except urllib.error.HTTPError as error:
+                status = error.code
+            assert status == expected, path
+        request = urllib.request.Request(collector.base_url + "/api/graph",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert "nodes" in json.load(response)
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(collector.base_url + "/dashboard/")
+        assert "requires its dashboard token" in page.inner_text("body")
+        page.goto(collector.base_url + "/dashboard/?" + urllib.parse.urlencode({"token": token}))
+        page.wait_for_selector("#graph")
+        assert page.url == collector.base_url + "/dashboard/"
+        wait_for(lambda: page.inner_text("#status").startswith("updated"), timeout=15)
+        assert token not in page.content()
+        context.close()
+        assert token not in collector.log()
