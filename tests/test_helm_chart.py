@@ -1,0 +1,205 @@
+"""The Helm chart, checked as far as this machine allows.
+
+No ``helm`` binary can be installed here. Helm's own library (helm-sdkpy, in
+.venv-helm on Python 3.12) lints the chart and renders it: it installs into a
+Kubernetes API played on loopback that records what Helm sends
+(tests/peers/helm_render.py). The core objects are validated against
+Kubernetes 1.31's schemas by kubernetes-validate (offline); the Prometheus
+Operator kinds have no bundled schema, so their fields are checked here, and the
+PrometheusRule must carry exactly the rules file that promtool tests.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from commlens.dashboards.grafana import load_dashboards
+
+ROOT = pathlib.Path(__file__).parent.parent
+CHART = ROOT / "helm" / "commlens"
+HELM_VENV = ROOT / ".venv-helm" / "bin"
+RENDER = ROOT / "tests" / "peers" / "helm_render.py"
+RULES = ROOT / "dashboards" / "alerts" / "commlens.rules.yml"
+KUBERNETES_VERSION = "1.31.0"
+EXISTING_SECRET = {"broker": {"existingSecret": "commlens-broker-url"}}
+
+
+def _helm_python():
+    python = HELM_VENV / "python"
+    assert python.exists(), "scripts/setup creates .venv-helm (Python 3.12, helm-sdkpy)"
+    return str(python)
+
+
+def _run(*args, chart=CHART):
+    return subprocess.run([_helm_python(), str(RENDER), *args[:1], str(chart), *args[1:]],
+                          capture_output=True, text=True, timeout=120)
+
+
+_renders = {}
+
+
+def render(values, chart=CHART):
+    key = (json.dumps(values, sort_keys=True), str(chart))
+    if key not in _renders:
+        result = _run("render", json.dumps(values), chart=chart)
+        _renders[key] = result
+    result = _renders[key]
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {(o["kind"], o["metadata"]["name"]): o for o in json.loads(result.stdout)}
+
+
+def _deployment(objects):
+    return objects[("Deployment", "commlens")]["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("files, line_length", [
+    ([CHART / "Chart.yaml", CHART / "values.yaml", RULES,
+      *sorted((ROOT / "dashboards" / "grafana" / "provisioning").rglob("*.yaml"))],
+     {"max": 120}),
+    # promtool's input series and expected annotations are one line each.
+    (sorted((ROOT / "dashboards" / "alerts" / "tests").glob("*.yml")), "disable"),
+], ids=["chart-rules-provisioning", "promtool-tests"])
+def test_yaml_files_pass_yamllint(files, line_length):
+    config = json.dumps({"extends": "default", "rules": {
+        "line-length": line_length, "document-start": "disable",
+        "truthy": {"check-keys": False}}})
+    result = subprocess.run([str(HELM_VENV / "yamllint"), "-s", "-d", config, *map(str, files)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_helm_lints_the_chart():
+    result = _run("lint")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Errors"] is None, report
+    # Severity 1 is Helm's INFO (an icon is recommended); 2 and up are warnings and errors.
+    assert all(message["Severity"] < 2 for message in report["Messages"]), report
+
+
+def test_lint_catches_a_broken_template(tmp_path):
+    chart = tmp_path / "commlens"
+    shutil.copytree(CHART, chart, symlinks=False)
+    (chart / "templates" / "broken.yaml").write_text("kind: ConfigMap\nmetadata: {{ .Values.x }\n")
+    report = json.loads(_run("lint", chart=chart).stdout)
+    assert report["Errors"], report
+    assert any(m["Path"].startswith("templates/") and m["Severity"] >= 2
+               for m in report["Messages"]), report
+
+
+def _validate(objects, tmp_path):
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump_all(list(objects.values())))
+    return subprocess.run([str(HELM_VENV / "kubernetes-validate"), "-k", KUBERNETES_VERSION,
+                           "--strict", str(manifest)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("values", [
+    EXISTING_SECRET,
+    {"broker": {"url": "amqp://commlens:pw@rabbitmq.openstack:5672/"}, "replicaCount": 3,
+     "dashboardToken": {"existingSecret": "commlens-dashboard"},
+     "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}}},
+    dict(EXISTING_SECRET, history={"persistence": {"enabled": True}}),
+], ids=["existing-secret", "url-replicas-token", "persistent-history"])
+def test_rendered_manifests_validate_against_kubernetes_schemas(values, tmp_path):
+    objects = render(values)
+    result = _validate(objects, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    core = [key for key in objects if key[0] not in ("ServiceMonitor", "PrometheusRule")]
+    for kind, name in core:
+        assert f"passed for resource {kind.lower()}/{name}" in result.stdout, (kind, result.stdout)
+
+
+def test_validation_can_fail(tmp_path):
+    objects = render(EXISTING_SECRET)
+    objects[("Deployment", "commlens")]["spec"]["replicas"] = "two"
+    objects[("Service", "commlens")]["spec"]["portz"] = []
+    result = _validate(objects, tmp_path)
+    assert result.returncode != 0
+    assert "deployment/commlens" in result.stdout + result.stderr
+
+
+def test_deployment_runs_the_collector_with_probes_and_the_broker_url_from_a_secret():
+    objects = render(EXISTING_SECRET)
+    container = _deployment(objects)
+    assert container["command"] == ["commlens", "collector"]
+    assert "--listen=0.0.0.0:9780" in container["args"]
+    assert not any(a.startswith("--replica") for a in container["args"])
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["COMMLENS_EXPORT_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "commlens-broker-url", "key": "url"}
+    assert "COMMLENS_DASHBOARD_TOKEN" not in env
+    assert not any(kind == "Secret" for kind, _ in objects)
+    assert container["resources"]["requests"] and container["securityContext"][
+        "readOnlyRootFilesystem"]
+
+
+def test_replicas_token_and_a_created_secret():
+    objects = render({"broker": {"url": "amqp://commlens:pw@rabbitmq.openstack:5672/"},
+                      "replicaCount": 3,
+                      "dashboardToken": {"existingSecret": "commlens-dashboard"},
+                      "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}}})
+    container = _deployment(objects)
+    assert "--replica=$(POD_NAME)" in container["args"]
+    assert objects[("Deployment", "commlens")]["spec"]["replicas"] == 3
+    env = {e["name"]: e for e in container["env"]}
+    assert env["COMMLENS_DASHBOARD_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == \
+        "commlens-dashboard"
+    secret = objects[("Secret", "commlens-broker")]
+    assert secret["stringData"]["url"] == "amqp://commlens:pw@rabbitmq.openstack:5672/"
+    # The password lives in the Secret only.
+    rest = json.dumps([o for key, o in objects.items() if key[0] != "Secret"])
+    assert "pw@" not in rest
+    monitor = objects[("ServiceMonitor", "commlens")]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_service_monitor_scrapes_the_service_as_job_commlens():
+    objects = render(EXISTING_SECRET)
+    service = objects[("Service", "commlens")]
+    monitor = objects[("ServiceMonitor", "commlens")]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        service["metadata"]["labels"].items()
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "commlens"
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"]
+    assert endpoint["path"] == "/metrics"
+
+
+def test_prometheus_rule_is_exactly_the_tested_rules_file():
+    rule = render(EXISTING_SECRET)[("PrometheusRule", "commlens")]
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_dashboards_config_map_is_labelled_for_the_grafana_sidecar():
+    config_map = render(EXISTING_SECRET)[("ConfigMap", "commlens-dashboards")]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"]["grafana_folder"] == "commlens"
+    committed = load_dashboards()
+    assert sorted(config_map["data"]) == sorted(committed)
+    for name, text in config_map["data"].items():
+        assert json.loads(text) == committed[name]
+
+
+def test_optional_objects_can_be_turned_off():
+    objects = render(dict(EXISTING_SECRET, serviceMonitor={"enabled": False},
+                          prometheusRule={"enabled": False},
+                          grafanaDashboards={"enabled": False}))
+    assert {kind for kind, _ in objects} == {"Deployment", "Service"}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({}, "set broker.existingSecret"),
+    (dict(EXISTING_SECRET, replicaCount=2, history={"persistence": {"enabled": True}}),
+     "history.persistence needs replicaCount 1"),
+])
+def test_bad_values_get_a_clear_error(values, message):
+    result = _run("render", json.dumps(values))
+    assert result.returncode != 0
+    assert message in result.stderr
