@@ -18,6 +18,7 @@ import re
 import threading
 import time
 
+from commlens.exporters import aggregate
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
@@ -311,12 +312,7 @@ class Collector:
         for key, value in entry.counters.items():
             self._retired_counters[key] += value
         for key, (counts, total) in entry.histograms.items():
-            retired = self._retired_histograms.get(key)
-            if retired is None:
-                self._retired_histograms[key] = [list(counts), total]
-            else:
-                retired[0] = [a + b for a, b in zip(retired[0], counts, strict=True)]
-                retired[1] += total
+            aggregate.add_histogram(self._retired_histograms, key, counts, total)
         del self._processes[entry.id]
 
     # -- views -----------------------------------------------------------
@@ -332,12 +328,7 @@ class Collector:
                 for key, value in entry.counters.items():
                     counters[key] += value
                 for key, (counts, total) in entry.histograms.items():
-                    merged = histograms.get(key)
-                    if merged is None:
-                        histograms[key] = [list(counts), total]
-                    else:
-                        merged[0] = [a + b for a, b in zip(merged[0], counts, strict=True)]
-                        merged[1] += total
+                    aggregate.add_histogram(histograms, key, counts, total)
                 for key, value in entry.gauges.items():
                     gauges[key] += value
         return counters, histograms, gauges

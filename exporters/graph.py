@@ -24,6 +24,7 @@ import collections
 import threading
 import time
 
+from commlens.exporters import aggregate
 from commlens.tracer import metrics
 
 RPC, HTTP = "rpc", "http"
@@ -59,24 +60,19 @@ def known_topics(counters):
 
 def resolve_rpc_servers(counters, histograms, consumers):
     """The service-graph series with RPC topics renamed to their consumer service."""
-    def rename(series):
-        out = {}
-        for (name, labels), value in series.items():
-            if (name.startswith("traces_service_graph_")
-                    and labels[2] == metrics.MESSAGING_SYSTEM and labels[1] in consumers):
-                labels = (labels[0], consumers[labels[1]], labels[2])
-            key = (name, labels)
-            if key in out:
-                value = _add(out[key], value)
-            out[key] = value
-        return out
-    return rename(counters), rename(histograms)
+    def renamed(name, labels):
+        if (name.startswith("traces_service_graph_")
+                and labels[2] == metrics.MESSAGING_SYSTEM and labels[1] in consumers):
+            labels = (labels[0], consumers[labels[1]], labels[2])
+        return name, labels
 
-
-def _add(a, b):
-    if isinstance(a, (int, float)):
-        return a + b
-    return [[x + y for x, y in zip(a[0], b[0], strict=True)], a[1] + b[1]]
+    renamed_counters = collections.defaultdict(float)
+    for (name, labels), value in counters.items():
+        renamed_counters[renamed(name, labels)] += value
+    renamed_histograms = {}
+    for (name, labels), (counts, total) in histograms.items():
+        aggregate.add_histogram(renamed_histograms, renamed(name, labels), counts, total)
+    return dict(renamed_counters), renamed_histograms
 
 
 class EdgeTotals:

@@ -14,33 +14,23 @@ import json
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from commlens.dashboards.grafana import load_dashboards
+from peers.json_http import JsonRequestHandler
 
 pytest.importorskip("grafana_client")
 
 TOKEN = "glsa_commlensTestToken_0123456789abcdef"
 
 
-class FakeGrafana(BaseHTTPRequestHandler):
+class FakeGrafana(JsonRequestHandler):
     folders = None
     dashboards = None
     requests = None
     problems = None
-
-    def log_message(self, *args):
-        pass
-
-    def _answer(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _body(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -52,7 +42,7 @@ class FakeGrafana(BaseHTTPRequestHandler):
     def _authorised(self):
         self.requests.append((self.command, self.path))
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-            self._answer(401, {"message": "Unauthorized"})
+            self.send_json(401, {"message": "Unauthorized"})
             return False
         return True
 
@@ -62,9 +52,9 @@ class FakeGrafana(BaseHTTPRequestHandler):
         if self.path.startswith("/api/folders/"):
             uid = self.path.rsplit("/", 1)[1]
             if uid in self.folders:
-                return self._answer(200, self.folders[uid])
-            return self._answer(404, {"message": "folder not found", "status": "not-found"})
-        self._answer(404, {"message": "Not found"})
+                return self.send_json(200, self.folders[uid])
+            return self.send_json(404, {"message": "folder not found", "status": "not-found"})
+        self.send_json(404, {"message": "Not found"})
 
     def do_POST(self):
         if not self._authorised():
@@ -76,7 +66,7 @@ class FakeGrafana(BaseHTTPRequestHandler):
             folder = {"id": len(self.folders) + 1, "uid": body.get("uid"),
                       "title": body.get("title"), "version": 1}
             self.folders[folder["uid"]] = folder
-            return self._answer(200, folder)
+            return self.send_json(200, folder)
         if self.path == "/api/dashboards/db":
             dashboard = body.get("dashboard") or {}
             for key, ok in (("dashboard.id", dashboard.get("id") is None),
@@ -90,10 +80,10 @@ class FakeGrafana(BaseHTTPRequestHandler):
             version = self.dashboards.get(uid, {}).get("version", 0) + 1
             self.dashboards[uid] = {"dashboard": dashboard, "version": version,
                                     "folderUid": body.get("folderUid")}
-            return self._answer(200, {"id": 7, "uid": uid, "status": "success",
+            return self.send_json(200, {"id": 7, "uid": uid, "status": "success",
                                       "version": version, "slug": uid,
                                       "url": f"/d/{uid}/{uid}"})
-        self._answer(404, {"message": "Not found"})
+        self.send_json(404, {"message": "Not found"})
 
 
 @pytest.fixture

@@ -19,9 +19,10 @@ import json
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import helm_sdkpy
+from json_http import JsonRequestHandler
 
 RESOURCES = {
     "/api/v1": [("configmaps", "ConfigMap"), ("secrets", "Secret"), ("services", "Service"),
@@ -32,34 +33,23 @@ RESOURCES = {
 }
 
 
-class FakeKubernetes(BaseHTTPRequestHandler):
+class FakeKubernetes(JsonRequestHandler):
     created = []
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         path = self.path.split("?")[0]
         if path == "/version":
-            return self._send(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"})
+            return self.send_json(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"})
         if path == "/api":
-            return self._send(200, {"kind": "APIVersions", "versions": ["v1"]})
+            return self.send_json(200, {"kind": "APIVersions", "versions": ["v1"]})
         if path == "/apis":
             groups = [{"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
                        "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}}
                       for g in ("apps", "monitoring.coreos.com")]
-            return self._send(200, {"kind": "APIGroupList", "apiVersion": "v1",
+            return self.send_json(200, {"kind": "APIGroupList", "apiVersion": "v1",
                                     "groups": groups})
         if path in RESOURCES:
-            return self._send(200, {
+            return self.send_json(200, {
                 "kind": "APIResourceList", "groupVersion": path.removeprefix("/apis/")
                 .removeprefix("/api/"),
                 "resources": [{"name": name, "singularName": "", "namespaced": True,
@@ -67,9 +57,9 @@ class FakeKubernetes(BaseHTTPRequestHandler):
                                                        "patch", "delete"]}
                               for name, kind in RESOURCES[path]]})
         if path.endswith("/secrets") or path.endswith("s") and "labelSelector" in self.path:
-            return self._send(200, {"kind": "List", "apiVersion": "v1", "items": [],
+            return self.send_json(200, {"kind": "List", "apiVersion": "v1", "items": [],
                                     "metadata": {}})
-        self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        self.send_json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                          "reason": "NotFound", "code": 404, "message": "not found"})
 
     def _body(self):
@@ -85,7 +75,7 @@ class FakeKubernetes(BaseHTTPRequestHandler):
             body = {"kind": "Secret", "apiVersion": "v1",
                     "metadata": {"name": "helm-release", "namespace": "openstack"}}
         body.setdefault("metadata", {}).setdefault("resourceVersion", "1")
-        self._send(status, body)
+        self.send_json(status, body)
 
     def do_POST(self):
         body = self._body()
