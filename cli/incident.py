@@ -37,6 +37,7 @@ def add_commands(commands):
             "COMMLENS_COLLECTOR_URL", DEFAULT_COLLECTOR),
             help=f"the collector's address (default {DEFAULT_COLLECTOR})")
         command.add_argument("--json", action="store_true", help="print the API's JSON")
+        command.set_defaults(token=os.environ.get("COMMLENS_DASHBOARD_TOKEN"))
 
 
 class ApiError(Exception):
@@ -47,8 +48,12 @@ def _get(args, path, **query):
     url = args.collector.rstrip("/") + path
     if query:
         url += "?" + urllib.parse.urlencode(query)
+    # A collector started with --dashboard-token wants it; the environment is
+    # the only way in, so it never shows in the process list.
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=10) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:

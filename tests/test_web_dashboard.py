@@ -5,14 +5,17 @@ Screenshots of every step are kept in artifacts/dashboard/.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
 
-from support import ARTIFACTS, Demo, run_collector, wait_for, collector_ready, EXPORT_URL
+from support import ARTIFACTS, EXPORT_URL, Demo, collector_ready, run_collector, wait_for
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -196,3 +199,12 @@ def test_a_token_guards_the_dashboard_and_api_but_not_metrics(browser, rabbitmq,
         assert token not in page.content()
         context.close()
         assert token not in collector.log()
+
+        def graph_command(env):
+            return subprocess.run([sys.executable, "-m", "commlens.cli.main", "graph", "--json",
+                                   "--collector", collector.base_url],
+                                  capture_output=True, text=True, timeout=30,
+                                  env=dict(os.environ, **env))
+        assert "requires its dashboard token" in graph_command({}).stderr
+        assert "nodes" in json.loads(graph_command(
+            {"COMMLENS_DASHBOARD_TOKEN": token}).stdout)
