@@ -93,6 +93,11 @@ def rpc_client(conf):
     yield make
     for transport in transports:
         transport.cleanup()
+    # A commlens+ transport also hooks this process's outbound requests (as
+    # it does in a service); undo it, or tests that use this process as a
+    # plain HTTP client would depend on the order they run in.
+    from commlens.middleware import http_client
+    http_client.uninstrument()
 
 
 @pytest.fixture

@@ -187,3 +187,58 @@ def test_service_names_cannot_break_the_picture():
     assert {"node:<script>alert(1)</script>", 'node:evil"]; a -> b [label="x'} == set(
         _groups(root, "node"))
     assert not list(root.iter(SVG + "script"))
+
+
+def test_methods_tables_count_per_method_and_time_only_successes():
+    from commlens.exporters import graph
+    from commlens.tracer import metrics
+
+    buckets = len(metrics.LATENCY_BUCKETS) + 1
+
+    def histogram(bucket, count):
+        counts = [0] * buckets
+        counts[bucket] = count
+        return [counts, 0.0]
+
+    ok_fast, slow_failures = 2, 12  # bucket indexes: <= 5 ms, <= 60 s
+    counters = {
+        (metrics.RPC_RECEIVED.name, ("nova-conductor", "nova-api", "conductor",
+                                     "build_instances", "call")): 100.0,
+        (metrics.RPC_SENT.name, ("nova-api", "conductor", "build_instances", "call")): 100.0,
+        (metrics.RPC_CALL_ERRORS.name, ("nova-api", "conductor", "build_instances",
+                                        "timeout", "MessagingTimeout")): 10.0,
+        (metrics.HTTP_REQUESTS.name, ("neutron-server", "nova-compute", "PUT",
+                                      "/v2.0/ports/{id}", "200")): 45.0,
+        (metrics.HTTP_REQUESTS.name, ("neutron-server", "nova-compute", "PUT",
+                                      "/v2.0/ports/{id}", "500")): 5.0,
+    }
+    histograms = {
+        (metrics.RPC_REPLY_WAIT.name, ("nova-api", "conductor", "build_instances", "ok")):
+            histogram(ok_fast, 90),
+        (metrics.RPC_REPLY_WAIT.name, ("nova-api", "conductor", "build_instances",
+                                       "timeout")): histogram(slow_failures, 10),
+        (metrics.HTTP_DURATION.name, ("neutron-server", "PUT", "/v2.0/ports/{id}", "ok")):
+            histogram(ok_fast, 45),
+    }
+    gauges = {(metrics.RPC_WAITING_REPLIES.name, ("nova-api", "conductor",
+                                                  "build_instances")): 3.0}
+    consumers = graph.topic_consumers(counters)
+    totals = graph.method_totals(counters, histograms, gauges, consumers)
+
+    [rpc] = graph.method_rows(totals[("nova-api", "nova-conductor", "rpc")], {}, 10.0)
+    assert rpc["operation"] == "conductor.build_instances"
+    assert (rpc["rate"], rpc["errors"], rpc["timeouts"], rpc["waiting_replies"]) == \
+        (10.0, 10.0, 10.0, 3.0)
+    assert rpc["p99_seconds"] <= metrics.LATENCY_BUCKETS[ok_fast]  # timeouts left out
+    [rest] = graph.method_rows(totals[("nova-compute", "neutron-server", "http")], {}, 10.0)
+    assert rest["operation"] == "PUT /v2.0/ports/{id}"
+    assert (rest["rate"], rest["errors"], rest["error_ratio"]) == (5.0, 5.0, 0.1)
+    assert rest["p50_seconds"] <= metrics.LATENCY_BUCKETS[ok_fast]
+
+    edges = [{"client": "nova-api", "server": "nova-conductor", "protocol": "rpc"}]
+    graph.add_ok_latency(edges, totals, {})
+    assert edges[0]["ok_p99_seconds"] <= metrics.LATENCY_BUCKETS[ok_fast]
+    # Against a baseline equal to now, nothing happened in the window.
+    [idle] = graph.method_rows(totals[("nova-api", "nova-conductor", "rpc")],
+                               totals[("nova-api", "nova-conductor", "rpc")], 10.0)
+    assert idle["rate"] == 0 and idle["p50_seconds"] is None and idle["waiting_replies"] == 3

@@ -35,7 +35,10 @@ def test_200_agents_all_report_and_the_series_do_not_grow_with_them(rabbitmq):
 
     few = _emulate(8)
     assert few["agents_seen_by_control_plane"] == 8
-    assert abs(report["prometheus_series"] - few["prometheus_series"]) <= 10
+    # Per-agent series would add hundreds. An outcome one run saw and the other
+    # did not (a ping timing out on a loaded CI machine) adds a reply-wait
+    # histogram (19 lines) and its error counter: allow two of those.
+    assert abs(report["prometheus_series"] - few["prometheus_series"]) <= 42
 
 
 def test_bad_arguments_are_clear_errors():

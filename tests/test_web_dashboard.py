@@ -89,7 +89,10 @@ def test_clicking_a_node_and_an_edge_shows_methods_and_fifteen_minutes(page):
     assert page.inner_text("#details-title") == "nova-conductor"
     methods = page.inner_text("#methods tbody")
     assert "nova-api → conductor.build_instances" in methods
-    assert page.get_attribute("#spark-waiting", "data-points") is not None
+    # The graph is sampled every 5 s; the details refresh with the page.
+    wait_for(lambda: int(page.get_attribute("#spark-errors", "data-points")) >= 2,
+             timeout=30, interval=1, message="points in the 15-minute series")
+    assert page.locator("#spark-errors polyline").get_attribute("points").count(",") >= 2
     page.screenshot(path=SHOTS / "node-details.png", full_page=True)
 
     page.click("#graph g.edge[id='edge:nova-api->keystone:http'] text")  # its label
