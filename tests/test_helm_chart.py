@@ -49,7 +49,14 @@ def render(values, chart=CHART):
         _renders[key] = result
     result = _renders[key]
     assert result.returncode == 0, result.stderr[-2000:]
-    return {(o["kind"], o["metadata"]["name"]): o for o in json.loads(result.stdout)}
+    rendered = json.loads(result.stdout)
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in rendered["objects"]}
+    objects["NOTES"] = rendered["notes"]
+    return objects
+
+
+def _manifests(objects):
+    return {key: o for key, o in objects.items() if key != "NOTES"}
 
 
 def _deployment(objects):
@@ -93,7 +100,7 @@ def test_lint_catches_a_broken_template(tmp_path):
 
 def _validate(objects, tmp_path):
     manifest = tmp_path / "manifest.yaml"
-    manifest.write_text(yaml.safe_dump_all(list(objects.values())))
+    manifest.write_text(yaml.safe_dump_all(list(_manifests(objects).values())))
     return subprocess.run([str(HELM_VENV / "kubernetes-validate"), "-k", KUBERNETES_VERSION,
                            "--strict", str(manifest)], capture_output=True, text=True)
 
@@ -109,7 +116,8 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(values, tmp_path
     objects = render(values)
     result = _validate(objects, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    core = [key for key in objects if key[0] not in ("ServiceMonitor", "PrometheusRule")]
+    core = [key for key in _manifests(objects)
+            if key[0] not in ("ServiceMonitor", "PrometheusRule")]
     for kind, name in core:
         assert f"passed for resource {kind.lower()}/{name}" in result.stdout, (kind, result.stdout)
 
@@ -135,7 +143,7 @@ def test_deployment_runs_the_collector_with_probes_and_the_broker_url_from_a_sec
     assert env["COMMLENS_EXPORT_URL"]["valueFrom"]["secretKeyRef"] == {
         "name": "commlens-broker-url", "key": "url"}
     assert "COMMLENS_DASHBOARD_TOKEN" not in env
-    assert not any(kind == "Secret" for kind, _ in objects)
+    assert not any(kind == "Secret" for kind, _ in _manifests(objects))
     assert container["resources"]["requests"] and container["securityContext"][
         "readOnlyRootFilesystem"]
 
@@ -154,7 +162,7 @@ def test_replicas_token_and_a_created_secret():
     secret = objects[("Secret", "commlens-broker")]
     assert secret["stringData"]["url"] == "amqp://commlens:pw@rabbitmq.openstack:5672/"
     # The password lives in the Secret only.
-    rest = json.dumps([o for key, o in objects.items() if key[0] != "Secret"])
+    rest = json.dumps([o for key, o in _manifests(objects).items() if key[0] != "Secret"])
     assert "pw@" not in rest
     monitor = objects[("ServiceMonitor", "commlens")]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -191,7 +199,7 @@ def test_optional_objects_can_be_turned_off():
     objects = render(dict(EXISTING_SECRET, serviceMonitor={"enabled": False},
                           prometheusRule={"enabled": False},
                           grafanaDashboards={"enabled": False}))
-    assert {kind for kind, _ in objects} == {"Deployment", "Service"}
+    assert {kind for kind, _ in _manifests(objects)} == {"Deployment", "Service"}
 
 
 @pytest.mark.parametrize("values, message", [
@@ -203,3 +211,12 @@ def test_bad_values_get_a_clear_error(values, message):
     result = _run("render", json.dumps(values))
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_notes_say_how_to_reach_the_dashboard_and_warn_without_a_token():
+    notes = render(EXISTING_SECRET)["NOTES"]
+    assert "port-forward svc/commlens 9780" in notes
+    assert "http://127.0.0.1:9780/dashboard/" in notes
+    assert "WARNING: no dashboardToken.existingSecret" in notes
+    guarded = render(dict(EXISTING_SECRET, dashboardToken={"existingSecret": "dash"}))["NOTES"]
+    assert "WARNING" not in guarded and "?token=" in guarded

@@ -4,7 +4,7 @@ Runs in .venv-helm (helm-sdkpy needs Python >= 3.12); the tests call it in a
 subprocess:
 
     helm_render.py lint CHART
-    helm_render.py render CHART VALUES_JSON
+    helm_render.py render CHART VALUES_JSON   -> {"objects": [...], "notes": NOTES.txt}
 
 No ``helm`` binary can be installed here and helm-sdkpy has no ``template``
 action, so ``render`` installs the chart into a Kubernetes API that this script
@@ -99,10 +99,10 @@ def render(chart, values):
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
         kubeconfig.flush()
         config = helm_sdkpy.Configuration(namespace="openstack", kubeconfig=kubeconfig.name)
-        asyncio.run(helm_sdkpy.Install(config).run(
+        release = asyncio.run(helm_sdkpy.Install(config).run(
             "commlens", chart, values=values, wait=False, timeout=60))
     server.shutdown()
-    return FakeKubernetes.created
+    return {"objects": FakeKubernetes.created, "notes": release["info"]["notes"]}
 
 
 def lint(chart):
