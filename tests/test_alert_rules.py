@@ -138,3 +138,21 @@ def _scraped(api):
     except OSError:
         return False
     return bool(result) and result[0]["value"][1] == "1"
+
+
+ALERTMANAGER_EXAMPLE = RULES.parent / "alertmanager.example.yml"
+
+
+def test_alertmanager_example_is_valid_and_pages_only_for_critical_alerts():
+    amtool = _tool("amtool")
+    check = subprocess.run([amtool, "check-config", str(ALERTMANAGER_EXAMPLE)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for rule in _alerts():
+        expected = ("openstack-oncall" if rule["labels"]["severity"] == "critical"
+                    else "openstack-team")
+        routed = subprocess.run(
+            [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_EXAMPLE}",
+             f"--verify.receivers={expected}", f"alertname={rule['alert']}",
+             f"severity={rule['labels']['severity']}"], capture_output=True, text=True)
+        assert routed.returncode == 0, (rule["alert"], routed.stdout + routed.stderr)
