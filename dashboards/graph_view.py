@@ -164,7 +164,9 @@ def _rate(value):
 
 
 def _ms(seconds):
-    return "-" if seconds is None else f"{seconds * 1000:.3g} ms"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
 
 
 def _edge_label(edge):

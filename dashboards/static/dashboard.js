@@ -29,7 +29,10 @@ function element(tag, attributes = {}, ...children) {
 }
 
 function rate(value) { return value >= 1000 ? (value / 1000).toPrecision(3) + "k/s" : value.toPrecision(3) + "/s"; }
-function ms(seconds) { return seconds == null ? "–" : (seconds * 1000).toPrecision(3) + " ms"; }
+function ms(seconds) {
+  if (seconds == null) { return "–"; }
+  return seconds >= 1 ? seconds.toPrecision(3) + " s" : (seconds * 1000).toPrecision(3) + " ms";
+}
 function percent(ratio) { return (ratio * 100).toPrecision(2) + "%"; }
 function when(epoch) { return new Date(epoch * 1000).toLocaleTimeString(); }
 
@@ -53,12 +56,25 @@ async function refreshGraph() {
   }
   $("filter-error").textContent = "";
   $("graph").innerHTML = await response.text();
+  fitGraph();
   $("graph").dataset.nodes = response.headers.get("X-Commlens-Nodes");
   $("graph").dataset.edges = response.headers.get("X-Commlens-Edges");
   for (const group of $("graph").querySelectorAll("g.node, g.edge")) {
     group.addEventListener("click", () => select(group.id));
     if (state.selected && group.id === state.selected.id) { group.classList.add("selected"); }
   }
+}
+
+// Shrink a wide graph to the panel, but never below 60 %: past that the
+// labels get too small to read, and the panel scrolls instead.
+function fitGraph() {
+  const svg = $("graph").querySelector("svg");
+  if (!svg) { return; }
+  const natural = svg.width.baseVal.value;
+  const available = $("graph").clientWidth - 2;
+  const scale = Math.max(0.6, Math.min(1, available / natural));
+  svg.style.width = `${(natural * scale).toFixed(0)}px`;
+  svg.style.height = `${(svg.height.baseVal.value * scale).toFixed(0)}px`;
 }
 
 async function refreshServices() {
@@ -119,6 +135,7 @@ async function refreshDetails() {
   sparkline($("spark-waiting"), details.series.map((p) => [p.seconds_ago, p.waiting_replies]));
   sparkline($("spark-errors"), details.series.map((p) => [p.seconds_ago, p.errors_per_second]));
   $("details").hidden = false;
+  fitGraph();
 }
 
 function sparkline(svg, points) {
@@ -219,6 +236,7 @@ for (const tab of document.querySelectorAll(".tab")) {
 }
 for (const id of ["find", "hide", "depth"]) { $(id).addEventListener("change", refreshGraph); }
 $("focus").addEventListener("change", refreshGraph);
+window.addEventListener("resize", fitGraph);
 $("window").addEventListener("change", refreshAll);
 $("search").addEventListener("submit", (event) => {
   event.preventDefault();
