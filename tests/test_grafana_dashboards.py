@@ -1,9 +1,11 @@
-"""Grafana dashboards as code: no drift from build.py, valid for Grafana 11.6.
+"""Grafana dashboards as code: no drift from build.py, valid for Grafana 11.6 and 13.2.
 
 Grafana's server cannot run on this machine. The schema check type-checks every
-dashboard with TypeScript against @grafana/schema 11.6, the types Grafana
-generates from its own dashboard and panel schemas (the dashboard kind, and
-each panel plugin's Options): an unknown field or a wrong type fails it.
+dashboard with TypeScript against @grafana/schema, the types Grafana generates
+from its own dashboard and panel schemas (the dashboard kind, and each panel
+plugin's Options): an unknown field or a wrong type fails it. It checks the
+release the dashboards are built for (11.6, the foundation SDK's newest
+builders) and the current one (13.2, whose classic dashboard JSON they are).
 """
 
 import json
@@ -18,13 +20,34 @@ build = pytest.importorskip("commlens.dashboards.grafana.build",
                             reason="grafana-foundation-sdk needs Python >= 3.11")
 
 SCHEMA_CHECK = GENERATED.parent / "schema-check"
-SCHEMA = SCHEMA_CHECK / "node_modules" / "@grafana" / "schema" / "dist" / "esm" / "raw"
-PANEL_OPTIONS = {
-    "nodeGraph": "composable/nodegraph/panelcfg/x/NodeGraphPanelCfg_types.gen",
-    "timeseries": "composable/timeseries/panelcfg/x/TimeSeriesPanelCfg_types.gen",
-    "table": "composable/table/panelcfg/x/TablePanelCfg_types.gen",
-    "heatmap": "composable/heatmap/panelcfg/x/HeatmapPanelCfg_types.gen",
-}
+PANELS = {"nodeGraph": ("nodegraph", "NodeGraph"), "timeseries": ("timeseries", "TimeSeries"),
+          "table": ("table", "Table"), "heatmap": ("heatmap", "Heatmap")}
+
+
+class Schema:
+    """Where one @grafana/schema release keeps the classic dashboard's types."""
+
+    def __init__(self, release, index, raw, dashboard, panel):
+        self.release = release
+        package = SCHEMA_CHECK / "node_modules" / f"grafana-schema-{release}"
+        # The panel types import the package's common types as '@grafana/schema';
+        # installed under an alias, that name must be mapped to this release.
+        self.index = package / index
+        self.raw = package / raw
+        self.dashboard = dashboard
+        self.panel = panel  # (folder, PanelName) -> module path
+
+    def panel_options(self, plugin):
+        folder, name = PANELS[plugin]
+        return self.panel(folder, name)
+
+
+SCHEMAS = [
+    Schema("11.6", "dist/esm/index.d.ts", "dist/esm/raw", "dashboard/x/dashboard_types.gen",
+           lambda folder, name: f"composable/{folder}/panelcfg/x/{name}PanelCfg_types.gen"),
+    Schema("13.2", "dist/types/index.d.ts", "dist/types/raw", "dashboard/x/types.gen",
+           lambda folder, name: f"composable/{folder}/panelcfg/x/types.gen"),
+]
 
 
 def test_committed_json_is_what_build_py_generates():
@@ -35,38 +58,46 @@ def test_committed_json_is_what_build_py_generates():
             f"{name} drifted from build.py: run python -m commlens.dashboards.grafana.build")
 
 
-def _typecheck(dashboards, tmp_path):
+def _typecheck(dashboards, tmp_path, schema=SCHEMAS[0]):
     tsc = SCHEMA_CHECK / "node_modules" / ".bin" / "tsc"
     assert tsc.exists(), "scripts/setup installs the schema check (npm ci in " \
                          f"{SCHEMA_CHECK.relative_to(GENERATED.parent.parent.parent)})"
-    lines = [f'import type {{ Dashboard }} from "{SCHEMA}/dashboard/x/dashboard_types.gen";',
+    lines = [f'import type {{ Dashboard }} from "{schema.raw}/{schema.dashboard}";',
              # The schema's enums are TypeScript string enums; JSON holds their
              # values, so compare against the values ("table", not LegendDisplayMode.Table).
              "type Json<T> = T extends string ? `${T}` : T extends Array<infer U> ? "
              "Array<Json<U>> : T extends object ? { [K in keyof T]: Json<T[K]> } : T;"]
-    for plugin, path in PANEL_OPTIONS.items():
-        lines.append(f'import type {{ Options as {plugin}Options }} from "{SCHEMA}/{path}";')
+    for plugin in PANELS:
+        lines.append(f'import type {{ Options as {plugin}Options }} from '
+                     f'"{schema.raw}/{schema.panel_options(plugin)}";')
     for index, (name, dashboard) in enumerate(sorted(dashboards.items())):
         lines.append(f"// {name}\nexport const dashboard{index}: Json<Dashboard> = "
                      f"{json.dumps(dashboard)};")
         for panel in dashboard.get("panels", []):
-            if panel["type"] in PANEL_OPTIONS and "options" in panel:
+            if panel["type"] in PANELS and "options" in panel:
                 lines.append(f"export const dashboard{index}panel{panel['id']}: "
                              f"Json<{panel['type']}Options> = {json.dumps(panel['options'])};")
     source = tmp_path / "dashboards.ts"
     source.write_text("\n".join(lines) + "\n")
-    return subprocess.run([str(tsc), "--noEmit", "--strict", "--target", "es2022",
-                           "--moduleResolution", "node", str(source)],
+    config = tmp_path / "tsconfig.json"
+    config.write_text(json.dumps({
+        "compilerOptions": {"strict": True, "noEmit": True, "target": "es2022",
+                            "moduleResolution": "node", "baseUrl": str(tmp_path),
+                            "paths": {"@grafana/schema": [str(schema.index)]}},
+        "files": [str(source)]}))
+    return subprocess.run([str(tsc), "--project", str(config)],
                           capture_output=True, text=True, timeout=120)
 
 
-def test_dashboards_pass_grafana_11_6_schema(tmp_path):
-    result = _typecheck(load_dashboards(), tmp_path)
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: f"grafana-{s.release}")
+def test_dashboards_pass_the_grafana_schema(tmp_path, schema):
+    result = _typecheck(load_dashboards(), tmp_path, schema)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: f"grafana-{s.release}")
 @pytest.mark.parametrize("damage", ["unknown field", "wrong type", "bad panel option"])
-def test_schema_check_catches_a_broken_dashboard(tmp_path, damage):
+def test_schema_check_catches_a_broken_dashboard(tmp_path, damage, schema):
     dashboards = load_dashboards()
     overview = dashboards["commlens-overview.json"]
     if damage == "unknown field":
@@ -75,7 +106,7 @@ def test_schema_check_catches_a_broken_dashboard(tmp_path, damage):
         overview["panels"][1]["gridPos"]["w"] = "wide"
     else:
         overview["panels"][1]["options"]["edges"]["mainStatUnit"] = 7
-    result = _typecheck(dashboards, tmp_path)
+    result = _typecheck(dashboards, tmp_path, schema)
     assert result.returncode != 0
     assert "error TS" in result.stdout
 
