@@ -3,10 +3,9 @@
 import json
 import pathlib
 
+# Built for Grafana 11.6 (the foundation SDK's newest builders) and checked
+# against the dashboard schemas of 11.6 and 13.2 (tests/test_grafana_dashboards.py).
 GENERATED = pathlib.Path(__file__).parent / "generated"
-# The Grafana release the dashboards are built for and checked against: the
-# foundation SDK's 11.6 builders and @grafana/schema 11.6's dashboard types.
-GRAFANA_VERSION = "11.6"
 
 
 def load_dashboards():
