@@ -274,8 +274,8 @@ class Collector:
 
     def _method_rows(self, window_seconds, wanted):
         counters, histograms, gauges = self.merged()
-        _totals, consumers = graph.edge_totals(counters, histograms, gauges)
-        current = graph.method_totals(counters, histograms, gauges, consumers)
+        current = graph.method_totals(counters, histograms, gauges,
+                                      graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         return [(edge, row) for edge in sorted(current) if wanted(edge)
                 for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]

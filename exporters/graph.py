@@ -201,7 +201,7 @@ def method_rows(current, baseline, seconds):
         then = baseline.get(operation) or MethodTotals()
         requests = max(0.0, now.requests - then.requests)
         errors = max(0.0, now.errors - then.errors)
-        latency = [max(0, a - b) for a, b in zip(now.ok_latency, then.ok_latency, strict=True)]
+        latency = _bucket_delta(now.ok_latency, then.ok_latency)
         if requests == 0 and now.waiting == 0 and now.requests == 0:
             continue
         rows.append({
@@ -221,11 +221,16 @@ def add_ok_latency(edges, current, baseline):
         latency = [0] * _N_BUCKETS
         then_rows = baseline.get(key, {})
         for operation, now in current.get(key, {}).items():
-            then = then_rows.get(operation)
-            for i, count in enumerate(now.ok_latency):
-                latency[i] += max(0, count - (then.ok_latency[i] if then else 0))
+            then = then_rows.get(operation) or MethodTotals()
+            for i, count in enumerate(_bucket_delta(now.ok_latency, then.ok_latency)):
+                latency[i] += count
         edge["ok_p50_seconds"] = quantile(0.5, latency)
         edge["ok_p99_seconds"] = quantile(0.99, latency)
+
+
+def _bucket_delta(now, then):
+    """Bucket counts added between two cumulative samples, never negative."""
+    return [max(0, a - b) for a, b in zip(now, then, strict=True)]
 
 
 def quantile(q, counts):
@@ -296,9 +301,9 @@ def build(current, baseline, seconds, consumers, queues=None, processes=()):
         then = baseline.get((client, server, protocol)) or EdgeTotals()
         requests = max(0.0, now.requests - then.requests)
         failed = max(0.0, now.failed - then.failed)
-        latency = [max(0, a - b) for a, b in zip(now.server, then.server, strict=True)]
+        latency = _bucket_delta(now.server, then.server)
         if not any(latency):
-            latency = [max(0, a - b) for a, b in zip(now.client, then.client, strict=True)]
+            latency = _bucket_delta(now.client, then.client)
         if requests == 0 and now.waiting == 0 and now.requests == 0:
             continue
         edge = {
