@@ -105,13 +105,10 @@ def to_dot(nodes, edges, found=frozenset(), tolerances=DEFAULT_TOLERANCES):
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, '
              'fillcolor="#ffffff", penwidth=2, margin="0.12,0.06"];',
              '  edge [fontname="Helvetica", fontsize=9, arrowsize=0.7];']
-    inbound = collections.defaultdict(list)
-    for edge in edges:
-        inbound[edge["server"]].append(edge)
     for node in sorted(nodes, key=lambda n: n["service"]):
         name = node["service"]
-        waiting = sum(e.get("waiting_replies", 0.0) for e in inbound[name])
-        timeouts = sum(e.get("timeouts", 0.0) for e in inbound[name])
+        fields = filters.node_fields(node, edges)
+        waiting, timeouts = fields["waiting"], fields["timeouts"]
         state = tolerances.classify(node["error_ratio"], node["rate_in"], waiting)
         classes = [state] + (["found"] if "node:" + name in found else [])
         lines.append(

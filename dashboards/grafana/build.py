@@ -68,30 +68,31 @@ def organize(rename, exclude=("Time",)):
 
 
 def variables(builder, service_metric):
+    """The datasource variable, and service / target picked from label values."""
     return (builder
-            .with_variable(gd.DatasourceVariable("datasource").label("Prometheus")
-                           .type("prometheus"))
-            .with_variable(gd.QueryVariable("service").label("Service")
-                           .datasource(DATASOURCE)
-                           .query(f"label_values({service_metric}, service)")
-                           .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
-                           .sort(model.VariableSort.ALPHABETICAL_ASC)
-                           .multi(True).include_all(True).all_value(".*"))
-            .with_variable(gd.QueryVariable("target").label("Target topic / service")
-                           .datasource(DATASOURCE)
-                           .query("label_values(commlens_rpc_sent_total"
-                                  '{service=~"$service"}, target)')
-                           .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
-                           .sort(model.VariableSort.ALPHABETICAL_ASC)
-                           .multi(True).include_all(True).all_value(".*")))
+            .with_variable(_label_variable("service", "Service",
+                                           f"label_values({service_metric}, service)"))
+            .with_variable(_label_variable("target", "Target topic / service",
+                                           "label_values(commlens_rpc_sent_total"
+                                           '{service=~"$service"}, target)')))
+
+
+def _label_variable(name, label, values_query):
+    return (gd.QueryVariable(name).label(label).datasource(DATASOURCE).query(values_query)
+            .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(model.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*"))
 
 
 def base(uid, title, description):
+    """A commlens dashboard with its datasource variable, tags and cross-links."""
     return (gd.Dashboard(title).uid(uid).description(description)
             .tags(["commlens", "openstack"]).editable().refresh("30s")
             .time("now-1h", "now").timezone("browser")
             .link(gd.DashboardLink("commlens").type(model.DashboardLinkType.DASHBOARDS)
-                  .tags(["commlens"]).as_dropdown(True).include_vars(True).keep_time(True)))
+                  .tags(["commlens"]).as_dropdown(True).include_vars(True).keep_time(True))
+            .with_variable(gd.DatasourceVariable("datasource").label("Prometheus")
+                           .type("prometheus")))
 
 
 def overview():
@@ -230,8 +231,6 @@ def chains():
     return (base("commlens-chains", "commlens / Error chains",
                  "Where errors start and where they surface: commlens_error_chain_total, "
                  "one row per chain shape (origin -> entry).")
-            .with_variable(gd.DatasourceVariable("datasource").label("Prometheus")
-                           .type("prometheus"))
             .with_panel(table_panel(
                 "Error chains in the range",
                 query(f"sort_desc({by_chain} (increase(commlens_error_chain_total[$__range])) "
