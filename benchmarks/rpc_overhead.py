@@ -36,6 +36,8 @@ import common  # noqa: E402  (benchmarks/ is the script's own folder)
 HERE = os.path.abspath(__file__)
 RUN = uuid.uuid4().hex[:8]
 VARIANTS = ("plain", "commlens", "oslo.metrics", "otel-oslo-messaging")
+SHIP_INTERVAL = 1.0
+WARM_UP_SECONDS = 2.5 * SHIP_INTERVAL
 
 
 def serve(url, topic):
@@ -79,8 +81,12 @@ def client(variant, topic, calls, casts, metrics_socket):
 
     transport = om.get_rpc_transport(cfg.CONF, url=url)
     rpc = om.get_rpc_client(transport, om.Target(topic=topic), timeout=30)
-    for i in range(50):  # warm up connections and reply queue
-        rpc.call({}, "echo", value=i)
+    # Warm up for longer than two ship intervals, so every variant is measured
+    # in its steady state: connections and reply queue open, and commlens's
+    # shipper connected to the broker (once per process; not per call).
+    warm_until = time.monotonic() + WARM_UP_SECONDS
+    while time.monotonic() < warm_until:
+        rpc.call({}, "echo", value=0)
 
     cpu, wall = time.process_time(), time.perf_counter()
     for i in range(calls):
@@ -177,7 +183,7 @@ def main():
 
     env = dict(os.environ, COMMLENS_SERVICE_NAME="bench",
                COMMLENS_EXPORT_URL=f"amqp://{BROKER}?exchange=commlens-bench",
-               COMMLENS_SHIP_INTERVAL="1")
+               COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
     workdir = tempfile.mkdtemp(prefix="commlens-bench-")
     metrics_socket = os.path.join(workdir, "oslo-metrics.sock")
     topics = {"plain": f"bench-plain-{RUN}", "commlens": f"bench-commlens-{RUN}"}

@@ -142,21 +142,24 @@ class CommlensDriver(base.BaseDriver):
         return self._inner.send_notification(target, ctxt, message, version,
                                              retry=retry)
 
+    # _begin_send and _end_send run on the service's thread around every
+    # send, between its socket reads, where each instruction is a cache miss:
+    # they do only what must happen there. Aggregation is the recorder's
+    # shipper's work; a hop record is built only for the few that are kept.
+
     def _begin_send(self, target, ctxt, message, wait_for_reply):
-        out = _context_copy(ctxt)
+        out = dict(ctxt) if type(ctxt) is dict else _context_copy(ctxt)
         if out is None:
             self._recorder.dropped("bad_context")
             return None
         kind = CALL if wait_for_reply else (FANOUT if target.fanout else CAST)
         method = labels.method(message.get("method"))
-        topic = target.topic
-        ctx = context.stamp_outgoing(out, self._service, kind)
-
+        call = _Send(out, context.stamp_outgoing(out, self._service, kind), kind,
+                     target.topic, method)
         rec = self._recorder
-        rec.inc(metrics.RPC_SENT, (self._service, topic, method, kind))
-        call = _Send(out, ctx, kind, topic, method)
+        rec.inc(metrics.RPC_SENT, (self._service, call.topic, method, kind))
         if kind == CALL:
-            call.token = rec.call_started((self._service, topic, method))
+            call.token = rec.call_started((self._service, call.topic, method))
             self._open_calls.add(call.token)
         call.start = _perf_counter()
         return call
@@ -169,34 +172,42 @@ class CommlensDriver(base.BaseDriver):
                 rec.call_finished(call.token)
                 self._open_calls.discard(call.token)
             if exc is None:
-                outcome, error = metrics.OK, None
-            else:
-                outcome, error = _classify_send_error(exc, call.kind)
-                rec.inc(metrics.RPC_CALL_ERRORS,
-                        (self._service, call.topic, call.method, outcome, error))
-            edge = (self._service, call.topic, metrics.MESSAGING_SYSTEM)
+                if call.kind == CALL:
+                    self._observe_call(call, metrics.OK, duration)
+                if rec.keeps_hop(call.ctx.trace_id, duration, False):
+                    self._add_send_hop(call, metrics.OK, None, duration)
+                return
+            outcome, error = _classify_send_error(exc, call.kind)
+            rec.inc(metrics.RPC_CALL_ERRORS,
+                    (self._service, call.topic, call.method, outcome, error))
             if call.kind == CALL:
-                rec.observe(metrics.RPC_REPLY_WAIT,
-                            (self._service, call.topic, call.method, outcome),
-                            duration)
-                rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS, edge, duration)
+                self._observe_call(call, outcome, duration)
             if outcome in _UNANSWERED:
+                edge = (self._service, call.topic, metrics.MESSAGING_SYSTEM)
                 rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
                 rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
-            if error is not None:
-                context.mark_child_failed()
-            if rec.keeps_hop(call.ctx.trace_id, duration, error is not None):
-                rec.add_hop(hops.make_hop(
-                    call.ctx, service=self._service, side=hops.CLIENT,
-                    protocol=hops.RPC, peer=None, target=call.topic,
-                    operation=call.method, kind=call.kind, outcome=outcome,
-                    error=error, start=hops.wall_clock_start(call.start, call.start + duration),
-                    duration=duration,
-                    request_id=labels.request_id(call.ctxt.get("request_id")),
-                    global_request_id=labels.request_id(call.ctxt.get("global_request_id"))))
+            context.mark_child_failed()
+            self._add_send_hop(call, outcome, error, duration)
         except Exception:
             self._recorder.dropped("recording_error")
             LOG.debug("commlens: recording a send's end failed", exc_info=True)
+
+    def _observe_call(self, call, outcome, duration):
+        rec = self._recorder
+        rec.observe(metrics.RPC_REPLY_WAIT, (self._service, call.topic, call.method, outcome),
+                    duration)
+        rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS,
+                    (self._service, call.topic, metrics.MESSAGING_SYSTEM), duration)
+
+    def _add_send_hop(self, call, outcome, error, duration):
+        self._recorder.add_hop(hops.make_hop(
+            call.ctx, service=self._service, side=hops.CLIENT,
+            protocol=hops.RPC, peer=None, target=call.topic,
+            operation=call.method, kind=call.kind, outcome=outcome,
+            error=error, start=hops.wall_clock_start(call.start, call.start + duration),
+            duration=duration,
+            request_id=labels.request_id(call.ctxt.get("request_id")),
+            global_request_id=labels.request_id(call.ctxt.get("global_request_id"))))
 
     def _notification_sent(self, target, ctxt, message):
         out = _context_copy(ctxt)

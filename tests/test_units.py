@@ -84,6 +84,22 @@ def test_outgoing_hop_is_a_child_of_the_hop_being_served():
     assert context.current() is None
 
 
+def test_outgoing_hop_without_a_served_hop_starts_a_trace_or_joins_opentelemetry():
+    from opentelemetry import trace
+
+    first = context.outgoing()
+    assert first.parent_id is None and len(first.trace_id) == 32 and len(first.span_id) == 16
+    assert context.parse_traceparent(first.traceparent())
+    assert len({context.outgoing().trace_id for _ in range(100)}) == 100
+
+    active = trace.NonRecordingSpan(trace.SpanContext(
+        int(VALID[3:35], 16), int(VALID[36:52], 16), is_remote=False,
+        trace_flags=trace.TraceFlags(1)))
+    with trace.use_span(active):
+        child = context.outgoing()
+    assert (child.trace_id, child.parent_id) == (VALID[3:35], VALID[36:52])
+
+
 # -- labels and URLs ------------------------------------------------------
 
 @pytest.mark.parametrize("raw, label", [
@@ -158,6 +174,23 @@ def test_waiting_calls_finish_once_even_when_released_twice():
     rec.call_finished(token)
     gauges = rec.snapshot(1)["gauges"]
     assert ["commlens_rpc_waiting_replies", ["svc", "t", "m"], 0] in gauges
+
+
+def test_updates_are_folded_at_snapshot_and_when_the_queue_is_full(monkeypatch):
+    monkeypatch.setattr(recorder_mod, "MAX_PENDING_UPDATES", 10)
+    monkeypatch.setattr(recorder_mod, "FOLD_CHUNK", 3)
+    rec = recorder_mod.Recorder("svc")
+    labels_ = ("svc", "t", "m", "ok")
+    for i in range(25):
+        rec.inc(metrics.RPC_SENT, ("svc", "t", "m", "cast"))
+        rec.observe(metrics.RPC_REPLY_WAIT, labels_, 0.002 if i % 2 else 20.0)
+        assert len(rec._pending_counts) <= 10 and len(rec._pending_observations) <= 10
+    snapshot = rec.snapshot(1)
+    assert ["commlens_rpc_sent_total", ["svc", "t", "m", "cast"], 25] in snapshot["counters"]
+    (histogram,) = snapshot["histograms"]
+    assert histogram[1] == list(labels_) and sum(histogram[2]) == 25
+    assert histogram[2][1] == 12 and histogram[2][13] == 13  # 0.0025 s and 30 s buckets
+    assert not rec._pending_counts and not rec._pending_observations
 
 
 def test_hop_buffer_is_bounded_and_counts_what_it_drops():

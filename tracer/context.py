@@ -157,15 +157,28 @@ def child_of_incoming(traceparent_value):
 
 
 def outgoing():
-    """The context for a hop we send: a child of the hop being served, if any."""
+    """The context for a hop we send: a child of the hop being served, else
+    of the active OpenTelemetry span, else the first hop of a new trace.
+
+    This and ``stamp_outgoing`` run on every call a service makes, on the
+    service's thread: they are written for few calls and few objects.
+    """
     parent = _current.get()
-    if parent is None:
+    if parent is not None:
+        return TraceContext(parent.trace_id, "%016x" % (_getrandbits(64) or 1),
+                            parent.span_id, parent.sampled)
+    if _otel_context_var is None or _otel_context_var.get():
         otel = otel_current()
         if otel is not None:
             return TraceContext(otel[0], new_span_id(), otel[1])
+    ids = "%048x" % _getrandbits(192)  # a trace id and a span id in one draw
+    if ids[:32] == _ZERO_TRACE_ID or ids[32:] == _ZERO_SPAN_ID:  # invalid in W3C
         return TraceContext(new_trace_id(), new_span_id())
-    return TraceContext(parent.trace_id, new_span_id(), parent.span_id,
-                        parent.sampled)
+    return TraceContext(ids[:32], ids[32:])
+
+
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
 
 
 def stamp_outgoing(carrier, service, kind):
@@ -178,16 +191,22 @@ def stamp_outgoing(carrier, service, kind):
     it, so our hop is that span and both tracers see one trace. Any other is
     stale, e.g. an incoming context forwarded as-is, and is replaced.
     """
-    parsed = parse_traceparent(carrier.get(TRACEPARENT))
-    if parsed is not None and parsed[:2] == otel_current():
-        parent = _current.get()
-        ctx = TraceContext(parsed[0], parsed[1], parent.span_id if parent else None,
-                           parsed[2])
-    else:
+    existing = carrier.get(TRACEPARENT)
+    ctx = _injected_for_this_send(existing) if existing is not None else None
+    if ctx is None:
         ctx = outgoing()
         carrier[TRACEPARENT] = ctx.traceparent()
     carrier[BAGGAGE] = with_baggage_sender(carrier.get(BAGGAGE), service, kind, ctx.span_id)
     return ctx
+
+
+def _injected_for_this_send(traceparent_value):
+    """The context of a traceparent injected by the active OpenTelemetry span, else None."""
+    parsed = parse_traceparent(traceparent_value)
+    if parsed is None or parsed[:2] != otel_current():
+        return None
+    parent = _current.get()
+    return TraceContext(parsed[0], parsed[1], parent.span_id if parent else None, parsed[2])
 
 
 def otel_current():
@@ -196,7 +215,7 @@ def otel_current():
     A service that also runs OpenTelemetry instrumentation (oslo.middleware's
     TracingMiddleware, say) keeps one trace when commlens joins in.
     """
-    span = _otel_get_current_span()
+    span = _otel_active_span()
     if span is None:
         return None
     ctx = span.get_span_context()
@@ -205,8 +224,31 @@ def otel_current():
     return "%032x" % ctx.trace_id, "%016x" % ctx.span_id
 
 
-try:
-    from opentelemetry.trace import get_current_span as _otel_get_current_span
-except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
-    def _otel_get_current_span():
-        return None
+def _otel_span_reader():
+    """(a function returning the active OpenTelemetry span or None, the
+    ContextVar holding OpenTelemetry's current context or None).
+
+    It is asked on every outgoing hop, and most processes have no span at
+    all. OpenTelemetry's public ``get_current_span()`` takes four calls to
+    say so; with its default contextvars runtime context, an empty context
+    in that ContextVar says it at once, and a span is one dict look-up away.
+    Any other runtime context (OTEL_PYTHON_CONTEXT) gets the public function.
+    """
+    try:
+        from opentelemetry import context as otel_context
+        from opentelemetry.trace import get_current_span
+        from opentelemetry.trace.propagation import _SPAN_KEY
+    except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+        return (lambda: None), None
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    current_context = getattr(runtime, "_current_context", None)
+    if not isinstance(current_context, contextvars.ContextVar) or not isinstance(_SPAN_KEY, str):
+        return get_current_span, None
+
+    def active_span():
+        return current_context.get().get(_SPAN_KEY)
+
+    return active_span, current_context
+
+
+_otel_active_span, _otel_context_var = _otel_span_reader()

@@ -5,6 +5,7 @@ the sample. Sampling is decided by the trace id, so every process keeps or
 drops the same traces and sampled traces arrive whole.
 """
 
+import math
 import time
 
 CLIENT = "client"
@@ -13,12 +14,10 @@ RPC = "rpc"
 HTTP = "http"
 
 
-def trace_in_sample(trace_id, ratio):
-    if ratio >= 1.0:
-        return True
-    if ratio <= 0.0:
-        return False
-    return int(trace_id[-8:], 16) < ratio * 0x100000000
+def sample_threshold(ratio):
+    """A trace is in the sample if its id's last 8 hex digits, as a number, are
+    below this (Recorder.keeps_hop)."""
+    return math.ceil(max(0.0, min(1.0, ratio)) * 0x100000000)
 
 
 def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
