@@ -172,6 +172,8 @@ def main():
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--casts", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, plain always included (default: all)")
     parser.add_argument("--serve", nargs=2, metavar=("URL", "TOPIC"), help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=3, metavar=("VARIANT", "TOPIC", "SOCKET"),
                         help=argparse.SUPPRESS)
@@ -195,7 +197,9 @@ def main():
     extra = []
     optional = {"oslo.metrics": "oslo_metrics",
                 "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
-    variants = [v for v in VARIANTS if v not in optional or common.installed(optional[v])]
+    chosen = {"plain", *args.variants.split(",")}
+    variants = [v for v in VARIANTS if v in chosen
+                and (v not in optional or common.installed(optional[v]))]
     if "oslo.metrics" in variants:
         config = os.path.join(workdir, "oslo-metrics.conf")
         with open(config, "w") as f:

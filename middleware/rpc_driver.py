@@ -193,11 +193,9 @@ class CommlensDriver(base.BaseDriver):
             LOG.debug("commlens: recording a send's end failed", exc_info=True)
 
     def _observe_call(self, call, outcome, duration):
-        rec = self._recorder
-        rec.observe(metrics.RPC_REPLY_WAIT, (self._service, call.topic, call.method, outcome),
-                    duration)
-        rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS,
-                    (self._service, call.topic, metrics.MESSAGING_SYSTEM), duration)
+        # The service graph's client side is its sum (tracer/derived.py).
+        self._recorder.observe(metrics.RPC_REPLY_WAIT,
+                               (self._service, call.topic, call.method, outcome), duration)
 
     def _add_send_hop(self, call, outcome, error, duration):
         self._recorder.add_hop(hops.make_hop(
@@ -266,7 +264,7 @@ class CommlensDriver(base.BaseDriver):
         return _Received(ctx, caller, topic, method, kind, ctxt)
 
     def _processed(self, received, failure):
-        duration = _perf_counter() - received.start
+        duration = received.end - received.start
         if failure is None:
             outcome, error = metrics.OK, None
         else:
@@ -276,13 +274,10 @@ class CommlensDriver(base.BaseDriver):
             self._recorder.inc(metrics.RPC_PROCESSING_ERRORS, (
                 self._service, received.caller, received.topic, received.method, error))
         rec = self._recorder
-        rec.observe(metrics.RPC_PROCESSING,
-                    (self._service, received.topic, received.method, outcome), duration)
-        edge = (received.caller, self._service, metrics.MESSAGING_SYSTEM)
-        rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
-        rec.observe(metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, duration)
-        if error is not None:
-            rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
+        # One update for the processing metrics and the graph edge alike
+        # (tracer/derived.py).
+        rec.observe(metrics.RPC_SERVER_HOPS, (self._service, received.caller, received.topic,
+                                              received.method, outcome), duration)
         if rec.keeps_hop(received.ctx.trace_id, duration,
                          error is not None or received.ctx.child_failed):
             self._recorder.add_hop(hops.make_hop(
@@ -315,7 +310,7 @@ class _Send:
 
 
 class _Received:
-    __slots__ = ("ctx", "caller", "topic", "method", "kind", "ctxt", "start",
+    __slots__ = ("ctx", "caller", "topic", "method", "kind", "ctxt", "start", "end",
                  "context_token", "done")
 
     def __init__(self, ctx, caller, topic, method, kind, ctxt):
@@ -325,7 +320,7 @@ class _Received:
         self.method = method
         self.kind = kind
         self.ctxt = ctxt  # request ids are read from it only if a hop is shipped
-        self.start = _perf_counter()
+        self.start = self.end = _perf_counter()
         self.context_token = None
         self.done = False
 
@@ -404,13 +399,21 @@ class _InstrumentedIncoming(base.RpcIncomingMessage):
         except Exception:
             LOG.debug("commlens: marking dispatch start failed", exc_info=True)
 
+    # The processing time ends before the reply goes out; the recording is
+    # done after, so the caller does not wait for it.
     def reply(self, reply=None, failure=None):
-        self._finish(failure)
-        return self._inner.reply(reply=reply, failure=failure)
+        self._received.end = _perf_counter()
+        try:
+            return self._inner.reply(reply=reply, failure=failure)
+        finally:
+            self._finish(failure)
 
     def requeue(self):
-        self._finish(None)
-        return self._inner.requeue()
+        self._received.end = _perf_counter()
+        try:
+            return self._inner.requeue()
+        finally:
+            self._finish(None)
 
     def heartbeat(self):
         return self._inner.heartbeat()

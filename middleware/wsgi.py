@@ -135,15 +135,11 @@ class CommlensMiddleware:
                 code = "500"
             outcome = metrics.ERROR if code[0] == "5" else metrics.OK
             rec = self._recorder
-            rec.inc(metrics.HTTP_REQUESTS,
-                    (self._service, request.caller, request.method, request.route, code))
-            rec.observe(metrics.HTTP_DURATION,
-                        (self._service, request.method, request.route, outcome), duration)
-            edge = (request.caller, self._service, "")
-            rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
-            rec.observe(metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, duration)
-            if outcome != metrics.OK:
-                rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
+            # One update for the request metrics and the graph edge alike
+            # (tracer/derived.py).
+            rec.observe(metrics.HTTP_SERVER_HOPS,
+                        (self._service, request.caller, request.method, request.route, code),
+                        duration)
             # 4xx counts as ok for latency but its hop is kept: a 409 is often
             # where an error chain starts.
             failed = code[0] in "45" or code == "000"

@@ -93,9 +93,15 @@ def rpc_client(conf):
     yield make
     for transport in transports:
         transport.cleanup()
-    # A commlens+ transport also hooks this process's outbound requests (as
-    # it does in a service); undo it, or tests that use this process as a
-    # plain HTTP client would depend on the order they run in.
+
+
+@pytest.fixture(autouse=True)
+def _outbound_http_hook_undone():
+    """A commlens+ transport made in this process also hooks its outbound
+    requests (as it does in a service); undone after every test, or tests
+    that use this process as a plain HTTP client would see their calls
+    recorded as another service's, depending on the order they run in."""
+    yield
     from commlens.middleware import http_client
     http_client.uninstrument()
 

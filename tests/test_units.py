@@ -176,21 +176,42 @@ def test_waiting_calls_finish_once_even_when_released_twice():
     assert ["commlens_rpc_waiting_replies", ["svc", "t", "m"], 0] in gauges
 
 
-def test_updates_are_folded_at_snapshot_and_when_the_queue_is_full(monkeypatch):
-    monkeypatch.setattr(recorder_mod, "MAX_PENDING_UPDATES", 10)
-    monkeypatch.setattr(recorder_mod, "FOLD_CHUNK", 3)
-    rec = recorder_mod.Recorder("svc")
-    labels_ = ("svc", "t", "m", "ok")
-    for i in range(25):
-        rec.inc(metrics.RPC_SENT, ("svc", "t", "m", "cast"))
-        rec.observe(metrics.RPC_REPLY_WAIT, labels_, 0.002 if i % 2 else 20.0)
-        assert len(rec._pending_counts) <= 10 and len(rec._pending_observations) <= 10
+def test_snapshot_ships_the_sums_of_the_finest_series_and_not_the_series():
+    rec = recorder_mod.Recorder("nova-api")
+    rest = ("nova-api", "novaclient", "GET", "/v2.1/servers/{id}", "200")
+    rec.observe(metrics.HTTP_SERVER_HOPS, rest, 0.002)
+    rec.observe(metrics.HTTP_SERVER_HOPS, rest, 0.003)
+    rec.observe(metrics.HTTP_SERVER_HOPS, rest[:4] + ("503",), 2.0)
+    rpc = ("nova-api", "nova-compute", "nova-api", "ping", "error")
+    rec.observe(metrics.RPC_SERVER_HOPS, rpc, 0.5)
+    rec.observe(metrics.RPC_REPLY_WAIT, ("nova-api", "conductor", "build", "ok"), 0.02)
+    rec.observe(metrics.RPC_REPLY_WAIT, ("nova-api", "conductor", "get", "timeout"), 60.0)
     snapshot = rec.snapshot(1)
-    assert ["commlens_rpc_sent_total", ["svc", "t", "m", "cast"], 25] in snapshot["counters"]
-    (histogram,) = snapshot["histograms"]
-    assert histogram[1] == list(labels_) and sum(histogram[2]) == 25
-    assert histogram[2][1] == 12 and histogram[2][13] == 13  # 0.0025 s and 30 s buckets
-    assert not rec._pending_counts and not rec._pending_observations
+    counters = {(name, tuple(labels)): value for name, labels, value in snapshot["counters"]}
+    histograms = {(name, tuple(labels)): (sum(counts), total)
+                  for name, labels, counts, total in snapshot["histograms"]}
+    assert not [n for n, _ in {**counters, **histograms} if "internal" in n]
+    assert counters[(metrics.HTTP_REQUESTS.name, rest)] == 2
+    assert counters[(metrics.HTTP_REQUESTS.name, rest[:4] + ("503",))] == 1
+    assert histograms[(metrics.HTTP_DURATION.name,
+                       ("nova-api", "GET", "/v2.1/servers/{id}", "ok"))] == (2, 0.005)
+    assert histograms[(metrics.HTTP_DURATION.name,
+                       ("nova-api", "GET", "/v2.1/servers/{id}", "error"))] == (1, 2.0)
+    rest_edge = ("novaclient", "nova-api", "")
+    rpc_edge = ("nova-compute", "nova-api", metrics.MESSAGING_SYSTEM)
+    assert counters[(metrics.SERVICE_GRAPH_REQUESTS.name, rest_edge)] == 3
+    assert counters[(metrics.SERVICE_GRAPH_FAILED.name, rest_edge)] == 1
+    assert histograms[(metrics.SERVICE_GRAPH_SERVER_SECONDS.name, rest_edge)] == (3, 2.005)
+    assert histograms[(metrics.RPC_PROCESSING.name,
+                       ("nova-api", "nova-api", "ping", "error"))] == (1, 0.5)
+    assert counters[(metrics.SERVICE_GRAPH_REQUESTS.name, rpc_edge)] == 1
+    assert counters[(metrics.SERVICE_GRAPH_FAILED.name, rpc_edge)] == 1
+    assert histograms[(metrics.SERVICE_GRAPH_CLIENT_SECONDS.name,
+                       ("nova-api", "conductor", metrics.MESSAGING_SYSTEM))] == (2, 60.02)
+    # Counted directly too (a timed-out call): the sum lands on it.
+    rec.inc(metrics.SERVICE_GRAPH_REQUESTS, rpc_edge)
+    again = {(name, tuple(labels)): value for name, labels, value in rec.snapshot(1)["counters"]}
+    assert again[(metrics.SERVICE_GRAPH_REQUESTS.name, rpc_edge)] == 2
 
 
 def test_hop_buffer_is_bounded_and_counts_what_it_drops():

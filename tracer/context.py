@@ -150,8 +150,7 @@ def child_of_incoming(traceparent_value):
     """
     parsed = parse_traceparent(traceparent_value) if traceparent_value else None
     if parsed is None:
-        return (TraceContext(new_trace_id(), new_span_id()),
-                traceparent_value is None)
+        return _first_hop(), traceparent_value is None
     trace_id, parent_id, sampled = parsed
     return TraceContext(trace_id, new_span_id(), parent_id, sampled), True
 
@@ -171,7 +170,12 @@ def outgoing():
         otel = otel_current()
         if otel is not None:
             return TraceContext(otel[0], new_span_id(), otel[1])
-    ids = "%048x" % _getrandbits(192)  # a trace id and a span id in one draw
+    return _first_hop()
+
+
+def _first_hop():
+    """The context of a new trace's first hop: both ids from one random draw."""
+    ids = "%048x" % _getrandbits(192)
     if ids[:32] == _ZERO_TRACE_ID or ids[32:] == _ZERO_SPAN_ID:  # invalid in W3C
         return TraceContext(new_trace_id(), new_span_id())
     return TraceContext(ids[:32], ids[32:])

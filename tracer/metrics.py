@@ -128,6 +128,19 @@ SERVICE_GRAPH_CLIENT_SECONDS = Metric(
     "traces_service_graph_request_client_seconds", "histogram", SERVICE_GRAPH_LABELS,
     "Time the client waited on requests of this edge (RPC calls and REST).")
 
+# Recorded in the process but never shipped: every request a server handled,
+# once, in the finest series there is. The shipped server-side metrics and
+# the service graph's server side are sums of these, added at snapshot time
+# (tracer/derived.py).
+HTTP_SERVER_HOPS = Metric(
+    "commlens_internal_http_server_hops", "histogram",
+    ("service", "caller", "method", "route", "code"),
+    "Inbound REST requests and their durations.")
+RPC_SERVER_HOPS = Metric(
+    "commlens_internal_rpc_server_hops", "histogram",
+    ("service", "caller", "target", "method", "outcome"),
+    "RPCs processed and their processing times.")
+
 # Everything a process ships, in one table.
 SHIPPED = {m.name: m for m in (
     RPC_SENT, RPC_RECEIVED, RPC_WAITING_REPLIES, RPC_REPLY_WAIT,

@@ -1,15 +1,20 @@
 """In-process aggregation: counters, histograms, waiting-reply gauges, hops.
 
 One recorder per process. The hot path (``inc``, ``observe``,
-``call_started``/``call_finished``, ``add_hop``) only appends to a queue or
-sets a dict item, without a lock: it runs on the service's own thread,
-right between its socket reads, where every instruction comes out of cold
-caches and costs several times what it costs in a loop. Folding those
-updates into the aggregates, copying, encoding and shipping happen in the
-shipper's thread from ``snapshot()``, in small chunks that hand the GIL
-back in between. Counters and histograms are cumulative for the life of
-the process, so a lost snapshot loses nothing but freshness: the next one
-carries the same totals.
+``call_started``/``call_finished``, ``add_hop``) is a lock and a dict update,
+and a request or message gets as few of them as possible: the metrics that
+are sums of finer ones are added at snapshot time (tracer/derived.py).
+Everything heavier (copying, encoding, shipping) happens in the shipper's
+thread from ``snapshot()``. Counters and histograms are cumulative for the
+life of the process, so a lost snapshot loses nothing but freshness: the
+next one carries the same totals.
+
+Tried and measured, so not again: queueing the updates on the hot path and
+folding them later (in the shipper, or in batches of 256 by the service's
+thread) is faster in a loop but made a gunicorn worker 12 % slower
+(benchmarks/wsgi_overhead.py). The queued tuples outlive the request, so the
+allocator cannot hand the same, cache-hot memory to the next one; a dict
+update leaves nothing behind.
 
 After ``fork()`` (uwsgi and oslo.service workers) the child starts fresh: new
 process id, empty aggregates, and its own shipper started on first use.
@@ -25,6 +30,7 @@ import threading
 import time
 import uuid
 
+from commlens.tracer import derived
 from commlens.tracer import hops
 from commlens.tracer import metrics
 
@@ -33,12 +39,6 @@ LOG = logging.getLogger(__name__)
 SNAPSHOT_FORMAT = "commlens.snapshot/1"
 MAX_SERIES_PER_METRIC = 5000
 MAX_PENDING_HOPS = 10000
-# Updates not folded yet. A queue this long (seconds of traffic past the
-# ship interval) is folded by the thread that finds it full, so nothing is
-# lost and memory stays bounded.
-MAX_PENDING_UPDATES = 100000
-# Updates folded per chunk before the shipper hands the GIL back to the service.
-FOLD_CHUNK = 512
 OVERFLOW = "other"
 
 _BUCKETS = metrics.LATENCY_BUCKETS
@@ -60,15 +60,8 @@ class Recorder:
         self._lock = threading.Lock()
         self._counters = {}
         self._histograms = {}
-        # (metric name, labels, amount) and (metric name, labels, seconds)
-        # waiting to be folded into the aggregates.
-        self._pending_counts = collections.deque()
-        self._pending_observations = collections.deque()
-        # Calls whose reply has not arrived: token -> labels. Counted per
-        # labels at snapshot time; every series seen stays reported, at 0
-        # once its calls are done.
+        self._waiting = {}
         self._waiting_calls = {}
-        self._waiting_series = set()
         self._call_tokens = itertools.count(1)
         self._series = collections.Counter()
         self._hops = collections.deque()
@@ -82,32 +75,43 @@ class Recorder:
     def inc(self, metric, labels, amount=1):
         if self._start_shipper_on_use:
             self._start_shipper()
-        pending = self._pending_counts
-        if len(pending) >= MAX_PENDING_UPDATES:
-            self._fold_all()
-        pending.append((metric.name, labels, amount))
+        key = (metric.name, labels)
+        with self._lock:
+            try:
+                self._counters[key] += amount
+            except KeyError:
+                key = self._admit(metric, labels)
+                self._counters[key] = self._counters.get(key, 0) + amount
 
     def observe(self, metric, labels, seconds):
-        pending = self._pending_observations
-        if len(pending) >= MAX_PENDING_UPDATES:
-            self._fold_all()
-        pending.append((metric.name, labels, seconds))
+        key = (metric.name, labels)
+        index = bisect.bisect_left(_BUCKETS, seconds)
+        with self._lock:
+            entry = self._histograms.get(key)
+            if entry is None:
+                key = self._admit(metric, labels)
+                entry = self._histograms.get(key)
+                if entry is None:
+                    entry = self._histograms[key] = [[0] * (len(_BUCKETS) + 1), 0.0]
+            entry[0][index] += 1
+            entry[1] += seconds
 
     def call_started(self, labels):
         """A call is waiting for its reply; returns the token to finish it."""
-        # next() on a count and a dict item set are atomic: no lock needed
-        # but for a series' first call.
         token = next(self._call_tokens)
-        if labels not in self._waiting_series:
-            with self._lock:
-                labels = self._admit(metrics.RPC_WAITING_REPLIES.name, labels)[1]
-                self._waiting_series.add(labels)
-        self._waiting_calls[token] = labels
+        with self._lock:
+            if labels not in self._waiting:
+                labels = self._admit(metrics.RPC_WAITING_REPLIES, labels)[1]
+            self._waiting[labels] = self._waiting.get(labels, 0) + 1
+            self._waiting_calls[token] = labels
         return token
 
     def call_finished(self, token):
         """The reply arrived or will never arrive. Safe to call twice."""
-        self._waiting_calls.pop(token, None)
+        with self._lock:
+            labels = self._waiting_calls.pop(token, None)
+            if labels is not None:
+                self._waiting[labels] -= 1
 
     def keeps_hop(self, trace_id, duration, failed):
         """Ship this hop? Failed and slow ones always; others by trace sample."""
@@ -136,57 +140,18 @@ class Recorder:
         with self._lock:
             self._counters[key] = self._counters.get(key, 0) + 1
 
-    def _admit(self, name, labels):
+    def _admit(self, metric, labels):
         """Key for a new series; past the per-metric cap, an overflow series.
 
         Called with the lock held.
         """
-        if self._series[name] < MAX_SERIES_PER_METRIC:
-            self._series[name] += 1
-            return (name, labels)
+        if self._series[metric.name] < MAX_SERIES_PER_METRIC:
+            self._series[metric.name] += 1
+            return (metric.name, labels)
         overflow = (labels[0],) + (OVERFLOW,) * (len(labels) - 1)
         drop_key = (metrics.AGENT_DROPPED.name, (self.service, "series_limit"))
         self._counters[drop_key] = self._counters.get(drop_key, 0) + 1
-        return (name, overflow)
-
-    # -- folding (shipper side, or whoever finds the queue full) ---------
-
-    def _fold(self, limit):
-        """Fold up to ``limit`` pending updates of each kind; True if some remain."""
-        counts, observations = self._pending_counts, self._pending_observations
-        with self._lock:
-            counters, histograms = self._counters, self._histograms
-            for _ in range(min(limit, len(counts))):
-                name, labels, amount = counts.popleft()
-                key = (name, labels)
-                if key not in counters:
-                    key = self._admit(name, labels)
-                counters[key] = counters.get(key, 0) + amount
-            for _ in range(min(limit, len(observations))):
-                name, labels, seconds = observations.popleft()
-                key = (name, labels)
-                entry = histograms.get(key)
-                if entry is None:
-                    key = self._admit(name, labels)
-                    entry = histograms.get(key)
-                    if entry is None:
-                        entry = histograms[key] = [[0] * (len(_BUCKETS) + 1), 0.0]
-                entry[0][bisect.bisect_left(_BUCKETS, seconds)] += 1
-                entry[1] += seconds
-        return bool(counts or observations)
-
-    def _fold_all(self):
-        self._fold(MAX_PENDING_UPDATES * 2)
-
-    def _waiting_gauges(self):
-        """[labels, open calls] for every waiting-replies series seen. Lock held."""
-        while True:
-            try:
-                open_calls = collections.Counter(self._waiting_calls.values())
-                break
-            except RuntimeError:  # resized by another thread while counted
-                continue
-        return [[list(labels), open_calls.get(labels, 0)] for labels in self._waiting_series]
+        return (metric.name, overflow)
 
     # -- shipper side ----------------------------------------------------
 
@@ -197,18 +162,17 @@ class Recorder:
 
     def snapshot(self, interval, final=False, max_hops=None):
         """A JSON-ready dict of everything so far, taking the pending hops."""
-        while self._fold(FOLD_CHUNK):
-            time.sleep(0)  # let the service's threads (or greenthreads) run
         with self._lock:
-            counters = list(self._counters.items())
-            histograms = [(k, (list(v[0]), v[1])) for k, v in self._histograms.items()]
-            waiting = self._waiting_gauges()
+            counters = dict(self._counters)
+            histograms = {k: [list(v[0]), v[1]] for k, v in self._histograms.items()}
+            waiting = list(self._waiting.items())
             take = len(self._hops) if max_hops is None else min(max_hops, len(self._hops))
             hops = [self._hops.popleft() for _ in range(take)]
             pending = len(self._hops)
             self._seq += 1
             seq = self._seq
-        gauges = [[metrics.RPC_WAITING_REPLIES.name, labels, value]
+        derived.expand(counters, histograms)
+        gauges = [[metrics.RPC_WAITING_REPLIES.name, list(labels), value]
                   for labels, value in waiting]
         gauges.append([metrics.AGENT_QUEUE_DEPTH.name, [self.service], pending])
         return {
@@ -225,9 +189,9 @@ class Recorder:
             "interval": interval,
             "final": final,
             "counters": [[name, list(labels), value]
-                         for (name, labels), value in counters],
+                         for (name, labels), value in counters.items()],
             "histograms": [[name, list(labels), counts, total]
-                           for (name, labels), (counts, total) in histograms],
+                           for (name, labels), (counts, total) in histograms.items()],
             "gauges": gauges,
             "hops": hops,
         }
