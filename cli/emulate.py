@@ -17,6 +17,10 @@ import urllib.request
 import uuid
 
 DEFAULT_TRANSPORT = "rabbit://guest:guest@127.0.0.1:5672/"
+# Broker file descriptors an emulated agent takes (1,000 agents measured
+# about 1,200), and some for everything else.
+OPEN_FILES_PER_AGENT = 1.25
+OPEN_FILES_SPARE = 200
 
 
 def add_command(commands, listen_type, default_listen):
@@ -57,6 +61,17 @@ def run_emulate(args):
     management = args.rabbitmq_management_url or urllib.parse.urlunsplit(
         ("http", f"{parts.netloc.rsplit(':', 1)[0] if parts.port else parts.netloc}:15672",
          "/", "", ""))
+    # Each emulated agent holds its own broker connections, as a real one
+    # does (1,000 agents: about 1,200 open files on the broker). Past its
+    # limit RabbitMQ does not refuse them cleanly: queue declarations start
+    # timing out and the broker stays broken for everyone until restarted.
+    needed = int(OPEN_FILES_PER_AGENT * args.agents) + OPEN_FILES_SPARE
+    limit = broker.open_files_limit(management)
+    if limit is not None and limit < needed:
+        print(f"commlens emulate: RabbitMQ allows {limit} open files and {args.agents} "
+              f"agents need about {needed}; raise the broker's limit (scripts/ensure-rabbitmq "
+              "starts it with its hard limit) or emulate fewer agents", file=sys.stderr)
+        return 2
     env = dict(os.environ, COMMLENS_EXPORT_URL=export_url, COMMLENS_SHIP_INTERVAL="2")
     host, port = args.listen
     processes, collector = [], None

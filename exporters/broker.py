@@ -28,23 +28,41 @@ class BrokerUrlError(ValueError):
     """The management URL cannot be used; the message never holds its secrets."""
 
 
+def _api(management_url, path):
+    """(URL of an API path, Authorization header value) for a management URL."""
+    parts = urllib.parse.urlsplit(management_url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BrokerUrlError(
+            f"RabbitMQ management URL {urls.redact(management_url)!r}: "
+            "expected http://user:password@host:15672/")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + path, "", ""))
+    credentials = "%s:%s" % (urllib.parse.unquote(parts.username or "guest"),
+                             urllib.parse.unquote(parts.password or "guest"))
+    return url, "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+def open_files_limit(management_url, timeout=5.0):
+    """The smallest limit of open files among the broker's nodes, or None if unknown."""
+    try:
+        url, auth = _api(management_url, "/api/nodes?columns=fd_total")
+        request = urllib.request.Request(url, headers={"Authorization": auth})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            nodes = json.loads(response.read(1024 * 1024))
+        limits = [node["fd_total"] for node in nodes
+                  if isinstance(node, dict) and isinstance(node.get("fd_total"), int)]
+    except Exception:
+        return None
+    return min(limits) if limits else None
+
+
 class QueueWatcher:
     """Polls the management API in a thread; ``queues()`` is the latest view."""
 
     def __init__(self, management_url, poll_seconds=DEFAULT_POLL_SECONDS, timeout=5.0):
-        parts = urllib.parse.urlsplit(management_url or "")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BrokerUrlError(
-                f"RabbitMQ management URL {urls.redact(management_url)!r}: "
-                "expected http://user:password@host:15672/")
         self.description = urls.redact(management_url)
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-        self._url = urllib.parse.urlunsplit(
-            (parts.scheme, netloc, parts.path.rstrip("/") + "/api/queues", "", ""))
+        self._url, self._auth = _api(management_url, "/api/queues")
         self._url += "?columns=name,vhost,messages_ready,messages_unacknowledged,consumers"
-        credentials = "%s:%s" % (urllib.parse.unquote(parts.username or "guest"),
-                                 urllib.parse.unquote(parts.password or "guest"))
-        self._auth = "Basic " + base64.b64encode(credentials.encode()).decode()
         self.poll_seconds = poll_seconds
         self._timeout = timeout
         self._queues = {}

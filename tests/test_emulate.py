@@ -46,3 +46,15 @@ def test_bad_arguments_are_clear_errors():
                            "--transport", "fake://", "--json"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "needs --transport rabbit://" in done.stderr
+
+
+def test_more_agents_than_the_broker_has_files_for_is_refused_before_anything_starts(rabbitmq):
+    """Past its open-files limit RabbitMQ breaks for everyone (queue declarations
+    time out until it is restarted): emulate says so and starts nothing."""
+    done = subprocess.run(
+        [sys.executable, "-m", "commlens.cli.main", "emulate", "--agents", "1000000",
+         "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "RabbitMQ allows" in done.stderr and "1000000 agents need about" in done.stderr
+    assert "guest" not in done.stderr
