@@ -144,8 +144,9 @@ class CommlensDriver(base.BaseDriver):
 
     # _begin_send and _end_send run on the service's thread around every
     # send, between its socket reads, where each instruction is a cache miss:
-    # they do only what must happen there. Aggregation is the recorder's
-    # shipper's work; a hop record is built only for the few that are kept.
+    # they do only what must happen there. Metrics that are sums of others
+    # are added at snapshot time (tracer/derived.py); a hop record is built
+    # only for the few that are kept.
 
     def _begin_send(self, target, ctxt, message, wait_for_reply):
         out = dict(ctxt) if type(ctxt) is dict else _context_copy(ctxt)
