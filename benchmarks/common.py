@@ -1,4 +1,5 @@
-"""What both overhead benchmarks need: ports, optional peers, a discarding OTel SDK."""
+"""What both overhead benchmarks need: ports, variants and optional peers, a
+discarding OTel SDK."""
 
 import importlib
 import socket
@@ -17,6 +18,19 @@ def installed(module):
         return True
     except ImportError:
         return False
+
+
+def add_variants_argument(parser, variants):
+    parser.add_argument("--variants", default=",".join(variants),
+                        help="comma-separated, plain always included (default: all)")
+
+
+def selected_variants(chosen, variants, optional):
+    """The variants asked for (``--variants``), plain always, in their order;
+    an optional peer ({variant: module}) only if it imports."""
+    chosen = {"plain", *chosen.split(",")}
+    return [v for v in variants if v in chosen
+            and (v not in optional or installed(optional[v]))]
 
 
 def discarding_tracer_provider():

@@ -172,8 +172,7 @@ def main():
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--casts", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated, plain always included (default: all)")
+    common.add_variants_argument(parser, VARIANTS)
     parser.add_argument("--serve", nargs=2, metavar=("URL", "TOPIC"), help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=3, metavar=("VARIANT", "TOPIC", "SOCKET"),
                         help=argparse.SUPPRESS)
@@ -197,9 +196,7 @@ def main():
     extra = []
     optional = {"oslo.metrics": "oslo_metrics",
                 "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
-    chosen = {"plain", *args.variants.split(",")}
-    variants = [v for v in VARIANTS if v in chosen
-                and (v not in optional or common.installed(optional[v]))]
+    variants = common.selected_variants(args.variants, VARIANTS, optional)
     if "oslo.metrics" in variants:
         config = os.path.join(workdir, "oslo-metrics.conf")
         with open(config, "w") as f:

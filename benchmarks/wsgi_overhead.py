@@ -113,17 +113,14 @@ def main():
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated, plain always included (default: all)")
+    common.add_variants_argument(parser, VARIANTS)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("benchmark: wrk is missing "
                          "(Debian package wrk; scripts/setup installs it)")
     optional = {"otel-wsgi": "opentelemetry.instrumentation.wsgi",
                 "ceilometermiddleware": "ceilometermiddleware.swift"}
-    chosen = {"plain", *args.variants.split(",")}
-    variants = [v for v in VARIANTS if v in chosen
-                and (v not in optional or common.installed(optional[v]))]
+    variants = common.selected_variants(args.variants, VARIANTS, optional)
     results = {v: [] for v in variants}
     for round_number in range(args.rounds):
         for variant in variants:

@@ -179,11 +179,11 @@ def _end(call, response):
             code = str(response.status_code)
             outcome = metrics.ERROR if code.startswith("5") else metrics.OK
         rec.inc(metrics.HTTP_CLIENT_REQUESTS, (call.service, call.target, call.method, code))
+        # The service graph's client side is its sum (tracer/derived.py).
         rec.observe(metrics.HTTP_CLIENT_DURATION,
                     (call.service, call.target, call.method, outcome), duration)
-        edge = (call.service, call.target, "")
-        rec.observe(metrics.SERVICE_GRAPH_CLIENT_SECONDS, edge, duration)
         if response is None:
+            edge = (call.service, call.target, "")
             rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
             rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
         failed = outcome != metrics.OK or (response is not None and code[0] == "4")

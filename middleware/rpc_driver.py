@@ -149,7 +149,7 @@ class CommlensDriver(base.BaseDriver):
     # only for the few that are kept.
 
     def _begin_send(self, target, ctxt, message, wait_for_reply):
-        out = dict(ctxt) if type(ctxt) is dict else _context_copy(ctxt)
+        out = _context_copy(ctxt)
         if out is None:
             self._recorder.dropped("bad_context")
             return None

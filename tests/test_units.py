@@ -186,6 +186,8 @@ def test_snapshot_ships_the_sums_of_the_finest_series_and_not_the_series():
     rec.observe(metrics.RPC_SERVER_HOPS, rpc, 0.5)
     rec.observe(metrics.RPC_REPLY_WAIT, ("nova-api", "conductor", "build", "ok"), 0.02)
     rec.observe(metrics.RPC_REPLY_WAIT, ("nova-api", "conductor", "get", "timeout"), 60.0)
+    rec.observe(metrics.HTTP_CLIENT_DURATION, ("nova-api", "neutron", "POST", "ok"), 0.1)
+    rec.observe(metrics.HTTP_CLIENT_DURATION, ("nova-api", "neutron", "GET", "failed"), 0.3)
     snapshot = rec.snapshot(1)
     counters = {(name, tuple(labels)): value for name, labels, value in snapshot["counters"]}
     histograms = {(name, tuple(labels)): (sum(counts), total)
@@ -208,6 +210,8 @@ def test_snapshot_ships_the_sums_of_the_finest_series_and_not_the_series():
     assert counters[(metrics.SERVICE_GRAPH_FAILED.name, rpc_edge)] == 1
     assert histograms[(metrics.SERVICE_GRAPH_CLIENT_SECONDS.name,
                        ("nova-api", "conductor", metrics.MESSAGING_SYSTEM))] == (2, 60.02)
+    assert histograms[(metrics.SERVICE_GRAPH_CLIENT_SECONDS.name,
+                       ("nova-api", "neutron", ""))] == (2, 0.4)
     # Counted directly too (a timed-out call): the sum lands on it.
     rec.inc(metrics.SERVICE_GRAPH_REQUESTS, rpc_edge)
     again = {(name, tuple(labels)): value for name, labels, value in rec.snapshot(1)["counters"]}

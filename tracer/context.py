@@ -157,15 +157,10 @@ def child_of_incoming(traceparent_value):
 
 def outgoing():
     """The context for a hop we send: a child of the hop being served, else
-    of the active OpenTelemetry span, else the first hop of a new trace.
-
-    This and ``stamp_outgoing`` run on every call a service makes, on the
-    service's thread: they are written for few calls and few objects.
-    """
+    of the active OpenTelemetry span, else the first hop of a new trace."""
     parent = _current.get()
     if parent is not None:
-        return TraceContext(parent.trace_id, "%016x" % (_getrandbits(64) or 1),
-                            parent.span_id, parent.sampled)
+        return TraceContext(parent.trace_id, new_span_id(), parent.span_id, parent.sampled)
     if _otel_context_var is None or _otel_context_var.get():
         otel = otel_current()
         if otel is not None:

@@ -2,12 +2,12 @@
 
 A server records each request it handled once, in the finest series there
 is (``metrics.HTTP_SERVER_HOPS``, ``metrics.RPC_SERVER_HOPS``), and a caller
-records a call's reply wait once (``metrics.RPC_REPLY_WAIT``), instead of
-once per metric: a dict update on the service's thread, between its socket
-reads, costs several times what it costs in a loop. The other metrics are
-sums of those series; ``expand`` adds them at snapshot time, in the
-shipper's thread, once per series rather than once per request. The
-internal series are not shipped.
+records how long it waited once (``metrics.RPC_REPLY_WAIT``,
+``metrics.HTTP_CLIENT_DURATION``), instead of once per metric: a dict update
+on the service's thread, between its socket reads, costs several times what
+it costs in a loop. The other metrics are sums of those series; ``expand``
+adds them at snapshot time, in the shipper's thread, once per series rather
+than once per request. The internal series are not shipped.
 """
 
 from commlens.exporters import aggregate
@@ -15,7 +15,9 @@ from commlens.tracer import metrics
 
 _HTTP_SERVER_HOPS = metrics.HTTP_SERVER_HOPS.name
 _RPC_SERVER_HOPS = metrics.RPC_SERVER_HOPS.name
-_RPC_REPLY_WAIT = metrics.RPC_REPLY_WAIT.name
+# A caller's wait histogram -> the connection_type of its service-graph edge.
+_CLIENT_WAITS = {metrics.RPC_REPLY_WAIT.name: metrics.MESSAGING_SYSTEM,
+                 metrics.HTTP_CLIENT_DURATION.name: ""}
 
 
 def expand(counters, histograms):
@@ -28,10 +30,11 @@ def expand(counters, histograms):
     """
     for key in [k for k in histograms if k[0] in (_HTTP_SERVER_HOPS, _RPC_SERVER_HOPS)]:
         counts, total = histograms.pop(key)
+        requests = sum(counts)
         if key[0] == _HTTP_SERVER_HOPS:
             service, caller, method, route, code = key[1]
             outcome = metrics.ERROR if code[:1] == "5" else metrics.OK
-            _count(counters, metrics.HTTP_REQUESTS, key[1], sum(counts))
+            _count(counters, metrics.HTTP_REQUESTS, key[1], requests)
             _sum(histograms, metrics.HTTP_DURATION, (service, method, route, outcome),
                  counts, total)
             connection_type = ""
@@ -41,15 +44,15 @@ def expand(counters, histograms):
                  counts, total)
             connection_type = metrics.MESSAGING_SYSTEM
         edge = (caller, service, connection_type)
-        _count(counters, metrics.SERVICE_GRAPH_REQUESTS, edge, sum(counts))
+        _count(counters, metrics.SERVICE_GRAPH_REQUESTS, edge, requests)
         if outcome == metrics.ERROR:
-            _count(counters, metrics.SERVICE_GRAPH_FAILED, edge, sum(counts))
+            _count(counters, metrics.SERVICE_GRAPH_FAILED, edge, requests)
         _sum(histograms, metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, counts, total)
-    for key in [k for k in histograms if k[0] == _RPC_REPLY_WAIT]:
+    for key in [k for k in histograms if k[0] in _CLIENT_WAITS]:
         service, target, _method, _outcome = key[1]
         counts, total = histograms[key]
         _sum(histograms, metrics.SERVICE_GRAPH_CLIENT_SECONDS,
-             (service, target, metrics.MESSAGING_SYSTEM), counts, total)
+             (service, target, _CLIENT_WAITS[key[0]]), counts, total)
 
 
 def _count(counters, metric, labels, value):
