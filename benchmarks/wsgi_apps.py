@@ -16,6 +16,11 @@ def minimal(environ, start_response):
 def _wrap(variant):
     if variant == "plain":
         return minimal
+    if variant == "passthrough":
+        def passthrough(environ, start_response):
+            return minimal(environ, start_response)
+
+        return passthrough
     if variant == "commlens":
         from commlens.middleware.wsgi import CommlensMiddleware
 

@@ -1,9 +1,10 @@
 """WSGI middleware overhead, measured in one run: gunicorn serving a minimal app,
 loaded by wrk from a second process.
 
-    .venv/bin/python benchmarks/wsgi_overhead.py [--seconds 5 --rounds 6]
+    .venv/bin/python benchmarks/wsgi_overhead.py [--seconds 2 --rounds 16]
 
-Variants (each a fresh gunicorn, interleaved round by round): plain, commlens
+Variants, each its own gunicorn: plain, passthrough (a middleware that only
+calls the app: the floor for any middleware), commlens
 (CommlensMiddleware, shipping to RabbitMQ every second), otel-wsgi
 (opentelemetry-instrumentation-wsgi, SDK provider, batch processor, spans
 discarded) and ceilometermiddleware (a notification per request over
@@ -14,10 +15,17 @@ The rate must be the server's, not the load generator's: one gunicorn worker
 With a sync worker every request is a new connection and wrk, not the
 server, set the pace: the worker sat idle a fifth of the time and the same
 commlens code measured anywhere from 0.90 to 1.11 of plain. Pinned and kept
-alive, the worker is busy all the time and the ratio repeats.
+alive, the worker is busy all the time.
 
-Prints requests/s, the ratio to plain (median of per-round ratios, each pair
-back to back) and the server's CPU time per request (from /proc).
+All servers start (and warm up) first; then each round loads them in turn
+for a few seconds, in reverse order every other round. On a shared machine
+whose speed drifts by 10-20 % within a minute (seen on 2026-11-25), pairs
+run a few seconds apart still compare like with like, where a fresh server
+per run put 10 s and more between them and two identical plain servers
+measured 0.91 of each other.
+
+Prints requests/s, the ratio to plain (median of per-round ratios) and the
+server's CPU time per request (from /proc).
 """
 
 import argparse
@@ -33,7 +41,7 @@ import time
 import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("plain", "commlens", "otel-wsgi", "ceilometermiddleware")
+VARIANTS = ("plain", "passthrough", "commlens", "otel-wsgi", "ceilometermiddleware")
 RABBIT = "guest:guest@127.0.0.1:5672/"
 PATH = "/v1/AUTH_bench/container/object"  # ceilometermiddleware notifies for Swift paths
 SHIP_INTERVAL = 1.0
@@ -66,52 +74,68 @@ def _children(pid):
         return []
 
 
-def run_variant(variant, seconds, connections):
-    port = common.free_port()
-    env = dict(os.environ, BENCH_VARIANT=variant, BENCH_RABBIT_URL="rabbit://" + RABBIT,
-               COMMLENS_SERVICE_NAME="bench-api",
-               COMMLENS_EXPORT_URL=os.environ.get("BENCH_EXPORT_URL",
-                                                  f"amqp://{RABBIT}?exchange=commlens-bench"),
-               COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
-    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
-    server = subprocess.Popen(
-        SERVER_CPU + [gunicorn, "--chdir", HERE, "--workers", "1", "--worker-class", "gthread",
-                      "--threads", "1", "--keep-alive", "30", "--bind", f"127.0.0.1:{port}",
-                      "--log-level", "warning", "wsgi_apps:app"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
+class Server:
+    """One variant's gunicorn, started once and loaded in turns with the others."""
+
+    def __init__(self, variant):
+        self.variant = variant
+        self.port = common.free_port()
+        env = dict(os.environ, BENCH_VARIANT=variant, BENCH_RABBIT_URL="rabbit://" + RABBIT,
+                   COMMLENS_SERVICE_NAME="bench-api",
+                   COMMLENS_EXPORT_URL=os.environ.get("BENCH_EXPORT_URL",
+                                                      f"amqp://{RABBIT}?exchange=commlens-bench"),
+                   COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
+        gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+        self.process = subprocess.Popen(
+            SERVER_CPU + [gunicorn, "--chdir", HERE, "--workers", "1",
+                          "--worker-class", "gthread", "--threads", "1", "--keep-alive", "30",
+                          "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
+                          "wsgi_apps:app"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+        self.rates = []
+        self.cpu_us_per_request = []
+
+    def wait_ready(self):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
             except OSError:
                 time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}{PATH}"
-        # Warm up past two ship intervals: commlens's shipper connects to the
-        # broker once per process, not per request, and is measured connected.
-        subprocess.run(LOAD_CPUS + ["wrk", "-t1", "-c4", f"-d{WARM_UP_SECONDS}s", url],
-                       capture_output=True, timeout=30)
-        pids = [server.pid] + _children(server.pid)
+        raise SystemExit(f"benchmark: {self.variant} did not start: "
+                         f"{self.process.stderr.read() if self.process.poll() is not None else ''}")
+
+    def warm_up(self):
+        # Past two ship intervals: commlens's shipper connects to the broker
+        # once per process, not per request, and is measured connected.
+        subprocess.run(LOAD_CPUS + ["wrk", "-t1", "-c4", f"-d{WARM_UP_SECONDS}s", self.url],
+                       capture_output=True, timeout=60)
+
+    def load(self, seconds, connections):
+        pids = [self.process.pid] + _children(self.process.pid)
         cpu = _cpu_seconds(pids)
-        done = subprocess.run(LOAD_CPUS + ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", url],
-                              capture_output=True, text=True, timeout=seconds + 60)
+        done = subprocess.run(
+            LOAD_CPUS + ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", self.url],
+            capture_output=True, text=True, timeout=seconds + 60)
         cpu = _cpu_seconds(pids) - cpu
-    finally:
-        server.terminate()
-        server.wait(30)
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1))
-    total = int(re.search(r"(\d+) requests in", done.stdout).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
-    if errors:
-        raise SystemExit(f"benchmark: {variant} answered {errors.group(1)} errors")
-    return {"rps": rate, "cpu_us_per_request": cpu / total * 1e6}
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout)
+        if errors:
+            raise SystemExit(f"benchmark: {self.variant} answered {errors.group(1)} errors")
+        total = int(re.search(r"(\d+) requests in", done.stdout).group(1))
+        self.rates.append(float(re.search(r"Requests/sec:\s+([\d.]+)", done.stdout).group(1)))
+        self.cpu_us_per_request.append(cpu / total * 1e6)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(30)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--connections", type=int, default=8)
     common.add_variants_argument(parser, VARIANTS)
     args = parser.parse_args()
@@ -121,24 +145,32 @@ def main():
     optional = {"otel-wsgi": "opentelemetry.instrumentation.wsgi",
                 "ceilometermiddleware": "ceilometermiddleware.swift"}
     variants = common.selected_variants(args.variants, VARIANTS, optional)
-    results = {v: [] for v in variants}
-    for round_number in range(args.rounds):
-        for variant in variants:
-            results[variant].append(run_variant(variant, args.seconds, args.connections))
-            print(f"round {round_number + 1}/{args.rounds} {variant}: "
-                  f"{results[variant][-1]['rps']:.0f} req/s", file=sys.stderr)
+    servers = [Server(v) for v in variants]
+    try:
+        for server in servers:
+            server.wait_ready()
+            server.warm_up()
+        for round_number in range(args.rounds):
+            # ABBA: every other round runs the variants in reverse, so a drift
+            # in the machine's speed weighs on all of them alike.
+            for server in servers if round_number % 2 == 0 else reversed(servers):
+                server.load(args.seconds, args.connections)
+            print(f"round {round_number + 1}/{args.rounds}: " + ", ".join(
+                f"{s.variant} {s.rates[-1]:.0f}" for s in servers) + " req/s", file=sys.stderr)
+    finally:
+        for server in servers:
+            server.stop()
 
+    plain = servers[0]
     print(f"\nWSGI overhead: gunicorn (1 gthread worker, 1 thread, keep-alive, own core) "
           "serving a minimal app, wrk "
-          f"-t2 -c{args.connections} for {args.seconds}s, {args.rounds} rounds; "
-          "ratio = median of per-round ratios to plain")
+          f"-t2 -c{args.connections} for {args.seconds}s, variants loaded in turns, "
+          f"{args.rounds} rounds; ratio = median of per-round ratios to plain")
     print(f"{'variant':<22}{'req/s':>9}{'ratio':>8}{'server CPU µs/request':>24}")
-    for variant in variants:
-        rps = statistics.median(r["rps"] for r in results[variant])
-        ratio = statistics.median(v["rps"] / p["rps"] for v, p in
-                                  zip(results[variant], results["plain"], strict=True))
-        cpu = statistics.median(r["cpu_us_per_request"] for r in results[variant])
-        print(f"{variant:<22}{rps:>9.0f}{ratio:>8.3f}{cpu:>24.0f}")
+    for server in servers:
+        ratio = statistics.median(v / p for v, p in zip(server.rates, plain.rates, strict=True))
+        print(f"{server.variant:<22}{statistics.median(server.rates):>9.0f}{ratio:>8.3f}"
+              f"{statistics.median(server.cpu_us_per_request):>24.0f}")
 
 
 if __name__ == "__main__":
