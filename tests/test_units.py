@@ -218,6 +218,17 @@ def test_snapshot_ships_the_sums_of_the_finest_series_and_not_the_series():
     assert again[(metrics.SERVICE_GRAPH_REQUESTS.name, rpc_edge)] == 2
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.25, 0.5, 0.999, 1.0])
+def test_hop_sampling_keeps_the_traces_whose_ids_fall_below_the_ratio(ratio):
+    rec = recorder_mod.Recorder("svc", hop_sample_ratio=ratio)
+    edges = ["0" * 24 + "%08x" % n for n in (0, 1, 0x28f5c28, 0x28f5c29, 0x7fffffff,
+                                               0x80000000, 0xffbe76c8, 0xffffffff)]
+    for trace_id in edges + [context.new_trace_id() for _ in range(2000)]:
+        in_sample = int(trace_id[-8:], 16) < ratio * 2 ** 32
+        assert rec.keeps_hop(trace_id, 0.0, False) == in_sample, trace_id
+        assert rec.keeps_hop(trace_id, 0.0, True)  # failed: always
+
+
 def test_hop_buffer_is_bounded_and_counts_what_it_drops():
     rec = recorder_mod.Recorder("svc", max_pending_hops=5)
     for i in range(8):

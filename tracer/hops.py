@@ -14,10 +14,17 @@ RPC = "rpc"
 HTTP = "http"
 
 
-def sample_threshold(ratio):
-    """A trace is in the sample if its id's last 8 hex digits, as a number, are
-    below this (Recorder.keeps_hop)."""
-    return math.ceil(max(0.0, min(1.0, ratio)) * 0x100000000)
+def sample_bound(ratio):
+    """A trace is in the sample if its id's last 8 hex digits are below this
+    string (Recorder.keeps_hop): below ``ratio`` * 2**32 as a number.
+
+    Trace ids are lowercase hex of fixed width, which compare as strings
+    the way the numbers they spell do, so the hot path parses nothing.
+    """
+    threshold = math.ceil(max(0.0, min(1.0, ratio)) * 0x100000000)
+    if threshold > 0xffffffff:
+        return "g"  # above every hex digit: all traces
+    return "%08x" % threshold
 
 
 def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,

@@ -41,12 +41,14 @@ error_class = _Checked(_IDENTIFIER)  # an exception class name
 dotted = _Checked(_DOTTED)           # a topic, an event type
 
 
-_HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+# An HTTP method label: one of these, else OTHER_METHOD.
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+OTHER_METHOD = "other"
 
 
 def http_method(value):
     """A standard HTTP method, else ``other``."""
-    return value if value in _HTTP_METHODS else "other"
+    return value if value in HTTP_METHODS else OTHER_METHOD
 
 
 def request_id(value):

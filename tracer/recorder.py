@@ -50,7 +50,7 @@ class Recorder:
                  hop_sample_ratio=0.01, slow_hop_seconds=1.0):
         self.service = service
         self._max_pending_hops = max_pending_hops
-        self._hop_sample_threshold = hops.sample_threshold(hop_sample_ratio)
+        self._hop_sample_bound = hops.sample_bound(hop_sample_ratio)
         self._slow_hop_seconds = slow_hop_seconds
         self._reset()
         self.shipper = None
@@ -116,7 +116,7 @@ class Recorder:
     def keeps_hop(self, trace_id, duration, failed):
         """Ship this hop? Failed and slow ones always; others by trace sample."""
         return (failed or duration >= self._slow_hop_seconds
-                or int(trace_id[-8:], 16) < self._hop_sample_threshold)
+                or trace_id[-8:] < self._hop_sample_bound)
 
     def add_hop(self, hop):
         with self._lock:

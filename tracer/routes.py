@@ -53,29 +53,8 @@ usages traits aggregates extensions limits defaults os-security-groups
 """.split())
 
 
-_MEMO_SIZE = 4096
-_memo = {}
-
-
 def template(path):
-    """The route template of a raw PATH_INFO (a str, possibly latin-1 garbage).
-
-    Remembered for the last few thousand distinct paths: clients poll the
-    same resources (a server's status while it builds) again and again.
-    """
-    try:
-        return _memo[path]
-    except (KeyError, TypeError):
-        pass
-    result = _template(path)
-    if isinstance(path, str) and len(path) <= 1024:
-        if len(_memo) >= _MEMO_SIZE:
-            _memo.clear()
-        _memo[path] = result
-    return result
-
-
-def _template(path):
+    """The route template of a raw PATH_INFO (a str, possibly latin-1 garbage)."""
     if not isinstance(path, str):
         return OTHER
     segments = [s for s in path.split("/") if s]
@@ -98,19 +77,41 @@ def _template(path):
     return "/" + "/".join(out)
 
 
-class RouteCap:
-    """At most ``max_routes`` distinct templates; the rest become ``other``."""
+_MEMO_SIZE = 4096
+
+
+class RouteTemplates:
+    """Raw paths to their route templates, at most ``max_routes`` distinct
+    ones (the rest become ``other``).
+
+    Remembered for the last few thousand distinct paths: it runs on every
+    request, and clients poll the same resources (a server's status while it
+    builds) again and again. A template once admitted stays admitted and one
+    refused stays refused, so a remembered answer never goes stale.
+    """
 
     def __init__(self, max_routes=DEFAULT_MAX_ROUTES):
         self._max = max_routes
         self._seen = set()
         self._lock = threading.Lock()
+        # Path -> template; callers on a hot path read it before calling.
+        self.remembered = {}
 
-    def __call__(self, route):
-        if route in self._seen:
-            return route
+    def __call__(self, path):
+        try:
+            return self.remembered[path]
+        except (KeyError, TypeError):
+            pass
+        route = template(path)
         with self._lock:
-            if len(self._seen) < self._max:
-                self._seen.add(route)
-                return route
-        return OTHER
+            if route not in self._seen:
+                if len(self._seen) < self._max:
+                    self._seen.add(route)
+                else:
+                    route = OTHER
+            if isinstance(path, str) and len(path) <= 1024:
+                if len(self.remembered) >= _MEMO_SIZE:
+                    self.remembered.clear()
+                self.remembered[path] = route
+        return route
+
