@@ -212,7 +212,9 @@ def main():
     results = {v: [] for v in variants}
     try:
         for round_number in range(args.rounds):
-            for variant in variants:
+            # Every other round in reverse (as in wsgi_overhead.py), so a drift
+            # in the machine's speed weighs on every variant alike.
+            for variant in variants if round_number % 2 == 0 else reversed(variants):
                 topic = topics["commlens" if variant == "commlens" else "plain"]
                 done = subprocess.run(
                     [sys.executable, HERE, "--calls", str(args.calls), "--casts",
