@@ -182,6 +182,22 @@ def test_app_exceptions_propagate_unchanged_and_count_as_500(app, conf):
     assert requests_seen("/raise-in-body", code="500") >= 1
 
 
+def test_a_list_body_stays_a_list_and_ends_at_close(conf):
+    def app(environ, start_response):
+        start_response("201 Created", [("Content-Length", "5")])
+        return [b"hello"]
+
+    middleware = CommlensMiddleware(app, http_outbound="false")
+    before = requests_seen("/listbody", code="201")
+    body = middleware({"REQUEST_METHOD": "POST", "PATH_INFO": "/listbody"}, _start_response)
+    # Servers size one-item lists (Content-Length) and iterate them natively.
+    assert isinstance(body, list) and len(body) == 1 and list(body) == [b"hello"]
+    assert requests_seen("/listbody", code="201") == before  # not yet written out
+    body.close()
+    body.close()  # a second close counts nothing more
+    assert requests_seen("/listbody", code="201") == before + 1
+
+
 def test_client_disconnect_mid_body_still_closes_and_counts(app, base_url):
     before = requests_seen("/slowstream", code="200")
     host, port = base_url.rsplit(":", 1)

@@ -98,9 +98,12 @@ def parse_baggage_sender(value, parent_span_id):
     if not isinstance(value, str) or len(value) > _MAX_HEADER:
         return None, None
     match = _SENDER.search(value)
-    if match is None or match.group(3) != parent_span_id:
+    if match is None:
         return None, None
-    return match.group(1), match.group(2)
+    service, kind, span = match.groups()
+    if span != parent_span_id:
+        return None, None
+    return service, kind
 
 
 def with_baggage_sender(existing, service, kind, span_id):
