@@ -25,7 +25,8 @@ BAGGAGE_SERVICE = "commlens.service"
 _MAX_HEADER = 8192  # W3C recommends at least 8192 bytes for baggage; we stop there
 _ZERO_TRACE_ID = "0" * 32  # all-zero ids are invalid in W3C
 _ZERO_SPAN_ID = "0" * 16
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# version-trace_id-parent_id-flags, at fixed positions (parse_traceparent slices them)
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # Our member, in the order with_baggage_sender writes it.
 _SENDER = re.compile(r"(?:^|[,\s])commlens\.service=([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
                      r";kind=([a-z]{1,16});span=([0-9a-f]{16})\s*(?:,|$)")
