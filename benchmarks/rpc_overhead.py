@@ -1,9 +1,12 @@
 """RPC overhead of commlens and its peers, measured in one run on real RabbitMQ.
 
-    .venv/bin/python benchmarks/rpc_overhead.py [--calls 1000 --casts 2000 --rounds 8]
+    .venv/bin/python benchmarks/rpc_overhead.py [--calls 300 --casts 600 --rounds 16]
 
-Variants, each a fresh client process (instrumentation is process-wide),
-interleaved round by round so machine drift hits all of them alike:
+Variants, each its own client process (instrumentation is process-wide),
+started and warmed up once, then loaded in turns: each round every client
+runs one burst of sequential calls and casts, in reverse order every other
+round. Bursts a few seconds apart compare like with like on a machine
+whose speed drifts (as the WSGI benchmark found, 2026-11-25):
 
   plain      rabbit:// client and server
   commlens   commlens+rabbit:// client and server, shipping to the broker every 1 s
@@ -13,9 +16,11 @@ interleaved round by round so machine drift hits all of them alike:
                        TracerProvider and a batch processor (spans discarded)
 
 Prints calls/s and casts/s (median of the rounds), the ratio to plain and
-client CPU per operation. On a 2-core machine one round's rate swings by up
-to 10 %, so the ratio is the median over rounds of (variant / plain of the
-same round): each pair ran back to back. Then the wrapper's own hot path
+client CPU per operation with its ratio (plain's / the variant's). One
+burst's rate swings by 10 % and more, so each ratio is the median over
+rounds of (variant / plain of the same round). The CPU ratio is the
+steadier figure on a noisy machine: it does not count time spent waiting.
+Then the wrapper's own hot path
 alone (client: begin and end of a send; server: receipt to reply, no
 broker) in microseconds, the figure the 30 µs budget is about.
 """
@@ -88,21 +93,25 @@ def client(variant, topic, calls, casts, metrics_socket):
     while time.monotonic() < warm_until:
         rpc.call({}, "echo", value=0)
 
-    cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(calls):
-        rpc.call({"request_id": "req-bench"}, "echo", value=i)
-    call_cpu, call_wall = time.process_time() - cpu, time.perf_counter() - wall
+    print("READY", flush=True)
+    # One burst per line from the driver script: the variants take turns a
+    # few seconds apart instead of each being a fresh process.
+    for _ in sys.stdin:
+        cpu, wall = time.process_time(), time.perf_counter()
+        for i in range(calls):
+            rpc.call({"request_id": "req-bench"}, "echo", value=i)
+        call_cpu, call_wall = time.process_time() - cpu, time.perf_counter() - wall
 
-    cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(casts):
-        rpc.cast({"request_id": "req-bench"}, "note", value=i)
-    cast_cpu, cast_wall = time.process_time() - cpu, time.perf_counter() - wall
-    rpc.call({}, "echo", value=0)  # casts delivered before we leave
+        cpu, wall = time.process_time(), time.perf_counter()
+        for i in range(casts):
+            rpc.cast({"request_id": "req-bench"}, "note", value=i)
+        cast_cpu, cast_wall = time.process_time() - cpu, time.perf_counter() - wall
+        rpc.call({}, "echo", value=0)  # the casts are delivered before the next burst
+        print(json.dumps({
+            "calls_per_s": calls / call_wall, "casts_per_s": casts / cast_wall,
+            "cpu_us_per_call": call_cpu / calls * 1e6, "cpu_us_per_cast": cast_cpu / casts * 1e6,
+        }), flush=True)
     transport.cleanup()
-    print(json.dumps({
-        "calls_per_s": calls / call_wall, "casts_per_s": casts / cast_wall,
-        "cpu_us_per_call": call_cpu / calls * 1e6, "cpu_us_per_cast": cast_cpu / casts * 1e6,
-    }), flush=True)
 
 
 class _Incoming:
@@ -169,9 +178,9 @@ def _start(command, env=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--casts", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--casts", type=int, default=600)
+    parser.add_argument("--rounds", type=int, default=16)
     common.add_variants_argument(parser, VARIANTS)
     parser.add_argument("--serve", nargs=2, metavar=("URL", "TOPIC"), help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=3, metavar=("VARIANT", "TOPIC", "SOCKET"),
@@ -210,25 +219,31 @@ def main():
             time.sleep(0.1)
 
     results = {v: [] for v in variants}
+    clients = {}
     try:
+        for variant in variants:
+            topic = topics["commlens" if variant == "commlens" else "plain"]
+            clients[variant] = _start(
+                [sys.executable, HERE, "--calls", str(args.calls), "--casts", str(args.casts),
+                 "--client", variant, topic, metrics_socket], env)
         for round_number in range(args.rounds):
-            # Every other round in reverse (as in wsgi_overhead.py), so a drift
-            # in the machine's speed weighs on every variant alike.
+            # Every other round in reverse, so a drift in the machine's speed
+            # weighs on every variant alike.
             for variant in variants if round_number % 2 == 0 else reversed(variants):
-                topic = topics["commlens" if variant == "commlens" else "plain"]
-                done = subprocess.run(
-                    [sys.executable, HERE, "--calls", str(args.calls), "--casts",
-                     str(args.casts), "--client", variant, topic, metrics_socket],
-                    env=env, capture_output=True, text=True, timeout=900)
-                if done.returncode != 0:
-                    raise SystemExit(f"benchmark: {variant} failed:\n{done.stderr[-2000:]}")
-                results[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"round {round_number + 1}/{args.rounds} {variant}: "
-                      f"{results[variant][-1]['calls_per_s']:.0f} calls/s", file=sys.stderr)
+                process = clients[variant]
+                process.stdin.write("go\n")
+                process.stdin.flush()
+                line = process.stdout.readline()
+                if not line:
+                    raise SystemExit(f"benchmark: the {variant} client died")
+                results[variant].append(json.loads(line))
+            print(f"round {round_number + 1}/{args.rounds}: " + ", ".join(
+                f"{v} {results[v][-1]['calls_per_s']:.0f}/{results[v][-1]['casts_per_s']:.0f}"
+                for v in variants) + " calls/casts per s", file=sys.stderr)
     finally:
-        for process in servers:
+        for process in list(clients.values()) + servers:
             process.stdin.close()
-            process.wait(30)
+            process.wait(60)
         for process in extra:
             process.terminate()
             process.wait(10)
@@ -240,17 +255,24 @@ def main():
         return statistics.median(v[key] / p[key]
                                  for v, p in zip(results[variant], results["plain"], strict=True))
 
+    def cpu_ratio(variant, key):
+        return statistics.median(p[key] / v[key]
+                                 for v, p in zip(results[variant], results["plain"], strict=True))
+
     print(f"\nRPC overhead on real RabbitMQ: {args.calls} sequential calls and "
           f"{args.casts} casts per round, {args.rounds} rounds, one client thread; "
-          "ratio = median of per-round ratios to plain")
+          "ratio = median of per-round ratios to plain (CPU ratio: plain's client CPU "
+          "per operation / the variant's)")
     print(f"{'variant':<22}{'calls/s':>9}{'ratio':>8}{'casts/s':>9}{'ratio':>8}"
-          f"{'CPU µs/call':>13}{'CPU µs/cast':>13}")
+          f"{'CPU µs/call':>13}{'ratio':>7}{'CPU µs/cast':>13}{'ratio':>7}")
     for variant in variants:
         calls, casts = median(variant, "calls_per_s"), median(variant, "casts_per_s")
         print(f"{variant:<22}{calls:>9.0f}{paired_ratio(variant, 'calls_per_s'):>8.3f}"
               f"{casts:>9.0f}{paired_ratio(variant, 'casts_per_s'):>8.3f}"
               f"{median(variant, 'cpu_us_per_call'):>13.0f}"
-              f"{median(variant, 'cpu_us_per_cast'):>13.0f}")
+              f"{cpu_ratio(variant, 'cpu_us_per_call'):>7.3f}"
+              f"{median(variant, 'cpu_us_per_cast'):>13.0f}"
+              f"{cpu_ratio(variant, 'cpu_us_per_cast'):>7.3f}")
     micro = hot_path()
     print(f"\ncommlens wrapper hot path alone (no broker): client {micro['call']:.1f} µs "
           f"per call, {micro['cast']:.1f} µs per cast; server {micro['server']:.1f} µs "

@@ -25,7 +25,8 @@ per run put 10 s and more between them and two identical plain servers
 measured 0.91 of each other.
 
 Prints requests/s, the ratio to plain (median of per-round ratios) and the
-server's CPU time per request (from /proc).
+server's CPU time per request (from /proc) with its ratio (plain's / the
+variant's, median of per-round ratios).
 """
 
 import argparse
@@ -166,11 +167,13 @@ def main():
           "serving a minimal app, wrk "
           f"-t2 -c{args.connections} for {args.seconds}s, variants loaded in turns, "
           f"{args.rounds} rounds; ratio = median of per-round ratios to plain")
-    print(f"{'variant':<22}{'req/s':>9}{'ratio':>8}{'server CPU µs/request':>24}")
+    print(f"{'variant':<22}{'req/s':>9}{'ratio':>8}{'server CPU µs/request':>24}{'ratio':>8}")
     for server in servers:
         ratio = statistics.median(v / p for v, p in zip(server.rates, plain.rates, strict=True))
+        cpu_ratio = statistics.median(p / v for v, p in zip(
+            server.cpu_us_per_request, plain.cpu_us_per_request, strict=True))
         print(f"{server.variant:<22}{statistics.median(server.rates):>9.0f}{ratio:>8.3f}"
-              f"{statistics.median(server.cpu_us_per_request):>24.0f}")
+              f"{statistics.median(server.cpu_us_per_request):>24.0f}{cpu_ratio:>8.3f}")
 
 
 if __name__ == "__main__":
