@@ -86,6 +86,9 @@ class CommlensMiddleware:
     # possible (the request is its own start_response, a list body stays a
     # list): between a server's socket reads each one costs three to five
     # times what it costs in a loop, and a minimal app is about 130 µs.
+    # Compiling the tracer and this module with Cython was measured
+    # (2026-11-25): 2 % fewer instructions per request, because the cost is
+    # in the object operations themselves, not in the interpreter loop.
     def __call__(self, environ, start_response):
         try:
             request = _Request(self, environ, start_response)
