@@ -20,9 +20,9 @@ client CPU per operation with its ratio (plain's / the variant's). One
 burst's rate swings by 10 % and more, so each ratio is the median over
 rounds of (variant / plain of the same round). The CPU ratio is the
 steadier figure on a noisy machine: it does not count time spent waiting.
-Then the wrapper's own hot path
-alone (client: begin and end of a send; server: receipt to reply, no
-broker) in microseconds, the figure the 30 µs budget is about.
+Then the wrapper's own hot path alone (client: begin and end of a send;
+server: receipt to reply, no broker) in microseconds, the figure the 30 µs
+budget is about.
 """
 
 import argparse
