@@ -149,8 +149,7 @@ class CommlensDriver(base.BaseDriver):
     # only for the few that are kept.
 
     def _begin_send(self, target, ctxt, message, wait_for_reply):
-        # RPCClient hands over a dict; other callers may pass a RequestContext.
-        out = dict(ctxt) if type(ctxt) is dict else _context_copy(ctxt)
+        out = _context_copy(ctxt)
         if out is None:
             self._recorder.dropped("bad_context")
             return None
