@@ -37,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import common  # noqa: E402  (benchmarks/ is the script's own folder)
@@ -87,12 +88,15 @@ class Server:
                                                       f"amqp://{RABBIT}?exchange=commlens-bench"),
                    COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
         gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+        # A file, not a pipe: the server runs for the whole benchmark and
+        # nobody reads its stderr until it fails, so a full pipe would stall it.
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             SERVER_CPU + [gunicorn, "--chdir", HERE, "--workers", "1",
                           "--worker-class", "gthread", "--threads", "1", "--keep-alive", "30",
                           "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
                           "wsgi_apps:app"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         self.url = f"http://127.0.0.1:{self.port}{PATH}"
         self.rates = []
         self.cpu_us_per_request = []
@@ -105,8 +109,8 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.1)
-        raise SystemExit(f"benchmark: {self.variant} did not start: "
-                         f"{self.process.stderr.read() if self.process.poll() is not None else ''}")
+        self.log.seek(0)
+        raise SystemExit(f"benchmark: {self.variant} did not start:\n{self.log.read()[-2000:]}")
 
     def warm_up(self):
         # Past two ship intervals: commlens's shipper connects to the broker
@@ -131,6 +135,7 @@ class Server:
     def stop(self):
         self.process.terminate()
         self.process.wait(30)
+        self.log.close()
 
 
 def main():
