@@ -35,11 +35,19 @@ _getrandbits = random.getrandbits
 
 
 class TraceContext:
-    """What one hop knows of its place in a trace."""
+    """What one hop knows of its place in a trace.
+
+    A hop's own ids are drawn when first needed (``ensure_ids``): most hops
+    are never shipped and make no calls, and on a WSGI server's request
+    path drawing them was a fifth of commlens's cost. Until then
+    ``span_id`` is None, and so is ``trace_id`` for a new trace's first hop.
+    Readers of the ids other than the hop's own sampling decision
+    (Recorder.keeps_hop) call ``ensure_ids()`` first.
+    """
 
     __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "child_failed", "service")
 
-    def __init__(self, trace_id, span_id, parent_id=None, sampled=True):
+    def __init__(self, trace_id=None, span_id=None, parent_id=None, sampled=True):
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_id = parent_id
@@ -52,7 +60,15 @@ class TraceContext:
         # shows where the error stopped.
         self.child_failed = False
 
+    def ensure_ids(self):
+        if self.span_id is None:
+            if self.trace_id is None:
+                self.trace_id, self.span_id = _new_trace_ids()
+            else:
+                self.span_id = new_span_id()
+
     def traceparent(self):
+        self.ensure_ids()
         return "00-%s-%s-%s" % (self.trace_id, self.span_id,
                                 "01" if self.sampled else "00")
 
@@ -157,16 +173,17 @@ def mark_child_failed():
 
 
 def child_of_incoming(traceparent_value):
-    """The context of a hop received with ``traceparent_value`` (maybe None).
+    """The context of a hop received with ``traceparent_value`` (maybe None),
+    its own ids not drawn yet.
 
     Returns (TraceContext, valid) where valid is False when a value was
     present but malformed.
     """
     parsed = parse_traceparent(traceparent_value) if traceparent_value else None
     if parsed is None:
-        return new_trace(), traceparent_value is None
+        return TraceContext(), traceparent_value is None
     trace_id, parent_id, sampled = parsed
-    return TraceContext(trace_id, new_span_id(), parent_id, sampled), True
+    return TraceContext(trace_id, None, parent_id, sampled), True
 
 
 def outgoing():
@@ -174,6 +191,7 @@ def outgoing():
     of the active OpenTelemetry span, else the first hop of a new trace."""
     parent = _current.get()
     if parent is not None:
+        parent.ensure_ids()
         return TraceContext(parent.trace_id, new_span_id(), parent.span_id, parent.sampled)
     if _otel_context_var is None or _otel_context_var.get():
         otel = otel_current()
@@ -183,13 +201,18 @@ def outgoing():
 
 
 def new_trace():
-    """The context of a new trace's first hop: both ids from one random draw."""
+    """The context of a new trace's first hop, its ids drawn."""
+    return TraceContext(*_new_trace_ids())
+
+
+def _new_trace_ids():
+    """(trace_id, span_id), both from one random draw."""
     ids = _getrandbits(192).to_bytes(24, "big").hex()
     trace_id = ids[:32]
     span_id = ids[32:]
     if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
-        return TraceContext(new_trace_id(), new_span_id())
-    return TraceContext(trace_id, span_id)
+        return new_trace_id(), new_span_id()
+    return trace_id, span_id
 
 
 def stamp_outgoing(carrier, service, kind):
@@ -217,7 +240,10 @@ def _injected_for_this_send(traceparent_value):
     if parsed is None or parsed[:2] != otel_current():
         return None
     parent = _current.get()
-    return TraceContext(parsed[0], parsed[1], parent.span_id if parent else None, parsed[2])
+    if parent is None:
+        return TraceContext(parsed[0], parsed[1], None, parsed[2])
+    parent.ensure_ids()
+    return TraceContext(parsed[0], parsed[1], parent.span_id, parsed[2])
 
 
 def otel_current():

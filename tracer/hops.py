@@ -31,6 +31,7 @@ def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
              outcome, error, start, duration, request_id=None,
              global_request_id=None):
     """A JSON-ready hop record. ``start`` is a wall-clock timestamp."""
+    ctx.ensure_ids()
     return {
         "trace_id": ctx.trace_id,
         "span_id": ctx.span_id,

@@ -25,6 +25,7 @@ import collections
 import itertools
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -42,6 +43,8 @@ MAX_PENDING_HOPS = 10000
 OVERFLOW = "other"
 
 _BUCKETS = metrics.LATENCY_BUCKETS
+_bisect_left = bisect.bisect_left
+_random = random.random
 
 
 class Recorder:
@@ -51,6 +54,7 @@ class Recorder:
         self.service = service
         self._max_pending_hops = max_pending_hops
         self._hop_sample_bound = hops.sample_bound(hop_sample_ratio)
+        self._hop_sample_ratio = hop_sample_ratio
         self._slow_hop_seconds = slow_hop_seconds
         self._reset()
         self.shipper = None
@@ -58,8 +62,10 @@ class Recorder:
 
     def _reset(self):
         self._lock = threading.Lock()
-        self._counters = {}
-        self._histograms = {}
+        # {metric name: {labels: value}}: the hot path looks up the labels
+        # tuple it has, instead of building a (name, labels) key per update.
+        self._counters = collections.defaultdict(dict)
+        self._histograms = collections.defaultdict(dict)
         self._waiting = {}
         self._waiting_calls = {}
         self._call_tokens = itertools.count(1)
@@ -75,24 +81,24 @@ class Recorder:
     def inc(self, metric, labels, amount=1):
         if self._start_shipper_on_use:
             self._start_shipper()
-        key = (metric.name, labels)
         with self._lock:
+            series = self._counters[metric.name]
             try:
-                self._counters[key] += amount
+                series[labels] += amount
             except KeyError:
-                key = self._admit(metric, labels)
-                self._counters[key] = self._counters.get(key, 0) + amount
+                labels = self._admit(metric, labels)
+                series[labels] = series.get(labels, 0) + amount
 
     def observe(self, metric, labels, seconds):
-        key = (metric.name, labels)
-        index = bisect.bisect_left(_BUCKETS, seconds)
+        index = _bisect_left(_BUCKETS, seconds)
         with self._lock:
-            entry = self._histograms.get(key)
+            series = self._histograms[metric.name]
+            entry = series.get(labels)
             if entry is None:
-                key = self._admit(metric, labels)
-                entry = self._histograms.get(key)
+                labels = self._admit(metric, labels)
+                entry = series.get(labels)
                 if entry is None:
-                    entry = self._histograms[key] = [[0] * (len(_BUCKETS) + 1), 0.0]
+                    entry = series[labels] = [[0] * (len(_BUCKETS) + 1), 0.0]
             entry[0][index] += 1
             entry[1] += seconds
 
@@ -101,7 +107,7 @@ class Recorder:
         token = next(self._call_tokens)
         with self._lock:
             if labels not in self._waiting:
-                labels = self._admit(metrics.RPC_WAITING_REPLIES, labels)[1]
+                labels = self._admit(metrics.RPC_WAITING_REPLIES, labels)
             self._waiting[labels] = self._waiting.get(labels, 0) + 1
             self._waiting_calls[token] = labels
         return token
@@ -114,9 +120,17 @@ class Recorder:
                 self._waiting[labels] -= 1
 
     def keeps_hop(self, trace_id, duration, failed):
-        """Ship this hop? Failed and slow ones always; others by trace sample."""
-        return (failed or duration >= self._slow_hop_seconds
-                or trace_id[-8:] < self._hop_sample_bound)
+        """Ship this hop? Failed and slow ones always; others by trace sample.
+
+        A hop without a trace id is a new trace's first hop that made no
+        call (TraceContext draws ids when first needed): its trace is that
+        hop alone, so a draw at the same ratio decides, with no id to draw.
+        """
+        if failed or duration >= self._slow_hop_seconds:
+            return True
+        if trace_id is None:
+            return _random() < self._hop_sample_ratio
+        return trace_id[-8:] < self._hop_sample_bound
 
     def add_hop(self, hop):
         with self._lock:
@@ -131,27 +145,29 @@ class Recorder:
 
     def dropped(self, reason, amount=1):
         """Count what commlens itself could not record or ship."""
-        key = (metrics.AGENT_DROPPED.name, (self.service, reason))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + amount
+        self._add_own(metrics.AGENT_DROPPED, (self.service, reason), amount)
 
     def inc_ship_failure(self):
-        key = (metrics.AGENT_SHIP_FAILURES.name, (self.service,))
+        self._add_own(metrics.AGENT_SHIP_FAILURES, (self.service,), 1)
+
+    def _add_own(self, metric, labels, amount):
+        """A counter about commlens itself: a few fixed series, no cap."""
         with self._lock:
-            self._counters[key] = self._counters.get(key, 0) + 1
+            series = self._counters[metric.name]
+            series[labels] = series.get(labels, 0) + amount
 
     def _admit(self, metric, labels):
-        """Key for a new series; past the per-metric cap, an overflow series.
+        """Labels for a new series; past the per-metric cap, an overflow series.
 
         Called with the lock held.
         """
         if self._series[metric.name] < MAX_SERIES_PER_METRIC:
             self._series[metric.name] += 1
-            return (metric.name, labels)
-        overflow = (labels[0],) + (OVERFLOW,) * (len(labels) - 1)
-        drop_key = (metrics.AGENT_DROPPED.name, (self.service, "series_limit"))
-        self._counters[drop_key] = self._counters.get(drop_key, 0) + 1
-        return (metric.name, overflow)
+            return labels
+        dropped = self._counters[metrics.AGENT_DROPPED.name]
+        drop_labels = (self.service, "series_limit")
+        dropped[drop_labels] = dropped.get(drop_labels, 0) + 1
+        return (labels[0],) + (OVERFLOW,) * (len(labels) - 1)
 
     # -- shipper side ----------------------------------------------------
 
@@ -163,8 +179,11 @@ class Recorder:
     def snapshot(self, interval, final=False, max_hops=None):
         """A JSON-ready dict of everything so far, taking the pending hops."""
         with self._lock:
-            counters = dict(self._counters)
-            histograms = {k: [list(v[0]), v[1]] for k, v in self._histograms.items()}
+            counters = {(name, labels): value for name, series in self._counters.items()
+                        for labels, value in series.items()}
+            histograms = {(name, labels): [list(entry[0]), entry[1]]
+                          for name, series in self._histograms.items()
+                          for labels, entry in series.items()}
             waiting = list(self._waiting.items())
             take = len(self._hops) if max_hops is None else min(max_hops, len(self._hops))
             hops = [self._hops.popleft() for _ in range(take)]
