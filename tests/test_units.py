@@ -1,6 +1,8 @@
 """Fast tests of the pure parts: context parsing, labels, URLs, settings, merging."""
 
 import json
+import random
+import re
 
 import pytest
 from oslo_config import cfg
@@ -33,6 +35,26 @@ def test_valid_traceparent_is_parsed():
 ])
 def test_invalid_traceparent_is_refused(value):
     assert context.parse_traceparent(value) is None
+
+
+def test_traceparent_parsing_follows_the_w3c_rule():
+    def by_the_rule(value):
+        # Version 00 is exactly 55 characters; later versions may add fields.
+        version = re.match(r"([0-9a-f]{2})-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", value)
+        if not version or version[1] == "ff" or (version[1] == "00" and len(value) != 55):
+            return None
+        if value[3:35] == "0" * 32 or value[36:52] == "0" * 16:
+            return None
+        return value[3:35], value[36:52], int(value[53:55], 16) & 1 == 1
+
+    rng = random.Random(7)
+    zeros = "00-" + "0" * 32 + "-" + "0" * 16 + "-00"
+    for _ in range(5000):
+        value = list(rng.choice([VALID, zeros]))
+        for _ in range(rng.randrange(4)):
+            value[rng.randrange(55)] = rng.choice("0123456789abcdefF-z ")
+        value = "".join(value) + rng.choice(["", "", "-", "-0a", "x"])
+        assert context.parse_traceparent(value) == by_the_rule(value), value
 
 
 def test_malformed_traceparent_starts_a_new_trace_and_is_reported():

@@ -27,6 +27,10 @@ _ZERO_TRACE_ID = "0" * 32  # all-zero ids are invalid in W3C
 _ZERO_SPAN_ID = "0" * 16
 # version-trace_id-parent_id-flags, at fixed positions (parse_traceparent slices them)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# Version 00 whole, ids not all zero; the group after the ids is the flags'
+# last digit, which holds the sampled bit.
+_TRACEPARENT_00 = re.compile(
+    r"00-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-[0-9a-f]([0-9a-f])")
 # Our member, in the order with_baggage_sender writes it.
 _SENDER = re.compile(r"(?:^|[,\s])commlens\.service=([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
                      r";kind=([a-z]{1,16});span=([0-9a-f]{16})\s*(?:,|$)")
@@ -68,7 +72,8 @@ class TraceContext:
                 self.span_id = new_span_id()
 
     def traceparent(self):
-        self.ensure_ids()
+        if self.span_id is None:
+            self.ensure_ids()
         return "00-%s-%s-%s" % (self.trace_id, self.span_id,
                                 "01" if self.sampled else "00")
 
@@ -90,6 +95,12 @@ def parse_traceparent(value):
     """(trace_id, span_id, sampled) from a traceparent, or None if not valid."""
     if not isinstance(value, str) or len(value) > 512:
         return None
+    if len(value) == 55:
+        # What every sender writes today: version 00, one match.
+        match = _TRACEPARENT_00.fullmatch(value)
+        if match is not None:
+            trace_id, span_id, flags = match.groups()
+            return trace_id, span_id, flags in "13579bdf"
     if _TRACEPARENT.match(value) is None:
         return None
     version = value[:2]
