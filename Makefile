@@ -22,11 +22,12 @@ test-fast: setup
 run: setup
 	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780
 
-## The benchmarks: RPC (rabbit:// vs commlens+rabbit://), WSGI (wrk), collector ingest,
-## the control plane at 1,000 emulated agents.
+## The benchmarks: RPC (rabbit:// vs commlens+rabbit://), WSGI (wrk, and counted by
+## callgrind), collector ingest, the control plane at 1,000 emulated agents.
 bench: setup
 	@scripts/ensure-rabbitmq
 	$(PY) benchmarks/rpc_overhead.py
 	$(PY) benchmarks/wsgi_overhead.py
+	$(PY) benchmarks/wsgi_instructions.py
 	$(PY) benchmarks/collector_ingest.py
 	$(PY) benchmarks/emulate_scale.py

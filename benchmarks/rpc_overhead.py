@@ -1,6 +1,6 @@
 """RPC overhead of commlens and its peers, measured in one run on real RabbitMQ.
 
-    .venv/bin/python benchmarks/rpc_overhead.py [--calls 300 --casts 600 --rounds 16]
+    .venv/bin/python benchmarks/rpc_overhead.py [--calls 1000 --casts 3000 --rounds 16]
 
 Variants, each its own client process (instrumentation is process-wide),
 started and warmed up once, then loaded in turns: each round every client
@@ -18,8 +18,11 @@ whose speed drifts (as the WSGI benchmark found, 2026-11-25):
 Prints calls/s and casts/s (median of the rounds), the ratio to plain and
 client CPU per operation with its ratio (plain's / the variant's). One
 burst's rate swings by 10 % and more, so each ratio is the median over
-rounds of (variant / plain of the same round). The CPU ratio is the
-steadier figure on a noisy machine: it does not count time spent waiting.
+rounds of (variant / plain of the same round). A burst lasts about a
+second: with 300 calls and 600 casts (a quarter of a second on
+2026-11-26's machine) plain's casts ranged from 2,035 to 3,161 per second
+within one run. The CPU ratio is the steadier figure on a noisy machine:
+it does not count time spent waiting.
 Then the wrapper's own hot path alone (client: begin and end of a send;
 server: receipt to reply, no broker) in microseconds, the figure the 30 µs
 budget is about.
@@ -178,8 +181,8 @@ def _start(command, env=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--casts", type=int, default=600)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--casts", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=16)
     common.add_variants_argument(parser, VARIANTS)
     parser.add_argument("--serve", nargs=2, metavar=("URL", "TOPIC"), help=argparse.SUPPRESS)

@@ -86,9 +86,8 @@ class CommlensMiddleware:
     # objects as possible (the request is its own start_response, a list body
     # stays a list, a hop's ids are drawn only if needed): between a server's
     # socket reads each one costs three to five times what it costs in a
-    # loop, and a minimal app is about 120 µs. Measured with callgrind's
-    # cache simulation on a gunicorn worker (instructions plus ten cycles a
-    # cache miss): the way to see what a change costs there. Compiling the
+    # loop, and a minimal app is about 120 µs. benchmarks/wsgi_instructions.py
+    # counts what a change costs there, to a tenth of a percent. Compiling the
     # tracer and this module with Cython was measured (2026-11-25): 2 % fewer
     # instructions per request, because the cost is in the object operations
     # themselves, not in the interpreter loop.
@@ -131,8 +130,7 @@ class _Request:
     """
 
     __slots__ = ("middleware", "ctx", "caller", "method", "route", "environ", "start",
-                 "start_response",
-                 "status", "headers", "error", "done")
+                 "start_response", "status", "headers", "error", "done")
 
     def __init__(self, middleware, environ, start_response):
         traceparent = environ.get("HTTP_TRACEPARENT")

@@ -12,6 +12,7 @@ from commlens.exporters import prometheus
 from commlens.exporters import shipping
 from commlens.exporters import urls
 from commlens.tracer import context
+from commlens.tracer import hops
 from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
@@ -249,6 +250,35 @@ def test_hop_sampling_keeps_the_traces_whose_ids_fall_below_the_ratio(ratio):
         in_sample = int(trace_id[-8:], 16) < ratio * 2 ** 32
         assert rec.keeps_hop(trace_id, 0.0, False) == in_sample, trace_id
         assert rec.keeps_hop(trace_id, 0.0, True)  # failed: always
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 1.0])
+def test_a_first_hop_without_ids_is_sampled_at_the_same_ratio(ratio):
+    # Its ids were never drawn: it made no call, so its trace is that hop alone.
+    rec = recorder_mod.Recorder("svc", hop_sample_ratio=ratio)
+    kept = sum(rec.keeps_hop(None, 0.0, False) for _ in range(4000))
+    assert abs(kept / 4000 - ratio) < 0.03
+    assert rec.keeps_hop(None, 0.0, True) and rec.keeps_hop(None, 5.0, False)
+
+
+def test_a_hop_draws_its_ids_when_first_needed():
+    root = context.TraceContext()
+    assert (root.trace_id, root.span_id) == (None, None)
+    token = context.set_current(root)
+    try:
+        child = context.outgoing()
+    finally:
+        context.reset_current(token)
+    # The child's parent is the root, whose ids are drawn now and kept.
+    assert len(root.trace_id) == 32 and len(root.span_id) == 16
+    assert (child.trace_id, child.parent_id) == (root.trace_id, root.span_id)
+    joined, valid = context.child_of_incoming(VALID)
+    assert valid and joined.span_id is None
+    hop = hops.make_hop(joined, service="s", side=hops.SERVER, protocol=hops.HTTP,
+                        peer=None, target="t", operation="o", kind="GET", outcome="ok",
+                        error=None, start=0.0, duration=0.0)
+    assert hop["trace_id"] == VALID[3:35] and hop["parent_id"] == VALID[36:52]
+    assert len(hop["span_id"]) == 16 and hop["span_id"] == joined.span_id
 
 
 def test_hop_buffer_is_bounded_and_counts_what_it_drops():

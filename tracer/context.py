@@ -43,7 +43,7 @@ class TraceContext:
 
     A hop's own ids are drawn when first needed (``ensure_ids``): most hops
     are never shipped and make no calls, and on a WSGI server's request
-    path drawing them was a fifth of commlens's cost. Until then
+    path drawing them was about a tenth of commlens's cost. Until then
     ``span_id`` is None, and so is ``trace_id`` for a new trace's first hop.
     Readers of the ids other than the hop's own sampling decision
     (Recorder.keeps_hop) call ``ensure_ids()`` first.
