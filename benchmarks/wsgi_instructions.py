@@ -107,7 +107,7 @@ def _worker_counts(variant, requests, workdir):
     with open(worker) as f:
         header = next(line for line in f if line.startswith("events:")).split()[1:]
         totals = next(line for line in f if line.startswith(("totals:", "summary:")))
-    values = dict(zip(header, map(int, totals.split()[1:])))
+    values = dict(zip(header, map(int, totals.split()[1:]), strict=True))
     return {event: values[event] for event in EVENTS}
 
 

@@ -223,6 +223,9 @@ class _Body:
     The request ends when the body is exhausted (its last byte went out), or
     at ``close()`` for a body the server stopped reading; whichever comes
     first, once. ``close()`` is always forwarded to the application's body.
+    A server must call ``close()``, but werkzeug's development server skips
+    it when the client has hung up first (seen with HEAD requests): then the
+    request ends when the server lets go of the body, so it is still counted.
     """
 
     def __init__(self, body, request):
@@ -249,15 +252,25 @@ class _Body:
         finally:
             self._request.finish()
 
+    def __del__(self):
+        if not self._request.done:
+            self._request.finish()
+
 
 class _ListBody(list):
     """A list body, still a list to the server (its length, its fast
-    iteration), with the ``close()`` that ends the request."""
+    iteration), with the ``close()`` that ends the request (or, as for
+    ``_Body``, its release by a server that skipped ``close()``)."""
 
     __slots__ = ("request",)
 
     def close(self):
         self.request.finish(self)
+
+    def __del__(self):
+        request = self.request
+        if not request.done:
+            request.finish(self)
 
 
 def _hop_error(code, error, body):

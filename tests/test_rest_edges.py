@@ -202,6 +202,27 @@ def test_a_list_body_stays_a_list_and_ends_at_close(conf):
     assert requests_seen("/listbody", code="201") == before + 1
 
 
+def test_a_body_the_server_never_closes_is_counted_when_released(conf):
+    # werkzeug's development server skips close() when the client hung up
+    # first; the request must still count, once.
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b"ok"] if environ["PATH_INFO"] == "/unclosed-list" else iter([b"ok"])
+
+    middleware = CommlensMiddleware(app, http_outbound="false")
+    for path in ("/unclosed-list", "/unclosed-iter"):
+        before = requests_seen(path, code="200")
+        body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, _start_response)
+        assert requests_seen(path, code="200") == before
+        del body
+        assert requests_seen(path, code="200") == before + 1
+        body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": path}, _start_response)
+        list(body)
+        body.close()
+        del body  # closed: counted once, not again when released
+        assert requests_seen(path, code="200") == before + 2
+
+
 def test_a_request_leaves_no_reference_cycle_behind(conf):
     # A cycle (request <-> body) would keep each request's objects, its
     # environ with them, until the garbage collector runs: on a busy API
