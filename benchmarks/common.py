@@ -1,8 +1,14 @@
-"""What both overhead benchmarks need: ports, variants and optional peers, a
-discarding OTel SDK."""
+"""What the overhead benchmarks need: ports, variants and optional peers, a
+discarding OTel SDK, the WSGI benchmarks' server."""
 
 import importlib
+import os
 import socket
+import sys
+
+# The request path of the WSGI benchmarks: ceilometermiddleware notifies
+# only for Swift paths.
+WSGI_PATH = "/v1/AUTH_bench/container/object"
 
 
 def free_port():
@@ -49,3 +55,14 @@ def discarding_tracer_provider():
     provider.add_span_processor(BatchSpanProcessor(Discard()))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def gunicorn_command(port):
+    """The WSGI benchmarks' server: gunicorn with one gthread worker of one
+    thread, keep-alive, serving wsgi_apps:app (BENCH_VARIANT picks the
+    variant). The worker is always busy, so its rate is the server's."""
+    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    return [sys.executable, gunicorn, "--chdir", os.path.dirname(os.path.abspath(__file__)),
+            "--workers", "1", "--worker-class", "gthread", "--threads", "1",
+            "--keep-alive", "30", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+            "wsgi_apps:app"]

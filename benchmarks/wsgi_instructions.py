@@ -36,9 +36,7 @@ import time
 
 import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("plain", "passthrough", "commlens")
-PATH = "/v1/AUTH_bench/container/object"
 WARM_UP = 300
 SHORT, LONG = 1000, 3000
 MISS_CYCLES = 10
@@ -47,7 +45,8 @@ EVENTS = ("Ir", "I1mr", "D1mr", "D1mw")
 
 def _request_loop(port, count):
     """``count`` sequential keep-alive GETs, each read to its last byte."""
-    request = f"GET {PATH} HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\n\r\n".encode()
+    request = (f"GET {common.WSGI_PATH} HTTP/1.1\r\n"
+               "Host: bench\r\nUser-Agent: wrk\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
         pending = b""
         for _ in range(count):
@@ -87,13 +86,9 @@ def _worker_counts(variant, requests, workdir):
     env = dict(os.environ, BENCH_VARIANT=variant, PYTHONHASHSEED="0",
                COMMLENS_SERVICE_NAME="bench-api", COMMLENS_EXPORT_URL="memory://",
                COMMLENS_SHIP_INTERVAL="3600")  # no shipping inside the count
-    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     process = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--cache-sim=yes", "--trace-children=yes",
-         f"--callgrind-out-file={out}/callgrind.%p",
-         sys.executable, gunicorn, "--chdir", HERE, "--workers", "1",
-         "--worker-class", "gthread", "--threads", "1", "--keep-alive", "30",
-         "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "wsgi_apps:app"],
+         f"--callgrind-out-file={out}/callgrind.%p"] + common.gunicorn_command(port),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(port, process)

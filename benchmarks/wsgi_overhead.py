@@ -42,10 +42,8 @@ import time
 
 import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("plain", "passthrough", "commlens", "otel-wsgi", "ceilometermiddleware")
 RABBIT = "guest:guest@127.0.0.1:5672/"
-PATH = "/v1/AUTH_bench/container/object"  # ceilometermiddleware notifies for Swift paths
 SHIP_INTERVAL = 1.0
 WARM_UP_SECONDS = 3  # wrk takes whole seconds; more than two ship intervals
 
@@ -87,17 +85,13 @@ class Server:
                    COMMLENS_EXPORT_URL=os.environ.get("BENCH_EXPORT_URL",
                                                       f"amqp://{RABBIT}?exchange=commlens-bench"),
                    COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
-        gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
         # A file, not a pipe: the server runs for the whole benchmark and
         # nobody reads its stderr until it fails, so a full pipe would stall it.
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
-            SERVER_CPU + [gunicorn, "--chdir", HERE, "--workers", "1",
-                          "--worker-class", "gthread", "--threads", "1", "--keep-alive", "30",
-                          "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
-                          "wsgi_apps:app"],
+            SERVER_CPU + common.gunicorn_command(self.port),
             env=env, stdout=subprocess.DEVNULL, stderr=self.log)
-        self.url = f"http://127.0.0.1:{self.port}{PATH}"
+        self.url = f"http://127.0.0.1:{self.port}{common.WSGI_PATH}"
         self.rates = []
         self.cpu_us_per_request = []
 
