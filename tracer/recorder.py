@@ -153,8 +153,11 @@ class Recorder:
     def _add_own(self, metric, labels, amount):
         """A counter about commlens itself: a few fixed series, no cap."""
         with self._lock:
-            series = self._counters[metric.name]
-            series[labels] = series.get(labels, 0) + amount
+            self._add_own_locked(metric, labels, amount)
+
+    def _add_own_locked(self, metric, labels, amount):
+        series = self._counters[metric.name]
+        series[labels] = series.get(labels, 0) + amount
 
     def _admit(self, metric, labels):
         """Labels for a new series; past the per-metric cap, an overflow series.
@@ -164,9 +167,7 @@ class Recorder:
         if self._series[metric.name] < MAX_SERIES_PER_METRIC:
             self._series[metric.name] += 1
             return labels
-        dropped = self._counters[metrics.AGENT_DROPPED.name]
-        drop_labels = (self.service, "series_limit")
-        dropped[drop_labels] = dropped.get(drop_labels, 0) + 1
+        self._add_own_locked(metrics.AGENT_DROPPED, (self.service, "series_limit"), 1)
         return (labels[0],) + (OVERFLOW,) * (len(labels) - 1)
 
     # -- shipper side ----------------------------------------------------
