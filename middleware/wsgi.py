@@ -135,6 +135,7 @@ class _Request:
     def __init__(self, middleware, environ, start_response):
         traceparent = environ.get("HTTP_TRACEPARENT")
         if traceparent is None:
+            # What child_of_incoming(None) returns, without its call and tuple.
             ctx = context.TraceContext()
         else:
             ctx, valid = context.child_of_incoming(traceparent)
