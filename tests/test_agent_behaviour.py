@@ -92,3 +92,36 @@ def test_forked_worker_starts_fresh_and_ships_its_own_counts(collector, topic):
                           target=topic + "-child")
     collector.wait_metric("commlens_rpc_sent_total", 5, service="forking-service",
                           target=topic + "-parent")
+
+
+FORKING_WSGI_SERVER = r"""
+import os, sys, time
+from commlens.middleware.wsgi import CommlensMiddleware
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+# Loaded in the master, as uwsgi (without lazy-apps) and gunicorn --preload do.
+middleware = CommlensMiddleware(app, http_outbound="false")
+pid = os.fork()
+if pid == 0:
+    # A worker that only serves HTTP: it observes, it never counts.
+    for _ in range(4):
+        body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/v2.1/servers"},
+                          lambda status, headers, exc_info=None: None)
+        body.close()
+    # No final snapshot: only the worker's own shipper can report these.
+    time.sleep(2)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_forked_http_only_worker_ships_its_requests(collector):
+    env = dict(os.environ, COMMLENS_SERVICE_NAME="forking-api", COMMLENS_SHIP_INTERVAL="0.2")
+    done = subprocess.run([sys.executable, "-c", FORKING_WSGI_SERVER],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    collector.wait_metric("commlens_http_requests_total", 4, service="forking-api",
+                          route="/v2.1/servers")

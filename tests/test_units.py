@@ -1,8 +1,11 @@
 """Fast tests of the pure parts: context parsing, labels, URLs, settings, merging."""
 
+import bisect
+import decimal
 import json
 import random
 import re
+import threading
 
 import pytest
 from oslo_config import cfg
@@ -11,6 +14,7 @@ from commlens.exporters import collector as collector_mod
 from commlens.exporters import prometheus
 from commlens.exporters import shipping
 from commlens.exporters import urls
+from commlens.tracer import _speedups
 from commlens.tracer import context
 from commlens.tracer import hops
 from commlens.tracer import labels
@@ -188,6 +192,78 @@ def test_series_beyond_the_cap_fold_into_other(monkeypatch):
     sent = [c for c in rec.snapshot(1)["counters"] if c[0] == metrics.RPC_SENT.name]
     assert len(sent) == 4
     assert ["commlens_rpc_sent_total", ["svc", "other", "other", "other"], 7] in sent
+
+
+def test_updates_from_many_threads_are_all_counted():
+    # inc and observe take no lock (tracer/_speedups.c): each is atomic.
+    rec = recorder_mod.Recorder("svc")
+    labels = ("svc", "topic", "m", "call")
+    waits = ("svc", "topic", "m", "ok")
+
+    def work():
+        for _ in range(20000):
+            rec.inc(metrics.RPC_SENT, labels)
+            rec.observe(metrics.RPC_REPLY_WAIT, waits, 0.002)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snapshot = rec.snapshot(1)
+    assert [metrics.RPC_SENT.name, list(labels), 160000] in snapshot["counters"]
+    (counts, total), = [h[2:] for h in snapshot["histograms"]
+                        if h[0] == metrics.RPC_REPLY_WAIT.name]
+    assert counts[bisect.bisect_left(metrics.LATENCY_BUCKETS, 0.002)] == sum(counts) == 160000
+    assert total == pytest.approx(320.0)
+
+
+@pytest.mark.parametrize("seconds", [-1.0, 0.0, 0.001, 0.0010001, 0.75, 1.0, 120.0, 121.0,
+                                     float("inf"), float("nan")])
+def test_a_duration_lands_in_the_bucket_of_prometheus_le(seconds):
+    # The first bucket whose upper bound is >= the value, +Inf last.
+    histogram = _speedups.Histogram(metrics.LATENCY_BUCKETS)
+    histogram.observe(seconds)
+    counts, total = histogram.read()
+    assert counts.index(1) == bisect.bisect_left(metrics.LATENCY_BUCKETS, seconds)
+    assert len(counts) == len(metrics.LATENCY_BUCKETS) + 1 and sum(counts) == 1
+    assert total == seconds or seconds != seconds
+
+
+def test_series_refuse_what_would_run_code_or_break_their_buckets():
+    counter = _speedups.Counter()
+    counter.inc()
+    counter.inc(2)
+    counter.inc(0.5)
+    assert counter.value == 3.5
+    with pytest.raises(TypeError):
+        counter.inc("1")
+    with pytest.raises(TypeError):
+        counter.inc(decimal.Decimal(1))  # its __add__ is code: not atomic
+    with pytest.raises(ValueError):
+        _speedups.Histogram((1.0, 0.5))
+    with pytest.raises(ValueError):
+        _speedups.Histogram((1, 2))
+    rec = recorder_mod.Recorder("svc")
+    with pytest.raises(TypeError):
+        rec.observe(metrics.RPC_REPLY_WAIT, ("svc", "t", "m", "ok"), "slow")
+    with pytest.raises(TypeError):
+        rec.inc(metrics.RPC_SENT, ("svc", "t", "m", "call"), "1")
+    snapshot = rec.snapshot(1)  # bad input made no series
+    assert snapshot["histograms"] == [] and snapshot["counters"] == []
+
+
+def test_trace_context_fields_and_defaults():
+    ctx = context.TraceContext()
+    assert (ctx.trace_id, ctx.span_id, ctx.parent_id, ctx.sampled, ctx.child_failed,
+            ctx.service) == (None, None, None, True, False, None)
+    ctx = context.TraceContext("a" * 32, None, "b" * 16, sampled=False)
+    assert (ctx.trace_id, ctx.parent_id, ctx.sampled) == ("a" * 32, "b" * 16, False)
+    ctx.child_failed = True
+    ctx.service = "nova-api"
+    assert ctx.traceparent().startswith("00-" + "a" * 32 + "-") and ctx.span_id
+    with pytest.raises(AttributeError):
+        ctx.anything_else = 1  # no __dict__: the compiled layout is the whole object
 
 
 def test_waiting_calls_finish_once_even_when_released_twice():

@@ -14,6 +14,8 @@ import contextvars
 import random
 import re
 
+from commlens.tracer import _speedups
+
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 BAGGAGE = "baggage"
@@ -38,8 +40,16 @@ _SENDER = re.compile(r"(?:^|[,\s])commlens\.service=([A-Za-z0-9][A-Za-z0-9_.\-]{
 _getrandbits = random.getrandbits
 
 
-class TraceContext:
+class TraceContext(_speedups.TraceContext):
     """What one hop knows of its place in a trace.
+
+    ``TraceContext(trace_id=None, span_id=None, parent_id=None,
+    sampled=True)``; its fields are compiled (tracer/_speedups.c), as it is
+    made for every hop. ``service`` is the service serving this hop:
+    outbound REST calls made while it is current are that service's
+    (several may share a process). ``child_failed`` is set when a call this
+    hop made failed: if the hop still succeeds it absorbed an error (retry,
+    fallback) and is shipped, so the chain shows where the error stopped.
 
     A hop's own ids are drawn when first needed (``ensure_ids``): most hops
     are never shipped and make no calls, and on a WSGI server's request
@@ -49,20 +59,7 @@ class TraceContext:
     (Recorder.keeps_hop) call ``ensure_ids()`` first.
     """
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "child_failed", "service")
-
-    def __init__(self, trace_id=None, span_id=None, parent_id=None, sampled=True):
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_id = parent_id
-        self.sampled = sampled
-        # The service serving this hop: outbound REST calls made while it is
-        # current are that service's (several may share a process).
-        self.service = None
-        # Set when a call this hop made failed: if the hop still succeeds it
-        # absorbed an error (retry, fallback) and is shipped, so the chain
-        # shows where the error stopped.
-        self.child_failed = False
+    __slots__ = ()
 
     def ensure_ids(self):
         if self.span_id is None:

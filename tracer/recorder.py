@@ -1,9 +1,12 @@
 """In-process aggregation: counters, histograms, waiting-reply gauges, hops.
 
-One recorder per process. The hot path (``inc``, ``observe``,
-``call_started``/``call_finished``, ``add_hop``) is a lock and a dict update,
-and a request or message gets as few of them as possible: the metrics that
-are sums of finer ones are added at snapshot time (tracer/derived.py).
+One recorder per process. On the hot path, ``inc``, ``observe`` and
+``keeps_hop`` are compiled (tracer/_speedups.c): two dict look-ups and one
+update of a series, atomic without a lock; only a new series takes the
+lock. ``call_started``, ``call_finished`` and ``add_hop`` are a lock and a
+dict update. A request or
+message gets as few of them as possible: the metrics that are sums of finer
+ones are added at snapshot time (tracer/derived.py).
 Everything heavier (copying, encoding, shipping) happens in the shipper's
 thread from ``snapshot()``. Counters and histograms are cumulative for the
 life of the process, so a lost snapshot loses nothing but freshness: the
@@ -17,10 +20,10 @@ allocator cannot hand the same, cache-hot memory to the next one; a dict
 update leaves nothing behind.
 
 After ``fork()`` (uwsgi and oslo.service workers) the child starts fresh: new
-process id, empty aggregates, and its own shipper started on first use.
+process id, empty aggregates, and its own shipper started by its first
+update of any kind (an HTTP-only worker observes and never counts).
 """
 
-import bisect
 import collections
 import itertools
 import logging
@@ -31,6 +34,7 @@ import threading
 import time
 import uuid
 
+from commlens.tracer import _speedups
 from commlens.tracer import derived
 from commlens.tracer import hops
 from commlens.tracer import metrics
@@ -42,9 +46,11 @@ MAX_SERIES_PER_METRIC = 5000
 MAX_PENDING_HOPS = 10000
 OVERFLOW = "other"
 
-_BUCKETS = metrics.LATENCY_BUCKETS
-_bisect_left = bisect.bisect_left
 _random = random.random
+
+
+def _new_latency_histogram():
+    return _speedups.Histogram(metrics.LATENCY_BUCKETS)
 
 
 class Recorder:
@@ -53,19 +59,32 @@ class Recorder:
                  hop_sample_ratio=0.01, slow_hop_seconds=1.0):
         self.service = service
         self._max_pending_hops = max_pending_hops
-        self._hop_sample_bound = hops.sample_bound(hop_sample_ratio)
-        self._hop_sample_ratio = hop_sample_ratio
-        self._slow_hop_seconds = slow_hop_seconds
-        self._reset()
+        # keeps_hop(trace_id, duration, failed): ship this hop? Failed and
+        # slow ones always; others by trace sample (hops.sample_bound), so
+        # sampled traces arrive whole. A hop without a trace id is a new
+        # trace's first hop that made no call (TraceContext draws ids when
+        # first needed): its trace is that hop alone, so a draw at the same
+        # ratio decides, with no id to draw.
+        self.keeps_hop = _speedups.HopSampler(
+            hop_sample_ratio, hops.sample_bound(hop_sample_ratio), slow_hop_seconds,
+            _random).keeps_hop
         self.shipper = None
-        self._start_shipper_on_use = False
+        # {metric name: {labels: series}}: the hot path looks up the labels
+        # tuple it has, instead of building a (name, labels) key per update.
+        # inc(metric, labels, amount=1) and observe(metric, labels, seconds)
+        # are the store's own methods: no Python frame on the hot path. The
+        # store lives as long as the recorder (reset in place after fork), so
+        # a compiled caller may hold these methods.
+        self._store = _speedups.Store(self._new_counter, self._new_histogram)
+        self.inc = self._store.inc
+        self.observe = self._store.observe
+        self._reset()
 
     def _reset(self):
         self._lock = threading.Lock()
-        # {metric name: {labels: value}}: the hot path looks up the labels
-        # tuple it has, instead of building a (name, labels) key per update.
-        self._counters = collections.defaultdict(dict)
-        self._histograms = collections.defaultdict(dict)
+        self._store.reset()
+        self._counters = self._store.counters
+        self._histograms = self._store.histograms
         self._waiting = {}
         self._waiting_calls = {}
         self._call_tokens = itertools.count(1)
@@ -78,36 +97,31 @@ class Recorder:
 
     # -- hot path --------------------------------------------------------
 
-    def inc(self, metric, labels, amount=1):
-        if self._start_shipper_on_use:
-            self._start_shipper()
-        with self._lock:
-            series = self._counters[metric.name]
-            try:
-                series[labels] += amount
-            except KeyError:
-                labels = self._admit(metric, labels)
-                series[labels] = series.get(labels, 0) + amount
+    def _new_counter(self, name, labels):
+        return self._new_series(self._counters, name, labels, _speedups.Counter)
 
-    def observe(self, metric, labels, seconds):
-        index = _bisect_left(_BUCKETS, seconds)
+    def _new_histogram(self, name, labels):
+        return self._new_series(self._histograms, name, labels, _new_latency_histogram)
+
+    def _new_series(self, store, name, labels, make):
+        """The series of ``labels`` (or the overflow's, past the cap), made
+        with ``make()`` if it is new."""
         with self._lock:
-            series = self._histograms[metric.name]
+            series = store.setdefault(name, {})
             entry = series.get(labels)
             if entry is None:
-                labels = self._admit(metric, labels)
+                labels = self._admit(name, labels)
                 entry = series.get(labels)
                 if entry is None:
-                    entry = series[labels] = [[0] * (len(_BUCKETS) + 1), 0.0]
-            entry[0][index] += 1
-            entry[1] += seconds
+                    entry = series[labels] = make()
+            return entry
 
     def call_started(self, labels):
         """A call is waiting for its reply; returns the token to finish it."""
         token = next(self._call_tokens)
         with self._lock:
             if labels not in self._waiting:
-                labels = self._admit(metrics.RPC_WAITING_REPLIES, labels)
+                labels = self._admit(metrics.RPC_WAITING_REPLIES.name, labels)
             self._waiting[labels] = self._waiting.get(labels, 0) + 1
             self._waiting_calls[token] = labels
         return token
@@ -118,19 +132,6 @@ class Recorder:
             labels = self._waiting_calls.pop(token, None)
             if labels is not None:
                 self._waiting[labels] -= 1
-
-    def keeps_hop(self, trace_id, duration, failed):
-        """Ship this hop? Failed and slow ones always; others by trace sample.
-
-        A hop without a trace id is a new trace's first hop that made no
-        call (TraceContext draws ids when first needed): its trace is that
-        hop alone, so a draw at the same ratio decides, with no id to draw.
-        """
-        if failed or duration >= self._slow_hop_seconds:
-            return True
-        if trace_id is None:
-            return _random() < self._hop_sample_ratio
-        return trace_id[-8:] < self._hop_sample_bound
 
     def add_hop(self, hop):
         with self._lock:
@@ -156,16 +157,20 @@ class Recorder:
             self._add_own_locked(metric, labels, amount)
 
     def _add_own_locked(self, metric, labels, amount):
-        series = self._counters[metric.name]
-        series[labels] = series.get(labels, 0) + amount
+        series = self._counters.setdefault(metric.name, {})
+        entry = series.get(labels)
+        if entry is None:
+            entry = series[labels] = _speedups.Counter()
+        entry.inc(amount)
 
-    def _admit(self, metric, labels):
-        """Labels for a new series; past the per-metric cap, an overflow series.
+    def _admit(self, name, labels):
+        """Labels for a new series of metric ``name``; past the per-metric
+        cap, an overflow series.
 
         Called with the lock held.
         """
-        if self._series[metric.name] < MAX_SERIES_PER_METRIC:
-            self._series[metric.name] += 1
+        if self._series[name] < MAX_SERIES_PER_METRIC:
+            self._series[name] += 1
             return labels
         self._add_own_locked(metrics.AGENT_DROPPED, (self.service, "series_limit"), 1)
         return (labels[0],) + (OVERFLOW,) * (len(labels) - 1)
@@ -180,11 +185,12 @@ class Recorder:
     def snapshot(self, interval, final=False, max_hops=None):
         """A JSON-ready dict of everything so far, taking the pending hops."""
         with self._lock:
-            counters = {(name, labels): value for name, series in self._counters.items()
-                        for labels, value in series.items()}
-            histograms = {(name, labels): [list(entry[0]), entry[1]]
+            counters = {(name, labels): counter.value
+                        for name, series in self._counters.items()
+                        for labels, counter in series.items()}
+            histograms = {(name, labels): histogram.read()
                           for name, series in self._histograms.items()
-                          for labels, entry in series.items()}
+                          for labels, histogram in series.items()}
             waiting = list(self._waiting.items())
             take = len(self._hops) if max_hops is None else min(max_hops, len(self._hops))
             hops = [self._hops.popleft() for _ in range(take)]
@@ -231,7 +237,6 @@ class Recorder:
         shipper.start()
 
     def _start_shipper(self):
-        self._start_shipper_on_use = False
         if self.shipper is not None:
             try:
                 self.shipper.start()
@@ -242,7 +247,9 @@ class Recorder:
         self._reset()
         if self.shipper is not None:
             self.shipper.after_fork_in_child()
-            self._start_shipper_on_use = True
+            # Started by the first update in this process, not here: a
+            # child that only execs or exits should not start a thread.
+            self._store.on_first_use = self._start_shipper
 
 
 _RECORDER = None

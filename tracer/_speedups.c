@@ -1,0 +1,664 @@
+/* The tracer's per-hop types, compiled: what every request and message
+ * goes through, where a Python frame more is a measurable share of a fast
+ * request (README, "Overhead").
+ *
+ * - Counter, Histogram: one series of the recorder (tracer/recorder.py),
+ *   updated without a lock. Each update is one C call that runs no Python
+ *   code and does not release the GIL, so it is atomic against the
+ *   service's other threads and against the shipper's read. On a
+ *   free-threaded CPython (no GIL) a per-object critical section takes the
+ *   GIL's place.
+ * - Store: the recorder's counters and histograms, {metric name: {labels:
+ *   series}}, with inc() and observe(); a new series comes from the
+ *   recorder's Python (the series cap, under its lock).
+ * - HopSampler: Recorder.keeps_hop.
+ * - TraceContext: the fields of context.TraceContext, whose methods are
+ *   Python (tracer/context.py).
+ *
+ * recorder.py and context.py say what these do and why; this file is only
+ * how, and each type's doc string names its Python home.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <structmember.h>
+
+#include "_speedups.h"
+
+#ifdef Py_GIL_DISABLED
+#define ATOMIC_BEGIN(op) Py_BEGIN_CRITICAL_SECTION(op)
+#define ATOMIC_END() Py_END_CRITICAL_SECTION()
+#else
+#define ATOMIC_BEGIN(op) {
+#define ATOMIC_END() }
+#endif
+
+/* -- Counter -------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *value;  /* an int, or a float once a float was added */
+} Counter;
+
+static PyObject *one;
+
+static int
+no_keywords(const char *name, PyObject *kwargs)
+{
+    if (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0)
+        return 1;
+    PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", name);
+    return 0;
+}
+
+static int
+counter_init(Counter *self, PyObject *args, PyObject *kwargs)
+{
+    if (!no_keywords("Counter", kwargs) || !PyArg_ParseTuple(args, ":Counter"))
+        return -1;
+    Py_XSETREF(self->value, PyLong_FromLong(0));
+    return self->value == NULL ? -1 : 0;
+}
+
+static void
+counter_dealloc(Counter *self)
+{
+    Py_XDECREF(self->value);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The amount of inc(): 1 if not given; NULL (an error set) if not an int
+ * or a float, whose __add__ could run Python code between a read and a
+ * write. Borrowed. */
+static PyObject *
+counter_amount(PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "inc() takes at most one amount");
+        return NULL;
+    }
+    if (nargs == 0)
+        return one;
+    if (!PyLong_CheckExact(args[0]) && !PyFloat_CheckExact(args[0])) {
+        PyErr_Format(PyExc_TypeError, "a counter adds an int or a float, not %.100s",
+                     Py_TYPE(args[0])->tp_name);
+        return NULL;
+    }
+    return args[0];
+}
+
+static PyObject *
+counter_add(Counter *self, PyObject *amount)
+{
+    int failed;
+    ATOMIC_BEGIN(self);
+    PyObject *sum = PyNumber_Add(self->value, amount);
+    failed = sum == NULL;
+    if (!failed)
+        Py_SETREF(self->value, sum);
+    ATOMIC_END();
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+counter_get_value(Counter *self, void *closure)
+{
+    PyObject *value;
+    ATOMIC_BEGIN(self);
+    value = Py_NewRef(self->value);
+    ATOMIC_END();
+    return value;
+}
+
+static PyObject *
+counter_inc(Counter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *amount = counter_amount(args, nargs);
+    return amount == NULL ? NULL : counter_add(self, amount);
+}
+
+static PyMethodDef counter_methods[] = {
+    {"inc", (PyCFunction)(void (*)(void))counter_inc, METH_FASTCALL,
+     "inc(amount=1): add to the count."},
+    {NULL},
+};
+
+static PyGetSetDef counter_getset[] = {
+    {"value", (getter)counter_get_value, NULL, "The count so far.", NULL},
+    {NULL},
+};
+
+static PyTypeObject CounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.Counter",
+    .tp_doc = "Counter(): a count that only grows.",
+    .tp_basicsize = sizeof(Counter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)counter_init,
+    .tp_dealloc = (destructor)counter_dealloc,
+    .tp_methods = counter_methods,
+    .tp_getset = counter_getset,
+};
+
+/* -- Histogram ------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_VAR_HEAD  /* ob_size: the number of buckets, the last one +Inf */
+    PyObject *bounds;  /* the upper bounds: a tuple of floats, shared */
+    double sum;
+    unsigned long long counts[1];
+} Histogram;
+
+static PyObject *
+histogram_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *bounds;
+    if (!no_keywords("Histogram", kwargs)
+            || !PyArg_ParseTuple(args, "O!:Histogram", &PyTuple_Type, &bounds))
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *bound = PyTuple_GET_ITEM(bounds, i);
+        if (!PyFloat_CheckExact(bound)
+                || (i > 0 && PyFloat_AS_DOUBLE(bound)
+                             <= PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, i - 1)))) {
+            PyErr_SetString(PyExc_ValueError,
+                            "Histogram bounds: a tuple of increasing floats");
+            return NULL;
+        }
+    }
+    Histogram *self = (Histogram *)type->tp_alloc(type, n + 1);
+    if (self == NULL)
+        return NULL;
+    self->bounds = Py_NewRef(bounds);
+    self->sum = 0.0;
+    memset(self->counts, 0, sizeof(self->counts[0]) * (size_t)(n + 1));
+    return (PyObject *)self;
+}
+
+static void
+histogram_dealloc(Histogram *self)
+{
+    Py_XDECREF(self->bounds);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The value of observe(): a float or an int, as a double; -1.0 with an
+ * error set if it is neither (a str is not a duration, even if float()
+ * would take it). */
+static double
+histogram_value(PyObject *arg)
+{
+    if (PyFloat_CheckExact(arg))
+        return PyFloat_AS_DOUBLE(arg);
+    if (!PyLong_CheckExact(arg)) {
+        PyErr_Format(PyExc_TypeError, "a histogram observes a float or an int, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return -1.0;
+    }
+    return PyLong_AsDouble(arg);
+}
+
+static PyObject *
+histogram_add(Histogram *self, double value)
+{
+    /* bisect_left: the first bucket whose upper bound is >= value (a value
+     * on a bound is in that bucket, Prometheus's "le"). */
+    Py_ssize_t low = 0, high = Py_SIZE(self) - 1;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(self->bounds, middle)) < value)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    ATOMIC_BEGIN(self);
+    self->counts[low]++;
+    self->sum += value;
+    ATOMIC_END();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+histogram_observe(Histogram *self, PyObject *arg)
+{
+    double value = histogram_value(arg);
+    if (value == -1.0 && PyErr_Occurred())
+        return NULL;
+    return histogram_add(self, value);
+}
+
+static PyObject *
+histogram_read(Histogram *self, PyObject *unused)
+{
+    Py_ssize_t n = Py_SIZE(self);
+    PyObject *counts = PyList_New(n);
+    if (counts == NULL)
+        return NULL;
+    double sum;
+    int failed = 0;
+    ATOMIC_BEGIN(self);
+    sum = self->sum;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *count = PyLong_FromUnsignedLongLong(self->counts[i]);
+        if (count == NULL) {
+            failed = 1;
+            break;
+        }
+        PyList_SET_ITEM(counts, i, count);
+    }
+    ATOMIC_END();
+    if (failed) {
+        Py_DECREF(counts);
+        return NULL;
+    }
+    return Py_BuildValue("[Nd]", counts, sum);
+}
+
+static PyMethodDef histogram_methods[] = {
+    {"observe", (PyCFunction)histogram_observe, METH_O,
+     "observe(value): count a value in its bucket and add it to the sum."},
+    {"read", (PyCFunction)histogram_read, METH_NOARGS,
+     "read() -> [counts per bucket, the last one +Inf; sum], as of one instant."},
+    {NULL},
+};
+
+static PyTypeObject HistogramType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.Histogram",
+    .tp_doc = "Histogram(bounds): counts per bucket (the upper bounds, then +Inf) "
+              "and a sum.",
+    .tp_basicsize = offsetof(Histogram, counts),
+    .tp_itemsize = sizeof(unsigned long long),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = histogram_new,
+    .tp_dealloc = (destructor)histogram_dealloc,
+    .tp_methods = histogram_methods,
+};
+
+/* -- Store ---------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *counters;        /* {metric name: {labels: Counter}} */
+    PyObject *histograms;      /* {metric name: {labels: Histogram}} */
+    PyObject *new_counter;     /* (metric name, labels) -> the Counter, stored */
+    PyObject *new_histogram;   /* (metric name, labels) -> the Histogram, stored */
+    PyObject *on_first_use;    /* called once before the next update, or NULL */
+} Store;
+
+static PyObject *str_name;
+
+static PyObject *
+store_reset(Store *self, PyObject *unused)
+{
+    PyObject *counters = PyDict_New(), *histograms = PyDict_New();
+    if (counters == NULL || histograms == NULL) {
+        Py_XDECREF(counters);
+        Py_XDECREF(histograms);
+        return NULL;
+    }
+    Py_XSETREF(self->counters, counters);
+    Py_XSETREF(self->histograms, histograms);
+    Py_RETURN_NONE;
+}
+
+static int
+store_init(Store *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"new_counter", "new_histogram", NULL};
+    PyObject *new_counter, *new_histogram;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Store", keywords,
+                                     &new_counter, &new_histogram))
+        return -1;
+    PyObject *done = store_reset(self, NULL);
+    if (done == NULL)
+        return -1;
+    Py_DECREF(done);
+    Py_XSETREF(self->new_counter, Py_NewRef(new_counter));
+    Py_XSETREF(self->new_histogram, Py_NewRef(new_histogram));
+    return 0;
+}
+
+static int
+store_traverse(Store *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->counters);
+    Py_VISIT(self->histograms);
+    Py_VISIT(self->new_counter);
+    Py_VISIT(self->new_histogram);
+    Py_VISIT(self->on_first_use);
+    return 0;
+}
+
+static int
+store_clear(Store *self)
+{
+    Py_CLEAR(self->counters);
+    Py_CLEAR(self->histograms);
+    Py_CLEAR(self->new_counter);
+    Py_CLEAR(self->new_histogram);
+    Py_CLEAR(self->on_first_use);
+    return 0;
+}
+
+static void
+store_dealloc(Store *self)
+{
+    PyObject_GC_UnTrack(self);
+    store_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The series of (metric, labels) in ``store``, a borrowed reference, made
+ * by ``make`` if it is new (a new reference then, kept in *made). */
+static PyObject *
+store_series(Store *self, PyObject *store, PyObject *make, PyTypeObject *type,
+             PyObject *metric, PyObject *labels, PyObject **made)
+{
+    *made = NULL;
+    if (self->on_first_use != NULL) {
+        PyObject *callback = self->on_first_use;
+        self->on_first_use = NULL;
+        PyObject *result = PyObject_CallNoArgs(callback);
+        Py_DECREF(callback);
+        if (result == NULL)
+            return NULL;
+        Py_DECREF(result);
+    }
+    if (store == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Store not initialised");
+        return NULL;
+    }
+    /* A Metric, or its name from a compiled caller that has it at hand. */
+    PyObject *name = PyUnicode_CheckExact(metric) ? Py_NewRef(metric)
+                                                  : PyObject_GetAttr(metric, str_name);
+    if (name == NULL)
+        return NULL;
+    PyObject *series = PyDict_GetItemWithError(store, name);
+    PyObject *entry = NULL;
+    if (series != NULL && PyDict_CheckExact(series))
+        entry = PyDict_GetItemWithError(series, labels);
+    if (entry == NULL) {
+        if (!PyErr_Occurred())
+            entry = *made = PyObject_CallFunctionObjArgs(make, name, labels, NULL);
+        if (entry == NULL) {
+            Py_DECREF(name);
+            return NULL;
+        }
+    }
+    Py_DECREF(name);
+    if (Py_TYPE(entry) != type) {
+        PyErr_Format(PyExc_TypeError, "a %.100s where a %.100s series belongs",
+                     Py_TYPE(entry)->tp_name, type->tp_name);
+        Py_CLEAR(*made);
+        return NULL;
+    }
+    return entry;
+}
+
+static PyObject *
+store_inc(Store *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "inc(metric, labels, amount=1)");
+        return NULL;
+    }
+    PyObject *amount = counter_amount(args + 2, nargs - 2);
+    if (amount == NULL)
+        return NULL;  /* checked first: bad input makes no series */
+    PyObject *made;
+    PyObject *counter = store_series(self, self->counters, self->new_counter, &CounterType,
+                                     args[0], args[1], &made);
+    if (counter == NULL)
+        return NULL;
+    PyObject *result = counter_add((Counter *)counter, amount);
+    Py_XDECREF(made);
+    return result;
+}
+
+static PyObject *
+store_observe(Store *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "observe(metric, labels, seconds)");
+        return NULL;
+    }
+    double value = histogram_value(args[2]);
+    if (value == -1.0 && PyErr_Occurred())
+        return NULL;  /* checked first: bad input makes no series */
+    PyObject *made;
+    PyObject *histogram = store_series(self, self->histograms, self->new_histogram,
+                                       &HistogramType, args[0], args[1], &made);
+    if (histogram == NULL)
+        return NULL;
+    PyObject *result = histogram_add((Histogram *)histogram, value);
+    Py_XDECREF(made);
+    return result;
+}
+
+static PyMethodDef store_methods[] = {
+    {"inc", (PyCFunction)(void (*)(void))store_inc, METH_FASTCALL,
+     "inc(metric, labels, amount=1): add to a counter."},
+    {"observe", (PyCFunction)(void (*)(void))store_observe, METH_FASTCALL,
+     "observe(metric, labels, seconds): count a duration in a histogram."},
+    {"reset", (PyCFunction)store_reset, METH_NOARGS,
+     "Start again from no series (after fork); the store itself stays."},
+    {NULL},
+};
+
+static PyMemberDef store_members[] = {
+    {"counters", T_OBJECT, offsetof(Store, counters), READONLY, NULL},
+    {"histograms", T_OBJECT, offsetof(Store, histograms), READONLY, NULL},
+    {"on_first_use", T_OBJECT, offsetof(Store, on_first_use), 0,
+     "Called once, before the next update (the recorder's shipper after fork)."},
+    {NULL},
+};
+
+static PyTypeObject StoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.Store",
+    .tp_doc = "Store(new_counter, new_histogram): a recorder's counters and histograms "
+              "(tracer/recorder.py).",
+    .tp_basicsize = sizeof(Store),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)store_init,
+    .tp_dealloc = (destructor)store_dealloc,
+    .tp_traverse = (traverseproc)store_traverse,
+    .tp_clear = (inquiry)store_clear,
+    .tp_methods = store_methods,
+    .tp_members = store_members,
+};
+
+/* -- HopSampler ----------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *bound;     /* hops.sample_bound(ratio) */
+    PyObject *random;    /* random.random */
+    double ratio;
+    double slow_seconds;
+} HopSampler;
+
+static int
+sampler_init(HopSampler *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"ratio", "bound", "slow_seconds", "random", NULL};
+    PyObject *bound, *random;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "dUdO:HopSampler", keywords,
+                                     &self->ratio, &bound, &self->slow_seconds, &random))
+        return -1;
+    Py_XSETREF(self->bound, Py_NewRef(bound));
+    Py_XSETREF(self->random, Py_NewRef(random));
+    return 0;
+}
+
+static void
+sampler_dealloc(HopSampler *self)
+{
+    Py_XDECREF(self->bound);
+    Py_XDECREF(self->random);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+sampler_keeps(HopSampler *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "keeps_hop(trace_id, duration, failed)");
+        return NULL;
+    }
+    PyObject *trace_id = args[0];
+    double duration = PyFloat_AsDouble(args[1]);
+    if (duration == -1.0 && PyErr_Occurred())
+        return NULL;
+    int failed = PyObject_IsTrue(args[2]);
+    if (failed < 0)
+        return NULL;
+    if (failed || duration >= self->slow_seconds)
+        Py_RETURN_TRUE;
+    if (trace_id == Py_None) {
+        PyObject *draw = PyObject_CallNoArgs(self->random);
+        if (draw == NULL)
+            return NULL;
+        double value = PyFloat_AsDouble(draw);
+        Py_DECREF(draw);
+        if (value == -1.0 && PyErr_Occurred())
+            return NULL;
+        return PyBool_FromLong(value < self->ratio);
+    }
+    if (!PyUnicode_Check(trace_id)) {
+        PyErr_SetString(PyExc_TypeError, "a trace id is a str");
+        return NULL;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(trace_id);
+    PyObject *tail = PyUnicode_Substring(trace_id, length > 8 ? length - 8 : 0, length);
+    if (tail == NULL)
+        return NULL;
+    int below = PyUnicode_Compare(tail, self->bound) < 0;
+    Py_DECREF(tail);
+    return PyBool_FromLong(below);
+}
+
+static PyMethodDef sampler_methods[] = {
+    {"keeps_hop", (PyCFunction)(void (*)(void))sampler_keeps, METH_FASTCALL,
+     "keeps_hop(trace_id, duration, failed): ship this hop? (Recorder.keeps_hop)"},
+    {NULL},
+};
+
+static PyTypeObject HopSamplerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.HopSampler",
+    .tp_doc = "HopSampler(ratio, bound, slow_seconds, random): which hops a recorder "
+              "ships (tracer/recorder.py).",
+    .tp_basicsize = sizeof(HopSampler),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sampler_init,
+    .tp_dealloc = (destructor)sampler_dealloc,
+    .tp_methods = sampler_methods,
+};
+
+/* -- TraceContext --------------------------------------------------------- */
+
+typedef CommlensTraceContext TraceContext;  /* _speedups.h */
+
+static PyObject *
+trace_context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    return commlens_trace_context_new(type);
+}
+
+static int
+trace_context_init(TraceContext *self, PyObject *args, PyObject *kwargs)
+{
+    if ((args == NULL || PyTuple_GET_SIZE(args) == 0)
+            && (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0))
+        return 0;  /* a new hop: what tp_new set */
+    static char *keywords[] = {"trace_id", "span_id", "parent_id", "sampled", NULL};
+    PyObject *trace_id = Py_None, *span_id = Py_None, *parent_id = Py_None;
+    PyObject *sampled = Py_True;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOOO:TraceContext", keywords,
+                                     &trace_id, &span_id, &parent_id, &sampled))
+        return -1;
+    Py_SETREF(self->trace_id, Py_NewRef(trace_id));
+    Py_SETREF(self->span_id, Py_NewRef(span_id));
+    Py_SETREF(self->parent_id, Py_NewRef(parent_id));
+    Py_SETREF(self->sampled, Py_NewRef(sampled));
+    return 0;
+}
+
+static void
+trace_context_dealloc(TraceContext *self)
+{
+    Py_XDECREF(self->trace_id);
+    Py_XDECREF(self->span_id);
+    Py_XDECREF(self->parent_id);
+    Py_XDECREF(self->sampled);
+    Py_XDECREF(self->child_failed);
+    Py_XDECREF(self->service);
+    /* Instances are of context.TraceContext, a Python subclass: its
+     * subtype_dealloc, which called this, releases the class. */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef trace_context_members[] = {
+    {"trace_id", T_OBJECT, offsetof(TraceContext, trace_id), 0, NULL},
+    {"span_id", T_OBJECT, offsetof(TraceContext, span_id), 0, NULL},
+    {"parent_id", T_OBJECT, offsetof(TraceContext, parent_id), 0, NULL},
+    {"sampled", T_OBJECT, offsetof(TraceContext, sampled), 0, NULL},
+    {"child_failed", T_OBJECT, offsetof(TraceContext, child_failed), 0, NULL},
+    {"service", T_OBJECT, offsetof(TraceContext, service), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject TraceContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.TraceContext",
+    .tp_doc = "The fields of context.TraceContext (tracer/context.py).",
+    .tp_basicsize = sizeof(TraceContext),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = trace_context_new,
+    .tp_init = (initproc)trace_context_init,
+    .tp_dealloc = (destructor)trace_context_dealloc,
+    .tp_members = trace_context_members,
+};
+
+/* -- module --------------------------------------------------------------- */
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_speedups",
+    "The tracer's per-hop types, compiled (see tracer/_speedups.c).", -1,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    if ((one = PyLong_FromLong(1)) == NULL
+            || (str_name = PyUnicode_InternFromString("name")) == NULL)
+        return NULL;
+    PyTypeObject *types[] = {&CounterType, &HistogramType, &StoreType, &HopSamplerType,
+                             &TraceContextType};
+    const char *names[] = {"Counter", "Histogram", "Store", "HopSampler", "TraceContext"};
+    for (int i = 0; i < 5; i++)
+        if (PyType_Ready(types[i]) < 0)
+            return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    for (int i = 0; i < 5; i++) {
+        if (PyModule_AddObjectRef(module, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(module);
+            return NULL;
+        }
+    }
+#ifdef Py_GIL_DISABLED
+    PyUnstable_Module_SetGIL(module, Py_MOD_GIL_NOT_USED);
+#endif
+    return module;
+}
