@@ -24,9 +24,9 @@ are (and count as 500), its status, headers and body pass through untouched.
 
 import json
 import logging
-import time
 
 from commlens.exporters import shipping
+from commlens.middleware import _wsgi_request
 from commlens.middleware import http_client
 from commlens.tracer import context
 from commlens.tracer import hops
@@ -50,8 +50,6 @@ _USER_AGENT_CALLERS = (
 )
 _REQUEST_ID_HEADERS = ("x-openstack-request-id", "x-compute-request-id")
 
-_perf_counter = time.perf_counter
-
 
 def filter_factory(global_conf, **local_conf):
     """paste.deploy entry: options in the filter section override [commlens]."""
@@ -60,7 +58,18 @@ def filter_factory(global_conf, **local_conf):
     return make
 
 
-class CommlensMiddleware:
+class CommlensMiddleware(_wsgi_request.Middleware):
+    """The middleware. Its per-request path (``__call__``, the request that
+    is the application's start_response, the list body's ``close()``) is
+    compiled: middleware/_wsgi_request.c. It does what the comments below
+    say and calls back into this module for anything rare.
+
+    Why compiled: on a minimal app under a fast server the same path in
+    Python cost about 8 % of the request, most of it in making and calling
+    Python objects; benchmarks/wsgi_instructions.py counts it. Cython on the
+    Python code saved 2 % (2026-11-25): the cost was in the objects, which
+    are C structs here.
+    """
 
     def __init__(self, app, conf=None, **options):
         """``conf``: the service's ConfigOpts (default: oslo.config's global
@@ -68,154 +77,57 @@ class CommlensMiddleware:
         if conf is None:
             from oslo_config import cfg
             conf = cfg.CONF
-        self._app = app
         settings = settings_mod.load(conf, overrides=options)
         explicit = options.get("service_name")
         if explicit is not None and not settings_mod.valid_service_name(explicit):
             explicit = None  # settings_mod.load has logged it
-        self._recorder = recorder_mod.install(
+        recorder = recorder_mod.install(
             settings, lambda rec: shipping.make_shipper(rec, settings), service=explicit)
         # A name given to this filter is its own; otherwise the process's
         # (README: several services in one process).
-        self._service = explicit or self._recorder.service
         self._routes = routes.RouteTemplates(settings.http_max_routes)
+        super().__init__(app, explicit or recorder.service, recorder, self._routes)
         if settings.http_outbound:
             http_client.instrument(settings.http_endpoints)
 
-    # The per-request path below is written for as few calls, stores and
-    # objects as possible (the request is its own start_response, a list body
-    # stays a list, a hop's ids are drawn only if needed): between a server's
-    # socket reads each one costs three to five times what it costs in a
-    # loop, and a minimal app is about 120 µs. benchmarks/wsgi_instructions.py
-    # counts what a change costs there, to a tenth of a percent. Compiling the
-    # tracer and this module with Cython was measured (2026-11-25): 2 % fewer
-    # instructions per request, because the cost is in the object operations
-    # themselves, not in the interpreter loop.
-    def __call__(self, environ, start_response):
-        try:
-            request = _Request(self, environ, start_response)
-        except Exception:
-            self._recorder.dropped("recording_error")
-            LOG.debug("commlens: recording a request failed", exc_info=True)
-            return self._app(environ, start_response)
-        token = _set_current(request.ctx)
-        try:
-            body = self._app(environ, request)
-        except BaseException as exc:
-            _reset_current(token)
-            request.error = labels.error_class(type(exc).__name__)
-            request.finish()
-            raise
-        _reset_current(token)
-        if type(body) is list:
-            # Already produced in full: the request ends when the server has
-            # written it and calls close().
-            body = _ListBody(body)
-            body.request = request
-            return body
-        return _Body(body, request)
+
+# Per request, the compiled path:
+# - the hop's context: a child of an incoming traceparent (a malformed one
+#   counts as dropped "bad_context"), else a new trace's first hop, its ids
+#   drawn only when needed; it is the current hop while the application runs;
+# - the caller: our baggage member (parse_baggage_sender), else a known
+#   OpenStack client's User-Agent (remembered), else "unknown";
+# - the method (one of labels.HTTP_METHODS, else "other") and the route
+#   template (routes.RouteTemplates, remembered);
+# - the end: when the server closes a list body (or lets go of it without
+#   closing, see _Body), when an iterator body is exhausted or closed, or
+#   when the application raises (then a 500, the exception going on as it
+#   is). One observation of metrics.HTTP_SERVER_HOPS, and a hop record if the
+#   recorder keeps it (_record_hop).
 
 
-_set_current = context.set_current
-_reset_current = context.reset_current_in_frame
+def _record_hop(request, code, failed, duration, body):
+    """The hop record of a request the recorder keeps; ``body``: a list
+    body, read for its fault if the request failed."""
+    request_id, global_request_id = _request_ids(request)
+    service = request.middleware.service
+    request.middleware.recorder.add_hop(hops.make_hop(
+        request.ctx, service=service, side=hops.SERVER,
+        protocol=hops.HTTP, peer=request.caller, target=request.route,
+        operation=request.method + " " + request.route, kind=request.method,
+        outcome=metrics.ERROR if code[0] == "5" else metrics.OK,
+        error=_hop_error(code, request.error, body) if failed else None,
+        start=hops.wall_clock_start(request.start, request.start + duration),
+        duration=duration, request_id=request_id, global_request_id=global_request_id))
 
 
-class _Request:
-    """One request in flight; also the start_response the application gets.
-
-    ``error`` is None unless the application or its body raised: then the
-    exception's class. ``headers`` is set only when the application sets it.
-    Nothing here refers back to the body: a cycle would leave every
-    request's objects (the environ with them) to the garbage collector.
-    """
-
-    __slots__ = ("middleware", "ctx", "caller", "method", "route", "environ", "start",
-                 "start_response", "status", "headers", "error", "done")
-
-    def __init__(self, middleware, environ, start_response):
-        traceparent = environ.get("HTTP_TRACEPARENT")
-        if traceparent is None:
-            # What child_of_incoming(None) returns, without its call and tuple.
-            ctx = context.TraceContext()
-        else:
-            ctx, valid = context.child_of_incoming(traceparent)
-            if not valid:
-                middleware._recorder.dropped("bad_context")
-        ctx.service = middleware._service
-        baggage = environ.get("HTTP_BAGGAGE")
-        caller = (None if baggage is None
-                  else context.parse_baggage_sender(baggage, ctx.parent_id)[0])
-        if caller is None:
-            user_agent = environ.get("HTTP_USER_AGENT")
-            caller = _user_agent_memo.get(user_agent) or _caller_from_user_agent(user_agent)
-        method = environ.get("REQUEST_METHOD")
-        if method not in _HTTP_METHODS:
-            method = labels.OTHER_METHOD
-        path = environ.get("PATH_INFO")
-        routes = middleware._routes
-        self.route = routes.remembered.get(path) or routes(path)
-        self.caller = caller
-        self.method = method
-        self.middleware = middleware
-        self.ctx = ctx
-        self.environ = environ
-        self.start_response = start_response
-        self.status = None
-        self.error = None
-        self.done = False
-        self.start = _perf_counter()
-
-    def __call__(self, status, headers, exc_info=None):
-        self.status = status
-        self.headers = headers
-        if exc_info is None:
-            return self.start_response(status, headers)
-        return self.start_response(status, headers, exc_info)
-
-    def finish(self, body=None):
-        """Record the request, once, however it ended; ``body``: a list body,
-        read for its fault if the request failed."""
-        if self.done:
-            return
-        self.done = True
-        try:
-            duration = _perf_counter() - self.start
-            try:
-                code = _STATUS_CODES[self.status]
-            except (KeyError, TypeError):
-                code = _status_code(self.status)
-            if self.error is not None:
-                code = "500"
-            middleware = self.middleware
-            rec = middleware._recorder
-            # One update for the request metrics and the graph edge alike
-            # (tracer/derived.py).
-            rec.observe(metrics.HTTP_SERVER_HOPS,
-                        (middleware._service, self.caller, self.method, self.route, code),
-                        duration)
-            # 4xx counts as ok for latency but its hop is kept: a 409 is often
-            # where an error chain starts.
-            failed = code[0] in "45" or code == "000"
-            ctx = self.ctx
-            if rec.keeps_hop(ctx.trace_id, duration, failed or ctx.child_failed):
-                rec.add_hop(self._hop(code, failed, duration, body))
-        except Exception:
-            self.middleware._recorder.dropped("recording_error")
-            LOG.debug("commlens: recording a response failed", exc_info=True)
-
-    def _hop(self, code, failed, duration, body):
-        request_id, global_request_id = _request_ids(self)
-        return hops.make_hop(
-            self.ctx, service=self.middleware._service, side=hops.SERVER,
-            protocol=hops.HTTP, peer=self.caller, target=self.route,
-            operation=self.method + " " + self.route, kind=self.method,
-            outcome=metrics.ERROR if code[0] == "5" else metrics.OK,
-            error=_hop_error(code, self.error, body) if failed else None,
-            start=hops.wall_clock_start(self.start, self.start + duration),
-            duration=duration, request_id=request_id, global_request_id=global_request_id)
+def _recording_failed(recorder, exc):
+    recorder.dropped("recording_error")
+    LOG.debug("commlens: recording a request failed", exc_info=exc)
 
 
-_HTTP_METHODS = labels.HTTP_METHODS
+def _baggage_caller(baggage, parent_id):
+    return context.parse_baggage_sender(baggage, parent_id)[0]
 
 
 class _Body:
@@ -256,22 +168,6 @@ class _Body:
     def __del__(self):
         if not self._request.done:
             self._request.finish()
-
-
-class _ListBody(list):
-    """A list body, still a list to the server (its length, its fast
-    iteration), with the ``close()`` that ends the request (or, as for
-    ``_Body``, its release by a server that skipped ``close()``)."""
-
-    __slots__ = ("request",)
-
-    def close(self):
-        self.request.finish(self)
-
-    def __del__(self):
-        request = self.request
-        if not request.done:
-            request.finish(self)
 
 
 def _hop_error(code, error, body):
@@ -349,3 +245,13 @@ def _request_ids(request):
     environ = request.environ
     return (found or labels.request_id(environ.get("openstack.request_id")),
             labels.request_id(environ.get("openstack.global_request_id")))
+
+
+_wsgi_request.bind(
+    trace_context=context.TraceContext, child_of_incoming=context.child_of_incoming,
+    baggage_caller=_baggage_caller, user_agent_memo=_user_agent_memo,
+    caller_from_user_agent=_caller_from_user_agent, status_codes=_STATUS_CODES,
+    status_code=_status_code, http_methods=labels.HTTP_METHODS,
+    other_method=labels.OTHER_METHOD, current=context._current,
+    hop_metric=metrics.HTTP_SERVER_HOPS.name, error_class=labels.error_class,
+    record_hop=_record_hop, recording_failed=_recording_failed, wrap_iterable=_Body)

@@ -1,0 +1,828 @@
+/* The WSGI middleware's per-request path, compiled.
+ *
+ * middleware/wsgi.py is the middleware; this file is only what runs for
+ * every request, and wsgi.py says what it does and why. Whatever is rare
+ * (a traceparent to parse, an unseen User-Agent, route or status line, a
+ * hop to ship, an error) is a call back into wsgi.py's Python, given to
+ * bind() once at import.
+ *
+ * Why C: on a minimal app under a fast server the same path in Python cost
+ * about 8 % of the request (README, "Overhead"), most of it in making and
+ * calling Python objects: the request, its start_response, the list body's
+ * close() and finaliser. Here those are C structs and C calls.
+ *
+ * Every function called with the GIL held, as CPython calls them; nothing
+ * here releases it, so a request's fields change under one thread at a time.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+#include "../tracer/_speedups.h"
+
+/* -- what wsgi.py binds --------------------------------------------------- */
+
+static struct {
+    PyTypeObject *trace_context;  /* context.TraceContext (_speedups.h's layout) */
+    PyObject *child_of_incoming;  /* traceparent -> (ctx, valid) */
+    PyObject *baggage_caller;     /* (baggage, parent_id) -> caller or None */
+    PyObject *user_agent_memo;    /* dict: User-Agent -> caller */
+    PyObject *caller_from_user_agent;
+    PyObject *status_codes;       /* dict: status line -> code */
+    PyObject *status_code;        /* status line -> code, remembering it */
+    PyObject *http_methods;       /* frozenset */
+    PyObject *other_method;       /* str */
+    PyObject *current;            /* ContextVar of the hop being served */
+    PyObject *hop_metric;         /* metrics.HTTP_SERVER_HOPS.name */
+    PyObject *error_class;        /* exception class name -> label */
+    PyObject *record_hop;         /* (request, code, failed, duration, body) */
+    PyObject *recording_failed;   /* (recorder, exception) */
+    PyObject *wrap_iterable;      /* (body, request) -> _Body */
+} bound;
+
+static PyObject *str_HTTP_TRACEPARENT, *str_HTTP_BAGGAGE, *str_HTTP_USER_AGENT,
+    *str_REQUEST_METHOD, *str_PATH_INFO, *str_observe, *str_keeps_hop, *str_dropped,
+    *str_bad_context, *str_500, *str_000;
+
+#if PY_VERSION_HEX < 0x030C0000
+/* Python 3.10 and 3.11: the pending exception as one object, as 3.12 has it. */
+static PyObject *
+PyErr_GetRaisedException(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (type == NULL)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+static void
+PyErr_SetRaisedException(PyObject *exc)
+{
+    if (exc == NULL)
+        return;
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
+                  PyException_GetTraceback(exc));
+}
+#endif
+
+static inline double
+monotonic_seconds(void)
+{
+    /* time.perf_counter() is CLOCK_MONOTONIC on Linux: the same clock as
+     * the Python side's hop timestamps (hops.wall_clock_start). */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* -- the middleware's base ------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;
+    PyObject *service;
+    PyObject *recorder;
+    PyObject *routes;         /* RouteTemplates */
+    PyObject *routes_memo;    /* its .remembered dict */
+    PyObject *observe;        /* recorder.observe */
+    PyObject *keeps_hop;      /* recorder.keeps_hop */
+    PyObject *dict;           /* the Python subclass's attributes */
+} Middleware;
+
+typedef struct {
+    PyObject_HEAD
+    Middleware *middleware;
+    PyObject *ctx;
+    PyObject *caller;
+    PyObject *method;
+    PyObject *route;
+    PyObject *environ;
+    PyObject *start_response;
+    PyObject *status;
+    PyObject *headers;
+    PyObject *error;
+    double start;
+    char done;
+} Request;
+
+typedef struct {
+    PyListObject list;
+    Request *request;
+} ListBody;
+
+static PyTypeObject MiddlewareType, RequestType, ListBodyType;
+
+/* -- Request -------------------------------------------------------------- */
+
+static void
+request_clear_fields(Request *self)
+{
+    Py_CLEAR(self->middleware);
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->caller);
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->route);
+    Py_CLEAR(self->environ);
+    Py_CLEAR(self->start_response);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->headers);
+    Py_CLEAR(self->error);
+}
+
+static void
+request_dealloc(Request *self)
+{
+    PyObject_GC_UnTrack(self);
+    request_clear_fields(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The start_response the application gets. */
+static PyObject *
+request_call(Request *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *status, *headers, *exc_info = NULL;
+    if (kwargs == NULL && PyTuple_GET_SIZE(args) == 2) {
+        status = PyTuple_GET_ITEM(args, 0);
+        headers = PyTuple_GET_ITEM(args, 1);
+    } else {
+        static char *keywords[] = {"status", "headers", "exc_info", NULL};
+        if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O:start_response", keywords,
+                                         &status, &headers, &exc_info))
+            return NULL;
+    }
+    Py_INCREF(status);
+    Py_XSETREF(self->status, status);
+    Py_INCREF(headers);
+    Py_XSETREF(self->headers, headers);
+    return PyObject_Call(self->start_response, args, kwargs);
+}
+
+/* The status code label of a status line; a new reference or NULL. */
+static PyObject *
+status_code(PyObject *status)
+{
+    if (status != NULL && PyUnicode_CheckExact(status)) {
+        PyObject *code = PyDict_GetItemWithError(bound.status_codes, status);
+        if (code != NULL)
+            return Py_NewRef(code);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_CallOneArg(bound.status_code, status ? status : Py_None);
+}
+
+static int
+is_failed_code(PyObject *code)
+{
+    if (PyUnicode_GET_LENGTH(code) < 1)
+        return 1;
+    Py_UCS4 first = PyUnicode_READ_CHAR(code, 0);
+    return first == '4' || first == '5'
+        || (first == '0' && PyUnicode_Compare(code, str_000) == 0);
+}
+
+/* The pending exception goes to wsgi.py (counted, logged at debug) and
+ * no further: the service never sees commlens's own errors. */
+static void
+recording_failed(PyObject *recorder)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *result = PyObject_CallFunctionObjArgs(bound.recording_failed, recorder,
+                                                    exc ? exc : Py_None, NULL);
+    Py_XDECREF(result);
+    Py_XDECREF(exc);
+    PyErr_Clear();
+}
+
+static int
+request_record(Request *self, PyObject *body)
+{
+    double duration = monotonic_seconds() - self->start;
+    Middleware *mw = self->middleware;
+    PyObject *code = self->error != NULL && self->error != Py_None
+        ? Py_NewRef(str_500) : status_code(self->status);
+    if (code == NULL)
+        return -1;
+    PyObject *duration_obj = PyFloat_FromDouble(duration);
+    PyObject *labels = duration_obj == NULL ? NULL : PyTuple_Pack(
+        5, mw->service, self->caller, self->method, self->route, code);
+    if (labels == NULL) {
+        Py_XDECREF(duration_obj);
+        Py_DECREF(code);
+        return -1;
+    }
+    PyObject *observe_args[] = {NULL, bound.hop_metric, labels, duration_obj};
+    PyObject *result = PyObject_Vectorcall(mw->observe, observe_args + 1,
+                                           3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(labels);
+    if (result == NULL)
+        goto fail;
+    Py_DECREF(result);
+
+    int failed = is_failed_code(code);
+    CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
+    PyObject *flagged = failed ? Py_True : ctx->child_failed;
+    PyObject *keep_args[] = {NULL, ctx->trace_id, duration_obj, flagged};
+    result = PyObject_Vectorcall(mw->keeps_hop, keep_args + 1,
+                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (result == NULL)
+        goto fail;
+    int keep = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    if (keep) {
+        result = PyObject_CallFunctionObjArgs(bound.record_hop, (PyObject *)self, code,
+                                              failed ? Py_True : Py_False, duration_obj,
+                                              body ? body : Py_None, NULL);
+        if (result == NULL)
+            goto fail;
+        Py_DECREF(result);
+    }
+    Py_DECREF(duration_obj);
+    Py_DECREF(code);
+    return 0;
+fail:
+    Py_DECREF(duration_obj);
+    Py_DECREF(code);
+    return -1;
+}
+
+/* Record the request, once, however it ended; never raises. */
+static void
+request_finish(Request *self, PyObject *body)
+{
+    if (self->done)
+        return;
+    self->done = 1;
+    if (request_record(self, body) < 0)
+        recording_failed(self->middleware->recorder);
+}
+
+static PyObject *
+request_finish_method(Request *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "finish() takes at most one argument");
+        return NULL;
+    }
+    request_finish(self, nargs ? args[0] : NULL);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef request_methods[] = {
+    {"finish", (PyCFunction)(void (*)(void))request_finish_method, METH_FASTCALL,
+     "Record the request, once, however it ended; the argument: a list body."},
+    {NULL},
+};
+
+/* Tracked by the collector: an application may keep its start_response
+ * (this request) in the environ, which the request refers to. */
+static int
+request_traverse(Request *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->middleware);
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->caller);
+    Py_VISIT(self->method);
+    Py_VISIT(self->route);
+    Py_VISIT(self->environ);
+    Py_VISIT(self->start_response);
+    Py_VISIT(self->status);
+    Py_VISIT(self->headers);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int
+request_clear(Request *self)
+{
+    request_clear_fields(self);
+    return 0;
+}
+
+static PyObject *
+request_get_done(Request *self, void *closure)
+{
+    return PyBool_FromLong(self->done);
+}
+
+static PyObject *
+request_get_start(Request *self, void *closure)
+{
+    return PyFloat_FromDouble(self->start);
+}
+
+static PyObject *
+request_get_middleware(Request *self, void *closure)
+{
+    return Py_NewRef((PyObject *)self->middleware);
+}
+
+static PyGetSetDef request_getset[] = {
+    {"done", (getter)request_get_done, NULL, NULL, NULL},
+    {"start", (getter)request_get_start, NULL, NULL, NULL},
+    {"middleware", (getter)request_get_middleware, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyMemberDef request_members[] = {
+    {"ctx", T_OBJECT, offsetof(Request, ctx), READONLY, NULL},
+    {"caller", T_OBJECT, offsetof(Request, caller), READONLY, NULL},
+    {"method", T_OBJECT, offsetof(Request, method), READONLY, NULL},
+    {"route", T_OBJECT, offsetof(Request, route), READONLY, NULL},
+    {"environ", T_OBJECT, offsetof(Request, environ), READONLY, NULL},
+    {"status", T_OBJECT, offsetof(Request, status), READONLY, NULL},
+    {"headers", T_OBJECT, offsetof(Request, headers), READONLY, NULL},
+    /* set by the iterator body's wrapper (wsgi._Body) when the body raises */
+    {"error", T_OBJECT, offsetof(Request, error), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject RequestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._wsgi_request.Request",
+    .tp_doc = "One request in flight; also the start_response the application gets.",
+    .tp_basicsize = sizeof(Request),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)request_dealloc,
+    .tp_traverse = (traverseproc)request_traverse,
+    .tp_clear = (inquiry)request_clear,
+    .tp_call = (ternaryfunc)request_call,
+    .tp_methods = request_methods,
+    .tp_members = request_members,
+    .tp_getset = request_getset,
+};
+
+/* The caller label: our baggage member, else the User-Agent; new reference.
+ * The member names the caller only with the span id of the traceparent
+ * (context.parse_baggage_sender), so without one it is not read. */
+static PyObject *
+request_caller(PyObject *environ, CommlensTraceContext *ctx, int has_traceparent)
+{
+    PyObject *baggage = has_traceparent && ctx->parent_id != Py_None
+        ? PyDict_GetItemWithError(environ, str_HTTP_BAGGAGE) : NULL;
+    if (baggage != NULL) {
+        PyObject *caller = PyObject_CallFunctionObjArgs(bound.baggage_caller, baggage,
+                                                        ctx->parent_id, NULL);
+        if (caller == NULL || caller != Py_None)
+            return caller;
+        Py_DECREF(caller);
+    } else if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *user_agent = PyDict_GetItemWithError(environ, str_HTTP_USER_AGENT);
+    if (user_agent == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        user_agent = Py_None;
+    }
+    PyObject *caller = PyDict_GetItemWithError(bound.user_agent_memo, user_agent);
+    if (caller != NULL)
+        return Py_NewRef(caller);
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))  /* an unhashable value */
+            return NULL;
+        PyErr_Clear();
+    }
+    return PyObject_CallOneArg(bound.caller_from_user_agent, user_agent);
+}
+
+/* A dict value or Py_None, borrowed; NULL only on error. */
+static PyObject *
+environ_get(PyObject *environ, PyObject *key)
+{
+    PyObject *value = PyDict_GetItemWithError(environ, key);
+    if (value == NULL && !PyErr_Occurred())
+        return Py_None;
+    return value;
+}
+
+static Request *
+request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
+{
+    if (!PyDict_Check(environ)) {
+        PyErr_SetString(PyExc_TypeError, "environ is not a dict");
+        return NULL;
+    }
+    Request *self = PyObject_GC_New(Request, &RequestType);
+    if (self == NULL)
+        return NULL;
+    self->middleware = (Middleware *)Py_NewRef(mw);
+    self->ctx = self->caller = self->method = self->route = NULL;
+    self->status = self->headers = self->error = NULL;
+    self->environ = Py_NewRef(environ);
+    self->start_response = Py_NewRef(start_response);
+    self->done = 0;
+    PyObject_GC_Track(self);
+
+    PyObject *traceparent = environ_get(environ, str_HTTP_TRACEPARENT);
+    if (traceparent == NULL)
+        goto fail;
+    if (traceparent == Py_None) {
+        self->ctx = commlens_trace_context_new(bound.trace_context);
+        if (self->ctx == NULL)
+            goto fail;
+    } else {
+        PyObject *parsed = PyObject_CallOneArg(bound.child_of_incoming, traceparent);
+        if (parsed == NULL)
+            goto fail;
+        if (!PyTuple_Check(parsed) || PyTuple_GET_SIZE(parsed) != 2) {
+            Py_DECREF(parsed);
+            PyErr_SetString(PyExc_TypeError, "child_of_incoming: not a pair");
+            goto fail;
+        }
+        self->ctx = Py_NewRef(PyTuple_GET_ITEM(parsed, 0));
+        if (Py_TYPE(self->ctx) != bound.trace_context) {
+            Py_DECREF(parsed);
+            PyErr_SetString(PyExc_TypeError, "child_of_incoming: not a TraceContext");
+            goto fail;
+        }
+        int valid = PyObject_IsTrue(PyTuple_GET_ITEM(parsed, 1));
+        Py_DECREF(parsed);
+        if (!valid) {
+            PyObject *r = PyObject_CallMethodOneArg(mw->recorder, str_dropped,
+                                                    str_bad_context);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+        }
+    }
+    Py_SETREF(((CommlensTraceContext *)self->ctx)->service, Py_NewRef(mw->service));
+    self->caller = request_caller(environ, (CommlensTraceContext *)self->ctx,
+                                  traceparent != Py_None);
+    if (self->caller == NULL)
+        goto fail;
+
+    PyObject *method = environ_get(environ, str_REQUEST_METHOD);
+    if (method == NULL)
+        goto fail;
+    int known = PySet_Contains(bound.http_methods, method);
+    if (known < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            goto fail;
+        PyErr_Clear();
+        known = 0;
+    }
+    self->method = Py_NewRef(known ? method : bound.other_method);
+
+    PyObject *path = environ_get(environ, str_PATH_INFO);
+    if (path == NULL)
+        goto fail;
+    PyObject *route = PyDict_GetItemWithError(mw->routes_memo, path);
+    if (route != NULL) {
+        self->route = Py_NewRef(route);
+    } else {
+        if (PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError))
+                goto fail;
+            PyErr_Clear();
+        }
+        self->route = PyObject_CallOneArg(mw->routes, path);
+        if (self->route == NULL)
+            goto fail;
+    }
+    self->start = monotonic_seconds();
+    return self;
+fail:
+    Py_DECREF(self);
+    return NULL;
+}
+
+/* -- ListBody ------------------------------------------------------------- */
+
+static PyObject *
+list_body_close(ListBody *self, PyObject *unused)
+{
+    if (self->request != NULL)
+        request_finish(self->request, (PyObject *)self);
+    Py_RETURN_NONE;
+}
+
+static void
+list_body_finalize(ListBody *self)
+{
+    /* A server that never called close() (werkzeug's development server
+     * when the client hung up): the request still ends, once. */
+    if (self->request != NULL && !self->request->done) {
+        PyObject *exc = PyErr_GetRaisedException();
+        request_finish(self->request, (PyObject *)self);
+        PyErr_SetRaisedException(exc);
+    }
+}
+
+static void
+list_body_dealloc(ListBody *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+        return;  /* resurrected */
+    Py_CLEAR(self->request);
+    PyList_Type.tp_dealloc((PyObject *)self);
+}
+
+static int
+list_body_traverse(ListBody *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->request);
+    return PyList_Type.tp_traverse((PyObject *)self, visit, arg);
+}
+
+static int
+list_body_clear(ListBody *self)
+{
+    Py_CLEAR(self->request);
+    return PyList_Type.tp_clear((PyObject *)self);
+}
+
+static PyMethodDef list_body_methods[] = {
+    {"close", (PyCFunction)list_body_close, METH_NOARGS, "End the request."},
+    {NULL},
+};
+
+static PyMemberDef list_body_members[] = {
+    {"request", T_OBJECT, offsetof(ListBody, request), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject ListBodyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._wsgi_request.ListBody",
+    .tp_doc = "A list body, still a list to the server, with the close() that ends "
+              "the request.",
+    .tp_basicsize = sizeof(ListBody),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_LIST_SUBCLASS,
+    .tp_dealloc = (destructor)list_body_dealloc,
+    .tp_finalize = (destructor)list_body_finalize,
+    .tp_traverse = (traverseproc)list_body_traverse,
+    .tp_clear = (inquiry)list_body_clear,
+    .tp_methods = list_body_methods,
+    .tp_members = list_body_members,
+};
+
+static PyObject *
+list_body_new(PyObject *items, Request *request)
+{
+    ListBody *self = (ListBody *)PyType_GenericAlloc(&ListBodyType, 0);
+    if (self == NULL)
+        return NULL;
+    self->request = (Request *)Py_NewRef(request);
+    /* The application's list, item for item: list_extend's fast path. */
+    if (PyList_SetSlice((PyObject *)self, 0, 0, items) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+/* -- the middleware's call ------------------------------------------------ */
+
+static PyObject *
+middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *environ, *start_response;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "a WSGI application takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "wsgi", 2, 2, &environ, &start_response))
+        return NULL;
+    if (self->app == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "middleware not initialised");
+        return NULL;
+    }
+    Request *request = request_new(self, environ, start_response);
+    if (request == NULL) {
+        recording_failed(self->recorder);
+        return PyObject_CallFunctionObjArgs(self->app, environ, start_response, NULL);
+    }
+    PyObject *token = PyContextVar_Set(bound.current, request->ctx);
+    if (token == NULL) {
+        request->done = 1;
+        Py_DECREF(request);
+        recording_failed(self->recorder);
+        return PyObject_CallFunctionObjArgs(self->app, environ, start_response, NULL);
+    }
+    PyObject *app_args[] = {NULL, environ, (PyObject *)request};
+    PyObject *body = PyObject_Vectorcall(self->app, app_args + 1,
+                                         2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (body == NULL) {
+        /* The application raised: a 500, and its exception goes on as it is. */
+        PyObject *exc = PyErr_GetRaisedException();
+        PyContextVar_Reset(bound.current, token);
+        Py_DECREF(token);
+        PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(exc), "__name__");
+        PyObject *label = name == NULL ? NULL : PyObject_CallOneArg(bound.error_class, name);
+        Py_XDECREF(name);
+        if (label == NULL) {
+            PyErr_Clear();
+            label = Py_NewRef(str_500);
+        }
+        Py_XSETREF(request->error, label);
+        request_finish(request, NULL);
+        Py_DECREF(request);
+        PyErr_SetRaisedException(exc);
+        return NULL;
+    }
+    if (PyContextVar_Reset(bound.current, token) < 0)
+        recording_failed(self->recorder);
+    Py_DECREF(token);
+    PyObject *wrapped;
+    if (PyList_CheckExact(body))
+        wrapped = list_body_new(body, request);
+    else
+        wrapped = PyObject_CallFunctionObjArgs(bound.wrap_iterable, body, request, NULL);
+    Py_DECREF(request);
+    Py_DECREF(body);
+    return wrapped;
+}
+
+static int
+middleware_init(Middleware *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"app", "service", "recorder", "routes", NULL};
+    PyObject *app, *service, *recorder, *routes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUOO:Middleware", keywords,
+                                     &app, &service, &recorder, &routes))
+        return -1;
+    PyObject *memo = PyObject_GetAttrString(routes, "remembered");
+    if (memo == NULL)
+        return -1;
+    if (!PyDict_CheckExact(memo)) {
+        Py_DECREF(memo);
+        PyErr_SetString(PyExc_TypeError, "routes.remembered is not a dict");
+        return -1;
+    }
+    Py_XSETREF(self->routes_memo, memo);
+    /* Both live as long as the recorder (recorder.py): held, not looked up. */
+    PyObject *observe = PyObject_GetAttr(recorder, str_observe);
+    if (observe == NULL)
+        return -1;
+    Py_XSETREF(self->observe, observe);
+    PyObject *keeps_hop = PyObject_GetAttr(recorder, str_keeps_hop);
+    if (keeps_hop == NULL)
+        return -1;
+    Py_XSETREF(self->keeps_hop, keeps_hop);
+    Py_XSETREF(self->app, Py_NewRef(app));
+    Py_XSETREF(self->service, Py_NewRef(service));
+    Py_XSETREF(self->recorder, Py_NewRef(recorder));
+    Py_XSETREF(self->routes, Py_NewRef(routes));
+    return 0;
+}
+
+static int
+middleware_traverse(Middleware *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->service);
+    Py_VISIT(self->recorder);
+    Py_VISIT(self->routes);
+    Py_VISIT(self->routes_memo);
+    Py_VISIT(self->observe);
+    Py_VISIT(self->keeps_hop);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+middleware_clear(Middleware *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->service);
+    Py_CLEAR(self->recorder);
+    Py_CLEAR(self->routes);
+    Py_CLEAR(self->routes_memo);
+    Py_CLEAR(self->observe);
+    Py_CLEAR(self->keeps_hop);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+middleware_dealloc(Middleware *self)
+{
+    /* A Python subclass's instance comes here from subtype_dealloc, which
+     * releases the subclass itself. */
+    PyObject_GC_UnTrack(self);
+    middleware_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef middleware_members[] = {
+    {"app", T_OBJECT, offsetof(Middleware, app), READONLY, NULL},
+    {"service", T_OBJECT, offsetof(Middleware, service), READONLY, NULL},
+    {"recorder", T_OBJECT, offsetof(Middleware, recorder), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject MiddlewareType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._wsgi_request.Middleware",
+    .tp_doc = "Middleware(app, service, recorder, routes): the per-request path of "
+              "wsgi.CommlensMiddleware.",
+    .tp_basicsize = sizeof(Middleware),
+    .tp_dictoffset = offsetof(Middleware, dict),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)middleware_init,
+    .tp_dealloc = (destructor)middleware_dealloc,
+    .tp_traverse = (traverseproc)middleware_traverse,
+    .tp_clear = (inquiry)middleware_clear,
+    .tp_call = (ternaryfunc)middleware_call,
+    .tp_members = middleware_members,
+};
+
+/* -- module --------------------------------------------------------------- */
+
+static PyObject *
+bind(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "trace_context", "child_of_incoming", "baggage_caller", "user_agent_memo",
+        "caller_from_user_agent", "status_codes", "status_code", "http_methods",
+        "other_method", "current", "hop_metric", "error_class", "record_hop",
+        "recording_failed", "wrap_iterable", NULL};
+    PyObject *v[15];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$O!OOO!OO!OO!UO!UOOOO:bind", keywords,
+                                     &PyType_Type, &v[0], &v[1], &v[2], &PyDict_Type, &v[3],
+                                     &v[4], &PyDict_Type, &v[5], &v[6], &PyFrozenSet_Type,
+                                     &v[7], &v[8], &PyContextVar_Type, &v[9], &v[10], &v[11],
+                                     &v[12], &v[13], &v[14]))
+        return NULL;
+    PyObject **slots[] = {
+        (PyObject **)&bound.trace_context, &bound.child_of_incoming, &bound.baggage_caller,
+        &bound.user_agent_memo, &bound.caller_from_user_agent, &bound.status_codes,
+        &bound.status_code, &bound.http_methods, &bound.other_method, &bound.current,
+        &bound.hop_metric, &bound.error_class, &bound.record_hop, &bound.recording_failed,
+        &bound.wrap_iterable};
+    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
+    if (speedups == NULL)
+        return NULL;
+    PyObject *base = PyObject_GetAttrString(speedups, "TraceContext");
+    Py_DECREF(speedups);
+    if (base == NULL)
+        return NULL;
+    int same_layout = PyType_Check(base) && commlens_is_trace_context_type(
+        (PyTypeObject *)v[0], (PyTypeObject *)base);
+    Py_DECREF(base);
+    if (!same_layout) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trace_context: a subclass of _speedups.TraceContext with no fields");
+        return NULL;
+    }
+    for (int i = 0; i < 15; i++)
+        Py_XSETREF(*slots[i], Py_NewRef(v[i]));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS,
+     "Give the per-request path the Python it calls back (wsgi.py, once)."},
+    {NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_wsgi_request",
+    "The WSGI middleware's per-request path, compiled (see middleware/wsgi.py).", -1,
+    module_methods,
+};
+
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC
+PyInit__wsgi_request(void)
+{
+    INTERN(str_HTTP_TRACEPARENT, "HTTP_TRACEPARENT");
+    INTERN(str_HTTP_BAGGAGE, "HTTP_BAGGAGE");
+    INTERN(str_HTTP_USER_AGENT, "HTTP_USER_AGENT");
+    INTERN(str_REQUEST_METHOD, "REQUEST_METHOD");
+    INTERN(str_PATH_INFO, "PATH_INFO");
+    INTERN(str_observe, "observe");
+    INTERN(str_keeps_hop, "keeps_hop");
+    INTERN(str_dropped, "dropped");
+    INTERN(str_bad_context, "bad_context");
+    INTERN(str_500, "500");
+    INTERN(str_000, "000");
+
+    ListBodyType.tp_base = &PyList_Type;
+    if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&RequestType) < 0
+            || PyType_Ready(&ListBodyType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "Middleware", (PyObject *)&MiddlewareType) < 0
+            || PyModule_AddObjectRef(module, "Request", (PyObject *)&RequestType) < 0
+            || PyModule_AddObjectRef(module, "ListBody", (PyObject *)&ListBodyType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
