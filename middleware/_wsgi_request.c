@@ -18,8 +18,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
-#include <time.h>
-
 #include "../tracer/_speedups.h"
 
 /* -- what wsgi.py binds --------------------------------------------------- */
@@ -45,43 +43,6 @@ static struct {
 static PyObject *str_HTTP_TRACEPARENT, *str_HTTP_BAGGAGE, *str_HTTP_USER_AGENT,
     *str_REQUEST_METHOD, *str_PATH_INFO, *str_observe, *str_keeps_hop, *str_dropped,
     *str_bad_context, *str_500, *str_000;
-
-#if PY_VERSION_HEX < 0x030C0000
-/* Python 3.10 and 3.11: the pending exception as one object, as 3.12 has it. */
-static PyObject *
-PyErr_GetRaisedException(void)
-{
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    if (type == NULL)
-        return NULL;
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL)
-        PyException_SetTraceback(value, traceback);
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-    return value;
-}
-
-static void
-PyErr_SetRaisedException(PyObject *exc)
-{
-    if (exc == NULL)
-        return;
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
-                  PyException_GetTraceback(exc));
-}
-#endif
-
-static inline double
-monotonic_seconds(void)
-{
-    /* time.perf_counter() is CLOCK_MONOTONIC on Linux: the same clock as
-     * the Python side's hop timestamps (hops.wall_clock_start). */
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* -- the middleware's base ------------------------------------------------ */
 
@@ -206,7 +167,7 @@ recording_failed(PyObject *recorder)
 static int
 request_record(Request *self, PyObject *body)
 {
-    double duration = monotonic_seconds() - self->start;
+    double duration = commlens_monotonic() - self->start;
     Middleware *mw = self->middleware;
     PyObject *code = self->error != NULL && self->error != Py_None
         ? Py_NewRef(str_500) : status_code(self->status);
@@ -489,7 +450,7 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
         if (self->route == NULL)
             goto fail;
     }
-    self->start = monotonic_seconds();
+    self->start = commlens_monotonic();
     return self;
 fail:
     Py_DECREF(self);

@@ -3,6 +3,7 @@
 import bisect
 import decimal
 import json
+import os
 import random
 import re
 import threading
@@ -475,3 +476,53 @@ def test_stamp_outgoing_adopts_only_the_active_opentelemetry_span():
         ctx = context.stamp_outgoing(injected, "nova-api", "call")
     assert (ctx.trace_id, ctx.span_id) == (VALID[3:35], VALID[36:52])
     assert injected["traceparent"] == VALID
+
+
+@pytest.mark.parametrize("served", [
+    None,  # the first hop of a new trace
+    ("a" * 32, "b" * 16, True), ("a" * 32, None, False),  # span id not drawn yet
+    (None, None, True),  # a first hop that made no call yet
+])
+@pytest.mark.parametrize("carrier", [
+    {"request_id": "req-1"},  # the compiled case...
+    {"baggage": "vendor=x"}, {"traceparent": VALID},  # ...and the ones in Python
+])
+def test_stamp_outgoing_compiled_and_in_python_agree(served, carrier):
+    # The compiled common case (tracer/_speedups.c) must stamp what the
+    # Python one does; the two share only the id generator.
+    stamped = []
+    for stamp in (context.stamp_outgoing, context._stamp_outgoing_in_python):
+        parent = None if served is None else context.TraceContext(*served[:2], None, served[2])
+        token = context.set_current(parent)
+        try:
+            out = dict(carrier)
+            ctx = stamp(out, "nova-api", "cast")
+        finally:
+            context.reset_current(token)
+        assert out["traceparent"] == ctx.traceparent()
+        assert context.parse_traceparent(out["traceparent"]) == (
+            ctx.trace_id, ctx.span_id, served is None or served[2])
+        assert context.parse_baggage_sender(out["baggage"], ctx.span_id) == ("nova-api", "cast")
+        if parent is not None:
+            assert (ctx.trace_id, ctx.parent_id) == (parent.trace_id, parent.span_id)
+            assert parent.span_id and parent.trace_id  # drawn for the child
+        stamped.append((out.keys(), out["baggage"].replace(ctx.span_id, "SPAN"),
+                        ctx.parent_id is None, ctx.sampled, ctx.service, ctx.child_failed))
+    assert stamped[0] == stamped[1]
+
+
+def test_ids_are_hex_unique_and_differ_in_a_forked_child():
+    ids = [context.new_trace_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids[:1000])
+    assert re.fullmatch("[0-9a-f]{16}", context.new_span_id())
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writer, context.new_trace_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    # Without a new seed after fork, the child would draw the parent's next id.
+    assert os.read(reader, 64).decode() != context.new_trace_id()
+    os.close(reader)
+    os.close(writer)

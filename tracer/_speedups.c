@@ -5,15 +5,17 @@
  * - Counter, Histogram: one series of the recorder (tracer/recorder.py),
  *   updated without a lock. Each update is one C call that runs no Python
  *   code and does not release the GIL, so it is atomic against the
- *   service's other threads and against the shipper's read. On a
- *   free-threaded CPython (no GIL) a per-object critical section takes the
- *   GIL's place.
+ *   service's other threads and against the shipper's read. The module
+ *   does not declare itself safe without the GIL: a free-threaded CPython
+ *   turns the GIL back on when it is imported.
  * - Store: the recorder's counters and histograms, {metric name: {labels:
  *   series}}, with inc() and observe(); a new series comes from the
  *   recorder's Python (the series cap, under its lock).
  * - HopSampler: Recorder.keeps_hop.
  * - TraceContext: the fields of context.TraceContext, whose methods are
  *   Python (tracer/context.py).
+ * - new_trace_id, new_span_id and stamp_outgoing's common case: the ids and
+ *   the context every message and outbound request is stamped with.
  *
  * recorder.py and context.py say what these do and why; this file is only
  * how, and each type's doc string names its Python home.
@@ -21,18 +23,13 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <sys/random.h>
 #include <structmember.h>
 
 #include "_speedups.h"
-
-#ifdef Py_GIL_DISABLED
-#define ATOMIC_BEGIN(op) Py_BEGIN_CRITICAL_SECTION(op)
-#define ATOMIC_END() Py_END_CRITICAL_SECTION()
-#else
-#define ATOMIC_BEGIN(op) {
-#define ATOMIC_END() }
-#endif
 
 /* -- Counter -------------------------------------------------------------- */
 
@@ -91,26 +88,17 @@ counter_amount(PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 counter_add(Counter *self, PyObject *amount)
 {
-    int failed;
-    ATOMIC_BEGIN(self);
     PyObject *sum = PyNumber_Add(self->value, amount);
-    failed = sum == NULL;
-    if (!failed)
-        Py_SETREF(self->value, sum);
-    ATOMIC_END();
-    if (failed)
+    if (sum == NULL)
         return NULL;
+    Py_SETREF(self->value, sum);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 counter_get_value(Counter *self, void *closure)
 {
-    PyObject *value;
-    ATOMIC_BEGIN(self);
-    value = Py_NewRef(self->value);
-    ATOMIC_END();
-    return value;
+    return Py_NewRef(self->value);
 }
 
 static PyObject *
@@ -216,10 +204,8 @@ histogram_add(Histogram *self, double value)
         else
             high = middle;
     }
-    ATOMIC_BEGIN(self);
     self->counts[low]++;
     self->sum += value;
-    ATOMIC_END();
     Py_RETURN_NONE;
 }
 
@@ -235,28 +221,24 @@ histogram_observe(Histogram *self, PyObject *arg)
 static PyObject *
 histogram_read(Histogram *self, PyObject *unused)
 {
+    /* Copied before anything is allocated: an allocation may run the
+     * garbage collector, and a finaliser could let another thread update. */
     Py_ssize_t n = Py_SIZE(self);
+    unsigned long long *copy = PyMem_Malloc(sizeof(self->counts[0]) * (size_t)n);
+    if (copy == NULL)
+        return PyErr_NoMemory();
+    memcpy(copy, self->counts, sizeof(self->counts[0]) * (size_t)n);
+    double sum = self->sum;
     PyObject *counts = PyList_New(n);
-    if (counts == NULL)
-        return NULL;
-    double sum;
-    int failed = 0;
-    ATOMIC_BEGIN(self);
-    sum = self->sum;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *count = PyLong_FromUnsignedLongLong(self->counts[i]);
-        if (count == NULL) {
-            failed = 1;
-            break;
-        }
-        PyList_SET_ITEM(counts, i, count);
+    for (Py_ssize_t i = 0; counts != NULL && i < n; i++) {
+        PyObject *count = PyLong_FromUnsignedLongLong(copy[i]);
+        if (count == NULL)
+            Py_CLEAR(counts);
+        else
+            PyList_SET_ITEM(counts, i, count);
     }
-    ATOMIC_END();
-    if (failed) {
-        Py_DECREF(counts);
-        return NULL;
-    }
-    return Py_BuildValue("[Nd]", counts, sum);
+    PyMem_Free(copy);
+    return counts == NULL ? NULL : Py_BuildValue("[Nd]", counts, sum);
 }
 
 static PyMethodDef histogram_methods[] = {
@@ -629,19 +611,249 @@ static PyTypeObject TraceContextType = {
     .tp_members = trace_context_members,
 };
 
+/* -- ids ------------------------------------------------------------------ */
+
+/* Trace and span ids are random bits (W3C: random, not all zero; they need
+ * not be unpredictable). xoshiro256** seeded from the OS, again in every
+ * forked child so that workers never repeat their master's ids. Its state
+ * is changed only with the GIL held. */
+static uint64_t prng_state[4];
+
+static void
+seed_ids(void)
+{
+    uint64_t seed[4] = {0, 0, 0, 0};
+    if (getrandom(seed, sizeof(seed), 0) != (ssize_t)sizeof(seed)) {
+        /* No entropy call: time and pid still differ between processes. */
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        seed[0] ^= (uint64_t)now.tv_nsec * 0x9e3779b97f4a7c15ULL;
+        seed[1] ^= (uint64_t)now.tv_sec;
+        seed[2] ^= (uint64_t)getpid() * 0xbf58476d1ce4e5b9ULL;
+    }
+    if (!(seed[0] | seed[1] | seed[2] | seed[3]))
+        seed[3] = 1;  /* the one state xoshiro cannot leave */
+    memcpy(prng_state, seed, sizeof(seed));
+}
+
+static inline uint64_t
+rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+static uint64_t
+next_random(void)
+{
+    uint64_t *s = prng_state;
+    uint64_t result = rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+/* ``words`` * 16 lowercase hex digits, never all zero. */
+static PyObject *
+random_hex(int words)
+{
+    static const char digits[] = "0123456789abcdef";
+    uint64_t value[2];
+    do {
+        value[0] = next_random();
+        value[1] = words == 2 ? next_random() : 0;
+    } while (value[0] == 0 && value[1] == 0);
+    PyObject *text = PyUnicode_New(16 * words, 127);
+    if (text == NULL)
+        return NULL;
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(text);
+    for (int w = 0; w < words; w++)
+        for (int i = 15; i >= 0; i--, value[w] >>= 4)
+            out[16 * w + i] = (Py_UCS1)digits[value[w] & 15];
+    return text;
+}
+
+static PyObject *
+new_trace_id(PyObject *module, PyObject *unused)
+{
+    return random_hex(2);
+}
+
+static PyObject *
+new_span_id(PyObject *module, PyObject *unused)
+{
+    return random_hex(1);
+}
+
+/* -- stamp_outgoing ------------------------------------------------------- */
+
+static struct {
+    PyObject *current;        /* ContextVar: the hop being served */
+    PyObject *otel_context;   /* ContextVar of OpenTelemetry's context, or None */
+    PyTypeObject *trace_context;
+    PyObject *in_python;      /* the general case: context._stamp_outgoing_in_python */
+} stamping;
+
+static PyObject *str_traceparent, *str_baggage;
+
+static PyObject *
+bind_stamping(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"current", "otel_context", "trace_context", "in_python",
+                               NULL};
+    PyObject *current, *otel_context, *trace_context, *in_python;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$O!OO!O:bind_stamping", keywords,
+                                     &PyContextVar_Type, &current, &otel_context,
+                                     &PyType_Type, &trace_context, &in_python))
+        return NULL;
+    if (otel_context != Py_None && !PyContextVar_CheckExact(otel_context)) {
+        PyErr_SetString(PyExc_TypeError, "otel_context: a ContextVar or None");
+        return NULL;
+    }
+    if (!commlens_is_trace_context_type((PyTypeObject *)trace_context, &TraceContextType)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trace_context: a subclass of TraceContext with no fields");
+        return NULL;
+    }
+    Py_XSETREF(stamping.current, Py_NewRef(current));
+    Py_XSETREF(stamping.otel_context, otel_context == Py_None ? NULL : Py_NewRef(otel_context));
+    Py_XSETREF(stamping.trace_context, (PyTypeObject *)Py_NewRef(trace_context));
+    Py_XSETREF(stamping.in_python, Py_NewRef(in_python));
+    Py_RETURN_NONE;
+}
+
+/* Whether the common case applies: a dict carrier with neither a
+ * traceparent (one injected by OpenTelemetry may have to be kept) nor a
+ * baggage to keep members of, and no active OpenTelemetry span to join.
+ * -1 on error. */
+static int
+stamp_is_common(PyObject *carrier, PyObject *service, PyObject *kind, PyObject *parent)
+{
+    if (!PyDict_CheckExact(carrier) || !PyUnicode_CheckExact(service)
+            || !PyUnicode_CheckExact(kind))
+        return 0;
+    PyObject *value = PyDict_GetItemWithError(carrier, str_traceparent);
+    if (value != NULL || PyErr_Occurred())
+        return PyErr_Occurred() ? -1 : 0;
+    value = PyDict_GetItemWithError(carrier, str_baggage);
+    if ((value != NULL && value != Py_None) || PyErr_Occurred())
+        return PyErr_Occurred() ? -1 : 0;
+    if (parent != Py_None)
+        return Py_TYPE(parent) == stamping.trace_context;
+    if (stamping.otel_context == NULL)
+        return 1;
+    PyObject *otel;
+    if (PyContextVar_Get(stamping.otel_context, NULL, &otel) < 0)
+        return -1;
+    if (otel == NULL)
+        return 1;
+    int active = PyObject_IsTrue(otel);
+    Py_DECREF(otel);
+    return active < 0 ? -1 : !active;
+}
+
+static PyObject *
+stamp_outgoing(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stamp_outgoing(carrier, service, kind)");
+        return NULL;
+    }
+    if (stamping.in_python == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "stamp_outgoing: not bound");
+        return NULL;
+    }
+    PyObject *carrier = args[0], *service = args[1], *kind = args[2];
+    PyObject *parent;
+    if (PyContextVar_Get(stamping.current, Py_None, &parent) < 0)
+        return NULL;
+    int common = stamp_is_common(carrier, service, kind, parent);
+    if (common <= 0) {
+        Py_DECREF(parent);
+        return common < 0 ? NULL : PyObject_Vectorcall(stamping.in_python, args, 3, NULL);
+    }
+    CommlensTraceContext *ctx =
+        (CommlensTraceContext *)commlens_trace_context_new(stamping.trace_context);
+    if (ctx == NULL) {
+        Py_DECREF(parent);
+        return NULL;
+    }
+    if (parent == Py_None) {
+        /* The first hop of a new trace. */
+        Py_SETREF(ctx->trace_id, random_hex(2));
+    } else {
+        /* A child of the hop being served, whose own ids are drawn now if
+         * they were not yet (context.TraceContext.ensure_ids). */
+        CommlensTraceContext *served = (CommlensTraceContext *)parent;
+        if (served->span_id == Py_None) {
+            if (served->trace_id == Py_None)
+                Py_SETREF(served->trace_id, random_hex(2));
+            if (served->trace_id != NULL)
+                Py_SETREF(served->span_id, random_hex(1));
+        }
+        Py_SETREF(ctx->trace_id, Py_XNewRef(served->trace_id));
+        Py_SETREF(ctx->parent_id, Py_XNewRef(served->span_id));
+        Py_SETREF(ctx->sampled, Py_XNewRef(served->sampled));
+    }
+    Py_DECREF(parent);
+    Py_SETREF(ctx->span_id, random_hex(1));
+    PyObject *traceparent = NULL, *baggage = NULL;
+    if (ctx->trace_id != NULL && ctx->span_id != NULL && ctx->parent_id != NULL
+            && ctx->sampled != NULL) {
+        int sampled = PyObject_IsTrue(ctx->sampled);
+        traceparent = sampled < 0 ? NULL : PyUnicode_FromFormat(
+            "00-%U-%U-%s", ctx->trace_id, ctx->span_id, sampled ? "01" : "00");
+        /* context.with_baggage_sender's member, alone */
+        baggage = PyUnicode_FromFormat("commlens.service=%U;kind=%U;span=%U",
+                                       service, kind, ctx->span_id);
+    }
+    if (traceparent == NULL || baggage == NULL
+            || PyDict_SetItem(carrier, str_traceparent, traceparent) < 0
+            || PyDict_SetItem(carrier, str_baggage, baggage) < 0) {
+        Py_XDECREF(traceparent);
+        Py_XDECREF(baggage);
+        Py_DECREF(ctx);
+        return NULL;
+    }
+    Py_DECREF(traceparent);
+    Py_DECREF(baggage);
+    return (PyObject *)ctx;
+}
+
+static PyMethodDef module_methods[] = {
+    {"new_trace_id", new_trace_id, METH_NOARGS, "32 random lowercase hex digits, not all 0."},
+    {"new_span_id", new_span_id, METH_NOARGS, "16 random lowercase hex digits, not all 0."},
+    {"stamp_outgoing", (PyCFunction)(void (*)(void))stamp_outgoing, METH_FASTCALL,
+     "context.stamp_outgoing (see there); the general case calls back into Python."},
+    {"bind_stamping", (PyCFunction)(void (*)(void))bind_stamping,
+     METH_VARARGS | METH_KEYWORDS, "Give stamp_outgoing what it reads (context.py, once)."},
+    {NULL},
+};
+
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_speedups",
-    "The tracer's per-hop types, compiled (see tracer/_speedups.c).", -1,
+    "The tracer's per-hop types, compiled (see tracer/_speedups.c).", -1, module_methods,
 };
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     if ((one = PyLong_FromLong(1)) == NULL
-            || (str_name = PyUnicode_InternFromString("name")) == NULL)
+            || (str_name = PyUnicode_InternFromString("name")) == NULL
+            || (str_traceparent = PyUnicode_InternFromString("traceparent")) == NULL
+            || (str_baggage = PyUnicode_InternFromString("baggage")) == NULL)
         return NULL;
+    seed_ids();
+    if (pthread_atfork(NULL, NULL, seed_ids) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
     PyTypeObject *types[] = {&CounterType, &HistogramType, &StoreType, &HopSamplerType,
                              &TraceContextType};
     const char *names[] = {"Counter", "Histogram", "Store", "HopSampler", "TraceContext"};
@@ -657,8 +869,5 @@ PyInit__speedups(void)
             return NULL;
         }
     }
-#ifdef Py_GIL_DISABLED
-    PyUnstable_Module_SetGIL(module, Py_MOD_GIL_NOT_USED);
-#endif
     return module;
 }

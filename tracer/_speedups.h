@@ -1,6 +1,7 @@
-/* What the other compiled parts of commlens may use of tracer/_speedups.c:
- * the layout of a TraceContext, so that a per-request path (the WSGI
- * middleware's) makes and reads one without a Python attribute look-up.
+/* What the other compiled parts of commlens (middleware/_*.c) share with
+ * tracer/_speedups.c: the layout of a TraceContext, so that a per-request
+ * path makes and reads one without a Python attribute look-up; the clock;
+ * and Python 3.12's single-object exception API on 3.10 and 3.11.
  *
  * context.TraceContext is a Python subclass with no fields of its own
  * (__slots__ = ()), so its instances have exactly this layout; a user
@@ -11,6 +12,7 @@
 #define COMMLENS_SPEEDUPS_H
 
 #include <Python.h>
+#include <time.h>
 
 typedef struct {
     PyObject_HEAD
@@ -45,5 +47,40 @@ commlens_is_trace_context_type(PyTypeObject *type, PyTypeObject *base)
     return PyType_IsSubtype(type, base) && type->tp_basicsize == base->tp_basicsize
         && type->tp_itemsize == 0 && type->tp_dictoffset == 0;
 }
+
+/* Seconds on time.perf_counter()'s clock (CLOCK_MONOTONIC on Linux): a
+ * duration measured here can be set against the Python side's. */
+static inline double
+commlens_monotonic(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+#if PY_VERSION_HEX < 0x030C0000
+static inline PyObject *
+PyErr_GetRaisedException(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (type == NULL)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL)
+        PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+static inline void
+PyErr_SetRaisedException(PyObject *exc)
+{
+    if (exc == NULL)
+        return;
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+}
+#endif
 
 #endif
