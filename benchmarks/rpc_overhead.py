@@ -151,9 +151,9 @@ def hot_path(iterations=100000):
         ctxt = {"request_id": "req-bench", "user_id": "u", "project_id": "p"}
         start = time.perf_counter()
         for _ in range(iterations):
-            driver._end_send(driver._begin_send(target, ctxt, message, wait), None)
+            driver._sends.begin(target, ctxt, message, wait).end(None)
         results[kind] = (time.perf_counter() - start) / iterations * 1e6
-    sent = driver._begin_send(target, {"request_id": "req-bench"}, message, True).ctxt
+    sent = driver._sends.begin(target, {"request_id": "req-bench"}, message, True).ctxt
     listener = rpc_driver._InstrumentedListener(
         _FakeListener(), driver, "bench", notifications=False)
     start = time.perf_counter()

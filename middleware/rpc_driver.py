@@ -26,6 +26,7 @@ from stevedore import driver as stevedore_driver
 
 from commlens.exporters import shipping
 from commlens.exporters import urls
+from commlens.middleware import _rpc_send
 from commlens.middleware import http_client
 from commlens.tracer import context
 from commlens.tracer import hops
@@ -84,7 +85,15 @@ class CommlensDriver(base.BaseDriver):
         # A name given in the URL is this transport's own; otherwise the
         # process's (README: several services in one process).
         self._service = explicit or self._recorder.service
-        self._open_calls = set()
+        # The per-send path, compiled (middleware/_rpc_send.c): what
+        # _begin_send and _end_send below would be in Python, calling back
+        # the methods after them for what is rare.
+        self._sends = _rpc_send.Sender(
+            service=self._service, recorder=self._recorder,
+            sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
+            method_label=labels.method, context_copy=_context_copy,
+            stamp=context.stamp_outgoing, failed=self._send_failed,
+            add_hop=self._add_send_hop, recording_failed=self._send_recording_failed)
         if settings.http_outbound:
             # Services without a WSGI pipeline (conductor, agents) get their
             # outbound REST calls traced from here.
@@ -112,7 +121,7 @@ class CommlensDriver(base.BaseDriver):
     def send(self, target, ctxt, message, wait_for_reply=None, timeout=None,
              call_monitor_timeout=None, retry=None, transport_options=None):
         try:
-            call = self._begin_send(target, ctxt, message, wait_for_reply)
+            call = self._sends.begin(target, ctxt, message, wait_for_reply)
         except Exception:
             self._recorder.dropped("recording_error")
             LOG.debug("commlens: recording a send failed", exc_info=True)
@@ -128,9 +137,9 @@ class CommlensDriver(base.BaseDriver):
                 timeout=timeout, call_monitor_timeout=call_monitor_timeout,
                 retry=retry, transport_options=transport_options)
         except BaseException as exc:
-            self._end_send(call, exc)
+            call.end(exc)
             raise
-        self._end_send(call, None)
+        call.end(None)
         return result
 
     def send_notification(self, target, ctxt, message, version, retry=None):
@@ -142,61 +151,33 @@ class CommlensDriver(base.BaseDriver):
         return self._inner.send_notification(target, ctxt, message, version,
                                              retry=retry)
 
-    # _begin_send and _end_send run on the service's thread around every
-    # send, between its socket reads, where each instruction is a cache miss:
-    # they do only what must happen there. Metrics that are sums of others
-    # are added at snapshot time (tracer/derived.py); a hop record is built
-    # only for the few that are kept.
+    # Around every send, on the service's thread, between its socket reads,
+    # self._sends (compiled) does only what must happen there: copy and
+    # stamp the context, count the send, open a call's waiting reply and,
+    # at the end, close it, observe a call's wait and keep the hop if it is
+    # sampled. Metrics that are sums of others are added at snapshot time
+    # (tracer/derived.py); a hop record is built only for the few kept.
 
-    def _begin_send(self, target, ctxt, message, wait_for_reply):
-        out = _context_copy(ctxt)
-        if out is None:
-            self._recorder.dropped("bad_context")
-            return None
-        kind = CALL if wait_for_reply else (FANOUT if target.fanout else CAST)
-        method = labels.method(message.get("method"))
-        call = _Send(out, context.stamp_outgoing(out, self._service, kind), kind,
-                     target.topic, method)
+    def _send_failed(self, call, exc, duration):
+        """The end of a send that raised ``exc`` (its waiting reply closed)."""
+        outcome, error = _classify_send_error(exc, call.kind)
         rec = self._recorder
-        rec.inc(metrics.RPC_SENT, (self._service, call.topic, method, kind))
-        if kind == CALL:
-            call.token = rec.call_started((self._service, call.topic, method))
-            self._open_calls.add(call.token)
-        call.start = _perf_counter()
-        return call
+        rec.inc(metrics.RPC_CALL_ERRORS,
+                (self._service, call.topic, call.method, outcome, error))
+        if call.kind == CALL:
+            # The service graph's client side is its sum (tracer/derived.py).
+            rec.observe(metrics.RPC_REPLY_WAIT,
+                        (self._service, call.topic, call.method, outcome), duration)
+        if outcome in _UNANSWERED:
+            edge = (self._service, call.topic, metrics.MESSAGING_SYSTEM)
+            rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
+            rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
+        context.mark_child_failed()
+        self._add_send_hop(call, outcome, error, duration)
 
-    def _end_send(self, call, exc):
-        try:
-            duration = _perf_counter() - call.start
-            rec = self._recorder
-            if call.token is not None:
-                rec.call_finished(call.token)
-                self._open_calls.discard(call.token)
-            if exc is None:
-                if call.kind == CALL:
-                    self._observe_call(call, metrics.OK, duration)
-                if rec.keeps_hop(call.ctx.trace_id, duration, False):
-                    self._add_send_hop(call, metrics.OK, None, duration)
-                return
-            outcome, error = _classify_send_error(exc, call.kind)
-            rec.inc(metrics.RPC_CALL_ERRORS,
-                    (self._service, call.topic, call.method, outcome, error))
-            if call.kind == CALL:
-                self._observe_call(call, outcome, duration)
-            if outcome in _UNANSWERED:
-                edge = (self._service, call.topic, metrics.MESSAGING_SYSTEM)
-                rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
-                rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
-            context.mark_child_failed()
-            self._add_send_hop(call, outcome, error, duration)
-        except Exception:
-            self._recorder.dropped("recording_error")
-            LOG.debug("commlens: recording a send's end failed", exc_info=True)
-
-    def _observe_call(self, call, outcome, duration):
-        # The service graph's client side is its sum (tracer/derived.py).
-        self._recorder.observe(metrics.RPC_REPLY_WAIT,
-                               (self._service, call.topic, call.method, outcome), duration)
+    def _send_recording_failed(self, exc):
+        self._recorder.dropped("recording_error")
+        LOG.debug("commlens: recording a send's end failed", exc_info=exc)
 
     def _add_send_hop(self, call, outcome, error, duration):
         self._recorder.add_hop(hops.make_hop(
@@ -292,22 +273,8 @@ class CommlensDriver(base.BaseDriver):
 
     def cleanup(self):
         # Calls still waiting will never get their reply through this driver.
-        tokens, self._open_calls = self._open_calls, set()
-        self._recorder.release_calls(tokens)
+        self._recorder.release_calls(self._sends.take_open_calls())
         self._inner.cleanup()
-
-
-class _Send:
-    __slots__ = ("ctxt", "ctx", "kind", "topic", "method", "token", "start")
-
-    def __init__(self, ctxt, ctx, kind, topic, method):
-        self.ctxt = ctxt
-        self.ctx = ctx
-        self.kind = kind
-        self.topic = topic
-        self.method = method
-        self.token = None
-        self.start = 0.0
 
 
 class _Received:

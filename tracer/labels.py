@@ -18,20 +18,23 @@ _MAX_REMEMBERED = 10000
 
 
 class _Checked:
-    __slots__ = ("_pattern", "_seen")
+    """``checked(value)``: the label. ``seen``: the values already found
+    valid, which a compiled caller looks up itself (middleware/_rpc_send.c)."""
+
+    __slots__ = ("_pattern", "seen")
 
     def __init__(self, pattern):
         self._pattern = pattern
-        self._seen = set()
+        self.seen = set()
 
     def __call__(self, value):
         if not isinstance(value, str):
             return INVALID
-        if value in self._seen:
+        if value in self.seen:
             return value
         if self._pattern.match(value):
-            if len(self._seen) < _MAX_REMEMBERED:
-                self._seen.add(value)
+            if len(self.seen) < _MAX_REMEMBERED:
+                self.seen.add(value)
             return value
         return INVALID
 

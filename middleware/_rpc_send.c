@@ -1,0 +1,525 @@
+/* The RPC client's per-send path, compiled.
+ *
+ * middleware/rpc_driver.py is the driver wrapper; this file is only what
+ * runs around every call, cast and fanout a service sends (CommlensDriver.
+ * send), and rpc_driver.py says what it records and why. What is rare (a
+ * context that is not a dict, an unseen method name, a send that failed, a
+ * hop to ship) is a call back into rpc_driver.py's Python, given to the
+ * Sender when the driver is made.
+ *
+ * Why C: between the driver's socket reads, the same path in Python cost a
+ * service about 20 µs per cast, ten times its cost in a loop, most of it in
+ * touching Python objects that the driver's own work had pushed out of the
+ * CPU's caches (README, "Overhead").
+ *
+ * Every function called with the GIL held, as CPython calls them; nothing
+ * here releases it.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include "../tracer/_speedups.h"
+
+static PyObject *str_call, *str_cast, *str_fanout, *str_ok, *str_fanout_attr, *str_topic,
+    *str_method, *str_get, *str_call_started, *str_call_finished, *str_bad_context,
+    *str_dropped;
+
+/* -- Sender: one per driver ----------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *service;
+    PyObject *recorder;
+    PyObject *inc;             /* recorder.inc */
+    PyObject *observe;         /* recorder.observe */
+    PyObject *keeps_hop;       /* recorder.keeps_hop */
+    PyObject *open_calls;      /* set of the tokens of calls waiting for a reply */
+    PyObject *sent_metric;     /* metrics.RPC_SENT.name */
+    PyObject *reply_wait_metric;  /* metrics.RPC_REPLY_WAIT.name */
+    PyObject *method_seen;     /* labels.method.seen */
+    PyObject *method_label;    /* labels.method */
+    PyObject *context_copy;    /* rpc_driver._context_copy */
+    PyObject *stamp;           /* context.stamp_outgoing */
+    PyObject *failed;          /* (send, exception, duration): the error path */
+    PyObject *add_hop;         /* (send, outcome, error, duration) */
+    PyObject *recording_failed;  /* (exception) */
+} Sender;
+
+typedef struct {
+    PyObject_HEAD
+    Sender *sender;
+    PyObject *ctxt;      /* the message context sent: a copy, stamped */
+    PyObject *ctx;       /* the hop's TraceContext */
+    PyObject *kind;      /* call, cast or fanout */
+    PyObject *topic;
+    PyObject *method;
+    PyObject *token;     /* a call's waiting-reply token, or None */
+    double start;
+    char done;
+} Send;
+
+static PyTypeObject SenderType, SendType;
+
+static int
+sender_init(Sender *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "service", "recorder", "sent_metric", "reply_wait_metric", "method_label",
+        "context_copy", "stamp", "failed", "add_hop", "recording_failed", NULL};
+    PyObject *service, *recorder, *sent, *reply_wait, *method_label, *context_copy, *stamp,
+        *failed, *add_hop, *recording_failed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$UOUUOOOOOO:Sender", keywords,
+                                     &service, &recorder, &sent, &reply_wait, &method_label,
+                                     &context_copy, &stamp, &failed, &add_hop,
+                                     &recording_failed))
+        return -1;
+    /* The recorder's methods live as long as it does (recorder.py). */
+    PyObject *inc = PyObject_GetAttrString(recorder, "inc");
+    PyObject *observe = inc ? PyObject_GetAttrString(recorder, "observe") : NULL;
+    PyObject *keeps_hop = observe ? PyObject_GetAttrString(recorder, "keeps_hop") : NULL;
+    PyObject *seen = keeps_hop ? PyObject_GetAttrString(method_label, "seen") : NULL;
+    PyObject *open_calls = seen ? PySet_New(NULL) : NULL;
+    if (open_calls == NULL || !PySet_CheckExact(seen)) {
+        if (seen != NULL && !PySet_CheckExact(seen))
+            PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
+        Py_XDECREF(inc);
+        Py_XDECREF(observe);
+        Py_XDECREF(keeps_hop);
+        Py_XDECREF(seen);
+        Py_XDECREF(open_calls);
+        return -1;
+    }
+    Py_XSETREF(self->inc, inc);
+    Py_XSETREF(self->observe, observe);
+    Py_XSETREF(self->keeps_hop, keeps_hop);
+    Py_XSETREF(self->method_seen, seen);
+    Py_XSETREF(self->open_calls, open_calls);
+    Py_XSETREF(self->service, Py_NewRef(service));
+    Py_XSETREF(self->recorder, Py_NewRef(recorder));
+    Py_XSETREF(self->sent_metric, Py_NewRef(sent));
+    Py_XSETREF(self->reply_wait_metric, Py_NewRef(reply_wait));
+    Py_XSETREF(self->method_label, Py_NewRef(method_label));
+    Py_XSETREF(self->context_copy, Py_NewRef(context_copy));
+    Py_XSETREF(self->stamp, Py_NewRef(stamp));
+    Py_XSETREF(self->failed, Py_NewRef(failed));
+    Py_XSETREF(self->add_hop, Py_NewRef(add_hop));
+    Py_XSETREF(self->recording_failed, Py_NewRef(recording_failed));
+    return 0;
+}
+
+static int
+sender_traverse(Sender *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->service);
+    Py_VISIT(self->recorder);
+    Py_VISIT(self->inc);
+    Py_VISIT(self->observe);
+    Py_VISIT(self->keeps_hop);
+    Py_VISIT(self->open_calls);
+    Py_VISIT(self->sent_metric);
+    Py_VISIT(self->reply_wait_metric);
+    Py_VISIT(self->method_seen);
+    Py_VISIT(self->method_label);
+    Py_VISIT(self->context_copy);
+    Py_VISIT(self->stamp);
+    Py_VISIT(self->failed);
+    Py_VISIT(self->add_hop);
+    Py_VISIT(self->recording_failed);
+    return 0;
+}
+
+static int
+sender_clear(Sender *self)
+{
+    Py_CLEAR(self->service);
+    Py_CLEAR(self->recorder);
+    Py_CLEAR(self->inc);
+    Py_CLEAR(self->observe);
+    Py_CLEAR(self->keeps_hop);
+    Py_CLEAR(self->open_calls);
+    Py_CLEAR(self->sent_metric);
+    Py_CLEAR(self->reply_wait_metric);
+    Py_CLEAR(self->method_seen);
+    Py_CLEAR(self->method_label);
+    Py_CLEAR(self->context_copy);
+    Py_CLEAR(self->stamp);
+    Py_CLEAR(self->failed);
+    Py_CLEAR(self->add_hop);
+    Py_CLEAR(self->recording_failed);
+    return 0;
+}
+
+static void
+sender_dealloc(Sender *self)
+{
+    PyObject_GC_UnTrack(self);
+    sender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The method label of a message: remembered, else labels.method. */
+static PyObject *
+method_label(Sender *self, PyObject *message)
+{
+    PyObject *raw;
+    if (PyDict_CheckExact(message)) {
+        raw = PyDict_GetItemWithError(message, str_method);
+        if (raw == NULL && PyErr_Occurred())
+            return NULL;
+        raw = raw ? Py_NewRef(raw) : Py_NewRef(Py_None);
+    } else {
+        raw = PyObject_CallMethodOneArg(message, str_get, str_method);
+        if (raw == NULL)
+            return NULL;
+    }
+    if (PyUnicode_CheckExact(raw)) {
+        int seen = PySet_Contains(self->method_seen, raw);
+        if (seen != 0) {
+            if (seen < 0)
+                Py_CLEAR(raw);
+            return raw;
+        }
+    }
+    PyObject *label = PyObject_CallOneArg(self->method_label, raw);
+    Py_DECREF(raw);
+    return label;
+}
+
+static PyObject *
+call_method(PyObject *callable, PyObject *arg)
+{
+    PyObject *args[] = {NULL, arg};
+    return PyObject_Vectorcall(callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* begin(target, ctxt, message, wait_for_reply) -> Send, or None when the
+ * context cannot carry ours (counted as dropped "bad_context"): the send
+ * then goes on unrecorded. Raises only on commlens's own errors, which the
+ * driver counts and sends on without recording. */
+static PyObject *
+sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "begin(target, ctxt, message, wait_for_reply)");
+        return NULL;
+    }
+    PyObject *target = args[0], *ctxt = args[1], *message = args[2];
+    if (self->recorder == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Sender not initialised");
+        return NULL;
+    }
+    PyObject *out = PyDict_CheckExact(ctxt) ? PyDict_Copy(ctxt)
+                                            : call_method(self->context_copy, ctxt);
+    if (out == NULL)
+        return NULL;
+    if (!PyDict_Check(out)) {
+        Py_DECREF(out);
+        PyObject *result = PyObject_CallMethodOneArg(self->recorder, str_dropped,
+                                                     str_bad_context);
+        if (result == NULL)
+            return NULL;
+        Py_DECREF(result);
+        Py_RETURN_NONE;
+    }
+    Send *call = PyObject_GC_New(Send, &SendType);
+    if (call == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    call->sender = (Sender *)Py_NewRef(self);
+    call->ctxt = out;
+    call->ctx = call->kind = call->topic = call->method = NULL;
+    call->token = Py_NewRef(Py_None);
+    call->start = 0.0;
+    call->done = 0;
+    PyObject_GC_Track(call);
+
+    int wait = PyObject_IsTrue(args[3]);
+    if (wait < 0)
+        goto fail;
+    if (wait) {
+        call->kind = Py_NewRef(str_call);
+    } else {
+        PyObject *fanout = PyObject_GetAttr(target, str_fanout_attr);
+        int is_fanout = fanout ? PyObject_IsTrue(fanout) : -1;
+        Py_XDECREF(fanout);
+        if (is_fanout < 0)
+            goto fail;
+        call->kind = Py_NewRef(is_fanout ? str_fanout : str_cast);
+    }
+    if ((call->method = method_label(self, message)) == NULL)
+        goto fail;
+    PyObject *stamp_args[] = {NULL, out, self->service, call->kind};
+    call->ctx = PyObject_Vectorcall(self->stamp, stamp_args + 1,
+                                    3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (call->ctx == NULL || (call->topic = PyObject_GetAttr(target, str_topic)) == NULL)
+        goto fail;
+
+    PyObject *labels = PyTuple_Pack(4, self->service, call->topic, call->method, call->kind);
+    if (labels == NULL)
+        goto fail;
+    PyObject *inc_args[] = {NULL, self->sent_metric, labels};
+    PyObject *result = PyObject_Vectorcall(self->inc, inc_args + 1,
+                                           2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(labels);
+    if (result == NULL)
+        goto fail;
+    Py_DECREF(result);
+    if (wait) {
+        labels = PyTuple_Pack(3, self->service, call->topic, call->method);
+        PyObject *token = labels == NULL ? NULL : PyObject_CallMethodOneArg(
+            self->recorder, str_call_started, labels);
+        Py_XDECREF(labels);
+        if (token == NULL)
+            goto fail;
+        Py_SETREF(call->token, token);
+        if (PySet_Add(self->open_calls, token) < 0)
+            goto fail;
+    }
+    call->start = commlens_monotonic();
+    return (PyObject *)call;
+fail:
+    /* A call already counted as waiting is finished, so the gauge does not
+     * stay up for a send that goes out unrecorded. */
+    if (call->token != Py_None) {
+        PyObject *exc = PyErr_GetRaisedException();
+        PyObject *result = PyObject_CallMethodOneArg(self->recorder, str_call_finished,
+                                                     call->token);
+        Py_XDECREF(result);
+        if (PySet_Discard(self->open_calls, call->token) < 0 || result == NULL)
+            PyErr_Clear();
+        PyErr_SetRaisedException(exc);
+    }
+    call->done = 1;
+    Py_DECREF(call);
+    return NULL;
+}
+
+/* take_open_calls() -> the tokens of the calls still waiting, forgotten
+ * here (the driver's cleanup releases them). */
+static PyObject *
+sender_take_open_calls(Sender *self, PyObject *unused)
+{
+    PyObject *fresh = PySet_New(NULL);
+    if (fresh == NULL)
+        return NULL;
+    PyObject *taken = self->open_calls;
+    self->open_calls = fresh;
+    return taken;
+}
+
+static PyMethodDef sender_methods[] = {
+    {"begin", (PyCFunction)(void (*)(void))sender_begin, METH_FASTCALL,
+     "begin(target, ctxt, message, wait_for_reply) -> Send or None"},
+    {"take_open_calls", (PyCFunction)sender_take_open_calls, METH_NOARGS,
+     "The tokens of the calls still waiting for a reply, forgotten here."},
+    {NULL},
+};
+
+static PyTypeObject SenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._rpc_send.Sender",
+    .tp_doc = "Sender(*, service, recorder, ...): the per-send path of one "
+              "rpc_driver.CommlensDriver.",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sender_init,
+    .tp_dealloc = (destructor)sender_dealloc,
+    .tp_traverse = (traverseproc)sender_traverse,
+    .tp_clear = (inquiry)sender_clear,
+    .tp_methods = sender_methods,
+};
+
+/* -- Send: one message on its way ----------------------------------------- */
+
+static int
+send_record_end(Send *self, PyObject *exc)
+{
+    Sender *sender = self->sender;
+    double duration = commlens_monotonic() - self->start;
+    PyObject *duration_obj = PyFloat_FromDouble(duration);
+    if (duration_obj == NULL)
+        return -1;
+    PyObject *result;
+    if (self->token != Py_None) {
+        result = PyObject_CallMethodOneArg(sender->recorder, str_call_finished, self->token);
+        if (result == NULL || PySet_Discard(sender->open_calls, self->token) < 0)
+            goto fail;
+        Py_DECREF(result);
+    }
+    if (exc != Py_None) {
+        result = PyObject_CallFunctionObjArgs(sender->failed, (PyObject *)self, exc,
+                                              duration_obj, NULL);
+        goto done;
+    }
+    if (self->kind == str_call) {
+        PyObject *labels = PyTuple_Pack(4, sender->service, self->topic, self->method,
+                                        str_ok);
+        if (labels == NULL)
+            goto fail;
+        PyObject *observe_args[] = {NULL, sender->reply_wait_metric, labels, duration_obj};
+        result = PyObject_Vectorcall(sender->observe, observe_args + 1,
+                                     3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(labels);
+        if (result == NULL)
+            goto fail;
+        Py_DECREF(result);
+    }
+    PyObject *keep_args[] = {NULL, ((CommlensTraceContext *)self->ctx)->trace_id,
+                             duration_obj, Py_False};
+    result = PyObject_Vectorcall(sender->keeps_hop, keep_args + 1,
+                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (result == NULL)
+        goto fail;
+    int keep = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    if (keep < 0)
+        goto fail;
+    result = keep ? PyObject_CallFunctionObjArgs(sender->add_hop, (PyObject *)self, str_ok,
+                                                 Py_None, duration_obj, NULL)
+                  : Py_NewRef(Py_None);
+done:
+    if (result == NULL)
+        goto fail;
+    Py_DECREF(result);
+    Py_DECREF(duration_obj);
+    return 0;
+fail:
+    Py_DECREF(duration_obj);
+    return -1;
+}
+
+/* end(exception or None): the reply came (or the cast went out), or the
+ * send raised ``exception``. Once; never raises. */
+static PyObject *
+send_end(Send *self, PyObject *exc)
+{
+    if (self->done)
+        Py_RETURN_NONE;
+    self->done = 1;
+    if (send_record_end(self, exc) < 0) {
+        PyObject *error = PyErr_GetRaisedException();
+        PyObject *result = PyObject_CallOneArg(self->sender->recording_failed,
+                                               error ? error : Py_None);
+        Py_XDECREF(result);
+        Py_XDECREF(error);
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+send_traverse(Send *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->sender);
+    Py_VISIT(self->ctxt);
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->kind);
+    Py_VISIT(self->topic);
+    Py_VISIT(self->method);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+send_clear(Send *self)
+{
+    Py_CLEAR(self->sender);
+    Py_CLEAR(self->ctxt);
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->kind);
+    Py_CLEAR(self->topic);
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+send_dealloc(Send *self)
+{
+    PyObject_GC_UnTrack(self);
+    send_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+send_get_start(Send *self, void *closure)
+{
+    return PyFloat_FromDouble(self->start);
+}
+
+static PyMethodDef send_methods[] = {
+    {"end", (PyCFunction)send_end, METH_O,
+     "end(exception or None): record the end of the send, once; never raises."},
+    {NULL},
+};
+
+static PyMemberDef send_members[] = {
+    {"ctxt", T_OBJECT, offsetof(Send, ctxt), READONLY, NULL},
+    {"ctx", T_OBJECT, offsetof(Send, ctx), READONLY, NULL},
+    {"kind", T_OBJECT, offsetof(Send, kind), READONLY, NULL},
+    {"topic", T_OBJECT, offsetof(Send, topic), READONLY, NULL},
+    {"method", T_OBJECT, offsetof(Send, method), READONLY, NULL},
+    {"token", T_OBJECT, offsetof(Send, token), READONLY, NULL},
+    {NULL},
+};
+
+static PyGetSetDef send_getset[] = {
+    {"start", (getter)send_get_start, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject SendType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._rpc_send.Send",
+    .tp_doc = "One message on its way: made by Sender.begin, ended by end().",
+    .tp_basicsize = sizeof(Send),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)send_dealloc,
+    .tp_traverse = (traverseproc)send_traverse,
+    .tp_clear = (inquiry)send_clear,
+    .tp_methods = send_methods,
+    .tp_members = send_members,
+    .tp_getset = send_getset,
+};
+
+/* -- module --------------------------------------------------------------- */
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_rpc_send",
+    "The RPC client's per-send path, compiled (see middleware/rpc_driver.py).", -1,
+};
+
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC
+PyInit__rpc_send(void)
+{
+    /* The kinds and "ok" are the labels rpc_driver.py and metrics.py use:
+     * interned, so they are the same objects as those constants. */
+    INTERN(str_call, "call");
+    INTERN(str_cast, "cast");
+    INTERN(str_fanout, "fanout");
+    INTERN(str_ok, "ok");
+    INTERN(str_fanout_attr, "fanout");
+    INTERN(str_topic, "topic");
+    INTERN(str_method, "method");
+    INTERN(str_get, "get");
+    INTERN(str_call_started, "call_started");
+    INTERN(str_call_finished, "call_finished");
+    INTERN(str_bad_context, "bad_context");
+    INTERN(str_dropped, "dropped");
+    if (PyType_Ready(&SenderType) < 0 || PyType_Ready(&SendType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
