@@ -17,7 +17,6 @@ RPC server replies to casts too).
 """
 
 import logging
-import time
 
 from oslo_messaging._drivers import base
 from oslo_messaging import exceptions as om_exceptions
@@ -26,6 +25,7 @@ from stevedore import driver as stevedore_driver
 
 from commlens.exporters import shipping
 from commlens.exporters import urls
+from commlens.middleware import _rpc_receive
 from commlens.middleware import _rpc_send
 from commlens.middleware import http_client
 from commlens.tracer import context
@@ -46,8 +46,6 @@ _UNANSWERED = frozenset((metrics.TIMEOUT, metrics.TRANSPORT_ERROR))
 _URL_PREFIX = "commlens_"  # query parameters for us, removed before the inner driver
 _AMQP_DRIVERS = frozenset(("rabbit", "kombu", "amqp"))
 
-_perf_counter = time.perf_counter
-_time = time.time
 
 
 class CommlensDriver(base.BaseDriver):
@@ -219,7 +217,11 @@ class CommlensDriver(base.BaseDriver):
                                      notifications=True)
 
     def _received(self, incoming, topic, notifications):
-        """Count a message as it is handed to the service."""
+        """Count a notification as it is handed to the service; for an RPC,
+        read its context: (ctx, caller, method, kind), or None.
+
+        This is the general case of what _rpc_receive.Receiver.wrap does
+        compiled, and the reference for it."""
         ctxt = incoming.ctxt
         if not isinstance(ctxt, dict):
             return None
@@ -240,57 +242,40 @@ class CommlensDriver(base.BaseDriver):
             # An uninstrumented sender: a reply is expected only for a call.
             # A fanout from such a sender is counted as a cast.
             kind = CALL if getattr(incoming, "orig_msg_id", None) or ctxt.get("msg_id") else CAST
-        method = labels.method(message.get("method"))
-        self._recorder.inc(metrics.RPC_RECEIVED,
-                           (self._service, caller, topic, method, kind))
-        return _Received(ctx, caller, topic, method, kind, ctxt)
+        return ctx, caller, labels.method(message.get("method")), kind
 
-    def _processed(self, received, failure):
-        duration = received.end - received.start
-        if failure is None:
-            outcome, error = metrics.OK, None
-        else:
-            outcome = metrics.ERROR
-            exc_type = failure[0] if isinstance(failure, tuple) else type(failure)
-            error = labels.error_class(getattr(exc_type, "__name__", None))
-            self._recorder.inc(metrics.RPC_PROCESSING_ERRORS, (
-                self._service, received.caller, received.topic, received.method, error))
+    # A message's processing ends (middleware/_rpc_receive.c): one update for
+    # the processing metrics and the graph edge alike (tracer/derived.py),
+    # and its hop if it is sampled; a failed one comes here.
+
+    def _processing_failed(self, incoming, failure, duration):
+        exc_type = failure[0] if isinstance(failure, tuple) else type(failure)
+        error = labels.error_class(getattr(exc_type, "__name__", None))
         rec = self._recorder
-        # One update for the processing metrics and the graph edge alike
-        # (tracer/derived.py).
-        rec.observe(metrics.RPC_SERVER_HOPS, (self._service, received.caller, received.topic,
-                                              received.method, outcome), duration)
-        if rec.keeps_hop(received.ctx.trace_id, duration,
-                         error is not None or received.ctx.child_failed):
-            self._recorder.add_hop(hops.make_hop(
-                received.ctx, service=self._service, side=hops.SERVER,
-                protocol=hops.RPC, peer=received.caller, target=received.topic,
-                operation=received.method, kind=received.kind, outcome=outcome,
-                error=error, start=hops.wall_clock_start(received.start, received.start + duration),
-                duration=duration,
-                request_id=labels.request_id(received.ctxt.get("request_id")),
-                global_request_id=labels.request_id(received.ctxt.get("global_request_id"))))
+        rec.inc(metrics.RPC_PROCESSING_ERRORS, (
+            self._service, incoming.caller, incoming.topic, incoming.method, error))
+        rec.observe(metrics.RPC_SERVER_HOPS, (self._service, incoming.caller, incoming.topic,
+                                              incoming.method, metrics.ERROR), duration)
+        self._add_receive_hop(incoming, metrics.ERROR, error, duration)
+
+    def _add_receive_hop(self, incoming, outcome, error, duration):
+        self._recorder.add_hop(hops.make_hop(
+            incoming.ctx, service=self._service, side=hops.SERVER,
+            protocol=hops.RPC, peer=incoming.caller, target=incoming.topic,
+            operation=incoming.method, kind=incoming.kind, outcome=outcome,
+            error=error, start=hops.wall_clock_start(incoming.start, incoming.start + duration),
+            duration=duration,
+            request_id=labels.request_id(incoming.ctxt.get("request_id")),
+            global_request_id=labels.request_id(incoming.ctxt.get("global_request_id"))))
+
+    def _receive_recording_failed(self, exc):
+        self._recorder.dropped("recording_error")
+        LOG.debug("commlens: recording a received message failed", exc_info=exc)
 
     def cleanup(self):
         # Calls still waiting will never get their reply through this driver.
         self._recorder.release_calls(self._sends.take_open_calls())
         self._inner.cleanup()
-
-
-class _Received:
-    __slots__ = ("ctx", "caller", "topic", "method", "kind", "ctxt", "start", "end",
-                 "context_token", "done")
-
-    def __init__(self, ctx, caller, topic, method, kind, ctxt):
-        self.ctx = ctx
-        self.caller = caller
-        self.topic = topic
-        self.method = method
-        self.kind = kind
-        self.ctxt = ctxt  # request ids are read from it only if a hop is shipped
-        self.start = self.end = _perf_counter()
-        self.context_token = None
-        self.done = False
 
 
 class _InstrumentedListener(base.Listener):
@@ -302,6 +287,15 @@ class _InstrumentedListener(base.Listener):
         self._driver = driver
         self._topic = topic
         self._notifications = notifications
+        # The per-message path of RPC listeners, compiled.
+        self._receiver = None if notifications else _rpc_receive.Receiver(
+            service=driver._service, topic=topic, recorder=driver._recorder,
+            received_metric=metrics.RPC_RECEIVED.name,
+            hops_metric=metrics.RPC_SERVER_HOPS.name, method_label=labels.method,
+            incoming_type=_InstrumentedIncoming, trace_context=context.TraceContext,
+            current=context.current_var, in_python=self._wrap_in_python,
+            failed=driver._processing_failed, add_hop=driver._add_receive_hop,
+            recording_failed=driver._receive_recording_failed)
 
     def __getattr__(self, name):
         if name == "_inner":
@@ -318,14 +312,21 @@ class _InstrumentedListener(base.Listener):
 
     def _wrap(self, message):
         try:
-            received = self._driver._received(message, self._topic, self._notifications)
+            if self._receiver is None:
+                return self._wrap_in_python(message)
+            return self._receiver.wrap(message)
         except Exception:
             self._driver._recorder.dropped("recording_error")
             LOG.debug("commlens: recording a received message failed", exc_info=True)
             return message
+
+    def _wrap_in_python(self, message):
+        """A notification (counted, passed on as it is), or an RPC whose
+        context the compiled Receiver leaves to _received."""
+        received = self._driver._received(message, self._topic, self._notifications)
         if received is None:
             return message
-        return _InstrumentedIncoming(message, self._driver, received)
+        return self._receiver.incoming(message, *received)
 
     def stop(self):
         self._inner.stop()
@@ -335,69 +336,19 @@ class _InstrumentedListener(base.Listener):
         self._inner.cleanup()
 
 
-class _InstrumentedIncoming(base.RpcIncomingMessage):
+class _InstrumentedIncoming(_rpc_receive.Incoming, base.RpcIncomingMessage):
     """An incoming RPC whose processing is timed from dispatch to reply.
 
     The RPC server calls ``acknowledge()`` in the worker right before
     dispatching and ``reply()`` right after, for casts too; between the two,
-    the hop is the current one, so calls the endpoint makes become its children.
+    the hop is the current one, so calls the endpoint makes become its
+    children. Compiled (middleware/_rpc_receive.c): made by a Receiver, never
+    here; ``ctxt``, ``message``, ``msg_id`` and ``client_timeout`` are the
+    inner message's, and what else the server reads of it is delegated.
     """
 
-    def __init__(self, inner, driver, received):
-        # base.IncomingMessage.__init__ would invent a msg_id; take the inner one.
-        self._inner = inner
-        self._driver = driver
-        self._received = received
-        self.ctxt = inner.ctxt
-        self.message = inner.message
-        self.msg_id = inner.msg_id
-        self.client_timeout = getattr(inner, "client_timeout", None)
-
     def __getattr__(self, name):
-        if name == "_inner":
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-    def acknowledge(self):
-        self._inner.acknowledge()
-        try:
-            received = self._received
-            received.start = _perf_counter()
-            received.context_token = context.set_current(received.ctx)
-        except Exception:
-            LOG.debug("commlens: marking dispatch start failed", exc_info=True)
-
-    # The processing time ends before the reply goes out; the recording is
-    # done after, so the caller does not wait for it.
-    def reply(self, reply=None, failure=None):
-        self._received.end = _perf_counter()
-        try:
-            return self._inner.reply(reply=reply, failure=failure)
-        finally:
-            self._finish(failure)
-
-    def requeue(self):
-        self._received.end = _perf_counter()
-        try:
-            return self._inner.requeue()
-        finally:
-            self._finish(None)
-
-    def heartbeat(self):
-        return self._inner.heartbeat()
-
-    def _finish(self, failure):
-        received = self._received
-        if received.done:
-            return
-        received.done = True
-        try:
-            if received.context_token is not None:
-                context.reset_current(received.context_token)
-            self._driver._processed(received, failure)
-        except Exception:
-            self._driver._recorder.dropped("recording_error")
-            LOG.debug("commlens: recording a reply failed", exc_info=True)
+        return getattr(self.inner, name)
 
 
 def _context_copy(ctxt):

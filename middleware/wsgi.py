@@ -252,6 +252,6 @@ _wsgi_request.bind(
     baggage_caller=_baggage_caller, user_agent_memo=_user_agent_memo,
     caller_from_user_agent=_caller_from_user_agent, status_codes=_STATUS_CODES,
     status_code=_status_code, http_methods=labels.HTTP_METHODS,
-    other_method=labels.OTHER_METHOD, current=context._current,
+    other_method=labels.OTHER_METHOD, current=context.current_var,
     hop_metric=metrics.HTTP_SERVER_HOPS.name, error_class=labels.error_class,
     record_hop=_record_hop, recording_failed=_recording_failed, wrap_iterable=_Body)

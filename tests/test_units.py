@@ -526,3 +526,96 @@ def test_ids_are_hex_unique_and_differ_in_a_forked_child():
     assert os.read(reader, 64).decode() != context.new_trace_id()
     os.close(reader)
     os.close(writer)
+
+
+class _Message:
+    """A driver's incoming RPC message, as the RPC server sees it."""
+
+    def __init__(self, ctxt, method="build_instances", orig_msg_id=None):
+        self.ctxt = ctxt
+        self.message = {"method": method, "args": {}}
+        self.msg_id = "m-1"
+        self.orig_msg_id = orig_msg_id
+        self.replies = []
+
+    def acknowledge(self):
+        pass
+
+    def reply(self, reply=None, failure=None):
+        self.replies.append((reply, failure))
+
+    def requeue(self):
+        pass
+
+
+class _Listener:
+    batch_size, batch_timeout, prefetch_size = 1, None, -1
+
+
+@pytest.fixture(scope="module")
+def rpc_listener():
+    import oslo_messaging as om
+
+    from commlens.middleware import rpc_driver
+
+    transport = om.get_rpc_transport(cfg.ConfigOpts(), url="commlens+fake://")
+    yield rpc_driver._InstrumentedListener(_Listener(), transport._driver, "conductor",
+                                           notifications=False)
+    transport.cleanup()
+
+
+def _mutations(value, count):
+    rng = random.Random(7)
+    alphabet = "0123456789abcdefABCDEF-;=,. xyz\t"
+    for _ in range(count):
+        chars = list(value)
+        for _ in range(rng.randint(1, 3)):
+            where = rng.randrange(len(chars))
+            action = rng.random()
+            if action < 0.5:
+                chars[where] = rng.choice(alphabet)
+            elif action < 0.75:
+                del chars[where]
+            else:
+                chars.insert(where, rng.choice(alphabet))
+        yield "".join(chars)
+
+
+def test_received_context_compiled_and_in_python_agree(rpc_listener):
+    # middleware/_rpc_receive.c reads the common contexts itself and leaves
+    # the rest to rpc_driver._received: both must read every context alike.
+    member = "commlens.service=nova-api;kind=call;span=" + VALID[36:52]
+    contexts = [{}, {"traceparent": VALID}, {"traceparent": VALID, "baggage": member},
+                {"baggage": member}, {"traceparent": VALID, "baggage": "vendor=1," + member},
+                {"traceparent": VALID, "baggage": member.replace("call", "poke")},
+                {"msg_id": "x"}, {"traceparent": None, "baggage": None}]
+    contexts += [{"traceparent": t} for t in _mutations(VALID, 2000)]
+    contexts += [{"traceparent": VALID, "baggage": b} for b in _mutations(member, 2000)]
+    driver = rpc_listener._driver
+    for ctxt in contexts:
+        for orig_msg_id in (None, "reply-to-me"):
+            compiled = rpc_listener._receiver.wrap(_Message(dict(ctxt), orig_msg_id=orig_msg_id))
+            ctx, caller, method, kind = driver._received(
+                _Message(dict(ctxt), orig_msg_id=orig_msg_id), "conductor", False)
+            assert (compiled.ctx.trace_id, compiled.ctx.parent_id, compiled.ctx.sampled,
+                    compiled.ctx.service, compiled.caller, compiled.method, compiled.kind) == (
+                ctx.trace_id, ctx.parent_id, ctx.sampled, ctx.service, caller, method,
+                kind), ctxt
+
+
+def test_an_incoming_message_is_timed_from_dispatch_to_reply(rpc_listener):
+    recorder = rpc_listener._driver._recorder
+    inner = _Message({"traceparent": VALID}, method="select_destinations")
+    incoming = rpc_listener._wrap(inner)
+    assert (incoming.ctxt, incoming.message, incoming.msg_id) == (
+        inner.ctxt, inner.message, inner.msg_id)
+    assert incoming.orig_msg_id is None  # what else the server reads: the inner one's
+    incoming.acknowledge()
+    assert context.current() is incoming.ctx  # calls made now are its children
+    incoming.reply({"ok": 1})
+    incoming.reply({"ok": 1})  # passed on again, recorded once
+    assert context.current() is None
+    assert inner.replies == [({"ok": 1}, None)] * 2
+    done = [h for h in recorder.snapshot(1)["histograms"]
+            if h[0] == metrics.RPC_PROCESSING.name and "select_destinations" in h[1]]
+    assert sum(done[0][2]) == 1  # counted once

@@ -1,7 +1,8 @@
 /* What the other compiled parts of commlens (middleware/_*.c) share with
  * tracer/_speedups.c: the layout of a TraceContext, so that a per-request
  * path makes and reads one without a Python attribute look-up; the clock;
- * and Python 3.12's single-object exception API on 3.10 and 3.11.
+ * an optional attribute look-up; and Python 3.12's single-object exception
+ * API on 3.10 and 3.11.
  *
  * context.TraceContext is a Python subclass with no fields of its own
  * (__slots__ = ()), so its instances have exactly this layout; a user
@@ -56,6 +57,20 @@ commlens_monotonic(void)
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+/* getattr(obj, name, None) without the AttributeError's cost to the
+ * caller: 1 and a new reference, 0 (absent), or -1 and an error. */
+static inline int
+commlens_optional_attr(PyObject *obj, PyObject *name, PyObject **result)
+{
+    *result = PyObject_GetAttr(obj, name);
+    if (*result != NULL)
+        return 1;
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+        return -1;
+    PyErr_Clear();
+    return 0;
 }
 
 #if PY_VERSION_HEX < 0x030C0000

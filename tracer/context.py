@@ -142,7 +142,9 @@ _current = contextvars.ContextVar("commlens_current_hop", default=None)
 
 
 # The ContextVar's own methods, not functions around them: they run on every
-# request and message, where a Python frame more is measurable.
+# request and message, where a Python frame more is measurable. The
+# compiled paths (middleware/_*.c) set and reset the variable itself.
+current_var = _current
 current = _current.get
 set_current = _current.set  # returns the token for reset_current
 
@@ -297,5 +299,5 @@ def _otel_span_reader():
 _otel_active_span, _otel_context_var = _otel_span_reader()
 
 
-_speedups.bind_stamping(current=_current, otel_context=_otel_context_var,
+_speedups.bind_stamping(current=current_var, otel_context=_otel_context_var,
                         trace_context=TraceContext, in_python=_stamp_outgoing_in_python)

@@ -1,0 +1,752 @@
+/* The RPC server's per-message path, compiled.
+ *
+ * middleware/rpc_driver.py is the driver wrapper; this file is only what
+ * runs for every RPC message a service receives, from its receipt to its
+ * reply, and rpc_driver.py says what is recorded and why. A Receiver (one
+ * per listener) reads the message context and counts the message; the
+ * Incoming it returns is what the RPC server acknowledges, replies to or
+ * requeues, and times the processing in between.
+ *
+ * The message context's common case is read here: no traceparent or a
+ * version-00 one, no baggage or exactly our member. Anything else (and a
+ * context that is not a dict) goes to rpc_driver.py's Python, which is the
+ * reference for what this file does; so do a failed processing and a hop
+ * to ship.
+ *
+ * Why C: as for the client (middleware/_rpc_send.c), the same path in
+ * Python cost a server about 40 µs per message between its socket reads,
+ * and every call waits for it.
+ *
+ * Every function called with the GIL held, as CPython calls them; nothing
+ * here releases it.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include "../tracer/_speedups.h"
+
+static PyObject *str_traceparent, *str_baggage, *str_ctxt, *str_message, *str_msg_id,
+    *str_orig_msg_id, *str_client_timeout, *str_method, *str_call, *str_cast, *str_fanout,
+    *str_unknown, *str_ok, *str_acknowledge, *str_requeue, *str_heartbeat, *str_reply,
+    *str_failure, *kw_reply_failure;
+
+/* -- reading the message context ------------------------------------------ */
+
+static int
+is_lower_hex(const Py_UCS1 *text, Py_ssize_t length, int *all_zero)
+{
+    *all_zero = 1;
+    for (Py_ssize_t i = 0; i < length; i++) {
+        Py_UCS1 c = text[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return 0;
+        if (c != '0')
+            *all_zero = 0;
+    }
+    return 1;
+}
+
+/* A version-00 traceparent as every sender writes it: 1 and the trace id,
+ * the parent id and the sampled flag; 0 if it is anything else (the Python
+ * parser decides: a later version, or not valid). */
+static int
+parse_traceparent_00(PyObject *value, PyObject **trace_id, PyObject **parent_id, int *sampled)
+{
+    if (!PyUnicode_CheckExact(value) || !PyUnicode_IS_ASCII(value)
+            || PyUnicode_GET_LENGTH(value) != 55)
+        return 0;
+    const Py_UCS1 *text = PyUnicode_1BYTE_DATA(value);
+    int zero_trace, zero_parent, zero_flags;
+    if (text[0] != '0' || text[1] != '0' || text[2] != '-' || text[35] != '-'
+            || text[52] != '-' || !is_lower_hex(text + 3, 32, &zero_trace)
+            || !is_lower_hex(text + 36, 16, &zero_parent)
+            || !is_lower_hex(text + 53, 2, &zero_flags) || zero_trace || zero_parent)
+        return 0;
+    Py_UCS1 last = text[54];
+    *sampled = (last >= 'a' ? last - 'a' + 10 : last - '0') & 1;
+    *trace_id = PyUnicode_Substring(value, 3, 35);
+    *parent_id = *trace_id ? PyUnicode_Substring(value, 36, 52) : NULL;
+    if (*parent_id == NULL) {
+        Py_CLEAR(*trace_id);
+        return -1;
+    }
+    return 1;
+}
+
+static int
+name_char(Py_UCS1 c)
+{
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
+        || c == '_' || c == '.' || c == '-';
+}
+
+/* Baggage that is exactly our member, ``commlens.service=NAME;kind=KIND;
+ * span=SPAN`` (context.with_baggage_sender's, alone): 1 and its three
+ * parts; 0 if it is anything else (the Python parser decides). */
+static int
+parse_sender_member(PyObject *value, PyObject **service, PyObject **kind, PyObject **span)
+{
+    static const char prefix[] = "commlens.service=";
+    const Py_ssize_t prefix_length = sizeof(prefix) - 1;
+    if (!PyUnicode_CheckExact(value) || !PyUnicode_IS_ASCII(value))
+        return 0;
+    const Py_UCS1 *text = PyUnicode_1BYTE_DATA(value);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+    if (length < prefix_length || memcmp(text, prefix, prefix_length) != 0)
+        return 0;
+    Py_ssize_t name_start = prefix_length, name_end = name_start;
+    while (name_end < length && name_char(text[name_end]))
+        name_end++;
+    Py_ssize_t name_length = name_end - name_start;
+    if (name_length < 1 || name_length > 64 || text[name_start] == '_'
+            || text[name_start] == '.' || text[name_start] == '-'
+            || length - name_end < 6 || memcmp(text + name_end, ";kind=", 6) != 0)
+        return 0;
+    Py_ssize_t kind_start = name_end + 6, kind_end = kind_start;
+    while (kind_end < length && text[kind_end] >= 'a' && text[kind_end] <= 'z')
+        kind_end++;
+    int all_zero;
+    if (kind_end - kind_start < 1 || kind_end - kind_start > 16
+            || length - kind_end != 6 + 16 || memcmp(text + kind_end, ";span=", 6) != 0
+            || !is_lower_hex(text + kind_end + 6, 16, &all_zero))
+        return 0;
+    *service = PyUnicode_Substring(value, name_start, name_end);
+    *kind = *service ? PyUnicode_Substring(value, kind_start, kind_end) : NULL;
+    *span = *kind ? PyUnicode_Substring(value, kind_end + 6, length) : NULL;
+    if (*span == NULL) {
+        Py_CLEAR(*service);
+        Py_CLEAR(*kind);
+        return -1;
+    }
+    return 1;
+}
+
+/* -- Receiver: one per listener ------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *service;
+    PyObject *topic;
+    PyObject *inc;               /* recorder.inc */
+    PyObject *observe;           /* recorder.observe */
+    PyObject *keeps_hop;         /* recorder.keeps_hop */
+    PyObject *received_metric;   /* metrics.RPC_RECEIVED.name */
+    PyObject *hops_metric;       /* metrics.RPC_SERVER_HOPS.name */
+    PyObject *method_seen;       /* labels.method.seen */
+    PyObject *method_label;      /* labels.method */
+    PyTypeObject *incoming_type; /* rpc_driver._InstrumentedIncoming */
+    PyTypeObject *trace_context; /* context.TraceContext */
+    PyObject *current;           /* ContextVar of the hop being served */
+    PyObject *in_python;         /* (message) -> the general case */
+    PyObject *failed;            /* (incoming, failure, duration) */
+    PyObject *add_hop;           /* (incoming, outcome, error, duration) */
+    PyObject *recording_failed;  /* (exception) */
+} Receiver;
+
+typedef struct {
+    PyObject_HEAD
+    Receiver *receiver;
+    PyObject *inner;        /* the driver's message */
+    PyObject *ctxt;
+    PyObject *message;
+    PyObject *msg_id;
+    PyObject *client_timeout;
+    PyObject *ctx;          /* the hop's TraceContext */
+    PyObject *caller;
+    PyObject *method;
+    PyObject *kind;
+    PyObject *context_token;
+    double start;
+    double end;
+    char done;
+} Incoming;
+
+static PyTypeObject ReceiverType, IncomingType;
+
+#define RECEIVER_FIELDS(X) \
+    X(service) X(topic) X(inc) X(observe) X(keeps_hop) X(received_metric) X(hops_metric) \
+    X(method_seen) X(method_label) X(current) X(in_python) X(failed) X(add_hop) \
+    X(recording_failed)
+
+static int
+receiver_traverse(Receiver *self, visitproc visit, void *arg)
+{
+#define VISIT(field) Py_VISIT(self->field);
+    RECEIVER_FIELDS(VISIT)
+#undef VISIT
+    Py_VISIT(self->incoming_type);
+    Py_VISIT(self->trace_context);
+    return 0;
+}
+
+static int
+receiver_clear(Receiver *self)
+{
+#define CLEAR(field) Py_CLEAR(self->field);
+    RECEIVER_FIELDS(CLEAR)
+#undef CLEAR
+    Py_CLEAR(self->incoming_type);
+    Py_CLEAR(self->trace_context);
+    return 0;
+}
+
+static void
+receiver_dealloc(Receiver *self)
+{
+    PyObject_GC_UnTrack(self);
+    receiver_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "service", "topic", "recorder", "received_metric", "hops_metric", "method_label",
+        "incoming_type", "trace_context", "current", "in_python", "failed", "add_hop",
+        "recording_failed", NULL};
+    PyObject *service, *topic, *recorder, *received, *hops, *method_label, *incoming_type,
+        *trace_context, *current, *in_python, *failed, *add_hop, *recording_failed;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "$UUOUUOO!O!O!OOOO:Receiver", keywords, &service, &topic,
+            &recorder, &received, &hops, &method_label, &PyType_Type, &incoming_type,
+            &PyType_Type, &trace_context, &PyContextVar_Type, &current, &in_python, &failed,
+            &add_hop, &recording_failed))
+        return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)incoming_type, &IncomingType)) {
+        PyErr_SetString(PyExc_TypeError, "incoming_type: a subclass of Incoming");
+        return -1;
+    }
+    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
+    PyObject *base = speedups ? PyObject_GetAttrString(speedups, "TraceContext") : NULL;
+    Py_XDECREF(speedups);
+    if (base == NULL)
+        return -1;
+    int same_layout = PyType_Check(base) && commlens_is_trace_context_type(
+        (PyTypeObject *)trace_context, (PyTypeObject *)base);
+    Py_DECREF(base);
+    if (!same_layout) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trace_context: a subclass of _speedups.TraceContext with no fields");
+        return -1;
+    }
+    /* The recorder's methods live as long as it does (recorder.py). */
+    PyObject *inc = PyObject_GetAttrString(recorder, "inc");
+    PyObject *observe = inc ? PyObject_GetAttrString(recorder, "observe") : NULL;
+    PyObject *keeps_hop = observe ? PyObject_GetAttrString(recorder, "keeps_hop") : NULL;
+    PyObject *seen = keeps_hop ? PyObject_GetAttrString(method_label, "seen") : NULL;
+    if (seen == NULL || !PySet_CheckExact(seen)) {
+        if (seen != NULL)
+            PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
+        Py_XDECREF(inc);
+        Py_XDECREF(observe);
+        Py_XDECREF(keeps_hop);
+        Py_XDECREF(seen);
+        return -1;
+    }
+    Py_XSETREF(self->inc, inc);
+    Py_XSETREF(self->observe, observe);
+    Py_XSETREF(self->keeps_hop, keeps_hop);
+    Py_XSETREF(self->method_seen, seen);
+    Py_XSETREF(self->service, Py_NewRef(service));
+    Py_XSETREF(self->topic, Py_NewRef(topic));
+    Py_XSETREF(self->received_metric, Py_NewRef(received));
+    Py_XSETREF(self->hops_metric, Py_NewRef(hops));
+    Py_XSETREF(self->method_label, Py_NewRef(method_label));
+    Py_XSETREF(self->incoming_type, (PyTypeObject *)Py_NewRef(incoming_type));
+    Py_XSETREF(self->trace_context, (PyTypeObject *)Py_NewRef(trace_context));
+    Py_XSETREF(self->current, Py_NewRef(current));
+    Py_XSETREF(self->in_python, Py_NewRef(in_python));
+    Py_XSETREF(self->failed, Py_NewRef(failed));
+    Py_XSETREF(self->add_hop, Py_NewRef(add_hop));
+    Py_XSETREF(self->recording_failed, Py_NewRef(recording_failed));
+    return 0;
+}
+
+/* The method label of a message body: remembered, else labels.method. */
+static PyObject *
+method_label(Receiver *self, PyObject *body)
+{
+    PyObject *raw = Py_None;
+    if (PyDict_Check(body)) {
+        raw = PyDict_GetItemWithError(body, str_method);
+        if (raw == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            raw = Py_None;
+        }
+    }
+    if (PyUnicode_CheckExact(raw)) {
+        int seen = PySet_Contains(self->method_seen, raw);
+        if (seen != 0)
+            return seen < 0 ? NULL : Py_NewRef(raw);
+    }
+    return PyObject_CallOneArg(self->method_label, raw);
+}
+
+/* An Incoming wrapping ``inner``, counted; takes the references it is given. */
+static PyObject *
+make_incoming(Receiver *self, PyObject *inner, PyObject *ctxt, PyObject *ctx,
+              PyObject *caller, PyObject *method, PyObject *kind)
+{
+    Incoming *incoming = NULL;
+    PyObject *labels = PyTuple_Pack(5, self->service, caller, self->topic, method, kind);
+    if (labels == NULL)
+        goto fail;
+    PyObject *inc_args[] = {NULL, self->received_metric, labels};
+    PyObject *result = PyObject_Vectorcall(self->inc, inc_args + 1,
+                                           2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(labels);
+    if (result == NULL)
+        goto fail;
+    Py_DECREF(result);
+    incoming = (Incoming *)self->incoming_type->tp_alloc(self->incoming_type, 0);
+    if (incoming == NULL)
+        goto fail;
+    incoming->receiver = (Receiver *)Py_NewRef(self);
+    incoming->inner = Py_NewRef(inner);
+    incoming->ctxt = ctxt;
+    incoming->ctx = ctx;
+    incoming->caller = caller;
+    incoming->method = method;
+    incoming->kind = kind;
+    incoming->start = incoming->end = commlens_monotonic();
+    /* What the RPC server reads of a message, as the inner one has it. */
+    if ((incoming->message = PyObject_GetAttr(inner, str_message)) == NULL
+            || (incoming->msg_id = PyObject_GetAttr(inner, str_msg_id)) == NULL
+            || commlens_optional_attr(inner, str_client_timeout,
+                                               &incoming->client_timeout) < 0) {
+        Py_DECREF(incoming);
+        return NULL;
+    }
+    if (incoming->client_timeout == NULL)
+        incoming->client_timeout = Py_NewRef(Py_None);
+    return (PyObject *)incoming;
+fail:
+    Py_DECREF(ctxt);
+    Py_DECREF(ctx);
+    Py_DECREF(caller);
+    Py_DECREF(method);
+    Py_DECREF(kind);
+    return NULL;
+}
+
+/* wrap(message) -> the Incoming to hand to the RPC server. */
+static PyObject *
+receiver_wrap(Receiver *self, PyObject *inner)
+{
+    if (self->service == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Receiver not initialised");
+        return NULL;
+    }
+    PyObject *ctxt = PyObject_GetAttr(inner, str_ctxt);
+    if (ctxt == NULL)
+        return NULL;
+    PyObject *traceparent = NULL, *baggage = NULL;
+    if (!PyDict_CheckExact(ctxt)
+            || ((traceparent = PyDict_GetItemWithError(ctxt, str_traceparent)) == NULL
+                && PyErr_Occurred())
+            || ((baggage = PyDict_GetItemWithError(ctxt, str_baggage)) == NULL
+                && PyErr_Occurred())) {
+        Py_DECREF(ctxt);
+        return PyErr_Occurred() ? NULL : PyObject_CallOneArg(self->in_python, inner);
+    }
+    PyObject *trace_id = NULL, *parent_id = NULL;
+    int sampled = 1;
+    if (traceparent != NULL && traceparent != Py_None) {
+        int parsed = parse_traceparent_00(traceparent, &trace_id, &parent_id, &sampled);
+        if (parsed <= 0) {
+            Py_DECREF(ctxt);
+            return parsed < 0 ? NULL : PyObject_CallOneArg(self->in_python, inner);
+        }
+    }
+    PyObject *sender = NULL, *sent_kind = NULL, *span = NULL;
+    if (baggage != NULL && baggage != Py_None) {
+        int parsed = parse_sender_member(baggage, &sender, &sent_kind, &span);
+        if (parsed <= 0) {
+            Py_XDECREF(trace_id);
+            Py_XDECREF(parent_id);
+            Py_DECREF(ctxt);
+            return parsed < 0 ? NULL : PyObject_CallOneArg(self->in_python, inner);
+        }
+        /* Only the member written by the hop's own parent names the caller
+         * (context.parse_baggage_sender). */
+        if (parent_id == NULL || PyUnicode_Compare(span, parent_id) != 0) {
+            Py_CLEAR(sender);
+            Py_CLEAR(sent_kind);
+        }
+        Py_DECREF(span);
+    }
+    CommlensTraceContext *ctx =
+        (CommlensTraceContext *)commlens_trace_context_new(self->trace_context);
+    if (ctx == NULL)
+        goto fail;
+    if (trace_id != NULL) {
+        Py_SETREF(ctx->trace_id, trace_id);
+        Py_SETREF(ctx->parent_id, parent_id);
+        Py_SETREF(ctx->sampled, Py_NewRef(sampled ? Py_True : Py_False));
+        trace_id = parent_id = NULL;
+    }
+    Py_SETREF(ctx->service, Py_NewRef(self->service));
+
+    PyObject *kind = NULL;
+    if (sent_kind != NULL && (PyUnicode_Compare(sent_kind, str_call) == 0
+                              || PyUnicode_Compare(sent_kind, str_cast) == 0
+                              || PyUnicode_Compare(sent_kind, str_fanout) == 0)) {
+        kind = sent_kind;
+        sent_kind = NULL;
+    } else {
+        /* An uninstrumented sender: a reply is expected only for a call. A
+         * fanout from such a sender is counted as a cast. */
+        PyObject *orig_msg_id = NULL;
+        if (commlens_optional_attr(inner, str_orig_msg_id, &orig_msg_id) < 0)
+            goto fail_ctx;
+        int call = orig_msg_id != NULL ? PyObject_IsTrue(orig_msg_id) : 0;
+        Py_XDECREF(orig_msg_id);
+        if (call == 0) {
+            PyObject *msg_id = PyDict_GetItemWithError(ctxt, str_msg_id);
+            call = msg_id != NULL ? PyObject_IsTrue(msg_id) : (PyErr_Occurred() ? -1 : 0);
+        }
+        if (call < 0)
+            goto fail_ctx;
+        kind = Py_NewRef(call ? str_call : str_cast);
+    }
+    Py_XDECREF(sent_kind);
+    PyObject *body = PyObject_GetAttr(inner, str_message);
+    PyObject *method = body ? method_label(self, body) : NULL;
+    Py_XDECREF(body);
+    if (method == NULL) {
+        Py_DECREF(kind);
+        goto fail_ctx;
+    }
+    return make_incoming(self, inner, ctxt, (PyObject *)ctx,
+                         sender ? sender : Py_NewRef(str_unknown), method, kind);
+fail_ctx:
+    Py_DECREF(ctx);
+fail:
+    Py_XDECREF(trace_id);
+    Py_XDECREF(parent_id);
+    Py_XDECREF(sender);
+    Py_XDECREF(sent_kind);
+    Py_DECREF(ctxt);
+    return NULL;
+}
+
+/* incoming(message, ctx, caller, method, kind): the Incoming of a message
+ * whose context the Python side read (rpc_driver.py's general case). */
+static PyObject *
+receiver_incoming(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "incoming(message, ctx, caller, method, kind)");
+        return NULL;
+    }
+    if (Py_TYPE(args[1]) != self->trace_context) {
+        PyErr_SetString(PyExc_TypeError, "incoming: ctx is not a TraceContext");
+        return NULL;
+    }
+    PyObject *ctxt = PyObject_GetAttr(args[0], str_ctxt);
+    if (ctxt == NULL)
+        return NULL;
+    return make_incoming(self, args[0], ctxt, Py_NewRef(args[1]), Py_NewRef(args[2]),
+                         Py_NewRef(args[3]), Py_NewRef(args[4]));
+}
+
+static PyMethodDef receiver_methods[] = {
+    {"wrap", (PyCFunction)receiver_wrap, METH_O,
+     "wrap(message) -> the Incoming the RPC server gets, the message counted."},
+    {"incoming", (PyCFunction)(void (*)(void))receiver_incoming, METH_FASTCALL,
+     "incoming(message, ctx, caller, method, kind) -> Incoming, counted."},
+    {NULL},
+};
+
+static PyTypeObject ReceiverType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._rpc_receive.Receiver",
+    .tp_doc = "Receiver(*, service, topic, recorder, ...): the per-message path of one "
+              "rpc_driver._InstrumentedListener.",
+    .tp_basicsize = sizeof(Receiver),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)receiver_init,
+    .tp_dealloc = (destructor)receiver_dealloc,
+    .tp_traverse = (traverseproc)receiver_traverse,
+    .tp_clear = (inquiry)receiver_clear,
+    .tp_methods = receiver_methods,
+};
+
+/* -- Incoming: one message from receipt to reply -------------------------- */
+
+#define INCOMING_FIELDS(X) \
+    X(inner) X(ctxt) X(message) X(msg_id) X(client_timeout) X(ctx) X(caller) X(method) \
+    X(kind) X(context_token)
+
+static int
+incoming_traverse(Incoming *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->receiver);
+#define VISIT(field) Py_VISIT(self->field);
+    INCOMING_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+incoming_clear(Incoming *self)
+{
+    Py_CLEAR(self->receiver);
+#define CLEAR(field) Py_CLEAR(self->field);
+    INCOMING_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+incoming_dealloc(Incoming *self)
+{
+    /* rpc_driver._InstrumentedIncoming's subtype_dealloc comes here, and
+     * releases the subclass itself. */
+    PyObject_GC_UnTrack(self);
+    incoming_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static void
+recording_failed(Incoming *self)
+{
+    PyObject *error = PyErr_GetRaisedException();
+    PyObject *result = PyObject_CallOneArg(self->receiver->recording_failed,
+                                           error ? error : Py_None);
+    Py_XDECREF(result);
+    Py_XDECREF(error);
+    PyErr_Clear();
+}
+
+/* The processing ended (``failure``: None, an exception or an exc_info). */
+static int
+incoming_record(Incoming *self, PyObject *failure)
+{
+    Receiver *receiver = self->receiver;
+    if (self->context_token != NULL) {
+        PyObject *token = self->context_token;
+        self->context_token = NULL;
+        int reset = PyContextVar_Reset(receiver->current, token);
+        Py_DECREF(token);
+        if (reset < 0) {
+            /* The reply came from another context (another thread): the
+             * hop is no longer served there either (context.reset_current). */
+            if (!PyErr_ExceptionMatches(PyExc_ValueError))
+                return -1;
+            PyErr_Clear();
+            PyObject *other = PyContextVar_Set(receiver->current, Py_None);
+            if (other == NULL)
+                return -1;
+            Py_DECREF(other);
+        }
+    }
+    PyObject *duration = PyFloat_FromDouble(self->end - self->start);
+    if (duration == NULL)
+        return -1;
+    PyObject *result;
+    if (failure != Py_None) {
+        result = PyObject_CallFunctionObjArgs(receiver->failed, (PyObject *)self, failure,
+                                              duration, NULL);
+        goto done;
+    }
+    /* One update for the processing metrics and the graph edge alike
+     * (tracer/derived.py). */
+    PyObject *labels = PyTuple_Pack(5, receiver->service, self->caller, receiver->topic,
+                                    self->method, str_ok);
+    if (labels == NULL)
+        goto fail;
+    PyObject *observe_args[] = {NULL, receiver->hops_metric, labels, duration};
+    result = PyObject_Vectorcall(receiver->observe, observe_args + 1,
+                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(labels);
+    if (result == NULL)
+        goto fail;
+    Py_DECREF(result);
+    CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
+    PyObject *keep_args[] = {NULL, ctx->trace_id, duration, ctx->child_failed};
+    result = PyObject_Vectorcall(receiver->keeps_hop, keep_args + 1,
+                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (result == NULL)
+        goto fail;
+    int keep = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    if (keep < 0)
+        goto fail;
+    result = keep ? PyObject_CallFunctionObjArgs(receiver->add_hop, (PyObject *)self, str_ok,
+                                                 Py_None, duration, NULL)
+                  : Py_NewRef(Py_None);
+done:
+    if (result == NULL)
+        goto fail;
+    Py_DECREF(result);
+    Py_DECREF(duration);
+    return 0;
+fail:
+    Py_DECREF(duration);
+    return -1;
+}
+
+static void
+incoming_finish(Incoming *self, PyObject *failure)
+{
+    if (self->done)
+        return;
+    self->done = 1;
+    PyObject *pending = PyErr_GetRaisedException();  /* the inner call's, if any */
+    if (incoming_record(self, failure) < 0)
+        recording_failed(self);
+    PyErr_SetRaisedException(pending);
+}
+
+static PyObject *
+incoming_acknowledge(Incoming *self, PyObject *unused)
+{
+    PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_acknowledge);
+    if (result == NULL)
+        return NULL;
+    /* Dispatch starts: the hop is the one served until the reply, so the
+     * calls its endpoint makes are its children. */
+    self->start = commlens_monotonic();
+    PyObject *token = PyContextVar_Set(self->receiver->current, self->ctx);
+    if (token == NULL)
+        recording_failed(self);
+    Py_XSETREF(self->context_token, token);
+    return result;
+}
+
+/* reply(reply=None, failure=None): the processing time ends before the
+ * reply goes out; the recording is done after, so the caller does not wait
+ * for it. */
+static PyObject *
+incoming_reply(Incoming *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"reply", "failure", NULL};
+    PyObject *reply = Py_None, *failure = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:reply", keywords, &reply, &failure))
+        return NULL;
+    self->end = commlens_monotonic();
+    PyObject *call_args[] = {self->inner, reply, failure};
+    PyObject *result = PyObject_VectorcallMethod(str_reply, call_args, 1, kw_reply_failure);
+    incoming_finish(self, failure);
+    return result;
+}
+
+static PyObject *
+incoming_requeue(Incoming *self, PyObject *unused)
+{
+    self->end = commlens_monotonic();
+    PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_requeue);
+    incoming_finish(self, Py_None);
+    return result;
+}
+
+static PyObject *
+incoming_heartbeat(Incoming *self, PyObject *unused)
+{
+    return PyObject_CallMethodNoArgs(self->inner, str_heartbeat);
+}
+
+static PyObject *
+incoming_get_start(Incoming *self, void *closure)
+{
+    return PyFloat_FromDouble(self->start);
+}
+
+static PyObject *
+incoming_get_topic(Incoming *self, void *closure)
+{
+    return Py_NewRef(self->receiver->topic);
+}
+
+static PyMethodDef incoming_methods[] = {
+    {"acknowledge", (PyCFunction)incoming_acknowledge, METH_NOARGS, NULL},
+    {"reply", (PyCFunction)(void (*)(void))incoming_reply, METH_VARARGS | METH_KEYWORDS,
+     NULL},
+    {"requeue", (PyCFunction)incoming_requeue, METH_NOARGS, NULL},
+    {"heartbeat", (PyCFunction)incoming_heartbeat, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyMemberDef incoming_members[] = {
+    {"inner", T_OBJECT, offsetof(Incoming, inner), READONLY, NULL},
+    {"ctxt", T_OBJECT, offsetof(Incoming, ctxt), 0, NULL},
+    {"message", T_OBJECT, offsetof(Incoming, message), 0, NULL},
+    {"msg_id", T_OBJECT, offsetof(Incoming, msg_id), 0, NULL},
+    {"client_timeout", T_OBJECT, offsetof(Incoming, client_timeout), 0, NULL},
+    {"ctx", T_OBJECT, offsetof(Incoming, ctx), READONLY, NULL},
+    {"caller", T_OBJECT, offsetof(Incoming, caller), READONLY, NULL},
+    {"method", T_OBJECT, offsetof(Incoming, method), READONLY, NULL},
+    {"kind", T_OBJECT, offsetof(Incoming, kind), READONLY, NULL},
+    {NULL},
+};
+
+static PyGetSetDef incoming_getset[] = {
+    {"start", (getter)incoming_get_start, NULL, NULL, NULL},
+    {"topic", (getter)incoming_get_topic, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject IncomingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.middleware._rpc_receive.Incoming",
+    .tp_doc = "One RPC message from receipt to reply (rpc_driver._InstrumentedIncoming).",
+    .tp_basicsize = sizeof(Incoming),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)incoming_dealloc,
+    .tp_traverse = (traverseproc)incoming_traverse,
+    .tp_clear = (inquiry)incoming_clear,
+    .tp_methods = incoming_methods,
+    .tp_members = incoming_members,
+    .tp_getset = incoming_getset,
+};
+
+/* -- module --------------------------------------------------------------- */
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_rpc_receive",
+    "The RPC server's per-message path, compiled (see middleware/rpc_driver.py).", -1,
+};
+
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC
+PyInit__rpc_receive(void)
+{
+    INTERN(str_traceparent, "traceparent");
+    INTERN(str_baggage, "baggage");
+    INTERN(str_ctxt, "ctxt");
+    INTERN(str_message, "message");
+    INTERN(str_msg_id, "msg_id");
+    INTERN(str_orig_msg_id, "orig_msg_id");
+    INTERN(str_client_timeout, "client_timeout");
+    INTERN(str_method, "method");
+    INTERN(str_call, "call");
+    INTERN(str_cast, "cast");
+    INTERN(str_fanout, "fanout");
+    INTERN(str_unknown, "unknown");
+    INTERN(str_ok, "ok");
+    INTERN(str_acknowledge, "acknowledge");
+    INTERN(str_requeue, "requeue");
+    INTERN(str_heartbeat, "heartbeat");
+    INTERN(str_reply, "reply");
+    INTERN(str_failure, "failure");
+    if ((kw_reply_failure = PyTuple_Pack(2, str_reply, str_failure)) == NULL)
+        return NULL;
+    if (PyType_Ready(&ReceiverType) < 0 || PyType_Ready(&IncomingType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "Receiver", (PyObject *)&ReceiverType) < 0
+            || PyModule_AddObjectRef(module, "Incoming", (PyObject *)&IncomingType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
