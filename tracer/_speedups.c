@@ -457,160 +457,6 @@ static PyTypeObject StoreType = {
     .tp_members = store_members,
 };
 
-/* -- HopSampler ----------------------------------------------------------- */
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *bound;     /* hops.sample_bound(ratio) */
-    PyObject *random;    /* random.random */
-    double ratio;
-    double slow_seconds;
-} HopSampler;
-
-static int
-sampler_init(HopSampler *self, PyObject *args, PyObject *kwargs)
-{
-    static char *keywords[] = {"ratio", "bound", "slow_seconds", "random", NULL};
-    PyObject *bound, *random;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "dUdO:HopSampler", keywords,
-                                     &self->ratio, &bound, &self->slow_seconds, &random))
-        return -1;
-    Py_XSETREF(self->bound, Py_NewRef(bound));
-    Py_XSETREF(self->random, Py_NewRef(random));
-    return 0;
-}
-
-static void
-sampler_dealloc(HopSampler *self)
-{
-    Py_XDECREF(self->bound);
-    Py_XDECREF(self->random);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *
-sampler_keeps(HopSampler *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "keeps_hop(trace_id, duration, failed)");
-        return NULL;
-    }
-    PyObject *trace_id = args[0];
-    double duration = PyFloat_AsDouble(args[1]);
-    if (duration == -1.0 && PyErr_Occurred())
-        return NULL;
-    int failed = PyObject_IsTrue(args[2]);
-    if (failed < 0)
-        return NULL;
-    if (failed || duration >= self->slow_seconds)
-        Py_RETURN_TRUE;
-    if (trace_id == Py_None) {
-        PyObject *draw = PyObject_CallNoArgs(self->random);
-        if (draw == NULL)
-            return NULL;
-        double value = PyFloat_AsDouble(draw);
-        Py_DECREF(draw);
-        if (value == -1.0 && PyErr_Occurred())
-            return NULL;
-        return PyBool_FromLong(value < self->ratio);
-    }
-    if (!PyUnicode_Check(trace_id)) {
-        PyErr_SetString(PyExc_TypeError, "a trace id is a str");
-        return NULL;
-    }
-    Py_ssize_t length = PyUnicode_GET_LENGTH(trace_id);
-    PyObject *tail = PyUnicode_Substring(trace_id, length > 8 ? length - 8 : 0, length);
-    if (tail == NULL)
-        return NULL;
-    int below = PyUnicode_Compare(tail, self->bound) < 0;
-    Py_DECREF(tail);
-    return PyBool_FromLong(below);
-}
-
-static PyMethodDef sampler_methods[] = {
-    {"keeps_hop", (PyCFunction)(void (*)(void))sampler_keeps, METH_FASTCALL,
-     "keeps_hop(trace_id, duration, failed): ship this hop? (Recorder.keeps_hop)"},
-    {NULL},
-};
-
-static PyTypeObject HopSamplerType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.HopSampler",
-    .tp_doc = "HopSampler(ratio, bound, slow_seconds, random): which hops a recorder "
-              "ships (tracer/recorder.py).",
-    .tp_basicsize = sizeof(HopSampler),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)sampler_init,
-    .tp_dealloc = (destructor)sampler_dealloc,
-    .tp_methods = sampler_methods,
-};
-
-/* -- TraceContext --------------------------------------------------------- */
-
-typedef CommlensTraceContext TraceContext;  /* _speedups.h */
-
-static PyObject *
-trace_context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
-{
-    return commlens_trace_context_new(type);
-}
-
-static int
-trace_context_init(TraceContext *self, PyObject *args, PyObject *kwargs)
-{
-    if ((args == NULL || PyTuple_GET_SIZE(args) == 0)
-            && (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0))
-        return 0;  /* a new hop: what tp_new set */
-    static char *keywords[] = {"trace_id", "span_id", "parent_id", "sampled", NULL};
-    PyObject *trace_id = Py_None, *span_id = Py_None, *parent_id = Py_None;
-    PyObject *sampled = Py_True;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOOO:TraceContext", keywords,
-                                     &trace_id, &span_id, &parent_id, &sampled))
-        return -1;
-    Py_SETREF(self->trace_id, Py_NewRef(trace_id));
-    Py_SETREF(self->span_id, Py_NewRef(span_id));
-    Py_SETREF(self->parent_id, Py_NewRef(parent_id));
-    Py_SETREF(self->sampled, Py_NewRef(sampled));
-    return 0;
-}
-
-static void
-trace_context_dealloc(TraceContext *self)
-{
-    Py_XDECREF(self->trace_id);
-    Py_XDECREF(self->span_id);
-    Py_XDECREF(self->parent_id);
-    Py_XDECREF(self->sampled);
-    Py_XDECREF(self->child_failed);
-    Py_XDECREF(self->service);
-    /* Instances are of context.TraceContext, a Python subclass: its
-     * subtype_dealloc, which called this, releases the class. */
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyMemberDef trace_context_members[] = {
-    {"trace_id", T_OBJECT, offsetof(TraceContext, trace_id), 0, NULL},
-    {"span_id", T_OBJECT, offsetof(TraceContext, span_id), 0, NULL},
-    {"parent_id", T_OBJECT, offsetof(TraceContext, parent_id), 0, NULL},
-    {"sampled", T_OBJECT, offsetof(TraceContext, sampled), 0, NULL},
-    {"child_failed", T_OBJECT, offsetof(TraceContext, child_failed), 0, NULL},
-    {"service", T_OBJECT, offsetof(TraceContext, service), 0, NULL},
-    {NULL},
-};
-
-static PyTypeObject TraceContextType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.TraceContext",
-    .tp_doc = "The fields of context.TraceContext (tracer/context.py).",
-    .tp_basicsize = sizeof(TraceContext),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_new = trace_context_new,
-    .tp_init = (initproc)trace_context_init,
-    .tp_dealloc = (destructor)trace_context_dealloc,
-    .tp_members = trace_context_members,
-};
-
 /* -- ids ------------------------------------------------------------------ */
 
 /* Trace and span ids are random bits (W3C: random, not all zero; they need
@@ -688,6 +534,152 @@ new_span_id(PyObject *module, PyObject *unused)
 {
     return random_hex(1);
 }
+
+/* -- HopSampler ----------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *bound;     /* hops.sample_bound(ratio) */
+    double ratio;
+    double slow_seconds;
+} HopSampler;
+
+static int
+sampler_init(HopSampler *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"ratio", "bound", "slow_seconds", NULL};
+    PyObject *bound;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "dUd:HopSampler", keywords,
+                                     &self->ratio, &bound, &self->slow_seconds))
+        return -1;
+    Py_XSETREF(self->bound, Py_NewRef(bound));
+    return 0;
+}
+
+static void
+sampler_dealloc(HopSampler *self)
+{
+    Py_XDECREF(self->bound);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+sampler_keeps(HopSampler *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "keeps_hop(trace_id, duration, failed)");
+        return NULL;
+    }
+    PyObject *trace_id = args[0];
+    double duration = PyFloat_AsDouble(args[1]);
+    if (duration == -1.0 && PyErr_Occurred())
+        return NULL;
+    int failed = PyObject_IsTrue(args[2]);
+    if (failed < 0)
+        return NULL;
+    if (failed || duration >= self->slow_seconds)
+        Py_RETURN_TRUE;
+    if (trace_id == Py_None) {
+        /* A uniform draw in [0, 1), from the ids' generator. */
+        double draw = (double)(next_random() >> 11) * 0x1.0p-53;
+        return PyBool_FromLong(draw < self->ratio);
+    }
+    if (!PyUnicode_Check(trace_id)) {
+        PyErr_SetString(PyExc_TypeError, "a trace id is a str");
+        return NULL;
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(trace_id);
+    PyObject *tail = PyUnicode_Substring(trace_id, length > 8 ? length - 8 : 0, length);
+    if (tail == NULL)
+        return NULL;
+    int below = PyUnicode_Compare(tail, self->bound) < 0;
+    Py_DECREF(tail);
+    return PyBool_FromLong(below);
+}
+
+static PyMethodDef sampler_methods[] = {
+    {"keeps_hop", (PyCFunction)(void (*)(void))sampler_keeps, METH_FASTCALL,
+     "keeps_hop(trace_id, duration, failed): ship this hop? (Recorder.keeps_hop)"},
+    {NULL},
+};
+
+static PyTypeObject HopSamplerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.HopSampler",
+    .tp_doc = "HopSampler(ratio, bound, slow_seconds): which hops a recorder "
+              "ships (tracer/recorder.py).",
+    .tp_basicsize = sizeof(HopSampler),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sampler_init,
+    .tp_dealloc = (destructor)sampler_dealloc,
+    .tp_methods = sampler_methods,
+};
+
+/* -- TraceContext --------------------------------------------------------- */
+
+typedef CommlensTraceContext TraceContext;  /* _speedups.h */
+
+static PyObject *
+trace_context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    return commlens_trace_context_new(type);
+}
+
+static int
+trace_context_init(TraceContext *self, PyObject *args, PyObject *kwargs)
+{
+    if ((args == NULL || PyTuple_GET_SIZE(args) == 0)
+            && (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0))
+        return 0;  /* a new hop: what tp_new set */
+    static char *keywords[] = {"trace_id", "span_id", "parent_id", "sampled", NULL};
+    PyObject *trace_id = Py_None, *span_id = Py_None, *parent_id = Py_None;
+    PyObject *sampled = Py_True;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOOO:TraceContext", keywords,
+                                     &trace_id, &span_id, &parent_id, &sampled))
+        return -1;
+    Py_SETREF(self->trace_id, Py_NewRef(trace_id));
+    Py_SETREF(self->span_id, Py_NewRef(span_id));
+    Py_SETREF(self->parent_id, Py_NewRef(parent_id));
+    Py_SETREF(self->sampled, Py_NewRef(sampled));
+    return 0;
+}
+
+static void
+trace_context_dealloc(TraceContext *self)
+{
+    Py_XDECREF(self->trace_id);
+    Py_XDECREF(self->span_id);
+    Py_XDECREF(self->parent_id);
+    Py_XDECREF(self->sampled);
+    Py_XDECREF(self->child_failed);
+    Py_XDECREF(self->service);
+    /* Instances are of context.TraceContext, a Python subclass: its
+     * subtype_dealloc, which called this, releases the class. */
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef trace_context_members[] = {
+    {"trace_id", T_OBJECT, offsetof(TraceContext, trace_id), 0, NULL},
+    {"span_id", T_OBJECT, offsetof(TraceContext, span_id), 0, NULL},
+    {"parent_id", T_OBJECT, offsetof(TraceContext, parent_id), 0, NULL},
+    {"sampled", T_OBJECT, offsetof(TraceContext, sampled), 0, NULL},
+    {"child_failed", T_OBJECT, offsetof(TraceContext, child_failed), 0, NULL},
+    {"service", T_OBJECT, offsetof(TraceContext, service), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject TraceContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "commlens.tracer._speedups.TraceContext",
+    .tp_doc = "The fields of context.TraceContext (tracer/context.py).",
+    .tp_basicsize = sizeof(TraceContext),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = trace_context_new,
+    .tp_init = (initproc)trace_context_init,
+    .tp_dealloc = (destructor)trace_context_dealloc,
+    .tp_members = trace_context_members,
+};
 
 /* -- stamp_outgoing ------------------------------------------------------- */
 

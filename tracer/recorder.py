@@ -28,7 +28,6 @@ import collections
 import itertools
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -46,7 +45,6 @@ MAX_SERIES_PER_METRIC = 5000
 MAX_PENDING_HOPS = 10000
 OVERFLOW = "other"
 
-_random = random.random
 
 
 def _new_latency_histogram():
@@ -66,8 +64,7 @@ class Recorder:
         # first needed): its trace is that hop alone, so a draw at the same
         # ratio decides, with no id to draw.
         self.keeps_hop = _speedups.HopSampler(
-            hop_sample_ratio, hops.sample_bound(hop_sample_ratio), slow_hop_seconds,
-            _random).keeps_hop
+            hop_sample_ratio, hops.sample_bound(hop_sample_ratio), slow_hop_seconds).keeps_hop
         self.shipper = None
         # {metric name: {labels: series}}: the hot path looks up the labels
         # tuple it has, instead of building a (name, labels) key per update.
