@@ -128,9 +128,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *service;
     PyObject *topic;
-    PyObject *inc;               /* recorder.inc */
-    PyObject *observe;           /* recorder.observe */
-    PyObject *keeps_hop;         /* recorder.keeps_hop */
+    CommlensRecording recording;
     PyObject *received_metric;   /* metrics.RPC_RECEIVED.name */
     PyObject *hops_metric;       /* metrics.RPC_SERVER_HOPS.name */
     PyObject *method_seen;       /* labels.method.seen */
@@ -165,7 +163,7 @@ typedef struct {
 static PyTypeObject ReceiverType, IncomingType;
 
 #define RECEIVER_FIELDS(X) \
-    X(service) X(topic) X(inc) X(observe) X(keeps_hop) X(received_metric) X(hops_metric) \
+    X(service) X(topic) X(received_metric) X(hops_metric) \
     X(method_seen) X(method_label) X(current) X(in_python) X(failed) X(add_hop) \
     X(recording_failed)
 
@@ -175,6 +173,7 @@ receiver_traverse(Receiver *self, visitproc visit, void *arg)
 #define VISIT(field) Py_VISIT(self->field);
     RECEIVER_FIELDS(VISIT)
 #undef VISIT
+    COMMLENS_RECORDING_VISIT(self->recording);
     Py_VISIT(self->incoming_type);
     Py_VISIT(self->trace_context);
     return 0;
@@ -186,6 +185,7 @@ receiver_clear(Receiver *self)
 #define CLEAR(field) Py_CLEAR(self->field);
     RECEIVER_FIELDS(CLEAR)
 #undef CLEAR
+    COMMLENS_RECORDING_CLEAR(self->recording);
     Py_CLEAR(self->incoming_type);
     Py_CLEAR(self->trace_context);
     return 0;
@@ -231,23 +231,15 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
                         "trace_context: a subclass of _speedups.TraceContext with no fields");
         return -1;
     }
-    /* The recorder's methods live as long as it does (recorder.py). */
-    PyObject *inc = PyObject_GetAttrString(recorder, "inc");
-    PyObject *observe = inc ? PyObject_GetAttrString(recorder, "observe") : NULL;
-    PyObject *keeps_hop = observe ? PyObject_GetAttrString(recorder, "keeps_hop") : NULL;
-    PyObject *seen = keeps_hop ? PyObject_GetAttrString(method_label, "seen") : NULL;
+    if (commlens_recording_init(&self->recording, recorder) < 0)
+        return -1;
+    PyObject *seen = PyObject_GetAttrString(method_label, "seen");
     if (seen == NULL || !PySet_CheckExact(seen)) {
         if (seen != NULL)
             PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
-        Py_XDECREF(inc);
-        Py_XDECREF(observe);
-        Py_XDECREF(keeps_hop);
         Py_XDECREF(seen);
         return -1;
     }
-    Py_XSETREF(self->inc, inc);
-    Py_XSETREF(self->observe, observe);
-    Py_XSETREF(self->keeps_hop, keeps_hop);
     Py_XSETREF(self->method_seen, seen);
     Py_XSETREF(self->service, Py_NewRef(service));
     Py_XSETREF(self->topic, Py_NewRef(topic));
@@ -264,7 +256,7 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
-/* The method label of a message body: remembered, else labels.method. */
+/* The method label of a message body (a dict's "method", else none). */
 static PyObject *
 method_label(Receiver *self, PyObject *body)
 {
@@ -277,12 +269,7 @@ method_label(Receiver *self, PyObject *body)
             raw = Py_None;
         }
     }
-    if (PyUnicode_CheckExact(raw)) {
-        int seen = PySet_Contains(self->method_seen, raw);
-        if (seen != 0)
-            return seen < 0 ? NULL : Py_NewRef(raw);
-    }
-    return PyObject_CallOneArg(self->method_label, raw);
+    return commlens_method_label(self->method_seen, self->method_label, raw);
 }
 
 /* An Incoming wrapping ``inner``, counted; takes the references it is given. */
@@ -290,18 +277,11 @@ static PyObject *
 make_incoming(Receiver *self, PyObject *inner, PyObject *ctxt, PyObject *ctx,
               PyObject *caller, PyObject *method, PyObject *kind)
 {
-    Incoming *incoming = NULL;
-    PyObject *labels = PyTuple_Pack(5, self->service, caller, self->topic, method, kind);
-    if (labels == NULL)
+    if (commlens_record(self->recording.inc, self->received_metric,
+                        PyTuple_Pack(5, self->service, caller, self->topic, method, kind),
+                        NULL) < 0)
         goto fail;
-    PyObject *inc_args[] = {NULL, self->received_metric, labels};
-    PyObject *result = PyObject_Vectorcall(self->inc, inc_args + 1,
-                                           2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(labels);
-    if (result == NULL)
-        goto fail;
-    Py_DECREF(result);
-    incoming = (Incoming *)self->incoming_type->tp_alloc(self->incoming_type, 0);
+    Incoming *incoming = (Incoming *)self->incoming_type->tp_alloc(self->incoming_type, 0);
     if (incoming == NULL)
         goto fail;
     incoming->receiver = (Receiver *)Py_NewRef(self);
@@ -556,25 +536,14 @@ incoming_record(Incoming *self, PyObject *failure)
     }
     /* One update for the processing metrics and the graph edge alike
      * (tracer/derived.py). */
-    PyObject *labels = PyTuple_Pack(5, receiver->service, self->caller, receiver->topic,
-                                    self->method, str_ok);
-    if (labels == NULL)
+    if (commlens_record(receiver->recording.observe, receiver->hops_metric,
+                        PyTuple_Pack(5, receiver->service, self->caller, receiver->topic,
+                                     self->method, str_ok),
+                        duration) < 0)
         goto fail;
-    PyObject *observe_args[] = {NULL, receiver->hops_metric, labels, duration};
-    result = PyObject_Vectorcall(receiver->observe, observe_args + 1,
-                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(labels);
-    if (result == NULL)
-        goto fail;
-    Py_DECREF(result);
     CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
-    PyObject *keep_args[] = {NULL, ctx->trace_id, duration, ctx->child_failed};
-    result = PyObject_Vectorcall(receiver->keeps_hop, keep_args + 1,
-                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (result == NULL)
-        goto fail;
-    int keep = PyObject_IsTrue(result);
-    Py_DECREF(result);
+    int keep = commlens_keeps_hop(&receiver->recording, ctx->trace_id, duration,
+                                  ctx->child_failed);
     if (keep < 0)
         goto fail;
     result = keep ? PyObject_CallFunctionObjArgs(receiver->add_hop, (PyObject *)self, str_ok,

@@ -10,7 +10,7 @@
  * Why C: between the driver's socket reads, the same path in Python cost a
  * service about 20 µs per cast, ten times its cost in a loop, most of it in
  * touching Python objects that the driver's own work had pushed out of the
- * CPU's caches (README, "Overhead").
+ * CPU's caches (README, "Benchmark").
  *
  * Every function called with the GIL held, as CPython calls them; nothing
  * here releases it.
@@ -31,9 +31,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *service;
     PyObject *recorder;
-    PyObject *inc;             /* recorder.inc */
-    PyObject *observe;         /* recorder.observe */
-    PyObject *keeps_hop;       /* recorder.keeps_hop */
+    CommlensRecording recording;
     PyObject *open_calls;      /* set of the tokens of calls waiting for a reply */
     PyObject *sent_metric;     /* metrics.RPC_SENT.name */
     PyObject *reply_wait_metric;  /* metrics.RPC_REPLY_WAIT.name */
@@ -74,25 +72,17 @@ sender_init(Sender *self, PyObject *args, PyObject *kwargs)
                                      &context_copy, &stamp, &failed, &add_hop,
                                      &recording_failed))
         return -1;
-    /* The recorder's methods live as long as it does (recorder.py). */
-    PyObject *inc = PyObject_GetAttrString(recorder, "inc");
-    PyObject *observe = inc ? PyObject_GetAttrString(recorder, "observe") : NULL;
-    PyObject *keeps_hop = observe ? PyObject_GetAttrString(recorder, "keeps_hop") : NULL;
-    PyObject *seen = keeps_hop ? PyObject_GetAttrString(method_label, "seen") : NULL;
+    if (commlens_recording_init(&self->recording, recorder) < 0)
+        return -1;
+    PyObject *seen = PyObject_GetAttrString(method_label, "seen");
     PyObject *open_calls = seen ? PySet_New(NULL) : NULL;
     if (open_calls == NULL || !PySet_CheckExact(seen)) {
         if (seen != NULL && !PySet_CheckExact(seen))
             PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
-        Py_XDECREF(inc);
-        Py_XDECREF(observe);
-        Py_XDECREF(keeps_hop);
         Py_XDECREF(seen);
         Py_XDECREF(open_calls);
         return -1;
     }
-    Py_XSETREF(self->inc, inc);
-    Py_XSETREF(self->observe, observe);
-    Py_XSETREF(self->keeps_hop, keeps_hop);
     Py_XSETREF(self->method_seen, seen);
     Py_XSETREF(self->open_calls, open_calls);
     Py_XSETREF(self->service, Py_NewRef(service));
@@ -113,9 +103,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->service);
     Py_VISIT(self->recorder);
-    Py_VISIT(self->inc);
-    Py_VISIT(self->observe);
-    Py_VISIT(self->keeps_hop);
+    COMMLENS_RECORDING_VISIT(self->recording);
     Py_VISIT(self->open_calls);
     Py_VISIT(self->sent_metric);
     Py_VISIT(self->reply_wait_metric);
@@ -134,9 +122,7 @@ sender_clear(Sender *self)
 {
     Py_CLEAR(self->service);
     Py_CLEAR(self->recorder);
-    Py_CLEAR(self->inc);
-    Py_CLEAR(self->observe);
-    Py_CLEAR(self->keeps_hop);
+    COMMLENS_RECORDING_CLEAR(self->recording);
     Py_CLEAR(self->open_calls);
     Py_CLEAR(self->sent_metric);
     Py_CLEAR(self->reply_wait_metric);
@@ -158,7 +144,7 @@ sender_dealloc(Sender *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The method label of a message: remembered, else labels.method. */
+/* The method label of a message (message.get("method")). */
 static PyObject *
 method_label(Sender *self, PyObject *message)
 {
@@ -173,15 +159,7 @@ method_label(Sender *self, PyObject *message)
         if (raw == NULL)
             return NULL;
     }
-    if (PyUnicode_CheckExact(raw)) {
-        int seen = PySet_Contains(self->method_seen, raw);
-        if (seen != 0) {
-            if (seen < 0)
-                Py_CLEAR(raw);
-            return raw;
-        }
-    }
-    PyObject *label = PyObject_CallOneArg(self->method_label, raw);
+    PyObject *label = commlens_method_label(self->method_seen, self->method_label, raw);
     Py_DECREF(raw);
     return label;
 }
@@ -256,18 +234,12 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
     if (call->ctx == NULL || (call->topic = PyObject_GetAttr(target, str_topic)) == NULL)
         goto fail;
 
-    PyObject *labels = PyTuple_Pack(4, self->service, call->topic, call->method, call->kind);
-    if (labels == NULL)
+    if (commlens_record(self->recording.inc, self->sent_metric,
+                        PyTuple_Pack(4, self->service, call->topic, call->method, call->kind),
+                        NULL) < 0)
         goto fail;
-    PyObject *inc_args[] = {NULL, self->sent_metric, labels};
-    PyObject *result = PyObject_Vectorcall(self->inc, inc_args + 1,
-                                           2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(labels);
-    if (result == NULL)
-        goto fail;
-    Py_DECREF(result);
     if (wait) {
-        labels = PyTuple_Pack(3, self->service, call->topic, call->method);
+        PyObject *labels = PyTuple_Pack(3, self->service, call->topic, call->method);
         PyObject *token = labels == NULL ? NULL : PyObject_CallMethodOneArg(
             self->recorder, str_call_started, labels);
         Py_XDECREF(labels);
@@ -354,27 +326,14 @@ send_record_end(Send *self, PyObject *exc)
                                               duration_obj, NULL);
         goto done;
     }
-    if (self->kind == str_call) {
-        PyObject *labels = PyTuple_Pack(4, sender->service, self->topic, self->method,
-                                        str_ok);
-        if (labels == NULL)
-            goto fail;
-        PyObject *observe_args[] = {NULL, sender->reply_wait_metric, labels, duration_obj};
-        result = PyObject_Vectorcall(sender->observe, observe_args + 1,
-                                     3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(labels);
-        if (result == NULL)
-            goto fail;
-        Py_DECREF(result);
-    }
-    PyObject *keep_args[] = {NULL, ((CommlensTraceContext *)self->ctx)->trace_id,
-                             duration_obj, Py_False};
-    result = PyObject_Vectorcall(sender->keeps_hop, keep_args + 1,
-                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (result == NULL)
+    if (self->kind == str_call && commlens_record(
+            sender->recording.observe, sender->reply_wait_metric,
+            PyTuple_Pack(4, sender->service, self->topic, self->method, str_ok),
+            duration_obj) < 0)
         goto fail;
-    int keep = PyObject_IsTrue(result);
-    Py_DECREF(result);
+    int keep = commlens_keeps_hop(&sender->recording,
+                                  ((CommlensTraceContext *)self->ctx)->trace_id,
+                                  duration_obj, Py_False);
     if (keep < 0)
         goto fail;
     result = keep ? PyObject_CallFunctionObjArgs(sender->add_hop, (PyObject *)self, str_ok,

@@ -7,7 +7,7 @@
  * bind() once at import.
  *
  * Why C: on a minimal app under a fast server the same path in Python cost
- * about 8 % of the request (README, "Overhead"), most of it in making and
+ * about 8 % of the request (README, "Benchmark"), most of it in making and
  * calling Python objects: the request, its start_response, the list body's
  * close() and finaliser. Here those are C structs and C calls.
  *
@@ -41,7 +41,7 @@ static struct {
 } bound;
 
 static PyObject *str_HTTP_TRACEPARENT, *str_HTTP_BAGGAGE, *str_HTTP_USER_AGENT,
-    *str_REQUEST_METHOD, *str_PATH_INFO, *str_observe, *str_keeps_hop, *str_dropped,
+    *str_REQUEST_METHOD, *str_PATH_INFO, *str_dropped,
     *str_bad_context, *str_500, *str_000;
 
 /* -- the middleware's base ------------------------------------------------ */
@@ -53,8 +53,7 @@ typedef struct {
     PyObject *recorder;
     PyObject *routes;         /* RouteTemplates */
     PyObject *routes_memo;    /* its .remembered dict */
-    PyObject *observe;        /* recorder.observe */
-    PyObject *keeps_hop;      /* recorder.keeps_hop */
+    CommlensRecording recording;
     PyObject *dict;           /* the Python subclass's attributes */
 } Middleware;
 
@@ -174,46 +173,28 @@ request_record(Request *self, PyObject *body)
     if (code == NULL)
         return -1;
     PyObject *duration_obj = PyFloat_FromDouble(duration);
-    PyObject *labels = duration_obj == NULL ? NULL : PyTuple_Pack(
-        5, mw->service, self->caller, self->method, self->route, code);
-    if (labels == NULL) {
-        Py_XDECREF(duration_obj);
+    if (duration_obj == NULL) {
         Py_DECREF(code);
         return -1;
     }
-    PyObject *observe_args[] = {NULL, bound.hop_metric, labels, duration_obj};
-    PyObject *result = PyObject_Vectorcall(mw->observe, observe_args + 1,
-                                           3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(labels);
-    if (result == NULL)
-        goto fail;
-    Py_DECREF(result);
-
+    int result = commlens_record(
+        mw->recording.observe, bound.hop_metric,
+        PyTuple_Pack(5, mw->service, self->caller, self->method, self->route, code),
+        duration_obj);
     int failed = is_failed_code(code);
     CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
-    PyObject *flagged = failed ? Py_True : ctx->child_failed;
-    PyObject *keep_args[] = {NULL, ctx->trace_id, duration_obj, flagged};
-    result = PyObject_Vectorcall(mw->keeps_hop, keep_args + 1,
-                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (result == NULL)
-        goto fail;
-    int keep = PyObject_IsTrue(result);
-    Py_DECREF(result);
-    if (keep) {
-        result = PyObject_CallFunctionObjArgs(bound.record_hop, (PyObject *)self, code,
-                                              failed ? Py_True : Py_False, duration_obj,
-                                              body ? body : Py_None, NULL);
-        if (result == NULL)
-            goto fail;
-        Py_DECREF(result);
+    int keep = result < 0 ? -1 : commlens_keeps_hop(
+        &mw->recording, ctx->trace_id, duration_obj, failed ? Py_True : ctx->child_failed);
+    if (keep > 0) {
+        PyObject *done = PyObject_CallFunctionObjArgs(
+            bound.record_hop, (PyObject *)self, code, failed ? Py_True : Py_False,
+            duration_obj, body ? body : Py_None, NULL);
+        Py_XDECREF(done);
+        keep = done == NULL ? -1 : 0;
     }
     Py_DECREF(duration_obj);
     Py_DECREF(code);
-    return 0;
-fail:
-    Py_DECREF(duration_obj);
-    Py_DECREF(code);
-    return -1;
+    return keep < 0 ? -1 : 0;
 }
 
 /* Record the request, once, however it ended; never raises. */
@@ -621,15 +602,8 @@ middleware_init(Middleware *self, PyObject *args, PyObject *kwargs)
         return -1;
     }
     Py_XSETREF(self->routes_memo, memo);
-    /* Both live as long as the recorder (recorder.py): held, not looked up. */
-    PyObject *observe = PyObject_GetAttr(recorder, str_observe);
-    if (observe == NULL)
+    if (commlens_recording_init(&self->recording, recorder) < 0)
         return -1;
-    Py_XSETREF(self->observe, observe);
-    PyObject *keeps_hop = PyObject_GetAttr(recorder, str_keeps_hop);
-    if (keeps_hop == NULL)
-        return -1;
-    Py_XSETREF(self->keeps_hop, keeps_hop);
     Py_XSETREF(self->app, Py_NewRef(app));
     Py_XSETREF(self->service, Py_NewRef(service));
     Py_XSETREF(self->recorder, Py_NewRef(recorder));
@@ -645,8 +619,7 @@ middleware_traverse(Middleware *self, visitproc visit, void *arg)
     Py_VISIT(self->recorder);
     Py_VISIT(self->routes);
     Py_VISIT(self->routes_memo);
-    Py_VISIT(self->observe);
-    Py_VISIT(self->keeps_hop);
+    COMMLENS_RECORDING_VISIT(self->recording);
     Py_VISIT(self->dict);
     return 0;
 }
@@ -659,8 +632,7 @@ middleware_clear(Middleware *self)
     Py_CLEAR(self->recorder);
     Py_CLEAR(self->routes);
     Py_CLEAR(self->routes_memo);
-    Py_CLEAR(self->observe);
-    Py_CLEAR(self->keeps_hop);
+    COMMLENS_RECORDING_CLEAR(self->recording);
     Py_CLEAR(self->dict);
     return 0;
 }
@@ -765,8 +737,6 @@ PyInit__wsgi_request(void)
     INTERN(str_HTTP_USER_AGENT, "HTTP_USER_AGENT");
     INTERN(str_REQUEST_METHOD, "REQUEST_METHOD");
     INTERN(str_PATH_INFO, "PATH_INFO");
-    INTERN(str_observe, "observe");
-    INTERN(str_keeps_hop, "keeps_hop");
     INTERN(str_dropped, "dropped");
     INTERN(str_bad_context, "bad_context");
     INTERN(str_500, "500");

@@ -212,3 +212,29 @@ class Demo:
             return self.get("/readyz") and True
         except OSError:
             return False
+
+
+_LEAK_MEASURE = """
+import gc as _gc, sys as _sys
+for _ in range(WARM_UP):
+    one_of_each()
+_gc.collect()
+_before = _sys.getallocatedblocks()
+for _ in range(ROUNDS):
+    one_of_each()
+_gc.collect()
+print(_sys.getallocatedblocks() - _before)
+"""
+
+
+def blocks_left_behind(script, warm_up=100, rounds=1000):
+    """Memory blocks still allocated after ``rounds`` more calls of the
+    ``one_of_each()`` that ``script`` defines, in a fresh process that
+    records but never ships (the compiled paths' leak checks)."""
+    env = dict(os.environ, COMMLENS_EXPORT_URL="memory://", COMMLENS_SHIP_INTERVAL="3600",
+               COMMLENS_HOP_SAMPLE_RATIO="0", COMMLENS_SERVICE_NAME="leak-check")
+    measure = _LEAK_MEASURE.replace("WARM_UP", str(warm_up)).replace("ROUNDS", str(rounds))
+    done = subprocess.run([sys.executable, "-c", script + measure], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.strip().splitlines()[-1])

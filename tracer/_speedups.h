@@ -1,8 +1,8 @@
 /* What the other compiled parts of commlens (middleware/_*.c) share with
  * tracer/_speedups.c: the layout of a TraceContext, so that a per-request
- * path makes and reads one without a Python attribute look-up; the clock;
- * an optional attribute look-up; and Python 3.12's single-object exception
- * API on 3.10 and 3.11.
+ * path makes and reads one without a Python attribute look-up; recording
+ * through a recorder's compiled methods; the clock; an optional attribute
+ * look-up; and Python 3.12's single-object exception API on 3.10 and 3.11.
  *
  * context.TraceContext is a Python subclass with no fields of its own
  * (__slots__ = ()), so its instances have exactly this layout; a user
@@ -47,6 +47,84 @@ commlens_is_trace_context_type(PyTypeObject *type, PyTypeObject *base)
 {
     return PyType_IsSubtype(type, base) && type->tp_basicsize == base->tp_basicsize
         && type->tp_itemsize == 0 && type->tp_dictoffset == 0;
+}
+
+/* What a compiled path holds of a recorder (tracer/recorder.py): its
+ * inc, observe and keeps_hop, which live as long as it does. */
+typedef struct {
+    PyObject *inc;
+    PyObject *observe;
+    PyObject *keeps_hop;
+} CommlensRecording;
+
+static inline int
+commlens_recording_init(CommlensRecording *recording, PyObject *recorder)
+{
+    PyObject *inc = PyObject_GetAttrString(recorder, "inc");
+    PyObject *observe = inc ? PyObject_GetAttrString(recorder, "observe") : NULL;
+    PyObject *keeps_hop = observe ? PyObject_GetAttrString(recorder, "keeps_hop") : NULL;
+    if (keeps_hop == NULL) {
+        Py_XDECREF(inc);
+        Py_XDECREF(observe);
+        return -1;
+    }
+    Py_XSETREF(recording->inc, inc);
+    Py_XSETREF(recording->observe, observe);
+    Py_XSETREF(recording->keeps_hop, keeps_hop);
+    return 0;
+}
+
+#define COMMLENS_RECORDING_VISIT(recording) \
+    do { Py_VISIT((recording).inc); Py_VISIT((recording).observe); \
+         Py_VISIT((recording).keeps_hop); } while (0)
+#define COMMLENS_RECORDING_CLEAR(recording) \
+    do { Py_CLEAR((recording).inc); Py_CLEAR((recording).observe); \
+         Py_CLEAR((recording).keeps_hop); } while (0)
+
+/* inc(name, labels) (``value`` NULL) or observe(name, labels, value)
+ * through the held method. Steals ``labels``, a new tuple or NULL (an error
+ * is set then). 0, or -1 and an error. */
+static inline int
+commlens_record(PyObject *method, PyObject *name, PyObject *labels, PyObject *value)
+{
+    if (labels == NULL)
+        return -1;
+    PyObject *args[] = {NULL, name, labels, value};
+    PyObject *result = PyObject_Vectorcall(
+        method, args + 1, (value ? 3 : 2) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(labels);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+/* keeps_hop(trace_id, duration, flagged): 1 (ship it), 0, or -1. */
+static inline int
+commlens_keeps_hop(CommlensRecording *recording, PyObject *trace_id, PyObject *duration,
+                   PyObject *flagged)
+{
+    PyObject *args[] = {NULL, trace_id, duration, flagged};
+    PyObject *result = PyObject_Vectorcall(recording->keeps_hop, args + 1,
+                                           3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (result == NULL)
+        return -1;
+    int keep = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    return keep;
+}
+
+/* The label of an RPC method name: one remembered in ``seen``
+ * (labels.method.seen) as it is, else ``label(raw)`` (labels.method). */
+static inline PyObject *
+commlens_method_label(PyObject *seen, PyObject *label, PyObject *raw)
+{
+    if (PyUnicode_CheckExact(raw)) {
+        int known = PySet_Contains(seen, raw);
+        if (known != 0)
+            return known < 0 ? NULL : Py_NewRef(raw);
+    }
+    return PyObject_CallOneArg(label, raw);
 }
 
 /* Seconds on time.perf_counter()'s clock (CLOCK_MONOTONIC on Linux): a
