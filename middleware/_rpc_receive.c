@@ -392,7 +392,7 @@ receiver_wrap(Receiver *self, PyObject *inner)
             goto fail_ctx;
         kind = Py_NewRef(call ? str_call : str_cast);
     }
-    Py_XDECREF(sent_kind);
+    Py_CLEAR(sent_kind);
     PyObject *body = PyObject_GetAttr(inner, str_message);
     PyObject *method = body ? method_label(self, body) : NULL;
     Py_XDECREF(body);

@@ -303,7 +303,6 @@ def one_of_each():
                 body.close()
     # Failed requests' hops are always kept: taken here, as the shipper would.
     recorder_mod.get_recorder().snapshot(1.0)
-
 """
 
 

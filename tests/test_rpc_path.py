@@ -231,7 +231,6 @@ def one_of_each():
                     call.end(None)  # a second end records nothing
     # Failed sends' hops are always kept: taken here, as the shipper would.
     recorder_mod.get_recorder().snapshot(1.0)
-
 """
 
 
@@ -265,6 +264,10 @@ class Message:
     def reply(self, reply=None, failure=None): pass
     def requeue(self): pass
 
+class Broken:
+    def __init__(self, ctxt):
+        self.ctxt = ctxt
+
 listener = rpc_driver._InstrumentedListener(Listener(), transport._driver, "conductor", False)
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MEMBER = "commlens.service=nova-api;kind=call;span=00f067aa0ba902b7"
@@ -287,14 +290,17 @@ def one_of_each():
                 worker.join()
             else:
                 incoming.reply({"ok": 1})
+    # A message the driver gives without a body: passed on unrecorded.
+    broken = Broken({"traceparent": TRACEPARENT, "baggage": MEMBER.replace("call", "poke")})
+    assert listener._wrap(broken) is broken
     # Failed messages' hops are always kept: taken here, as the shipper would.
     recorder_mod.get_recorder().snapshot(1.0)
-
 """
 
 
 def test_the_compiled_receive_path_leaks_nothing():
     # middleware/_rpc_receive.c, like the send path: every kind of context
-    # (compiled or read in Python), and every ending (reply, failure,
-    # requeue, a reply from another thread, no acknowledge), 25,000 times.
+    # (compiled or read in Python), every ending (reply, failure, requeue, a
+    # reply from another thread, no acknowledge) and a message without a
+    # body, 26,000 times.
     assert blocks_left_behind(RECEIVE_LEAK_CHECK) < 200
