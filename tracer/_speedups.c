@@ -136,10 +136,17 @@ static PyTypeObject CounterType = {
 
 typedef struct {
     PyObject_VAR_HEAD  /* ob_size: the number of buckets, the last one +Inf */
-    PyObject *bounds;  /* the upper bounds: a tuple of floats, shared */
     double sum;
+    /* The counts, then the upper bounds as doubles: an update reads and
+     * writes one object, not the bounds' float objects scattered in memory. */
     unsigned long long counts[1];
 } Histogram;
+
+static inline double *
+histogram_bounds(Histogram *self)
+{
+    return (double *)(self->counts + Py_SIZE(self));
+}
 
 static PyObject *
 histogram_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -159,19 +166,20 @@ histogram_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
-    Histogram *self = (Histogram *)type->tp_alloc(type, n + 1);
+    Histogram *self = (Histogram *)type->tp_alloc(type, 2 * n + 1);
     if (self == NULL)
         return NULL;
-    self->bounds = Py_NewRef(bounds);
+    Py_SET_SIZE(self, n + 1);
     self->sum = 0.0;
     memset(self->counts, 0, sizeof(self->counts[0]) * (size_t)(n + 1));
+    for (Py_ssize_t i = 0; i < n; i++)
+        histogram_bounds(self)[i] = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, i));
     return (PyObject *)self;
 }
 
 static void
 histogram_dealloc(Histogram *self)
 {
-    Py_XDECREF(self->bounds);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -199,7 +207,7 @@ histogram_add(Histogram *self, double value)
     Py_ssize_t low = 0, high = Py_SIZE(self) - 1;
     while (low < high) {
         Py_ssize_t middle = (low + high) / 2;
-        if (PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(self->bounds, middle)) < value)
+        if (histogram_bounds(self)[middle] < value)
             low = middle + 1;
         else
             high = middle;
