@@ -83,9 +83,9 @@ class CommlensMiddleware(_wsgi_request.Middleware):
             explicit = None  # settings_mod.load has logged it
         recorder = recorder_mod.install(
             settings, lambda rec: shipping.make_shipper(rec, settings), service=explicit)
+        self._routes = routes.RouteTemplates(settings.http_max_routes)
         # A name given to this filter is its own; otherwise the process's
         # (README: several services in one process).
-        self._routes = routes.RouteTemplates(settings.http_max_routes)
         super().__init__(app, explicit or recorder.service, recorder, self._routes)
         if settings.http_outbound:
             http_client.instrument(settings.http_endpoints)
