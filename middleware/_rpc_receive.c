@@ -218,28 +218,12 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "incoming_type: a subclass of Incoming");
         return -1;
     }
-    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
-    PyObject *base = speedups ? PyObject_GetAttrString(speedups, "TraceContext") : NULL;
-    Py_XDECREF(speedups);
-    if (base == NULL)
+    if (commlens_check_trace_context_type(trace_context) < 0
+            || commlens_recording_init(&self->recording, recorder) < 0)
         return -1;
-    int same_layout = PyType_Check(base) && commlens_is_trace_context_type(
-        (PyTypeObject *)trace_context, (PyTypeObject *)base);
-    Py_DECREF(base);
-    if (!same_layout) {
-        PyErr_SetString(PyExc_TypeError,
-                        "trace_context: a subclass of _speedups.TraceContext with no fields");
+    PyObject *seen = commlens_method_seen(method_label);
+    if (seen == NULL)
         return -1;
-    }
-    if (commlens_recording_init(&self->recording, recorder) < 0)
-        return -1;
-    PyObject *seen = PyObject_GetAttrString(method_label, "seen");
-    if (seen == NULL || !PySet_CheckExact(seen)) {
-        if (seen != NULL)
-            PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
-        Py_XDECREF(seen);
-        return -1;
-    }
     Py_XSETREF(self->method_seen, seen);
     Py_XSETREF(self->service, Py_NewRef(service));
     Py_XSETREF(self->topic, Py_NewRef(topic));
@@ -492,17 +476,6 @@ incoming_dealloc(Incoming *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static void
-recording_failed(Incoming *self)
-{
-    PyObject *error = PyErr_GetRaisedException();
-    PyObject *result = PyObject_CallOneArg(self->receiver->recording_failed,
-                                           error ? error : Py_None);
-    Py_XDECREF(result);
-    Py_XDECREF(error);
-    PyErr_Clear();
-}
-
 /* The processing ended (``failure``: None, an exception or an exc_info). */
 static int
 incoming_record(Incoming *self, PyObject *failure)
@@ -568,7 +541,7 @@ incoming_finish(Incoming *self, PyObject *failure)
     self->done = 1;
     PyObject *pending = PyErr_GetRaisedException();  /* the inner call's, if any */
     if (incoming_record(self, failure) < 0)
-        recording_failed(self);
+        commlens_hand_over_error(self->receiver->recording_failed, NULL);
     PyErr_SetRaisedException(pending);
 }
 
@@ -583,7 +556,7 @@ incoming_acknowledge(Incoming *self, PyObject *unused)
     self->start = commlens_monotonic();
     PyObject *token = PyContextVar_Set(self->receiver->current, self->ctx);
     if (token == NULL)
-        recording_failed(self);
+        commlens_hand_over_error(self->receiver->recording_failed, NULL);
     Py_XSETREF(self->context_token, token);
     return result;
 }

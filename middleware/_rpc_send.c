@@ -74,13 +74,10 @@ sender_init(Sender *self, PyObject *args, PyObject *kwargs)
         return -1;
     if (commlens_recording_init(&self->recording, recorder) < 0)
         return -1;
-    PyObject *seen = PyObject_GetAttrString(method_label, "seen");
+    PyObject *seen = commlens_method_seen(method_label);
     PyObject *open_calls = seen ? PySet_New(NULL) : NULL;
-    if (open_calls == NULL || !PySet_CheckExact(seen)) {
-        if (seen != NULL && !PySet_CheckExact(seen))
-            PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
+    if (open_calls == NULL) {
         Py_XDECREF(seen);
-        Py_XDECREF(open_calls);
         return -1;
     }
     Py_XSETREF(self->method_seen, seen);
@@ -358,14 +355,8 @@ send_end(Send *self, PyObject *exc)
     if (self->done)
         Py_RETURN_NONE;
     self->done = 1;
-    if (send_record_end(self, exc) < 0) {
-        PyObject *error = PyErr_GetRaisedException();
-        PyObject *result = PyObject_CallOneArg(self->sender->recording_failed,
-                                               error ? error : Py_None);
-        Py_XDECREF(result);
-        Py_XDECREF(error);
-        PyErr_Clear();
-    }
+    if (send_record_end(self, exc) < 0)
+        commlens_hand_over_error(self->sender->recording_failed, NULL);
     Py_RETURN_NONE;
 }
 

@@ -150,19 +150,6 @@ is_failed_code(PyObject *code)
         || (first == '0' && PyUnicode_Compare(code, str_000) == 0);
 }
 
-/* The pending exception goes to wsgi.py (counted, logged at debug) and
- * no further: the service never sees commlens's own errors. */
-static void
-recording_failed(PyObject *recorder)
-{
-    PyObject *exc = PyErr_GetRaisedException();
-    PyObject *result = PyObject_CallFunctionObjArgs(bound.recording_failed, recorder,
-                                                    exc ? exc : Py_None, NULL);
-    Py_XDECREF(result);
-    Py_XDECREF(exc);
-    PyErr_Clear();
-}
-
 static int
 request_record(Request *self, PyObject *body)
 {
@@ -205,7 +192,7 @@ request_finish(Request *self, PyObject *body)
         return;
     self->done = 1;
     if (request_record(self, body) < 0)
-        recording_failed(self->middleware->recorder);
+        commlens_hand_over_error(bound.recording_failed, self->middleware->recorder);
 }
 
 static PyObject *
@@ -541,14 +528,14 @@ middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
     }
     Request *request = request_new(self, environ, start_response);
     if (request == NULL) {
-        recording_failed(self->recorder);
+        commlens_hand_over_error(bound.recording_failed, self->recorder);
         return PyObject_CallFunctionObjArgs(self->app, environ, start_response, NULL);
     }
     PyObject *token = PyContextVar_Set(bound.current, request->ctx);
     if (token == NULL) {
         request->done = 1;
         Py_DECREF(request);
-        recording_failed(self->recorder);
+        commlens_hand_over_error(bound.recording_failed, self->recorder);
         return PyObject_CallFunctionObjArgs(self->app, environ, start_response, NULL);
     }
     PyObject *app_args[] = {NULL, environ, (PyObject *)request};
@@ -573,7 +560,7 @@ middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (PyContextVar_Reset(bound.current, token) < 0)
-        recording_failed(self->recorder);
+        commlens_hand_over_error(bound.recording_failed, self->recorder);
     Py_DECREF(token);
     PyObject *wrapped;
     if (PyList_CheckExact(body))
@@ -694,21 +681,8 @@ bind(PyObject *module, PyObject *args, PyObject *kwargs)
         &bound.status_code, &bound.http_methods, &bound.other_method, &bound.current,
         &bound.hop_metric, &bound.error_class, &bound.record_hop, &bound.recording_failed,
         &bound.wrap_iterable};
-    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
-    if (speedups == NULL)
+    if (commlens_check_trace_context_type(v[0]) < 0)
         return NULL;
-    PyObject *base = PyObject_GetAttrString(speedups, "TraceContext");
-    Py_DECREF(speedups);
-    if (base == NULL)
-        return NULL;
-    int same_layout = PyType_Check(base) && commlens_is_trace_context_type(
-        (PyTypeObject *)v[0], (PyTypeObject *)base);
-    Py_DECREF(base);
-    if (!same_layout) {
-        PyErr_SetString(PyExc_TypeError,
-                        "trace_context: a subclass of _speedups.TraceContext with no fields");
-        return NULL;
-    }
     for (int i = 0; i < 15; i++)
         Py_XSETREF(*slots[i], Py_NewRef(v[i]));
     Py_RETURN_NONE;

@@ -47,7 +47,6 @@ _URL_PREFIX = "commlens_"  # query parameters for us, removed before the inner d
 _AMQP_DRIVERS = frozenset(("rabbit", "kombu", "amqp"))
 
 
-
 class CommlensDriver(base.BaseDriver):
     """A driver that records every message and delegates to a real driver."""
 

@@ -619,3 +619,48 @@ def test_an_incoming_message_is_timed_from_dispatch_to_reply(rpc_listener):
     done = [h for h in recorder.snapshot(1)["histograms"]
             if h[0] == metrics.RPC_PROCESSING.name and "select_destinations" in h[1]]
     assert sum(done[0][2]) == 1  # counted once
+
+
+def test_compiled_paths_count_their_own_errors_and_never_raise_them(rpc_listener, monkeypatch):
+    # A failure inside commlens (here: building a hop record, which every
+    # failed request or message gets) is handed to Python, counted as
+    # dropped "recording_error", and goes no further: the service's call,
+    # reply and response are as they would be without commlens.
+    import oslo_messaging as om
+
+    from commlens.middleware import wsgi
+
+    def broken_hop(*args, **kwargs):
+        raise RuntimeError("commlens bug")
+
+    recorder = rpc_listener._driver._recorder
+
+    def recording_errors():
+        return sum(value for name, labels, value in recorder.snapshot(1)["counters"]
+                   if name == metrics.AGENT_DROPPED.name and labels[1] == "recording_error")
+
+    monkeypatch.setattr(hops, "make_hop", broken_hop)
+    before = recording_errors()
+
+    call = rpc_listener._driver._sends.begin(om.Target(topic="conductor"), {}, {"method": "m"},
+                                             True)
+    assert call.end(om.MessagingTimeout("late")) is None
+
+    inner = _Message({})
+    incoming = rpc_listener._wrap(inner)
+    incoming.acknowledge()
+    incoming.reply(failure=ValueError("endpoint failed"))
+    (reply, failure), = inner.replies  # passed on as the server gave it
+    assert reply is None and isinstance(failure, ValueError)
+
+    def app(environ, start_response):
+        start_response("500 Internal Server Error", [("Content-Length", "4")])
+        return [b"oops"]
+
+    middleware = wsgi.CommlensMiddleware(app, http_outbound="false")
+    body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/broken"},
+                      lambda status, headers, exc_info=None: None)
+    assert list(body) == [b"oops"]
+    body.close()
+
+    assert recording_errors() == before + 3

@@ -1,8 +1,9 @@
 /* What the other compiled parts of commlens (middleware/_*.c) share with
  * tracer/_speedups.c: the layout of a TraceContext, so that a per-request
  * path makes and reads one without a Python attribute look-up; recording
- * through a recorder's compiled methods; the clock; an optional attribute
- * look-up; and Python 3.12's single-object exception API on 3.10 and 3.11.
+ * through a recorder's compiled methods; handing commlens's own errors
+ * over to Python; the clock; an optional attribute look-up; and Python
+ * 3.12's single-object exception API on 3.10 and 3.11.
  *
  * context.TraceContext is a Python subclass with no fields of its own
  * (__slots__ = ()), so its instances have exactly this layout; a user
@@ -175,5 +176,57 @@ PyErr_SetRaisedException(PyObject *exc)
     PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
 }
 #endif
+
+/* The set of method names labels.method has found valid (its ``seen``),
+ * read by the compiled RPC paths before calling it; a new reference, or
+ * NULL and an error. */
+static inline PyObject *
+commlens_method_seen(PyObject *method_label)
+{
+    PyObject *seen = PyObject_GetAttrString(method_label, "seen");
+    if (seen != NULL && !PySet_CheckExact(seen)) {
+        Py_DECREF(seen);
+        PyErr_SetString(PyExc_TypeError, "method_label.seen is not a set");
+        return NULL;
+    }
+    return seen;
+}
+
+/* commlens's own error, pending now, goes to ``hook`` (Python that counts
+ * it as dropped and logs it at debug level) and no further: the service
+ * never sees it. ``first``, unless NULL, is passed before the exception. */
+static inline void
+commlens_hand_over_error(PyObject *hook, PyObject *first)
+{
+    PyObject *error = PyErr_GetRaisedException();
+    PyObject *args[] = {NULL, first, error ? error : Py_None};
+    PyObject *result = first != NULL
+        ? PyObject_Vectorcall(hook, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+        : PyObject_Vectorcall(hook, args + 2, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_XDECREF(result);
+    Py_XDECREF(error);
+    PyErr_Clear();
+}
+
+/* 0 if ``type`` (context.TraceContext, given to a compiled path) makes
+ * objects of this layout; -1 and a TypeError if not. */
+static inline int
+commlens_check_trace_context_type(PyObject *type)
+{
+    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
+    PyObject *base = speedups ? PyObject_GetAttrString(speedups, "TraceContext") : NULL;
+    Py_XDECREF(speedups);
+    if (base == NULL)
+        return -1;
+    int same_layout = PyType_Check(base) && PyType_Check(type)
+        && commlens_is_trace_context_type((PyTypeObject *)type, (PyTypeObject *)base);
+    Py_DECREF(base);
+    if (!same_layout) {
+        PyErr_SetString(PyExc_TypeError,
+                        "trace_context: a subclass of _speedups.TraceContext with no fields");
+        return -1;
+    }
+    return 0;
+}
 
 #endif

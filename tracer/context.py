@@ -62,7 +62,7 @@ class TraceContext(_speedups.TraceContext):
     def ensure_ids(self):
         if self.span_id is None:
             if self.trace_id is None:
-                self.trace_id, self.span_id = _new_trace_ids()
+                self.trace_id, self.span_id = new_trace_id(), new_span_id()
             else:
                 self.span_id = new_span_id()
 
@@ -206,11 +206,7 @@ def outgoing():
 
 def new_trace():
     """The context of a new trace's first hop, its ids drawn."""
-    return TraceContext(*_new_trace_ids())
-
-
-def _new_trace_ids():
-    return new_trace_id(), new_span_id()
+    return TraceContext(new_trace_id(), new_span_id())
 
 
 # stamp_outgoing(carrier, service, kind): put this hop's trace context and

@@ -4,9 +4,9 @@ One recorder per process. On the hot path, ``inc``, ``observe`` and
 ``keeps_hop`` are compiled (tracer/_speedups.c): two dict look-ups and one
 update of a series, atomic without a lock; only a new series takes the
 lock. ``call_started``, ``call_finished`` and ``add_hop`` are a lock and a
-dict update. A request or
-message gets as few of them as possible: the metrics that are sums of finer
-ones are added at snapshot time (tracer/derived.py).
+dict update. A request or message gets as few of them as possible: the
+metrics that are sums of finer ones are added at snapshot time
+(tracer/derived.py).
 Everything heavier (copying, encoding, shipping) happens in the shipper's
 thread from ``snapshot()``. Counters and histograms are cumulative for the
 life of the process, so a lost snapshot loses nothing but freshness: the
@@ -44,7 +44,6 @@ SNAPSHOT_FORMAT = "commlens.snapshot/1"
 MAX_SERIES_PER_METRIC = 5000
 MAX_PENDING_HOPS = 10000
 OVERFLOW = "other"
-
 
 
 def _new_latency_histogram():
