@@ -4,12 +4,20 @@ One place: the oslo.config group ``[commlens]`` of the service's own
 configuration, with ``COMMLENS_*`` environment variables as the fallback for
 services that do not use oslo.config (and for tests). A value set in the
 config file wins over the environment; the environment wins over the default.
+
+A setting of ours never stops a service: a value that is not of the option's
+type or outside its bounds, from any source, is refused with one warning per
+process and the next source's value (or the default) is used instead.
 """
 
 import dataclasses
+import logging
+import math
 import os
 import re
 import sys
+import threading
+import urllib.parse
 
 from oslo_config import cfg
 
@@ -24,7 +32,7 @@ _OPTS = [
                help="Where to ship records (env COMMLENS_EXPORT_URL): "
                     "amqp://user:pass@host:5672/vhost or memory://. Default: "
                     "the broker of the commlens+ transport URL, else memory://."),
-    cfg.FloatOpt("ship_interval", min=0.05,
+    cfg.FloatOpt("ship_interval", min=0.05, max=3600.0,
                  help="Seconds between two shipped snapshots "
                       "(env COMMLENS_SHIP_INTERVAL). Default 5."),
     cfg.FloatOpt("hop_sample_ratio", min=0.0, max=1.0,
@@ -61,6 +69,12 @@ DEFAULTS = {
 }
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
+
+LOG = logging.getLogger(__name__)
+# (option, source, value) of each refused setting already logged.
+_REPORTED = set()
+_REPORTED_LOCK = threading.Lock()
 
 
 def list_opts():
@@ -99,69 +113,168 @@ def valid_service_name(name):
     return isinstance(name, str) and bool(_SERVICE_NAME.match(name))
 
 
-def _cast(opt, raw, origin):
-    """A raw string (environment, paste.ini) as the option's type."""
+def _shown(opt, value):
+    """A value as a log line may show it: never a secret option's, and never
+    the credentials of a URL inside any other."""
+    if opt.secret:
+        return "****"
+    text = _URL_CREDENTIALS.sub(r"\1***@", repr(value))
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _report(key, message, *args):
+    """Log a refused setting once per process: services load settings once
+    per transport and per paste filter, and the same line again says nothing."""
+    with _REPORTED_LOCK:
+        if key in _REPORTED:
+            return
+        _REPORTED.add(key)
+    LOG.warning("commlens: " + message, *args)
+
+
+def _endpoint_problem(pair):
+    """Why an http_endpoints item is unusable (middleware/http_client.py
+    parse_endpoints would raise on it), or None."""
+    if not isinstance(pair, str):
+        return "not SERVICE=URL"
+    service, sep, url = pair.partition("=")
+    if not sep or not valid_service_name(service.strip()):
+        return "not SERVICE=URL with a valid service name"
+    problem = _url_problem(url.strip())
+    return f"not a valid URL: {problem}" if problem else None
+
+
+def _url_problem(url):
+    """Why urllib cannot read ``url`` (an unclosed IPv6 bracket, a port
+    that is no number), or None: what the URL's users would raise on."""
     try:
-        if isinstance(opt, cfg.BoolOpt):
-            return {"true": True, "1": True, "yes": True, "on": True,
-                    "false": False, "0": False, "no": False, "off": False}[raw.strip().lower()]
-        if isinstance(opt, cfg.IntOpt):
-            return int(raw)
-        if isinstance(opt, cfg.FloatOpt):
-            return float(raw)
-        if isinstance(opt, cfg.ListOpt):
-            return [item.strip() for item in raw.split(",") if item.strip()]
-        return raw
-    except (KeyError, ValueError, AttributeError):
-        raise ValueError(f"{origin}={raw!r} is not a valid {opt.type}") from None
+        urllib.parse.urlsplit(url).port  # noqa: B018 - reading the port checks it
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
-def _from_env(opt):
-    name = "COMMLENS_" + opt.dest.upper()
-    raw = os.environ.get(name)
-    if raw in (None, ""):
+def _checked(opt, raw):
+    """``raw`` (a string from the environment or paste.ini, or a typed value
+    from code or oslo.config) as the option's value: ``(value, None)``, or
+    ``(None, why)`` when it is refused. The bounds are the option's own, as
+    oslo.config applies them to the config file, plus finiteness: oslo.config
+    lets ``nan`` and ``inf`` through a min/max check."""
+    if isinstance(raw, str) and isinstance(opt, cfg.BoolOpt):
+        raw = raw.strip()
+    try:
+        value = opt.type(raw)
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        if opt.secret:
+            return None, "not valid"  # the reason may quote the value
+        return None, str(exc) or type(exc).__name__
+    if value is None:
+        return None, "empty"
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, "not a finite number"
+    if opt.dest == "service_name" and not valid_service_name(value):
+        return None, ("not a service name: letters, digits, '.', '_' or '-', "
+                      "at most 64 characters")
+    if opt.dest == "http_endpoints":
+        for pair in value:
+            problem = _endpoint_problem(pair)
+            if problem:
+                return None, f"item {_shown(opt, pair)}: {problem}"
+    if opt.dest == "export_url" and _url_problem(value):
+        return None, "not a valid URL"  # the reason may quote the password
+    return value, None
+
+
+def _candidates(opt, overrides, conf, group):
+    """Where the option may be set, first wins: ``(source, raw, error)``;
+    ``error`` when the source itself failed to give a value."""
+    if _is_set(overrides.get(opt.dest)):
+        yield f"paste option {opt.dest}", overrides[opt.dest], None
+    if group is not None:
+        source = f"[{GROUP}] {opt.dest}"
+        try:
+            raw = group[opt.dest]
+        except cfg.ConfigSourceValueError as exc:
+            # A bad value in the config file: oslo.config raises on access.
+            location, why = _config_error(exc)
+            yield f"{source} in {location}" if location else source, None, (
+                "not valid" if opt.secret else why)
+        except (cfg.Error, RuntimeError):
+            pass  # an unparsed ConfigOpts (no args yet) raises: not set
+        except Exception as exc:  # a service's ConfigOpts is not ours to trust
+            yield source, None, f"could not be read ({type(exc).__name__})"
+        else:
+            if _is_set(raw):
+                location = _config_location(conf, opt)
+                yield f"{source} in {location}" if location else source, raw, None
+    raw = os.environ.get(_env_name(opt))
+    if _is_set(raw):
+        yield f"environment variable {_env_name(opt)}", raw, None
+
+
+def _is_set(raw):
+    # A blank value ("option =" in paste.ini, VAR= in a unit file) is no value.
+    return raw is not None and not (isinstance(raw, str) and not raw.strip())
+
+
+def _env_name(opt):
+    return "COMMLENS_" + opt.dest.upper()
+
+
+def _config_location(conf, opt):
+    """The file a [commlens] value came from, when oslo.config knows it."""
+    try:
+        return conf.get_location(opt.dest, GROUP).detail
+    except Exception:  # only a detail of a log line
         return None
-    return _cast(opt, raw, name)
+
+
+def _config_error(exc):
+    """oslo.config's message as (file, reason) for our log line."""
+    message = str(exc)
+    location = re.search(r"detail='([^']*)'", message)
+    _, sep, why = message.partition(" is not valid: ")
+    return (location.group(1) if location else None), (why if sep else message)
+
+
+def _resolve(opt, overrides, conf, group):
+    refused = []
+    for source, raw, error in _candidates(opt, overrides, conf, group):
+        value, why = (None, error) if error else _checked(opt, raw)
+        if why is None:
+            used_from = source
+            break
+        refused.append((source, raw, error is None, why))
+    else:
+        value, used_from = DEFAULTS[opt.dest], "the default"
+        if opt.dest == "service_name":
+            value, used_from = program_service_name(), "the program's name"
+    used = (f"{opt.dest} = {_shown(opt, value)} ({used_from})"
+            if value is not None else f"the default {opt.dest}")
+    for source, raw, has_raw, why in refused:
+        shown = _shown(opt, raw) if has_raw else None
+        _report((opt.dest, source, shown or why), "refused %s%s (%s); using %s",
+                source, f" = {shown}" if shown else "", why, used)
+    return value
 
 
 def load(conf=None, overrides=None):
     """Settings: ``overrides`` (a paste filter's local options), then ``conf``
     (a ConfigOpts, usually the service's), then the environment, then defaults.
+
+    Never raises for a setting's value: a bad one is logged (once per
+    process) and the next source's value, or the default, is used.
     """
-    values = {}
     group = None
     if conf is not None:
-        register_opts(conf)
         try:
+            register_opts(conf)
             group = conf[GROUP]
-        except (cfg.NoSuchOptError, cfg.NoSuchGroupError, cfg.Error):
+        except Exception:  # a service's ConfigOpts: no group, the environment decides
             group = None
-    overrides = overrides or {}
-    unknown = set(overrides) - {opt.dest for opt in _OPTS}
-    if unknown:
-        raise ValueError(f"unknown commlens option(s): {', '.join(sorted(unknown))}")
-    for opt in _OPTS:
-        value = None
-        if opt.dest in overrides:
-            value = overrides[opt.dest]
-            if isinstance(value, str):  # from paste.ini; code may pass typed values
-                value = _cast(opt, value, opt.dest)
-        if value is None and group is not None:
-            try:
-                value = group[opt.dest]
-            except (cfg.Error, RuntimeError):
-                # An unparsed ConfigOpts (no args yet) raises; fall back.
-                value = None
-        if value is None:
-            value = _from_env(opt)
-        if value is None:
-            value = DEFAULTS[opt.dest]
-        values[opt.dest] = value
-
-    name = values["service_name"] or program_service_name()
-    if not valid_service_name(name):
-        raise ValueError(
-            f"commlens service_name {name!r}: use letters, digits, '.', '_' "
-            "or '-', at most 64 characters")
-    values["service_name"] = name
-    return Settings(**values)
+    overrides = dict(overrides or {})
+    for name in sorted(set(overrides) - {opt.dest for opt in _OPTS}):
+        # The value stays out of the log: a misspelt export_url carries a password.
+        _report((name, "paste option", None),
+                "ignored paste option %s: not a commlens option", name)
+    return Settings(**{opt.dest: _resolve(opt, overrides, conf, group) for opt in _OPTS})
