@@ -1,14 +1,21 @@
 """The collector's state: snapshots from many processes merged into one view.
 
-Each process ships cumulative snapshots; the collector keeps the latest one
-per process and sums across processes. When a process stops reporting (its
-worker died, it was restarted) its gauges go away after a few of its own
-intervals, so a dead worker cannot leave waiting replies stuck, and its
-counters are folded into a "retired" total so the sums Prometheus sees never
-go backwards.
+Each process incarnation (one process id) ships cumulative values. The
+collector keeps collector-wide totals of counters and histograms and, per
+process, the values it last took (its baseline): a snapshot adds only what
+grew since that baseline. So a process that resumes after a gap (SIGSTOP, a
+broker outage) replaces its own earlier values instead of adding them again;
+a restarted process (a new id) adds on top; nothing exported ever goes back.
 
-Every message is checked against the metric schema; anything malformed or
-foreign is skipped and counted, never raised.
+When a process stops reporting, its gauges leave the view after a few of its
+own intervals (a dead worker cannot leave waiting replies stuck) and come
+back if it resumes; its baseline is kept for ``process_retention``. A final
+snapshot retires a process at once, and its id is remembered so that what
+it sends afterwards is stale.
+
+Every message is checked against the metric schema and the caps (message
+size, processes, series per process and in total); whatever is refused is
+counted, never raised.
 """
 
 import collections
@@ -36,23 +43,56 @@ MIN_EXPIRY_SECONDS = 1.0
 MAX_PROCESSES = 20000
 MAX_HOPS = 100000
 MAX_LABEL_LENGTH = 200
+# Wire caps: what one agent can make the collector hold.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_SERIES_PER_PROCESS = 20000
+MAX_SERIES = 200000
+# A silent process's baseline is kept this long, so a resume within it adds
+# only what is new; series no process holds any more are freed after this long.
+PROCESS_RETENTION_SECONDS = 3600.0
+SERIES_RETENTION_SECONDS = 3600.0
+# Ids of retired (final) and forgotten processes remembered, oldest dropped first.
+MAX_GONE_PROCESSES = 50000
+MAX_INTERVAL_SECONDS = 86400.0
+# Beyond 2**53 a float no longer counts by one: no honest counter gets there,
+# and sums of values below it stay finite.
+_MAX_VALUE = float(2 ** 53)
 _N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
 
-# Outcomes of one received message, as counted on /metrics.
+# Outcomes of one received message, as counted on /metrics. REBASELINED: a
+# process resumed after it was forgotten; its values became its baseline
+# and added nothing (what it counted while forgotten is lost, and counted here).
 ACCEPTED, MALFORMED, FOREIGN, STALE, REJECTED = (
     "accepted", "malformed", "foreign", "stale", "rejected")
+TOO_LARGE, TOO_MANY_PROCESSES, REBASELINED = (
+    "too_large", "too_many_processes", "rebaselined")
+
+# Why series of an accepted message were refused, as counted on /metrics.
+PROCESS_CAP, TOTAL_CAP = "process_cap", "total_cap"
+_FINAL, _FORGOTTEN = "final", "forgotten"
 
 
 class _Process:
+    """A process incarnation: the cumulative values last taken from it (its
+    baseline) and its current gauges."""
+
     __slots__ = ("id", "service", "host", "pid", "seq", "interval", "last_seen",
-                 "counters", "histograms", "gauges")
+                 "counters", "histograms", "gauges", "logged_silent")
 
     def __init__(self, process_id):
         self.id = process_id
         self.seq = -1
+        self.logged_silent = False
         self.counters = {}
         self.histograms = {}
         self.gauges = {}
+
+    def silent(self, now):
+        return now - self.last_seen > max(MIN_EXPIRY_SECONDS,
+                                          EXPIRE_AFTER_INTERVALS * self.interval)
+
+    def held(self):
+        return len(self.counters) + len(self.histograms) + len(self.gauges)
 
 
 # The dashboard's time series and methods tables look back this far at most.
@@ -65,15 +105,35 @@ class Collector:
     traces and chains (defaults: a TraceWindow, an in-memory History)."""
 
     def __init__(self, clock=time.monotonic, max_hops=MAX_HOPS, window=None,
-                 history=None, chain_counter=None):
+                 history=None, chain_counter=None, max_processes=MAX_PROCESSES,
+                 max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
+                 max_series_per_process=MAX_SERIES_PER_PROCESS,
+                 process_retention=PROCESS_RETENTION_SECONDS,
+                 series_retention=SERIES_RETENTION_SECONDS):
         self._clock = clock
         self._lock = threading.Lock()
+        self.max_processes = max_processes
+        self.max_message_bytes = max_message_bytes
+        self.max_series = max_series
+        self.max_series_per_process = max_series_per_process
+        self.process_retention = process_retention
+        self.series_retention = series_retention
+        # Least recently heard first: the first one is the first to forget.
         self._processes = {}
-        self._retired_counters = collections.defaultdict(float)
-        self._retired_histograms = {}
+        # {process id: (why it is gone, its last seq)}, oldest first.
+        self._gone = collections.OrderedDict()
+        # Collector-wide totals: {(name, labels): value} and {(name, labels): [counts, sum]}.
+        self._counters = {}
+        self._histograms = {}
+        # Every series held: {(name, labels): how many remembered processes hold it}.
+        # Its length is what max_series caps.
+        self._holders = {}
+        # Totals no process holds any more, oldest first: {(name, labels): since}.
+        self._unheld = collections.OrderedDict()
         self.hops = collections.deque(maxlen=max_hops)
         self.messages = collections.Counter()
         self.invalid_series = 0
+        self.refused_series = collections.Counter()
         self.invalid_hops = 0
         self.window = window if window is not None else traces.TraceWindow()
         self.history = history if history is not None else history_mod.History()
@@ -100,13 +160,20 @@ class Collector:
             outcome = REJECTED
         with self._lock:
             self.messages[outcome] += 1
-        if outcome not in (ACCEPTED, STALE):
+        if outcome not in (ACCEPTED, STALE, REBASELINED):
             LOG.debug("collector: skipped a %s message", outcome)
         return outcome
 
     def _ingest(self, body):
+        # Checked before parsing: a huge message costs its parse many times over.
+        if not isinstance(body, (bytes, bytearray, str)):
+            return MALFORMED
+        if len(body) > self.max_message_bytes:
+            return TOO_LARGE
         try:
-            data = json.loads(body)
+            # NaN and Infinity are not JSON; Python would read them and write
+            # them back into the API, which browsers then cannot parse.
+            data = json.loads(body, parse_constant=_refuse_constant)
         except (ValueError, TypeError):
             return MALFORMED
         if not isinstance(data, dict):
@@ -120,33 +187,147 @@ class Collector:
             return MALFORMED
         seq = data.get("seq")
         interval = data.get("interval")
-        if not isinstance(seq, int) or not isinstance(interval, (int, float)) or interval <= 0:
+        if (type(seq) is not int or type(interval) not in (int, float)
+                or not 0 < interval <= MAX_INTERVAL_SECONDS):
             return MALFORMED
 
         counters, histograms, gauges, invalid = _parse_series(data)
         with self._lock:
             self.invalid_series += invalid
-            entry = self._processes.get(process["id"])
-            if entry is None:
-                if len(self._processes) >= MAX_PROCESSES:
-                    return REJECTED
-                entry = self._processes[process["id"]] = _Process(process["id"])
-            elif seq <= entry.seq:
-                return STALE
-            service = process.get("service")
-            entry.service = service if settings.valid_service_name(service) else "invalid"
-            entry.host = str(process.get("host"))[:255]
-            entry.pid = process.get("pid") if isinstance(process.get("pid"), int) else None
-            entry.seq = seq
-            entry.interval = float(interval)
-            entry.last_seen = self._clock()
-            entry.counters = counters
-            entry.histograms = histograms
-            entry.gauges = gauges
-            if data.get("final") is True:
-                self._retire(entry)
+            outcome = self._take(process, seq, float(interval), counters, histograms, gauges,
+                                 data.get("final") is True)
+        if outcome in (STALE, TOO_MANY_PROCESSES):
+            return outcome
         # Agents before hops travelled on their own put them in the snapshot.
-        return self._ingest_hops(data.get("hops") or [])
+        hops_outcome = self._ingest_hops(data.get("hops") or [])
+        return outcome if hops_outcome == ACCEPTED else hops_outcome
+
+    def _take(self, process, seq, interval, counters, histograms, gauges, final):
+        """Account one snapshot; called with the lock held."""
+        process_id = process["id"]
+        now = self._clock()
+        entry = self._processes.get(process_id)
+        rebaseline = False
+        if entry is None:
+            gone = self._gone.get(process_id)
+            if gone is not None and (gone[0] == _FINAL or seq <= gone[1]):
+                return STALE
+            if len(self._processes) >= self.max_processes and not self._forget_one(now):
+                return TOO_MANY_PROCESSES
+            if gone is not None:
+                # Forgotten after its retention: what it shipped before was
+                # counted, and its baseline is gone. Its values become the
+                # new baseline and add nothing: never counted twice.
+                del self._gone[process_id]
+                rebaseline = True
+            entry = _Process(process_id)
+        elif seq <= entry.seq:
+            return STALE
+        else:
+            del self._processes[process_id]  # back in at the end: heard last
+        self._processes[process_id] = entry
+        if entry.logged_silent:
+            entry.logged_silent = False
+            LOG.info("collector: %s (pid %s on %s) reports again", entry.service,
+                     entry.pid, entry.host)
+        service = process.get("service")
+        entry.service = service if settings.valid_service_name(service) else "invalid"
+        entry.host = str(process.get("host"))[:255]
+        entry.pid = process.get("pid") if type(process.get("pid")) is int else None
+        entry.seq = seq
+        entry.interval = interval
+        entry.last_seen = now
+        self._add_counters(entry, counters, rebaseline)
+        self._add_histograms(entry, histograms, rebaseline)
+        self._set_gauges(entry, gauges)
+        if final:
+            self._release(entry, now, _FINAL)
+        return REBASELINED if rebaseline else ACCEPTED
+
+    def _add_counters(self, entry, counters, rebaseline):
+        baseline, totals = entry.counters, self._counters
+        for key, value in counters.items():
+            old = baseline.get(key)
+            if old is None:
+                if not self._hold(entry, key):
+                    continue
+                old = value if rebaseline else 0.0
+            # Cumulative within one incarnation: only growth is new. A lower
+            # value adds nothing and is the baseline from now on.
+            totals[key] = totals.get(key, 0.0) + max(0.0, value - old)
+            baseline[key] = value
+
+    def _add_histograms(self, entry, histograms, rebaseline):
+        baseline = entry.histograms
+        for key, (counts, total) in histograms.items():
+            old = baseline.get(key)
+            if old is None:
+                if not self._hold(entry, key):
+                    continue
+                old = (counts, total) if rebaseline else None
+            if old is None:
+                aggregate.add_histogram(self._histograms, key, counts, total)
+            else:
+                aggregate.add_histogram(
+                    self._histograms, key,
+                    [max(0.0, new - was) for new, was in zip(counts, old[0], strict=True)],
+                    max(0.0, total - old[1]))
+            baseline[key] = (counts, total)
+
+    def _set_gauges(self, entry, gauges):
+        current = entry.gauges
+        # A gauge the process no longer ships reads 0 (it keeps its place,
+        # held until the process is forgotten).
+        for key in current:
+            current[key] = 0.0
+        for key, value in gauges.items():
+            if key in current or self._hold(entry, key):
+                current[key] = value
+
+    def _hold(self, entry, key):
+        """Count ``key`` as held by ``entry``, within the caps; False if refused."""
+        if entry.held() >= self.max_series_per_process:
+            self.refused_series[PROCESS_CAP] += 1
+            return False
+        refs = self._holders.get(key)
+        if refs is None:
+            if len(self._holders) >= self.max_series:
+                self.refused_series[TOTAL_CAP] += 1
+                return False
+            refs = 0
+        elif refs == 0:
+            self._unheld.pop(key, None)
+        self._holders[key] = refs + 1
+        return True
+
+    def _release(self, entry, now, why):
+        """Forget a process's baseline; its totals stay. Called with the lock held."""
+        del self._processes[entry.id]
+        self._gone[entry.id] = (why, entry.seq)
+        while len(self._gone) > MAX_GONE_PROCESSES:
+            self._gone.popitem(last=False)
+        for held in (entry.counters, entry.histograms, entry.gauges):
+            for key in held:
+                refs = self._holders[key] - 1
+                self._holders[key] = refs
+                if refs:
+                    continue
+                if key in self._counters or key in self._histograms:
+                    self._unheld[key] = now
+                else:
+                    del self._holders[key]  # a gauge: nothing left to show
+
+    def _forget_one(self, now):
+        """Make room for a new process by forgetting the one heard from
+        longest ago, if it is silent; False if it is not."""
+        oldest = next(iter(self._processes.values()), None)
+        if oldest is None or not oldest.silent(now):
+            return False
+        LOG.info("collector: %d processes reached; forgetting %s (pid %s on %s), "
+                 "silent for %.0fs", self.max_processes, oldest.service, oldest.pid,
+                 oldest.host, now - oldest.last_seen)
+        self._release(oldest, now, _FORGOTTEN)
+        return True
 
     def _ingest_hops(self, hops):
         if not isinstance(hops, list):
@@ -296,54 +477,78 @@ class Collector:
     # -- expiry ----------------------------------------------------------
 
     def expire(self):
+        """Forget processes silent past the retention; free totals no process
+        holds any more after the series retention.
+
+        What an operator sees of the latter: a series that stayed unchanged,
+        with no live process behind it, for ``series_retention`` disappears
+        from /metrics. If it comes back, Prometheus sees a counter reset, which
+        rate() and increase() handle. This is what keeps a churn of
+        short-lived processes with labels of their own from growing memory.
+        """
         now = self._clock()
         with self._lock:
             for entry in list(self._processes.values()):
-                deadline = max(MIN_EXPIRY_SECONDS,
-                               EXPIRE_AFTER_INTERVALS * entry.interval)
-                if now - entry.last_seen > deadline:
-                    LOG.info("collector: %s (pid %s on %s) stopped reporting; "
-                             "its gauges are removed", entry.service, entry.pid,
-                             entry.host)
-                    self._retire(entry)
-
-    def _retire(self, entry):
-        """Called with the lock held."""
-        for key, value in entry.counters.items():
-            self._retired_counters[key] += value
-        for key, (counts, total) in entry.histograms.items():
-            aggregate.add_histogram(self._retired_histograms, key, counts, total)
-        del self._processes[entry.id]
+                if not entry.logged_silent and entry.silent(now):
+                    entry.logged_silent = True
+                    LOG.info("collector: %s (pid %s on %s) stopped reporting; its gauges "
+                             "are left out until it reports again", entry.service,
+                             entry.pid, entry.host)
+                if now - entry.last_seen > self.process_retention:
+                    LOG.info("collector: %s (pid %s on %s) silent for %.0fs; forgotten",
+                             entry.service, entry.pid, entry.host, now - entry.last_seen)
+                    self._release(entry, now, _FORGOTTEN)
+            unheld = self._unheld
+            while unheld:
+                key, since = next(iter(unheld.items()))
+                if now - since <= self.series_retention:
+                    break
+                del unheld[key]
+                del self._holders[key]
+                self._counters.pop(key, None)
+                self._histograms.pop(key, None)
 
     # -- views -----------------------------------------------------------
 
     def merged(self):
-        """(counters, histograms, gauges): {(name, labels): value}, summed."""
+        """(counters, histograms, gauges): {(name, labels): value}, summed.
+
+        A silent process's gauges are left out, so a dead worker cannot
+        leave waiting replies stuck; they come back if it resumes.
+        """
         self.expire()
+        now = self._clock()
         with self._lock:
-            counters = collections.defaultdict(float, self._retired_counters)
-            histograms = {k: [list(v[0]), v[1]] for k, v in self._retired_histograms.items()}
+            counters = collections.defaultdict(float, self._counters)
+            histograms = {k: [list(v[0]), v[1]] for k, v in self._histograms.items()}
             gauges = collections.defaultdict(float)
             for entry in self._processes.values():
-                for key, value in entry.counters.items():
-                    counters[key] += value
-                for key, (counts, total) in entry.histograms.items():
-                    aggregate.add_histogram(histograms, key, counts, total)
+                if entry.silent(now):
+                    continue
                 for key, value in entry.gauges.items():
                     gauges[key] += value
         return counters, histograms, gauges
 
     def processes(self):
+        """The processes reporting now (a silent one is left out)."""
         self.expire()
         now = self._clock()
         with self._lock:
             return [{"id": p.id, "service": p.service, "host": p.host, "pid": p.pid,
                      "interval": p.interval, "seconds_since_report": round(now - p.last_seen, 3)}
-                    for p in self._processes.values()]
+                    for p in self._processes.values() if not p.silent(now)]
 
     def message_counts(self):
         with self._lock:
             return dict(self.messages)
+
+    def refused_series_counts(self):
+        with self._lock:
+            return dict(self.refused_series)
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not a JSON number" % name)
 
 
 def _short_str(value, limit):
@@ -391,7 +596,9 @@ def _clean_hop(hop):
     if parent is not None and not _HEX16.match(parent):
         clean["parent_id"] = None
     start, duration = clean["start"], clean["duration"]
+    # Compared before any arithmetic: an int beyond a float's range would raise.
     if (type(start) is not float and type(start) is not int
+            or not -_MAX_VALUE <= start <= _MAX_VALUE
             or not abs(start - time.time()) <= _MAX_CLOCK_SKEW):
         clean["start"] = None
     if (type(duration) is not float and type(duration) is not int
@@ -406,7 +613,8 @@ def _valid_labels(metric, labels):
 
 
 def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    """A count or a sum of seconds: not negative, finite, exact as a float."""
+    return (type(value) is int or type(value) is float) and 0 <= value <= _MAX_VALUE
 
 
 def _parse_series(data):
@@ -437,5 +645,5 @@ def _parse_series(data):
                 or not all(_number(c) for c in counts) or not _number(total)):
             invalid += 1
             continue
-        histograms[(name, tuple(labels))] = (counts, float(total))
+        histograms[(name, tuple(labels))] = ([float(c) for c in counts], float(total))
     return counters, histograms, gauges, invalid
