@@ -11,9 +11,12 @@ Prometheus series (the Tempo-compatible service-graph metrics) always agree:
 - for RPC edges, the callers' waiting replies and timeouts, and the broker's
   queues of the edge's topics when the collector watches RabbitMQ.
 
-Callers name an RPC target by topic; the service consuming a topic is learnt
-from ``commlens_rpc_received_total``. A topic nobody consumes stays a node
-under the topic's own name (a conductor that is down shows as ``conductor``).
+Callers name an RPC target by topic, and an oslo.messaging reply carries no
+identity: the services that answered a caller are learnt from
+``commlens_rpc_received_total`` (``Consumers``), method by method, so several
+services consuming one topic each get the calls they answered. A topic nobody
+consumes stays a node under the topic's own name (a conductor that is down
+shows as ``conductor``).
 
 Rates need two points in time: ``GraphSamples`` keeps the edge totals every
 few seconds for the longest window served.
@@ -34,17 +37,65 @@ _BOUNDS = metrics.LATENCY_BUCKETS
 _N_BUCKETS = len(_BOUNDS) + 1
 
 
+# A caller's outcomes that tell its kind: only a call waits for a reply. A
+# transport error can end a cast as well as a call.
+_CALL_OUTCOMES = frozenset((metrics.OK, metrics.REMOTE_ERROR, metrics.TIMEOUT))
+# A caller's outcomes that no server answered (the caller counts these on the
+# service graph itself, middleware/rpc_driver.py).
+_UNANSWERED = frozenset((metrics.TIMEOUT, metrics.TRANSPORT_ERROR))
+_CALL, _FANOUT = "call", "fanout"
+
+
+class Consumers:
+    """Which services answered what a caller sent to a topic.
+
+    A caller's series (service, topic, method, kind) is paired with the
+    services that received exactly that (caller, topic, method, kind). Where
+    one service received it, which is the OpenStack norm (one service answers
+    a method), the pairing is exact; where several did, the caller's counts
+    are split among them in proportion to what each received. A fanout
+    reaches every consumer, so each gets all of it. Nobody received it (a
+    call that timed out, say): the services that received that method from
+    anyone, then the topic's consumers (any method), then the topic itself
+    as a node of its own.
+    """
+
+    def __init__(self, counters):
+        self._received = collections.defaultdict(collections.Counter)
+        topics = collections.defaultdict(set)
+        for (name, labels), value in counters.items():
+            if name == metrics.RPC_RECEIVED.name and value > 0:
+                service, caller, topic, method, kind = labels
+                for key in ((caller, topic, method, kind), (caller, topic, method),
+                            (topic, method), (topic,)):
+                    self._received[key][service] += value
+                topics[service].add(topic)
+        self._topics = {service: sorted(names) for service, names in topics.items()}
+
+    def servers(self, caller, topic, method, kind=None):
+        """[(service, share of the caller's counts)] for one caller series;
+        ``kind`` None when the caller's series does not tell it."""
+        keys = [(caller, topic, method, kind)] if kind else []
+        keys += [(caller, topic, method), (topic, method), (topic,)]
+        for key in keys:
+            received = self._received.get(key)
+            if received:
+                break
+        else:
+            return [(topic, 1.0)]
+        if kind == _FANOUT:
+            return [(service, 1.0) for service in sorted(received)]
+        total = sum(received.values())
+        return [(service, count / total) for service, count in sorted(received.items())]
+
+    def topics(self, service):
+        """The topics ``service`` received from, sorted."""
+        return self._topics.get(service, [])
+
+
 def topic_consumers(counters):
-    """{topic: service} from who received what (the busiest consumer wins)."""
-    received = collections.Counter()
-    for (name, labels), value in counters.items():
-        if name == metrics.RPC_RECEIVED.name:
-            service, _caller, topic = labels[:3]
-            received[(topic, service)] += value
-    consumers = {}
-    for (topic, service), _count in sorted(received.items(), key=lambda kv: kv[1]):
-        consumers[topic] = service
-    return consumers
+    """``Consumers`` learnt from who received what."""
+    return Consumers(counters)
 
 
 def known_topics(counters):
@@ -58,21 +109,56 @@ def known_topics(counters):
     return topics
 
 
-def resolve_rpc_servers(counters, histograms, consumers):
-    """The service-graph series with RPC topics renamed to their consumer service."""
-    def renamed(name, labels):
-        if (name.startswith("traces_service_graph_")
-                and labels[2] == metrics.MESSAGING_SYSTEM and labels[1] in consumers):
-            labels = (labels[0], consumers[labels[1]], labels[2])
-        return name, labels
+def _kind(outcome):
+    return _CALL if outcome in _CALL_OUTCOMES else None
 
-    renamed_counters = collections.defaultdict(float)
+
+def resolve_rpc_servers(counters, histograms, consumers):
+    """The service-graph series with each caller's RPC side on the services
+    that answered it.
+
+    A caller records its side of an RPC edge under the topic: its reply wait
+    (the client histogram) and the calls nobody answered (requests and
+    failures). Those have no method, so they are rebuilt here from the
+    caller's own per-method series, each paired by ``consumers``; the
+    servers' side already names both services and is left as it is.
+    """
+    resolved_counters = collections.defaultdict(float)
+    unanswered = collections.defaultdict(float)  # {(caller, topic): count}
     for (name, labels), value in counters.items():
-        renamed_counters[renamed(name, labels)] += value
-    renamed_histograms = {}
+        resolved_counters[(name, labels)] += value
+        if name == metrics.RPC_CALL_ERRORS.name and labels[3] in _UNANSWERED:
+            service, topic, method, outcome, _error = labels
+            unanswered[(service, topic)] += value
+            for server, share in consumers.servers(service, topic, method, _kind(outcome)):
+                for metric in (metrics.SERVICE_GRAPH_REQUESTS, metrics.SERVICE_GRAPH_FAILED):
+                    key = (metric.name, (service, server, metrics.MESSAGING_SYSTEM))
+                    resolved_counters[key] += value * share
+    for (service, topic), value in unanswered.items():
+        for metric in (metrics.SERVICE_GRAPH_REQUESTS, metrics.SERVICE_GRAPH_FAILED):
+            key = (metric.name, (service, topic, metrics.MESSAGING_SYSTEM))
+            left = resolved_counters[key] - value
+            # What is left is a service of the topic's name that this caller
+            # called, if any (or a series one side could not keep).
+            if left > 1e-9:
+                resolved_counters[key] = left
+            else:
+                del resolved_counters[key]
+
+    resolved_histograms = {}
     for (name, labels), (counts, total) in histograms.items():
-        aggregate.add_histogram(renamed_histograms, renamed(name, labels), counts, total)
-    return dict(renamed_counters), renamed_histograms
+        if name == metrics.SERVICE_GRAPH_CLIENT_SECONDS.name \
+                and labels[2] == metrics.MESSAGING_SYSTEM:
+            continue  # rebuilt below from the reply waits it sums
+        aggregate.add_histogram(resolved_histograms, (name, labels), counts, total)
+        if name == metrics.RPC_REPLY_WAIT.name:
+            service, topic, method, _outcome = labels
+            for server, share in consumers.servers(service, topic, method, _CALL):
+                aggregate.add_histogram(
+                    resolved_histograms, (metrics.SERVICE_GRAPH_CLIENT_SECONDS.name,
+                                          (service, server, metrics.MESSAGING_SYSTEM)),
+                    [count * share for count in counts], total * share)
+    return dict(resolved_counters), resolved_histograms
 
 
 class EdgeTotals:
@@ -90,7 +176,7 @@ class EdgeTotals:
 
 
 def edge_totals(counters, histograms, gauges):
-    """{(client, server, protocol): EdgeTotals} and {topic: service}."""
+    """{(client, server, protocol): EdgeTotals} and the ``Consumers`` that paired them."""
     consumers = topic_consumers(counters)
     counters, histograms = resolve_rpc_servers(counters, histograms, consumers)
     edges = collections.defaultdict(EdgeTotals)
@@ -105,8 +191,9 @@ def edge_totals(counters, histograms, gauges):
         elif name == metrics.SERVICE_GRAPH_FAILED.name:
             edge(*labels).failed += value
         elif name == metrics.RPC_CALL_ERRORS.name and labels[3] == metrics.TIMEOUT:
-            service, topic = labels[:2]
-            edges[(service, consumers.get(topic, topic), RPC)].timeouts += value
+            service, topic, method = labels[:3]
+            for server, share in consumers.servers(service, topic, method, _CALL):
+                edges[(service, server, RPC)].timeouts += value * share
     for (name, labels), (counts, _total) in histograms.items():
         if name == metrics.SERVICE_GRAPH_SERVER_SECONDS.name:
             target = edge(*labels).server
@@ -118,8 +205,9 @@ def edge_totals(counters, histograms, gauges):
             target[i] += count
     for (name, labels), value in gauges.items():
         if name == metrics.RPC_WAITING_REPLIES.name:
-            service, topic = labels[:2]
-            edges[(service, consumers.get(topic, topic), RPC)].waiting += value
+            service, topic, method = labels
+            for server, share in consumers.servers(service, topic, method, _CALL):
+                edges[(service, server, RPC)].waiting += value * share
     return dict(edges), consumers
 
 
@@ -152,19 +240,22 @@ def method_totals(counters, histograms, gauges, consumers):
     edges = collections.defaultdict(lambda: collections.defaultdict(MethodTotals))
     route_latency = collections.defaultdict(lambda: [0] * _N_BUCKETS)
 
-    def rpc_row(service, topic, method):
-        return edges[(service, consumers.get(topic, topic), RPC)][f"{topic}.{method}"]
+    def rpc_rows(service, topic, method, kind):
+        """[(row, share)]: the caller's row on each edge ``consumers`` pairs it with."""
+        return [(edges[(service, server, RPC)][f"{topic}.{method}"], share)
+                for server, share in consumers.servers(service, topic, method, kind)]
 
     for (name, labels), value in counters.items():
         if name == metrics.RPC_SENT.name:
-            service, topic, method, _kind = labels
-            rpc_row(service, topic, method).requests += value
+            service, topic, method, kind = labels
+            for row, share in rpc_rows(service, topic, method, kind):
+                row.requests += value * share
         elif name == metrics.RPC_CALL_ERRORS.name:
             service, topic, method, outcome, _error = labels
-            row = rpc_row(service, topic, method)
-            row.errors += value
-            if outcome == metrics.TIMEOUT:
-                row.timeouts += value
+            for row, share in rpc_rows(service, topic, method, _kind(outcome)):
+                row.errors += value * share
+                if outcome == metrics.TIMEOUT:
+                    row.timeouts += value * share
         elif name == metrics.HTTP_REQUESTS.name:
             service, caller, method, route, code = labels
             row = edges[(caller, service, HTTP)][f"{method} {route}"]
@@ -173,19 +264,21 @@ def method_totals(counters, histograms, gauges, consumers):
                 row.errors += value
     for (name, labels), value in gauges.items():
         if name == metrics.RPC_WAITING_REPLIES.name:
-            rpc_row(*labels).waiting += value
+            for row, share in rpc_rows(*labels, _CALL):
+                row.waiting += value * share
     for (name, labels), (counts, _total) in histograms.items():
         if labels[-1] != metrics.OK:
             continue
         if name == metrics.RPC_REPLY_WAIT.name:
-            target = rpc_row(*labels[:3]).ok_latency
+            targets = [(row.ok_latency, share) for row, share in rpc_rows(*labels[:3], _CALL)]
         elif name == metrics.HTTP_DURATION.name:
             service, method, route, _outcome = labels
-            target = route_latency[(service, f"{method} {route}")]
+            targets = [(route_latency[(service, f"{method} {route}")], 1.0)]
         else:
             continue
-        for i, count in enumerate(counts):
-            target[i] += count
+        for target, share in targets:
+            for i, count in enumerate(counts):
+                target[i] += count * share
     for (_client, server, protocol), rows in edges.items():
         if protocol == HTTP:
             for operation, row in rows.items():
@@ -316,7 +409,7 @@ def build(current, baseline, seconds, consumers, queues=None, processes=()):
         if protocol == RPC:
             edge["waiting_replies"] = now.waiting
             edge["timeouts"] = max(0.0, now.timeouts - then.timeouts)
-            topics = sorted(t for t, s in consumers.items() if s == server) or [server]
+            topics = consumers.topics(server) or [server]
             if queues:
                 edge["queues"] = {t: queues[t] for t in topics if t in queues}
         edges.append(edge)
