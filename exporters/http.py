@@ -2,8 +2,10 @@
 web dashboard (commlens.dashboards.web)."""
 
 import re
+import urllib.parse
 
 import flask
+from werkzeug import exceptions
 from werkzeug import serving
 
 from commlens.exporters import durations
@@ -14,7 +16,7 @@ def create_app(collector, intake=None, dashboard=None):
     from commlens.dashboards import web
 
     dashboard = dashboard or web.DashboardSettings()
-    app = flask.Flask("commlens.collector")
+    app = _App("commlens.collector")
     app.config["COMMLENS_COLLECTOR"] = collector
     if dashboard.token:
         web.require_token(app, dashboard.token)
@@ -41,7 +43,7 @@ def create_app(collector, intake=None, dashboard=None):
     @app.get("/api/hops")
     def hops():
         trace_id = flask.request.args.get("trace_id")
-        limit = min(flask.request.args.get("limit", 1000, type=int), 10000)
+        limit = _limit_arg("limit", 1000, MAX_HOPS_LIMIT)
         selected = [h for h in list(collector.hops)
                     if trace_id is None or h.get("trace_id") == trace_id]
         return {"hops": selected[-limit:]}
@@ -54,7 +56,7 @@ def create_app(collector, intake=None, dashboard=None):
     @app.get("/api/chains")
     def chains():
         since = _duration_arg("since", 900)
-        limit = max(1, min(flask.request.args.get("limit", 50, type=int), 1000))
+        limit = _limit_arg("limit", 50, MAX_CHAINS_LIMIT)
         absorbed = {"true": True, "false": False}.get(flask.request.args.get("absorbed", ""))
         return {"since_seconds": since,
                 "chains": collector.history.chains(since, limit, absorbed)}
@@ -70,29 +72,91 @@ def create_app(collector, intake=None, dashboard=None):
                              f"{collector.window.quiet_seconds:g}s without new hops)"}, 404
         return found
 
-    @app.errorhandler(BadDuration)
-    def bad_duration(exc):
+    @app.errorhandler(BadArgument)
+    def bad_argument(exc):
         return {"error": str(exc)}, 400
 
     return app
 
 
+class _App(flask.Flask):
+    def log_exception(self, exc_info):
+        # Flask names the request by its path, which a client chose (and may
+        # have put the dashboard token in): name it by its route instead.
+        rule = flask.request.url_rule
+        self.logger.error("Exception on %s [%s]", rule.rule if rule else "(no route)",
+                          flask.request.method, exc_info=exc_info)
+
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                      "CONNECT"))
+
+
 class RequestHandler(serving.WSGIRequestHandler):
-    """Werkzeug's request log, without the dashboard token of a ?token= URL."""
+    """Werkzeug's request log, with nothing of the URL a client chose in it.
 
-    _TOKEN = re.compile(r"([?&]token=)[^&\s]*")
+    The dashboard token can arrive in a URL (``?token=``, percent-encoded as
+    ``?%74oken=``, in a fragment, in a mistyped path), so a request is logged
+    by the route it matched, never by its path or query string; a request
+    line that does not parse is logged as malformed, without its content.
+    """
 
-    def log_request(self, *args, **kwargs):
-        # Werkzeug logs self.path (or the raw request line when it is bad);
-        # the application has already read the real ones by now.
-        self.requestline = self._TOKEN.sub(r"\1***", self.requestline)
-        if hasattr(self, "path"):
-            self.path = self._TOKEN.sub(r"\1***", self.path)
-        super().log_request(*args, **kwargs)
+    def handle_one_request(self):
+        # A kept-alive connection keeps the last request's path: forget it,
+        # so that a malformed line after a good one is not logged as that.
+        self.path = None
+        super().handle_one_request()
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server puts the raw request line in the message of a bad
+        # request ("Bad request syntax ('GET /?token=...')"), logs it and
+        # sends it back: keep only the status's own phrase.
+        super().send_error(code, None, explain)
+
+    def log_request(self, code="-", size="-"):
+        if self.path is None or not self.command:
+            line = "(malformed request line)"
+        else:
+            # Werkzeug hands any method to the application: a client chose it too.
+            method = self.command if self.command in _METHODS else "(unknown method)"
+            line = f"{method} {self._route()} {self.request_version}"
+        self.log("info", '"%s" %s %s', line, code, size)
+
+    def _route(self):
+        url_map = getattr(self.server.app, "url_map", None)
+        if url_map is None:
+            return "(path not logged)"
+        path = urllib.parse.unquote(re.split("[?#]", self.path, maxsplit=1)[0], errors="replace")
+        try:
+            rule, _args = url_map.bind("collector").match(path, method=self.command,
+                                                          return_rule=True)
+        except exceptions.HTTPException:  # no route, or a redirect to one
+            return "(no route)"
+        return rule.rule
 
 
-class BadDuration(ValueError):
+class BadArgument(ValueError):
+    """A query parameter the JSON API refuses with a 400."""
+
+
+class BadDuration(BadArgument):
     pass
+
+
+# The most a list endpoint returns at once (a larger limit is clamped).
+MAX_HOPS_LIMIT = 10000
+MAX_CHAINS_LIMIT = 1000
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+
+
+def _limit_arg(name, default, cap):
+    """A count of items to return: from 1 to ``cap`` (more is clamped to it)."""
+    value = flask.request.args.get(name)
+    if value is None:
+        return default
+    if not _INTEGER.fullmatch(value) or int(value) < 1:
+        raise BadArgument(f"{name}: expected a whole number from 1 to {cap}, got {value[:40]!r}")
+    return min(int(value), cap)
 
 
 def _duration_arg(name, default):
