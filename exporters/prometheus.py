@@ -11,11 +11,15 @@ _BOUNDS = [repr(float(b)) for b in metrics.LATENCY_BUCKETS] + ["+Inf"]
 
 COLLECTOR_MESSAGES = metrics.Metric(
     "commlens_collector_messages_total", "counter", ("outcome",),
-    "Messages the collector received, by outcome (accepted, stale, "
-    "malformed, foreign, rejected).")
+    "Messages the collector received, by outcome (accepted, stale, malformed, "
+    "foreign, rejected, too_large, too_many_processes, rebaselined).")
 COLLECTOR_INVALID_SERIES = metrics.Metric(
     "commlens_collector_invalid_series_total", "counter", (),
     "Series in accepted messages that did not match the metric schema.")
+COLLECTOR_REFUSED_SERIES = metrics.Metric(
+    "commlens_collector_series_refused_total", "counter", ("reason",),
+    "Valid series the collector did not take because of a cap "
+    "(reason: process_cap, total_cap).")
 COLLECTOR_PROCESSES = metrics.Metric(
     "commlens_collector_processes", "gauge", ("service",),
     "Processes currently reporting to this collector.")
@@ -90,6 +94,10 @@ class CollectorExposition:
         invalid = _family(COLLECTOR_INVALID_SERIES)
         invalid.add_metric([], self._collector.invalid_series)
         yield invalid
+        refused = _family(COLLECTOR_REFUSED_SERIES)
+        for reason, count in sorted(collector.refused_series_counts().items()):
+            refused.add_metric([reason], count)
+        yield refused
         processes = _family(COLLECTOR_PROCESSES)
         per_service = {}
         for process in self._collector.processes():
@@ -124,6 +132,23 @@ class CollectorExposition:
             up = _family(COLLECTOR_INTAKE_UP)
             up.add_metric([], 1 if self._intake.connected else 0)
             yield up
+            yield _lost_family(self._intake)
+
+
+# The intake's (exporters/intake.py): what the broker dropped from the
+# collector's queue, counted from its dead-letter queue.
+COLLECTOR_LOST = metrics.Metric(
+    "commlens_collector_lost_total", "counter", ("what", "reason"),
+    "What the broker dropped from the collector's queue before a collector read it, "
+    "counted from the dead-letter queue (what: hops, snapshots, unreadable; "
+    "reason: expired, maxlen, other).")
+
+
+def _lost_family(intake):
+    family = _family(COLLECTOR_LOST)
+    for (what, reason), count in sorted(intake.lost_counts().items()):
+        family.add_metric([what, reason], count)
+    return family
 
 
 def _broker_families(watcher, topics):
