@@ -8,9 +8,17 @@ talking over that broker and shipping over AMQP to this process's collector.
 
 Faults at run time: ``POST /api/demo/faults/<name>`` turns one on,
 ``DELETE`` turns it off, ``GET /api/demo`` lists them.
+
+``broker-restart`` closes only the demo's own connections, through RabbitMQ's
+management API: every connection of the demo carries a client-provided name
+starting with ``commlens-demo-<run>``, which is what it looks for. The parts'
+oslo.messaging connections get it from their program name (oslo.messaging
+names a connection ``<program>:<pid>:<uuid>``), the AMQP shipping and the
+collector's intake from the export URL's pika ``client_properties``.
 """
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -18,6 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 import warnings
 
@@ -39,11 +50,31 @@ def add_command(commands, listen_type, default_listen):
                            + "; ".join(f"{k}: {v}" for k, v in faults.FAULTS.items()))
     demo.add_argument("--transport", default="fake://",
                       help="fake:// (default, in this process) or rabbit://user:pw@host:5672/")
+    demo.add_argument("--rabbitmq-management-url",
+                      default=os.environ.get("COMMLENS_RABBITMQ_MANAGEMENT_URL"),
+                      help="http://user:pw@host:15672/ for the broker-restart fault (default: "
+                           "COMMLENS_RABBITMQ_MANAGEMENT_URL, else port 15672 on the "
+                           "transport's broker with its credentials)")
+    demo.add_argument("--queue-ttl", type=_queue_ttl,
+                      default=os.environ.get("COMMLENS_QUEUE_TTL", "120"),
+                      help="with --transport rabbit://: seconds a shipped message waits in "
+                           "the collector's queue (default 120)")
     demo.add_argument("--computes", type=int, default=4, help="nova-compute services (4)")
     demo.add_argument("--users", type=int, default=8, help="concurrent API users (8)")
     demo.add_argument("--no-live", action="store_true",
                       help="print a status line every 5 s instead of the live table")
     demo.set_defaults(run=run_demo)
+
+
+def _queue_ttl(value):
+    import argparse
+
+    from commlens.exporters import intake
+
+    try:
+        return intake.queue_ttl(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_demo(args):
@@ -86,11 +117,11 @@ def run_demo(args):
         plane = _ProcessPlane(args)
         export_url = plane.export_url
     collector = collector_mod.Collector()
-    intake = intake_mod.make_intake(export_url, collector)
+    intake = intake_mod.make_intake(export_url, collector, queue_ttl=args.queue_ttl)
     faults = faults_mod.Faults(on_change=lambda name, on: _apply(plane, faults, name, on))
     plane.faults = faults
     app = http.create_app(collector, intake)
-    _add_fault_control(app, faults)
+    _add_fault_control(app, faults, plane)
     host, port = args.listen
     try:
         server = serving.make_server(host, port, app, threaded=True,
@@ -103,7 +134,8 @@ def run_demo(args):
     collector.start_sweeper()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     for name in args.fault:
-        faults.set(name)
+        if name != "broker-restart":
+            faults.set(name)
     try:
         plane.start()
     except Exception as exc:
@@ -112,6 +144,12 @@ def run_demo(args):
         intake.stop()
         server.shutdown()
         return 1
+    if "broker-restart" in args.fault:
+        # Once the plane's connections exist: there is nothing to close before.
+        try:
+            faults.set("broker-restart")
+        except FaultError as exc:
+            print(f"commlens demo: {exc}", file=sys.stderr)
     users = workload_mod.Workload(plane.urls["nova-api"], users=args.users)
     users.start()
     base = f"http://{host}:{server.port}"
@@ -137,14 +175,19 @@ def run_demo(args):
     return 0
 
 
+class FaultError(RuntimeError):
+    """A fault could not be injected; the message never holds a secret."""
+
+
 def _apply(plane, faults, name, on):
     if name == "broker-restart":
         if on:
-            # Every connection closed, as a broker restart does; the fault
-            # clears itself: the services reconnect by themselves.
-            subprocess.run(["rabbitmqctl", "close_all_connections", "commlens demo"],
-                           capture_output=True, timeout=30, check=False)
+            if not hasattr(plane, "close_connections"):
+                faults.set("broker-restart", False)
+                raise FaultError("broker-restart needs --transport rabbit://...")
+            # The fault clears itself: the services reconnect by themselves.
             threading.Timer(0.1, lambda: faults.set("broker-restart", False)).start()
+            plane.close_connections()
         return
     plane.apply(name, on)
 
@@ -161,8 +204,15 @@ class _ProcessPlane:
 
         self._args = args
         run = uuid.uuid4().hex[:8]
-        amqp = urls.amqp_url_from_transport(om.TransportURL.parse(cfg.CONF, args.transport))
-        self.export_url = f"{amqp}?exchange=commlens-demo-{run}&queue=commlens.demo-{run}"
+        transport_url = om.TransportURL.parse(cfg.CONF, args.transport)
+        amqp = urls.amqp_url_from_transport(transport_url)
+        self.connection_name = f"commlens-demo-{run}"
+        client_properties = urllib.parse.quote(repr({"connection_name": self.connection_name}))
+        self.export_url = (f"{amqp}?exchange=commlens-demo-{run}&queue=commlens.demo-{run}"
+                           f"&client_properties={client_properties}")
+        self._management_url = (args.rabbitmq_management_url
+                                or _management_url_from_transport(transport_url))
+        self.closed_connections = 0
         self._faults_topic = f"commlens-demo-faults-{run}"
         self._control = om.get_rpc_client(
             om.get_rpc_transport(cfg.CONF, url=args.transport),
@@ -175,8 +225,14 @@ class _ProcessPlane:
         from commlens.emulator import controlplane
 
         env = dict(os.environ, COMMLENS_EXPORT_URL=self.export_url)
+        # Run as a program named after this demo: oslo.messaging names each
+        # connection "<program>:<pid>:<uuid>", so the broker-restart fault
+        # finds the parts' connections by that name.
+        run_as = ("import runpy, sys; sys.argv[0] = %r; "
+                  "runpy.run_module('commlens.emulator.service', run_name='__main__')"
+                  % self.connection_name)
         for group in controlplane.GROUPS:
-            command = [sys.executable, "-m", "commlens.emulator.service", "--group", group,
+            command = [sys.executable, "-c", run_as, "--group", group,
                        "--transport", self._args.transport, "--computes",
                        str(self._args.computes), "--faults-topic", self._faults_topic,
                        "--urls", ",".join(f"{k}={v}" for k, v in self.urls.items())]
@@ -194,6 +250,50 @@ class _ProcessPlane:
         if self._children:
             self._control.cast({}, "set_fault", name=name, on=on)
 
+    def close_connections(self):
+        """Close this demo's connections, as a broker restart would, and no
+        one else's; the number closed, or FaultError with the reason."""
+        from commlens.exporters import broker
+        from commlens.exporters import urls
+
+        try:
+            listing, auth = broker._api(self._management_url,
+                                        "/api/connections?columns=name,user_provided_name")
+        except broker.BrokerUrlError as exc:
+            raise FaultError(f"broker-restart: {exc}") from None
+        where = urls.redact(self._management_url)
+        try:
+            request = urllib.request.Request(listing, headers={"Authorization": auth})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                connections = json.loads(response.read(64 * 1024 * 1024))
+        except (OSError, ValueError) as exc:
+            raise FaultError(f"broker-restart: RabbitMQ's management API at {where} did not "
+                             f"list connections ({_reason(exc)}); nothing was closed") from None
+        ours = [c["name"] for c in connections if isinstance(c, dict)
+                and _is_ours(c.get("user_provided_name"), self.connection_name)]
+        if not ours:
+            raise FaultError(f"broker-restart: no connection named {self.connection_name}* "
+                             f"in RabbitMQ's management API at {where}; nothing was closed")
+        closed = 0
+        for name in ours:
+            url, _ = broker._api(self._management_url,
+                                 "/api/connections/" + urllib.parse.quote(name, safe=""))
+            request = urllib.request.Request(url, method="DELETE", headers={
+                "Authorization": auth, "X-Reason": "commlens demo: broker-restart fault"})
+            try:
+                with urllib.request.urlopen(request, timeout=10):
+                    closed += 1
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:  # 404: it closed by itself meanwhile
+                    LOG.warning("broker-restart: could not close a connection (%s)",
+                                _reason(exc))
+            except OSError as exc:
+                LOG.warning("broker-restart: could not close a connection (%s)", _reason(exc))
+        LOG.info("broker-restart: closed %d of this demo's connections (%s*)", closed,
+                 self.connection_name)
+        self.closed_connections = closed
+        return closed
+
     def stop(self):
         for child in reversed(self._children):
             if child.poll() is None:
@@ -206,22 +306,62 @@ class _ProcessPlane:
                 child.wait()
 
 
-def _add_fault_control(app, faults):
+def _management_url_from_transport(transport_url):
+    """The management API on the first broker's host, with its credentials."""
+    if not transport_url.hosts:
+        return None
+    host = transport_url.hosts[0]
+    userinfo = ""
+    if host.username is not None:
+        userinfo = urllib.parse.quote(host.username, safe="")
+        if host.password is not None:
+            userinfo += ":" + urllib.parse.quote(host.password, safe="")
+        userinfo += "@"
+    hostname = host.hostname or "localhost"
+    if ":" in hostname:
+        hostname = "[%s]" % hostname
+    return f"http://{userinfo}{hostname}:15672/"
+
+
+def _is_ours(connection_name, prefix):
+    return isinstance(connection_name, str) and (
+        connection_name == prefix or connection_name.startswith(prefix + ":"))
+
+
+def _reason(exc):
+    # An HTTPError's text is its status line; other errors name their kind
+    # only: neither holds the URL's credentials.
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    return type(exc).__name__
+
+
+def _add_fault_control(app, faults, plane):
     import flask
 
     from commlens.emulator import faults as faults_mod
 
     @app.get("/api/demo")
     def demo_status():
-        return {"faults": faults.active(), "known": faults_mod.FAULTS}
+        status = {"faults": faults.active(), "known": faults_mod.FAULTS}
+        if getattr(plane, "connection_name", None):
+            status["connection_name"] = plane.connection_name
+        return status
 
     @app.route("/api/demo/faults/<name>", methods=["POST", "DELETE"])
     def demo_fault(name):
+        on = flask.request.method == "POST"
         try:
-            faults.set(name, flask.request.method == "POST")
+            faults.set(name, on)
         except faults_mod.UnknownFault as exc:
             return {"error": str(exc)}, 404
-        return {"faults": faults.active()}
+        except FaultError as exc:
+            LOG.error("commlens demo: %s", exc)
+            return {"error": str(exc)}, 502
+        answer = {"faults": faults.active()}
+        if name == "broker-restart" and on:
+            answer["closed_connections"] = plane.closed_connections
+        return answer
 
 
 def _per_service(collector):

@@ -47,6 +47,12 @@ def build_parser():
     collector.add_argument("--replica", type=_replica_name, default=None,
                            help="run as one of several collectors sharing the load "
                                 "(a name unique among them, e.g. 1, 2)")
+    collector.add_argument("--queue-ttl", type=_queue_ttl,
+                           default=os.environ.get("COMMLENS_QUEUE_TTL", "120"),
+                           help="seconds a shipped message waits for a collector in its "
+                                "queue; what expires is counted on "
+                                "commlens_collector_lost_total (default: COMMLENS_QUEUE_TTL, "
+                                "else 120)")
     collector.add_argument("--history", default=os.environ.get("COMMLENS_HISTORY",
                                                                DEFAULT_HISTORY),
                            help="SQLite file of traces and chains; ':memory:' for none "
@@ -90,6 +96,15 @@ def _duration(value):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _queue_ttl(value):
+    from commlens.exporters import intake
+
+    try:
+        return intake.queue_ttl(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _replica_name(value):
     if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", value):
         raise argparse.ArgumentTypeError(f"{value!r}: letters, digits, '.', '_' or '-'")
@@ -125,7 +140,8 @@ def run_collector(args):
                                       max_open_traces=args.max_open_traces),
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
                                         max_traces=args.history_max_traces))
-        intake = intake_mod.make_intake(export_url, collector, replica=args.replica)
+        intake = intake_mod.make_intake(export_url, collector, replica=args.replica,
+                                        queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:
             collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
     except (shipping.ExportUrlError, history_mod.HistoryError,

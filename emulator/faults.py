@@ -9,8 +9,9 @@ FAULTS = {
                      "error chains through nova-compute and nova-conductor to nova-api",
     "compute-down": "one nova-compute disappears: calls to its host time out, its state "
                     "reports stop",
-    "broker-restart": "RabbitMQ closes every connection (only with --transport rabbit://): "
-                      "transport errors, then recovery",
+    "broker-restart": "RabbitMQ closes the demo's own connections, as a restart would "
+                      "(only with --transport rabbit://; through the management API, "
+                      "other clients untouched): transport errors, then recovery",
 }
 
 
