@@ -25,6 +25,9 @@ MAX_HOPS_PER_SNAPSHOT = 2000
 # hop_routing_key); the collector accepts both formats.
 HOPS_FORMAT = "commlens.hops/1"
 BACKOFF_MAX = 30.0
+# A process's exit (and an RPC server's stop) waits this long at most for its
+# last snapshot to leave.
+EXIT_SECONDS = 1.0
 
 
 class ExportUrlError(ValueError):
@@ -102,8 +105,21 @@ class NowhereTransport:
         pass
 
 
+class BrokerBlocked(ConnectionError):
+    """The broker blocks publishing (a memory or disk alarm): ship later."""
+
+
 class AmqpTransport:
-    """Publishes to a topic exchange with pika; one connection, reopened on failure."""
+    """Publishes to a topic exchange with pika; one connection, reopened on failure.
+
+    Every publish is confirmed by the broker: a publish that returns was taken.
+    Without confirms, pika hands a message to a socket it has already aborted
+    (after ``blocked_connection_timeout`` under a broker alarm the connection
+    and channel still say they are open) and every later snapshot vanishes
+    with no error. While the broker says it blocks publishers, nothing is
+    published: the send fails at once, the shipper keeps the hops and retries
+    with backoff, so its thread never waits out an alarm.
+    """
 
     def __init__(self, export_url):
         import pika  # imported here so memory-only processes never need it
@@ -125,17 +141,38 @@ class AmqpTransport:
         self._params.connection_attempts = 1
         self._connection = None
         self._channel = None
+        self._blocked = None  # the broker's reason while it blocks publishers
 
     def _connect(self):
-        self._connection = self._pika.BlockingConnection(self._params)
-        self._channel = self._connection.channel()
-        declare_exchange(self._channel, self.exchange)
+        connection = self._pika.BlockingConnection(self._params)
+        try:
+            connection.add_on_connection_blocked_callback(self._on_blocked)
+            connection.add_on_connection_unblocked_callback(self._on_unblocked)
+            channel = connection.channel()
+            channel.confirm_delivery()
+            declare_exchange(channel, self.exchange)
+        except Exception:
+            _close_quietly(connection)
+            raise
+        self._connection, self._channel, self._blocked = connection, channel, None
+
+    def _on_blocked(self, _connection, frame):
+        self._blocked = getattr(frame.method, "reason", None) or "blocked"
+
+    def _on_unblocked(self, _connection, _frame):
+        self._blocked = None
 
     def send(self, body, routing_key):
-        if self._channel is None or self._channel.is_closed:
-            self.close()
-            self._connect()
         try:
+            if self._channel is None or not self._channel.is_open:
+                self.close()
+                self._connect()
+            else:
+                # Delivers the broker's blocked/unblocked notices and notices
+                # a connection that was lost since the last interval.
+                self._connection.process_data_events(0)
+            if self._blocked is not None:
+                raise BrokerBlocked(f"the broker blocks publishing ({self._blocked})")
             self._channel.basic_publish(
                 self.exchange, routing_key, body,
                 self._pika.BasicProperties(content_type="application/json",
@@ -147,10 +184,15 @@ class AmqpTransport:
     def close(self):
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
-            try:
-                connection.close()
-            except Exception:
-                pass
+            _close_quietly(connection)
+
+
+def _close_quietly(connection):
+    try:
+        if connection.is_open:
+            connection.close()
+    except Exception:
+        pass
 
 
 def declare_exchange(channel, name):
@@ -160,6 +202,12 @@ def declare_exchange(channel, name):
 
 
 class Shipper:
+    """Ships the recorder's snapshots from a thread of its own.
+
+    Only one thread at a time uses the transport (pika's connections are not
+    thread-safe): the shipper's own loop, or a flush at exit when that loop
+    is not running.
+    """
 
     def __init__(self, recorder, transport, interval):
         self._recorder = recorder
@@ -167,6 +215,7 @@ class Shipper:
         self.interval = interval
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self._ship_lock = threading.Lock()
         self._thread = None
         self._failures_in_row = 0
         self._next_attempt = 0.0
@@ -180,18 +229,35 @@ class Shipper:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self, timeout=5.0):
-        """Ship a last snapshot (marked final) and stop the thread."""
+    def stop(self, timeout=EXIT_SECONDS):
+        """Ship a last snapshot (marked final) and stop the thread.
+
+        Waits ``timeout`` seconds at most: a service's shutdown never waits
+        on a broker that is down or blocked; what could not be shipped by
+        then is lost with the process.
+        """
         self._stopped.set()
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._thread = None
-        self._transport.close()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)  # its loop ships the final snapshot on the way out
+            done = not thread.is_alive()
+        else:
+            done = self._ship_within(timeout, final=True)
+        if done:
+            self._transport.close()
 
-    def flush(self):
-        """Ship now (used by tests and at shutdown)."""
-        self.ship_once()
+    def flush(self, timeout=EXIT_SECONDS):
+        """Ship what there is now, waiting ``timeout`` seconds at most; True if shipped."""
+        return self._ship_within(timeout, final=False)
+
+    def _ship_within(self, timeout, final):
+        shipped = []
+        worker = threading.Thread(target=lambda: shipped.append(self.ship_once(final=final)),
+                                  name="commlens-flush", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        return bool(shipped and shipped[0])
 
     def after_fork_in_child(self):
         # The parent's thread does not exist here and its connection (a
@@ -199,6 +265,7 @@ class Shipper:
         self._thread = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self._ship_lock = threading.Lock()
         self._transport = _reopen(self._transport)
 
     def _run(self):
@@ -211,6 +278,10 @@ class Shipper:
         self.ship_once(final=True)
 
     def ship_once(self, final=False):
+        with self._ship_lock:
+            return self._ship_once(final)
+
+    def _ship_once(self, final):
         now = time.monotonic()
         if not final and now < self._next_attempt:
             return False
@@ -241,8 +312,8 @@ class Shipper:
                 return False
             batches.pop()
         if self._failures_in_row:
-            LOG.info("commlens: shipping to %s works again",
-                     self._transport.description)
+            LOG.info("commlens: shipping to %s works again (after %d failed attempts)",
+                     self._transport.description, self._failures_in_row)
         self._failures_in_row = 0
         self._next_attempt = 0.0
         self.shipped += 1
@@ -254,11 +325,19 @@ class Shipper:
         self._next_attempt = time.monotonic() + backoff
         self._recorder.inc_ship_failure()
         self._recorder.return_hops(hops)
+        # One line when shipping stops working and one when it works again
+        # (_ship_once); the failures in between are counted, not logged.
         log = LOG.warning if self._failures_in_row == 1 else LOG.debug
-        # str(exc) of a connection error never holds the URL's password,
-        # but the URL itself might: only the redacted description is logged.
-        log("commlens: cannot ship to %s (%s); retrying in %.0fs, the service "
-            "is not affected", self._transport.description, type(exc).__name__, backoff)
+        log("commlens: cannot ship to %s (%s); keeping records and retrying, "
+            "the service is not affected", self._transport.description, _reason(exc))
+
+
+def _reason(exc):
+    """Why a send failed, in words safe to log: the type and a redacted,
+    bounded message (a connection error names the host, never the password,
+    but the URL itself might carry one)."""
+    detail = urls.redact(str(exc))[:200]
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def _encode(message):
@@ -301,6 +380,7 @@ def make_shipper(recorder, settings, default_export_url="memory://"):
     URL is logged once and records are then kept but never shipped.
     """
     export_url = settings.export_url or default_export_url
+    _quiet_pika()
     try:
         transport = make_transport(export_url)
     except ExportUrlError as exc:
@@ -309,3 +389,13 @@ def make_shipper(recorder, settings, default_export_url="memory://"):
     LOG.info("commlens: %s ships to %s every %.1fs", recorder.service,
              transport.description, settings.ship_interval)
     return Shipper(recorder, transport, settings.ship_interval)
+
+
+def _quiet_pika():
+    """pika logs an ERROR with a traceback for every failed connection
+    attempt: inside a service, that floods the service's own log while the
+    export broker is down (56 lines in 40 s). The shipper says it once
+    itself, with the reason. A level the service set on "pika" is kept."""
+    logger = logging.getLogger("pika")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.CRITICAL)

@@ -24,6 +24,7 @@ process id, empty aggregates, and its own shipper started by its first
 update of any kind (an HTTP-only worker observes and never counts).
 """
 
+import atexit
 import collections
 import itertools
 import logging
@@ -277,7 +278,15 @@ def install(settings, shipper_factory=None, service=None):
 
 
 def uninstall():
-    """Stop shipping (with a last snapshot) and forget the recorder."""
+    """Stop shipping (with a last snapshot) and forget the recorder.
+
+    Also the process's exit hook: a short-lived process (a CLI tool, a
+    recycled uwsgi or gunicorn worker, oslo.messaging's simulator) would
+    otherwise lose its last interval. It waits a second at most
+    (shipping.EXIT_SECONDS). Exits that skip atexit (os._exit, as
+    oslo.service's workers do, or a signal without a handler) are covered
+    where we can see them coming: an RPC listener's cleanup flushes.
+    """
     global _RECORDER
     with _RECORDER_LOCK:
         recorder, _RECORDER = _RECORDER, None
@@ -291,3 +300,4 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(uninstall)

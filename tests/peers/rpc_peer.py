@@ -6,6 +6,7 @@ as it would for an operator's non-oslo service.
 """
 
 import argparse
+import os
 import signal
 
 parser = argparse.ArgumentParser()
@@ -16,6 +17,9 @@ parser.add_argument("--executor", default="threading", choices=("threading", "ev
 parser.add_argument("--notifications", action="store_true")
 parser.add_argument("--otel", action="store_true",
                     help="enable oslo.messaging's own OpenTelemetry tracing")
+parser.add_argument("--exit-hard", action="store_true",
+                    help="leave with os._exit once the server stopped, past atexit, "
+                         "as oslo.service's workers do")
 args = parser.parse_args()
 
 if args.executor == "eventlet":
@@ -53,10 +57,16 @@ class PortBindingFailed(Exception):
 class Endpoint:
     def __init__(self):
         self.casts = 0
+        self.echoes = 0
         self.lock = threading.Lock()
 
     def echo(self, ctxt, value):
+        with self.lock:
+            self.echoes += 1
         return value
+
+    def echoes_seen(self, ctxt):
+        return self.echoes
 
     def count_cast(self, ctxt):
         with self.lock:
@@ -131,6 +141,8 @@ try:
 finally:
     server.stop()
     server.wait()
+    if args.exit_hard:
+        os._exit(0)
     if listener is not None:
         listener.stop()
         listener.wait()
