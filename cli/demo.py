@@ -211,7 +211,7 @@ class _ProcessPlane:
         self.export_url = (f"{amqp}?exchange=commlens-demo-{run}&queue=commlens.demo-{run}"
                            f"&client_properties={client_properties}")
         self._management_url = (args.rabbitmq_management_url
-                                or _management_url_from_transport(transport_url))
+                                or urls.management_url_from_transport(transport_url))
         self.closed_connections = 0
         self._faults_topic = f"commlens-demo-faults-{run}"
         self._control = om.get_rpc_client(
@@ -306,21 +306,6 @@ class _ProcessPlane:
                 child.wait()
 
 
-def _management_url_from_transport(transport_url):
-    """The management API on the first broker's host, with its credentials."""
-    if not transport_url.hosts:
-        return None
-    host = transport_url.hosts[0]
-    userinfo = ""
-    if host.username is not None:
-        userinfo = urllib.parse.quote(host.username, safe="")
-        if host.password is not None:
-            userinfo += ":" + urllib.parse.quote(host.password, safe="")
-        userinfo += "@"
-    hostname = host.hostname or "localhost"
-    if ":" in hostname:
-        hostname = "[%s]" % hostname
-    return f"http://{userinfo}{hostname}:15672/"
 
 
 def _is_ours(connection_name, prefix):

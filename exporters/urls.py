@@ -37,6 +37,21 @@ def amqp_url_from_transport(transport_url):
     if not transport_url.hosts:
         return None
     host = transport_url.hosts[0]
+    port = ":%d" % host.port if host.port else ""
+    vhost = urllib.parse.quote(transport_url.virtual_host or "", safe="")
+    return f"amqp://{_authority(host)}{port}/{vhost}"
+
+
+def management_url_from_transport(transport_url):
+    """RabbitMQ's management API on the first broker's host (its default
+    port, 15672), with the transport's credentials."""
+    if not transport_url.hosts:
+        return None
+    return f"http://{_authority(transport_url.hosts[0])}:15672/"
+
+
+def _authority(host):
+    """``user:password@hostname`` of a TransportHost, quoted, without the port."""
     userinfo = ""
     if host.username is not None:
         userinfo = urllib.parse.quote(host.username, safe="")
@@ -46,6 +61,4 @@ def amqp_url_from_transport(transport_url):
     hostname = host.hostname or "localhost"
     if ":" in hostname:
         hostname = "[%s]" % hostname
-    port = ":%d" % host.port if host.port else ""
-    vhost = urllib.parse.quote(transport_url.virtual_host or "", safe="")
-    return f"amqp://{userinfo}{hostname}{port}/{vhost}"
+    return userinfo + hostname

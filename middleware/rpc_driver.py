@@ -275,7 +275,7 @@ class CommlensDriver(base.BaseDriver):
         # Calls still waiting will never get their reply through this driver.
         self._recorder.release_calls(self._sends.take_open_calls())
         self._inner.cleanup()
-        _flush(self._recorder)
+        self._recorder.ship_now()
 
 
 class _InstrumentedListener(base.Listener):
@@ -336,7 +336,7 @@ class _InstrumentedListener(base.Listener):
         self._inner.cleanup()
         # An RPC server stops here (MessageHandlingServer.wait), and an
         # oslo.service worker then leaves with os._exit, past atexit.
-        _flush(self._driver._recorder)
+        self._driver._recorder.ship_now()
 
 
 class _InstrumentedIncoming(_rpc_receive.Incoming, base.RpcIncomingMessage):
@@ -352,15 +352,6 @@ class _InstrumentedIncoming(_rpc_receive.Incoming, base.RpcIncomingMessage):
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-def _flush(recorder):
-    """Ship what the process counted now, a second at most: its end may be near."""
-    if recorder.shipper is not None:
-        try:
-            recorder.shipper.flush()
-        except Exception:  # never into the service
-            LOG.debug("commlens: flushing at cleanup failed", exc_info=True)
 
 
 def _context_copy(ctxt):

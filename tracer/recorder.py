@@ -233,6 +233,15 @@ class Recorder:
         self.shipper = shipper
         shipper.start()
 
+    def ship_now(self):
+        """Ship what there is now, a second at most: the process's end may be
+        near (an RPC server stopping). Never raises into the service."""
+        if self.shipper is not None:
+            try:
+                self.shipper.flush()
+            except Exception:
+                LOG.debug("commlens: shipping now failed", exc_info=True)
+
     def _start_shipper(self):
         if self.shipper is not None:
             try:
