@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -250,6 +251,8 @@ class Recorder:
                 LOG.debug("commlens: could not restart the shipper", exc_info=True)
 
     def after_fork_in_child(self):
+        if self.pid == os.getpid():
+            return  # told twice about one fork (uwsgi with --py-call-osafterfork)
         self._reset()
         if self.shipper is not None:
             self.shipper.after_fork_in_child()
@@ -308,5 +311,28 @@ def _after_fork_in_child():
         _RECORDER.after_fork_in_child()
 
 
+def _register_uwsgi_post_fork():
+    """uwsgi forks its workers in C and runs Python's at-fork hooks only with
+    --py-call-osafterfork: without this, every worker forked from a master
+    that loaded the app (no lazy-apps) would ship as the master, one process
+    id for all, and count nothing at exit. Its own post-fork hook always runs."""
+    try:
+        import uwsgi
+    except ImportError:
+        return  # not inside uwsgi
+    decorators = sys.modules.get("uwsgidecorators")
+    if decorators is not None:
+        decorators.postfork(_after_fork_in_child)  # its chain owns uwsgi's hook
+        return
+    previous = getattr(uwsgi, "post_fork_hook", None)
+
+    def post_fork_hook():
+        _after_fork_in_child()
+        if previous is not None:
+            previous()
+    uwsgi.post_fork_hook = post_fork_hook
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+_register_uwsgi_post_fork()
 atexit.register(uninstall)
