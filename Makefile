@@ -23,7 +23,8 @@ run: setup
 	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780
 
 ## The benchmarks: RPC (rabbit:// vs commlens+rabbit://), WSGI (wrk, and counted by
-## callgrind), collector ingest, the control plane at 1,000 emulated agents.
+## callgrind), collector ingest, the control plane at 1,000 emulated agents, and
+## 10 minutes of faults against the emulated plane's own ground truth.
 bench: setup
 	@scripts/ensure-rabbitmq
 	$(PY) benchmarks/rpc_overhead.py
@@ -31,3 +32,4 @@ bench: setup
 	$(PY) benchmarks/wsgi_instructions.py
 	$(PY) benchmarks/collector_ingest.py
 	$(PY) benchmarks/emulate_scale.py
+	$(PY) benchmarks/fault_soak.py

@@ -108,6 +108,7 @@ class ControlPlane:
     def __init__(self, transport_url="fake://", faults=None, computes=4, agents=2,
                  rpc_timeout=5.0, groups=GROUPS, urls=None):
         from commlens.emulator import faults as faults_mod
+        from commlens.emulator import truth as truth_mod
 
         self.transport_url = transport_url
         self.faults = faults or faults_mod.Faults()
@@ -126,6 +127,8 @@ class ControlPlane:
         self.instances = {}  # nova-api's view: instance -> host
         self._instances_lock = threading.Lock()
         self.compute_hosts = [f"compute-{i + 1}" for i in range(computes)]
+        # What the parts really did, to check commlens's counts against.
+        self.truth = truth_mod.GroundTruth()
 
     # -- transports and RPC -----------------------------------------------
 
@@ -142,15 +145,16 @@ class ControlPlane:
     def client(self, service, topic, fanout=False):
         import oslo_messaging as om
 
-        return om.get_rpc_client(
+        return self.truth.client(om.get_rpc_client(
             self.transport(service), om.Target(topic=topic, fanout=fanout),
-            serializer=om.NoOpSerializer(), timeout=self.rpc_timeout)
+            serializer=om.NoOpSerializer(), timeout=self.rpc_timeout), service, topic, fanout)
 
     def serve(self, service, topic, endpoint, server):
         import oslo_messaging as om
 
         rpc = om.get_rpc_server(self.transport(service), om.Target(topic=topic, server=server),
-                                [endpoint], executor="threading",
+                                [self.truth.endpoint(endpoint, service, topic)],
+                                executor="threading",
                                 serializer=om.NoOpSerializer())
         rpc.start()
         self._servers[(service, server)] = rpc
@@ -209,7 +213,8 @@ class ControlPlane:
         from commlens.middleware.wsgi import CommlensMiddleware
 
         # As [filter:commlens] with service_name and http_endpoints set.
-        return CommlensMiddleware(app, service_name=service, http_endpoints=self.endpoints)
+        return CommlensMiddleware(self.truth.wsgi(app, service), service_name=service,
+                                  http_endpoints=self.endpoints)
 
     def _start_keystone(self):
         def keystone(environ, start_response):

@@ -30,6 +30,9 @@ def main(argv=None):
     parser.add_argument("--computes", type=int, default=4)
     parser.add_argument("--faults-topic", required=True)
     parser.add_argument("--fault", action="append", default=[])
+    parser.add_argument("--truth-file", default=None,
+                        help="write what this part really did here at exit "
+                             "(emulator/truth.py; the fault soak reads it)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=logging.WARNING)
@@ -68,6 +71,9 @@ def main(argv=None):
             break  # the demo died without stopping us
     control.stop()
     plane.stop()
+    if args.truth_file:
+        with open(args.truth_file, "w") as truth:
+            truth.write(plane.truth.as_json())
     return 0
 
 
