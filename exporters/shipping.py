@@ -162,11 +162,16 @@ class AmqpTransport:
     def _on_unblocked(self, _connection, _frame):
         self._blocked = None
 
+    def open(self):
+        """Connect now if not connected (the shipper's thread, at its start)."""
+        if self._channel is None or not self._channel.is_open:
+            self.close()
+            self._connect()
+
     def send(self, body, routing_key):
         try:
             if self._channel is None or not self._channel.is_open:
-                self.close()
-                self._connect()
+                self.open()
             else:
                 # Delivers the broker's blocked/unblocked notices and notices
                 # a connection that was lost since the last interval.
@@ -269,6 +274,14 @@ class Shipper:
         self._transport = _reopen(self._transport)
 
     def _run(self):
+        # Connected before there is anything to ship: a process that ends
+        # early (a worker recycled after a few requests) then spends its
+        # exit's one second publishing, not connecting.
+        with self._ship_lock:
+            try:
+                getattr(self._transport, "open", lambda: None)()
+            except Exception:
+                self._transport.close()  # the first ship says why, and counts it
         while not self._stopped.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
