@@ -199,3 +199,100 @@ def test_stamp_outgoing_sends_a_valid_traceparent_whatever_the_served_hop_holds(
     assert compiled["valid"] and compiled["matches_hop"] and compiled["child_of_served"]
     assert compiled["served_ids_valid"]
     assert compiled["sampled"] is (case != "not sampled, span not drawn")
+
+
+_ODD_STATUS_CODE_LABEL = r'''
+import json
+from commlens.middleware import wsgi
+from commlens.tracer import recorder as recorder_mod
+
+def app(environ, start_response):
+    start_response("200 OK", [])
+    return [b"ok"]
+
+# The memo of status lines is a Python dict the compiled path reads: a bad
+# entry in it (another library, a debugger) must not be read as a str.
+wsgi._STATUS_CODES["200 OK"] = 200
+middleware = wsgi.CommlensMiddleware(app, http_outbound="false")
+body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h, e=None: None)
+served = b"".join(body)
+body.close()
+counters = {(name, tuple(labels)): value
+            for name, labels, value in recorder_mod.get_recorder().snapshot(1)["counters"]}
+print(json.dumps({"served": served.decode(), "recording_errors": counters.get(
+    ("commlens_agent_records_dropped_total", ("c-safety", "recording_error")), 0)}))
+'''
+
+
+def test_a_status_code_label_that_is_not_a_str_is_a_counted_recording_error():
+    result = run_isolated(_ODD_STATUS_CODE_LABEL)
+    assert result == {"served": "ok", "recording_errors": 1}
+
+
+_SEND_WITH_A_STAMP_THAT_RETURNS_NO_HOP = r'''
+import json
+from commlens.middleware import _rpc_send
+from commlens.tracer import labels, metrics, recorder as recorder_mod
+
+recorder = recorder_mod.Recorder("c-safety")
+failures = []
+sender = _rpc_send.Sender(
+    service="c-safety", recorder=recorder, sent_metric=metrics.RPC_SENT.name,
+    reply_wait_metric=metrics.RPC_REPLY_WAIT.name, method_label=labels.method,
+    context_copy=dict, stamp=lambda carrier, service, kind: 12345,
+    failed=lambda *args: None, add_hop=lambda *args: None,
+    recording_failed=failures.append)
+
+class Target:
+    topic = "conductor"
+    fanout = False
+
+try:
+    send = sender.begin(Target(), {}, {"method": "build"}, False)
+except TypeError as exc:
+    outcome = "refused: " + str(exc)
+else:
+    send.end(None)
+    outcome = "sent"
+print(json.dumps({"outcome": outcome, "open_calls": len(sender.take_open_calls())}))
+'''
+
+
+def test_a_send_whose_stamp_returns_no_trace_context_is_refused_before_it_is_read():
+    # Sender.end() reads the hop's trace id as a C field; a stamp (Python,
+    # replaceable) that returned anything else was read as one.
+    result = run_isolated(_SEND_WITH_A_STAMP_THAT_RETURNS_NO_HOP)
+    assert result["outcome"].startswith("refused: ") and "TraceContext" in result["outcome"]
+    assert result["open_calls"] == 0
+
+
+_OBJECTS_MADE_OR_CHANGED_FROM_PYTHON = r'''
+import json
+from commlens.tracer import _speedups
+
+outcome = {}
+counter = _speedups.Counter.__new__(_speedups.Counter)  # __init__ never ran
+counter.inc(2)
+outcome["counter"] = counter.value
+
+store = _speedups.Store(lambda *a: None, lambda *a: None)
+try:
+    store.on_first_use = 5
+except TypeError:
+    outcome["on_first_use"] = "refused"
+store.on_first_use = None
+outcome["on_first_use_cleared"] = store.on_first_use is None
+
+sampler = _speedups.HopSampler.__new__(_speedups.HopSampler)
+try:
+    sampler.keeps_hop("a" * 32, 0.0, False)
+except RuntimeError:
+    outcome["sampler"] = "refused"
+print(json.dumps(outcome))
+'''
+
+
+def test_compiled_objects_made_without_init_or_given_odd_callbacks_refuse_instead_of_crashing():
+    assert run_isolated(_OBJECTS_MADE_OR_CHANGED_FROM_PYTHON) == {
+        "counter": 2, "on_first_use": "refused", "on_first_use_cleared": True,
+        "sampler": "refused"}

@@ -27,7 +27,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/random.h>
-#include <structmember.h>
 
 #include "_speedups.h"
 
@@ -47,6 +46,17 @@ no_keywords(const char *name, PyObject *kwargs)
         return 1;
     PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", name);
     return 0;
+}
+
+/* The count starts at 0 in tp_new, not only in __init__: a Counter made
+ * with Counter.__new__ alone is read and added to like any other. */
+static PyObject *
+counter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Counter *self = (Counter *)type->tp_alloc(type, 0);
+    if (self != NULL && (self->value = PyLong_FromLong(0)) == NULL)
+        Py_CLEAR(self);
+    return (PyObject *)self;
 }
 
 static int
@@ -125,7 +135,7 @@ static PyTypeObject CounterType = {
     .tp_doc = "Counter(): a count that only grows.",
     .tp_basicsize = sizeof(Counter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
+    .tp_new = counter_new,
     .tp_init = (initproc)counter_init,
     .tp_dealloc = (destructor)counter_dealloc,
     .tp_methods = counter_methods,
@@ -344,13 +354,12 @@ store_dealloc(Store *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The series of (metric, labels) in ``store``, a borrowed reference, made
- * by ``make`` if it is new (a new reference then, kept in *made). */
+/* The series of (metric, labels) in ``store``: a new reference, made by
+ * ``make`` if it is new. The look-ups hold their own references: labels'
+ * __eq__ is Python and may change the dicts under them. */
 static PyObject *
-store_series(Store *self, PyObject *store, PyObject *make, PyTypeObject *type,
-             PyObject *metric, PyObject *labels, PyObject **made)
+store_series(Store *self, int histogram, PyObject *metric, PyObject *labels)
 {
-    *made = NULL;
     if (self->on_first_use != NULL) {
         PyObject *callback = self->on_first_use;
         self->on_first_use = NULL;
@@ -360,32 +369,40 @@ store_series(Store *self, PyObject *store, PyObject *make, PyTypeObject *type,
             return NULL;
         Py_DECREF(result);
     }
-    if (store == NULL) {
+    /* Read after the callback, which may have reset the store. */
+    PyObject *store = histogram ? self->histograms : self->counters;
+    PyObject *make = histogram ? self->new_histogram : self->new_counter;
+    PyTypeObject *type = histogram ? &HistogramType : &CounterType;
+    if (store == NULL || make == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Store not initialised");
         return NULL;
     }
+    Py_INCREF(store);
+    Py_INCREF(make);
     /* A Metric, or its name from a compiled caller that has it at hand. */
     PyObject *name = PyUnicode_CheckExact(metric) ? Py_NewRef(metric)
                                                   : PyObject_GetAttr(metric, str_name);
-    if (name == NULL)
+    if (name == NULL) {
+        Py_DECREF(store);
+        Py_DECREF(make);
         return NULL;
-    PyObject *series = PyDict_GetItemWithError(store, name);
+    }
+    PyObject *series = Py_XNewRef(PyDict_GetItemWithError(store, name));
     PyObject *entry = NULL;
     if (series != NULL && PyDict_CheckExact(series))
-        entry = PyDict_GetItemWithError(series, labels);
-    if (entry == NULL) {
-        if (!PyErr_Occurred())
-            entry = *made = PyObject_CallFunctionObjArgs(make, name, labels, NULL);
-        if (entry == NULL) {
-            Py_DECREF(name);
-            return NULL;
-        }
-    }
+        entry = Py_XNewRef(PyDict_GetItemWithError(series, labels));
+    Py_XDECREF(series);
+    if (entry == NULL && !PyErr_Occurred())
+        entry = PyObject_CallFunctionObjArgs(make, name, labels, NULL);
     Py_DECREF(name);
+    Py_DECREF(store);
+    Py_DECREF(make);
+    if (entry == NULL)
+        return NULL;
     if (Py_TYPE(entry) != type) {
         PyErr_Format(PyExc_TypeError, "a %.100s where a %.100s series belongs",
                      Py_TYPE(entry)->tp_name, type->tp_name);
-        Py_CLEAR(*made);
+        Py_DECREF(entry);
         return NULL;
     }
     return entry;
@@ -401,13 +418,11 @@ store_inc(Store *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *amount = counter_amount(args + 2, nargs - 2);
     if (amount == NULL)
         return NULL;  /* checked first: bad input makes no series */
-    PyObject *made;
-    PyObject *counter = store_series(self, self->counters, self->new_counter, &CounterType,
-                                     args[0], args[1], &made);
+    PyObject *counter = store_series(self, 0, args[0], args[1]);
     if (counter == NULL)
         return NULL;
     PyObject *result = counter_add((Counter *)counter, amount);
-    Py_XDECREF(made);
+    Py_DECREF(counter);
     return result;
 }
 
@@ -421,13 +436,11 @@ store_observe(Store *self, PyObject *const *args, Py_ssize_t nargs)
     double value = histogram_value(args[2]);
     if (value == -1.0 && PyErr_Occurred())
         return NULL;  /* checked first: bad input makes no series */
-    PyObject *made;
-    PyObject *histogram = store_series(self, self->histograms, self->new_histogram,
-                                       &HistogramType, args[0], args[1], &made);
+    PyObject *histogram = store_series(self, 1, args[0], args[1]);
     if (histogram == NULL)
         return NULL;
     PyObject *result = histogram_add((Histogram *)histogram, value);
-    Py_XDECREF(made);
+    Py_DECREF(histogram);
     return result;
 }
 
@@ -441,11 +454,30 @@ static PyMethodDef store_methods[] = {
     {NULL},
 };
 
-static PyMemberDef store_members[] = {
-    {"counters", T_OBJECT, offsetof(Store, counters), READONLY, NULL},
-    {"histograms", T_OBJECT, offsetof(Store, histograms), READONLY, NULL},
-    {"on_first_use", T_OBJECT, offsetof(Store, on_first_use), 0,
-     "Called once, before the next update (the recorder's shipper after fork)."},
+static PyObject *
+store_get_on_first_use(Store *self, void *closure)
+{
+    return Py_NewRef(self->on_first_use != NULL ? self->on_first_use : Py_None);
+}
+
+/* A callable, or None (or del) for none: the next update calls it. */
+static int
+store_set_on_first_use(Store *self, PyObject *value, void *closure)
+{
+    if (value != NULL && value != Py_None && !PyCallable_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "on_first_use: a callable or None, not %.100s",
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    Py_XSETREF(self->on_first_use, value == Py_None ? NULL : Py_XNewRef(value));
+    return 0;
+}
+
+static PyGetSetDef store_getset[] = {
+    COMMLENS_READONLY_FIELD("counters", Store, counters),
+    COMMLENS_READONLY_FIELD("histograms", Store, histograms),
+    {"on_first_use", (getter)store_get_on_first_use, (setter)store_set_on_first_use,
+     "Called once, before the next update (the recorder's shipper after fork).", NULL},
     {NULL},
 };
 
@@ -462,7 +494,7 @@ static PyTypeObject StoreType = {
     .tp_traverse = (traverseproc)store_traverse,
     .tp_clear = (inquiry)store_clear,
     .tp_methods = store_methods,
-    .tp_members = store_members,
+    .tp_getset = store_getset,
 };
 
 /* -- ids ------------------------------------------------------------------ */
@@ -576,6 +608,10 @@ sampler_keeps(HopSampler *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "keeps_hop(trace_id, duration, failed)");
+        return NULL;
+    }
+    if (self->bound == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "HopSampler not initialised");
         return NULL;
     }
     PyObject *trace_id = args[0];
