@@ -549,7 +549,7 @@ incoming_finish(Incoming *self, PyObject *failure)
 }
 
 static PyObject *
-incoming_acknowledge(Incoming *self, PyObject *unused)
+incoming_acknowledge(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_acknowledge);
     if (result == NULL)
@@ -582,7 +582,7 @@ incoming_reply(Incoming *self, PyObject *args, PyObject *kwargs)
 }
 
 static PyObject *
-incoming_requeue(Incoming *self, PyObject *unused)
+incoming_requeue(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     self->end = commlens_monotonic();
     PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_requeue);
@@ -591,19 +591,19 @@ incoming_requeue(Incoming *self, PyObject *unused)
 }
 
 static PyObject *
-incoming_heartbeat(Incoming *self, PyObject *unused)
+incoming_heartbeat(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     return PyObject_CallMethodNoArgs(self->inner, str_heartbeat);
 }
 
 static PyObject *
-incoming_get_start(Incoming *self, void *closure)
+incoming_get_start(Incoming *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->start);
 }
 
 static PyObject *
-incoming_get_topic(Incoming *self, void *closure)
+incoming_get_topic(Incoming *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef(self->receiver->topic);
 }
@@ -666,8 +666,10 @@ static PyTypeObject IncomingType = {
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_rpc_receive",
-    "The RPC server's per-message path, compiled (see middleware/rpc_driver.py).", -1,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_rpc_receive",
+    .m_doc = "The RPC server's per-message path, compiled (see middleware/rpc_driver.py).",
+    .m_size = -1,
 };
 
 #define INTERN(var, text) \

@@ -282,7 +282,7 @@ fail:
 /* take_open_calls() -> the tokens of the calls still waiting, forgotten
  * here (the driver's cleanup releases them). */
 static PyObject *
-sender_take_open_calls(Sender *self, PyObject *unused)
+sender_take_open_calls(Sender *self, PyObject *Py_UNUSED(unused))
 {
     if (self->open_calls == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Sender not initialised");
@@ -415,7 +415,7 @@ send_dealloc(Send *self)
 }
 
 static PyObject *
-send_get_start(Send *self, void *closure)
+send_get_start(Send *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->start);
 }
@@ -453,8 +453,10 @@ static PyTypeObject SendType = {
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_rpc_send",
-    "The RPC client's per-send path, compiled (see middleware/rpc_driver.py).", -1,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_rpc_send",
+    .m_doc = "The RPC client's per-send path, compiled (see middleware/rpc_driver.py).",
+    .m_size = -1,
 };
 
 #define INTERN(var, text) \

@@ -244,19 +244,19 @@ request_clear(Request *self)
 }
 
 static PyObject *
-request_get_done(Request *self, void *closure)
+request_get_done(Request *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->done);
 }
 
 static PyObject *
-request_get_start(Request *self, void *closure)
+request_get_start(Request *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->start);
 }
 
 static PyObject *
-request_get_middleware(Request *self, void *closure)
+request_get_middleware(Request *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef((PyObject *)self->middleware);
 }
@@ -264,7 +264,7 @@ request_get_middleware(Request *self, void *closure)
 /* The error label: None or a str (the iterator body's wrapper, wsgi._Body,
  * sets it when the body raises); never deleted. */
 static int
-request_set_error(Request *self, PyObject *value, void *closure)
+request_set_error(Request *self, PyObject *value, void *Py_UNUSED(closure))
 {
     if (value == NULL || (value != Py_None && !PyUnicode_Check(value))) {
         PyErr_SetString(PyExc_TypeError, "Request.error: a str or None");
@@ -449,7 +449,7 @@ fail:
 /* -- ListBody ------------------------------------------------------------- */
 
 static PyObject *
-list_body_close(ListBody *self, PyObject *unused)
+list_body_close(ListBody *self, PyObject *Py_UNUSED(unused))
 {
     if (self->request != NULL)
         request_finish(self->request, (PyObject *)self);
@@ -683,7 +683,7 @@ static PyTypeObject MiddlewareType = {
 /* -- module --------------------------------------------------------------- */
 
 static PyObject *
-bind(PyObject *module, PyObject *args, PyObject *kwargs)
+bind(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {
         "trace_context", "child_of_incoming", "baggage_caller", "user_agent_memo",
@@ -717,9 +717,11 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_wsgi_request",
-    "The WSGI middleware's per-request path, compiled (see middleware/wsgi.py).", -1,
-    module_methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_wsgi_request",
+    .m_doc = "The WSGI middleware's per-request path, compiled (see middleware/wsgi.py).",
+    .m_size = -1,
+    .m_methods = module_methods,
 };
 
 #define INTERN(var, text) \

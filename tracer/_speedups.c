@@ -51,7 +51,7 @@ no_keywords(const char *name, PyObject *kwargs)
 /* The count starts at 0 in tp_new, not only in __init__: a Counter made
  * with Counter.__new__ alone is read and added to like any other. */
 static PyObject *
-counter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+counter_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
 {
     Counter *self = (Counter *)type->tp_alloc(type, 0);
     if (self != NULL && (self->value = PyLong_FromLong(0)) == NULL)
@@ -106,7 +106,7 @@ counter_add(Counter *self, PyObject *amount)
 }
 
 static PyObject *
-counter_get_value(Counter *self, void *closure)
+counter_get_value(Counter *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef(self->value);
 }
@@ -237,7 +237,7 @@ histogram_observe(Histogram *self, PyObject *arg)
 }
 
 static PyObject *
-histogram_read(Histogram *self, PyObject *unused)
+histogram_read(Histogram *self, PyObject *Py_UNUSED(unused))
 {
     /* Copied before anything is allocated: an allocation may run the
      * garbage collector, and a finaliser could let another thread update. */
@@ -294,7 +294,7 @@ typedef struct {
 static PyObject *str_name;
 
 static PyObject *
-store_reset(Store *self, PyObject *unused)
+store_reset(Store *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *counters = PyDict_New(), *histograms = PyDict_New();
     if (counters == NULL || histograms == NULL) {
@@ -455,14 +455,14 @@ static PyMethodDef store_methods[] = {
 };
 
 static PyObject *
-store_get_on_first_use(Store *self, void *closure)
+store_get_on_first_use(Store *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef(self->on_first_use != NULL ? self->on_first_use : Py_None);
 }
 
 /* A callable, or None (or del) for none: the next update calls it. */
 static int
-store_set_on_first_use(Store *self, PyObject *value, void *closure)
+store_set_on_first_use(Store *self, PyObject *value, void *Py_UNUSED(closure))
 {
     if (value != NULL && value != Py_None && !PyCallable_Check(value)) {
         PyErr_Format(PyExc_TypeError, "on_first_use: a callable or None, not %.100s",
@@ -564,13 +564,13 @@ random_hex(int words)
 }
 
 static PyObject *
-new_trace_id(PyObject *module, PyObject *unused)
+new_trace_id(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
 {
     return random_hex(2);
 }
 
 static PyObject *
-new_span_id(PyObject *module, PyObject *unused)
+new_span_id(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
 {
     return random_hex(1);
 }
@@ -775,7 +775,7 @@ trace_context_set(TraceContext *self, PyObject *value, void *closure)
 }
 
 static PyObject *
-trace_context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+trace_context_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
 {
     return commlens_trace_context_new(type);
 }
@@ -859,7 +859,7 @@ static struct {
 static PyObject *str_traceparent, *str_baggage;
 
 static PyObject *
-bind_stamping(PyObject *module, PyObject *args, PyObject *kwargs)
+bind_stamping(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"current", "otel_context", "trace_context", "in_python",
                                NULL};
@@ -936,7 +936,7 @@ stamp_is_common(PyObject *carrier, PyObject *service, PyObject *kind, PyObject *
 }
 
 static PyObject *
-stamp_outgoing(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "stamp_outgoing(carrier, service, kind)");
@@ -1020,8 +1020,11 @@ static PyMethodDef module_methods[] = {
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_speedups",
-    "The tracer's per-hop types, compiled (see tracer/_speedups.c).", -1, module_methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_speedups",
+    .m_doc = "The tracer's per-hop types, compiled (see tracer/_speedups.c).",
+    .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
