@@ -23,7 +23,6 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include "../tracer/_speedups.h"
 
 static PyObject *str_traceparent, *str_baggage, *str_ctxt, *str_message, *str_msg_id,
@@ -406,6 +405,10 @@ receiver_incoming(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "incoming(message, ctx, caller, method, kind)");
         return NULL;
     }
+    if (self->service == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Receiver not initialised");
+        return NULL;
+    }
     if (Py_TYPE(args[1]) != self->trace_context) {
         PyErr_SetString(PyExc_TypeError, "incoming: ctx is not a TraceContext");
         return NULL;
@@ -546,7 +549,7 @@ incoming_finish(Incoming *self, PyObject *failure)
 }
 
 static PyObject *
-incoming_acknowledge(Incoming *self, PyObject *unused)
+incoming_acknowledge(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_acknowledge);
     if (result == NULL)
@@ -579,7 +582,7 @@ incoming_reply(Incoming *self, PyObject *args, PyObject *kwargs)
 }
 
 static PyObject *
-incoming_requeue(Incoming *self, PyObject *unused)
+incoming_requeue(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     self->end = commlens_monotonic();
     PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_requeue);
@@ -588,19 +591,19 @@ incoming_requeue(Incoming *self, PyObject *unused)
 }
 
 static PyObject *
-incoming_heartbeat(Incoming *self, PyObject *unused)
+incoming_heartbeat(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     return PyObject_CallMethodNoArgs(self->inner, str_heartbeat);
 }
 
 static PyObject *
-incoming_get_start(Incoming *self, void *closure)
+incoming_get_start(Incoming *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->start);
 }
 
 static PyObject *
-incoming_get_topic(Incoming *self, void *closure)
+incoming_get_topic(Incoming *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef(self->receiver->topic);
 }
@@ -614,22 +617,36 @@ static PyMethodDef incoming_methods[] = {
     {NULL},
 };
 
-static PyMemberDef incoming_members[] = {
-    {"inner", T_OBJECT, offsetof(Incoming, inner), READONLY, NULL},
-    {"ctxt", T_OBJECT, offsetof(Incoming, ctxt), 0, NULL},
-    {"message", T_OBJECT, offsetof(Incoming, message), 0, NULL},
-    {"msg_id", T_OBJECT, offsetof(Incoming, msg_id), 0, NULL},
-    {"client_timeout", T_OBJECT, offsetof(Incoming, client_timeout), 0, NULL},
-    {"ctx", T_OBJECT, offsetof(Incoming, ctx), READONLY, NULL},
-    {"caller", T_OBJECT, offsetof(Incoming, caller), READONLY, NULL},
-    {"method", T_OBJECT, offsetof(Incoming, method), READONLY, NULL},
-    {"kind", T_OBJECT, offsetof(Incoming, kind), READONLY, NULL},
-    {NULL},
-};
+/* What the RPC server may replace of a message (its context, body, id,
+ * timeout), as on the driver's own message; never deleted, since those
+ * who read them expect a value. */
+static int
+incoming_set_field(PyObject *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a message's field cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(*(PyObject **)((char *)self + (intptr_t)closure), Py_NewRef(value));
+    return 0;
+}
+
+#define INCOMING_WRITABLE_FIELD(field) \
+    {#field, (getter)commlens_get_field, (setter)incoming_set_field, NULL, \
+     (void *)offsetof(Incoming, field)}
 
 static PyGetSetDef incoming_getset[] = {
     {"start", (getter)incoming_get_start, NULL, NULL, NULL},
     {"topic", (getter)incoming_get_topic, NULL, NULL, NULL},
+    COMMLENS_READONLY_FIELD("inner", Incoming, inner),
+    INCOMING_WRITABLE_FIELD(ctxt),
+    INCOMING_WRITABLE_FIELD(message),
+    INCOMING_WRITABLE_FIELD(msg_id),
+    INCOMING_WRITABLE_FIELD(client_timeout),
+    COMMLENS_READONLY_FIELD("ctx", Incoming, ctx),
+    COMMLENS_READONLY_FIELD("caller", Incoming, caller),
+    COMMLENS_READONLY_FIELD("method", Incoming, method),
+    COMMLENS_READONLY_FIELD("kind", Incoming, kind),
     {NULL},
 };
 
@@ -643,15 +660,16 @@ static PyTypeObject IncomingType = {
     .tp_traverse = (traverseproc)incoming_traverse,
     .tp_clear = (inquiry)incoming_clear,
     .tp_methods = incoming_methods,
-    .tp_members = incoming_members,
     .tp_getset = incoming_getset,
 };
 
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_rpc_receive",
-    "The RPC server's per-message path, compiled (see middleware/rpc_driver.py).", -1,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_rpc_receive",
+    .m_doc = "The RPC server's per-message path, compiled (see middleware/rpc_driver.py).",
+    .m_size = -1,
 };
 
 #define INTERN(var, text) \

@@ -18,7 +18,6 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include "../tracer/_speedups.h"
 
 static PyObject *str_call, *str_cast, *str_fanout, *str_ok, *str_fanout_attr, *str_topic,
@@ -42,6 +41,7 @@ typedef struct {
     PyObject *failed;          /* (send, exception, duration): the error path */
     PyObject *add_hop;         /* (send, outcome, error, duration) */
     PyObject *recording_failed;  /* (exception) */
+    PyTypeObject *trace_context;  /* _speedups.TraceContext: what stamp returns */
 } Sender;
 
 typedef struct {
@@ -72,6 +72,10 @@ sender_init(Sender *self, PyObject *args, PyObject *kwargs)
                                      &context_copy, &stamp, &failed, &add_hop,
                                      &recording_failed))
         return -1;
+    PyTypeObject *trace_context = commlens_trace_context_base();
+    if (trace_context == NULL)
+        return -1;
+    Py_XSETREF(self->trace_context, trace_context);
     if (commlens_recording_init(&self->recording, recorder) < 0)
         return -1;
     PyObject *seen = commlens_method_seen(method_label);
@@ -111,6 +115,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->failed);
     Py_VISIT(self->add_hop);
     Py_VISIT(self->recording_failed);
+    Py_VISIT(self->trace_context);
     return 0;
 }
 
@@ -130,6 +135,7 @@ sender_clear(Sender *self)
     Py_CLEAR(self->failed);
     Py_CLEAR(self->add_hop);
     Py_CLEAR(self->recording_failed);
+    Py_CLEAR(self->trace_context);
     return 0;
 }
 
@@ -228,7 +234,15 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *stamp_args[] = {NULL, out, self->service, call->kind};
     call->ctx = PyObject_Vectorcall(self->stamp, stamp_args + 1,
                                     3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (call->ctx == NULL || (call->topic = PyObject_GetAttr(target, str_topic)) == NULL)
+    if (call->ctx == NULL)
+        goto fail;
+    /* end() reads the hop's fields as C: whatever ``stamp`` returned is
+     * checked to have them. */
+    if (!PyObject_TypeCheck(call->ctx, self->trace_context)) {
+        PyErr_SetString(PyExc_TypeError, "stamp did not return a TraceContext");
+        goto fail;
+    }
+    if ((call->topic = PyObject_GetAttr(target, str_topic)) == NULL)
         goto fail;
 
     if (commlens_record(self->recording.inc, self->sent_metric,
@@ -268,8 +282,12 @@ fail:
 /* take_open_calls() -> the tokens of the calls still waiting, forgotten
  * here (the driver's cleanup releases them). */
 static PyObject *
-sender_take_open_calls(Sender *self, PyObject *unused)
+sender_take_open_calls(Sender *self, PyObject *Py_UNUSED(unused))
 {
+    if (self->open_calls == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Sender not initialised");
+        return NULL;
+    }
     PyObject *fresh = PySet_New(NULL);
     if (fresh == NULL)
         return NULL;
@@ -314,9 +332,11 @@ send_record_end(Send *self, PyObject *exc)
     PyObject *result;
     if (self->token != Py_None) {
         result = PyObject_CallMethodOneArg(sender->recorder, str_call_finished, self->token);
-        if (result == NULL || PySet_Discard(sender->open_calls, self->token) < 0)
+        if (result == NULL)
             goto fail;
         Py_DECREF(result);
+        if (PySet_Discard(sender->open_calls, self->token) < 0)
+            goto fail;
     }
     if (exc != Py_None) {
         result = PyObject_CallFunctionObjArgs(sender->failed, (PyObject *)self, exc,
@@ -395,7 +415,7 @@ send_dealloc(Send *self)
 }
 
 static PyObject *
-send_get_start(Send *self, void *closure)
+send_get_start(Send *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->start);
 }
@@ -406,18 +426,14 @@ static PyMethodDef send_methods[] = {
     {NULL},
 };
 
-static PyMemberDef send_members[] = {
-    {"ctxt", T_OBJECT, offsetof(Send, ctxt), READONLY, NULL},
-    {"ctx", T_OBJECT, offsetof(Send, ctx), READONLY, NULL},
-    {"kind", T_OBJECT, offsetof(Send, kind), READONLY, NULL},
-    {"topic", T_OBJECT, offsetof(Send, topic), READONLY, NULL},
-    {"method", T_OBJECT, offsetof(Send, method), READONLY, NULL},
-    {"token", T_OBJECT, offsetof(Send, token), READONLY, NULL},
-    {NULL},
-};
-
 static PyGetSetDef send_getset[] = {
     {"start", (getter)send_get_start, NULL, NULL, NULL},
+    COMMLENS_READONLY_FIELD("ctxt", Send, ctxt),
+    COMMLENS_READONLY_FIELD("ctx", Send, ctx),
+    COMMLENS_READONLY_FIELD("kind", Send, kind),
+    COMMLENS_READONLY_FIELD("topic", Send, topic),
+    COMMLENS_READONLY_FIELD("method", Send, method),
+    COMMLENS_READONLY_FIELD("token", Send, token),
     {NULL},
 };
 
@@ -431,15 +447,16 @@ static PyTypeObject SendType = {
     .tp_traverse = (traverseproc)send_traverse,
     .tp_clear = (inquiry)send_clear,
     .tp_methods = send_methods,
-    .tp_members = send_members,
     .tp_getset = send_getset,
 };
 
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_rpc_send",
-    "The RPC client's per-send path, compiled (see middleware/rpc_driver.py).", -1,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_rpc_send",
+    .m_doc = "The RPC client's per-send path, compiled (see middleware/rpc_driver.py).",
+    .m_size = -1,
 };
 
 #define INTERN(var, text) \

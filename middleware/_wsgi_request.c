@@ -17,7 +17,6 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include "../tracer/_speedups.h"
 
 /* -- what wsgi.py binds --------------------------------------------------- */
@@ -140,9 +139,15 @@ status_code(PyObject *status)
     return PyObject_CallOneArg(bound.status_code, status ? status : Py_None);
 }
 
+/* 1 if the status code label is a failure's, 0 if not; -1 and an error if
+ * it is not a str (status_codes and status_code are Python's). */
 static int
 is_failed_code(PyObject *code)
 {
+    if (!PyUnicode_Check(code)) {
+        PyErr_SetString(PyExc_TypeError, "a status code label is a str");
+        return -1;
+    }
     if (PyUnicode_GET_LENGTH(code) < 1)
         return 1;
     Py_UCS4 first = PyUnicode_READ_CHAR(code, 0);
@@ -159,7 +164,9 @@ request_record(Request *self, PyObject *body)
         ? Py_NewRef(str_500) : status_code(self->status);
     if (code == NULL)
         return -1;
-    PyObject *duration_obj = PyFloat_FromDouble(duration);
+    /* Checked before it becomes a label: not a str, nothing is recorded. */
+    int failed = is_failed_code(code);
+    PyObject *duration_obj = failed < 0 ? NULL : PyFloat_FromDouble(duration);
     if (duration_obj == NULL) {
         Py_DECREF(code);
         return -1;
@@ -168,7 +175,6 @@ request_record(Request *self, PyObject *body)
         mw->recording.observe, bound.hop_metric,
         PyTuple_Pack(5, mw->service, self->caller, self->method, self->route, code),
         duration_obj);
-    int failed = is_failed_code(code);
     CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
     int keep = result < 0 ? -1 : commlens_keeps_hop(
         &mw->recording, ctx->trace_id, duration_obj, failed ? Py_True : ctx->child_failed);
@@ -238,40 +244,49 @@ request_clear(Request *self)
 }
 
 static PyObject *
-request_get_done(Request *self, void *closure)
+request_get_done(Request *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(self->done);
 }
 
 static PyObject *
-request_get_start(Request *self, void *closure)
+request_get_start(Request *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->start);
 }
 
 static PyObject *
-request_get_middleware(Request *self, void *closure)
+request_get_middleware(Request *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef((PyObject *)self->middleware);
+}
+
+/* The error label: None or a str (the iterator body's wrapper, wsgi._Body,
+ * sets it when the body raises); never deleted. */
+static int
+request_set_error(Request *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || (value != Py_None && !PyUnicode_Check(value))) {
+        PyErr_SetString(PyExc_TypeError, "Request.error: a str or None");
+        return -1;
+    }
+    Py_XSETREF(self->error, Py_NewRef(value));
+    return 0;
 }
 
 static PyGetSetDef request_getset[] = {
     {"done", (getter)request_get_done, NULL, NULL, NULL},
     {"start", (getter)request_get_start, NULL, NULL, NULL},
     {"middleware", (getter)request_get_middleware, NULL, NULL, NULL},
-    {NULL},
-};
-
-static PyMemberDef request_members[] = {
-    {"ctx", T_OBJECT, offsetof(Request, ctx), READONLY, NULL},
-    {"caller", T_OBJECT, offsetof(Request, caller), READONLY, NULL},
-    {"method", T_OBJECT, offsetof(Request, method), READONLY, NULL},
-    {"route", T_OBJECT, offsetof(Request, route), READONLY, NULL},
-    {"environ", T_OBJECT, offsetof(Request, environ), READONLY, NULL},
-    {"status", T_OBJECT, offsetof(Request, status), READONLY, NULL},
-    {"headers", T_OBJECT, offsetof(Request, headers), READONLY, NULL},
-    /* set by the iterator body's wrapper (wsgi._Body) when the body raises */
-    {"error", T_OBJECT, offsetof(Request, error), 0, NULL},
+    COMMLENS_READONLY_FIELD("ctx", Request, ctx),
+    COMMLENS_READONLY_FIELD("caller", Request, caller),
+    COMMLENS_READONLY_FIELD("method", Request, method),
+    COMMLENS_READONLY_FIELD("route", Request, route),
+    COMMLENS_READONLY_FIELD("environ", Request, environ),
+    COMMLENS_READONLY_FIELD("status", Request, status),
+    COMMLENS_READONLY_FIELD("headers", Request, headers),
+    {"error", (getter)commlens_get_field, (setter)request_set_error, NULL,
+     (void *)offsetof(Request, error)},
     {NULL},
 };
 
@@ -286,9 +301,20 @@ static PyTypeObject RequestType = {
     .tp_clear = (inquiry)request_clear,
     .tp_call = (ternaryfunc)request_call,
     .tp_methods = request_methods,
-    .tp_members = request_members,
     .tp_getset = request_getset,
 };
+
+/* A value of the environ, or None: a new reference, NULL only on error.
+ * Held, not borrowed: looking a value up in a set or a dict may run the
+ * Python of a str subclass, which may change the environ. */
+static PyObject *
+environ_get(PyObject *environ, PyObject *key)
+{
+    PyObject *value = PyDict_GetItemWithError(environ, key);
+    if (value == NULL && !PyErr_Occurred())
+        return Py_NewRef(Py_None);
+    return Py_XNewRef(value);
+}
 
 /* The caller label: our baggage member, else the User-Agent; new reference.
  * The member names the caller only with the span id of the traceparent
@@ -296,42 +322,30 @@ static PyTypeObject RequestType = {
 static PyObject *
 request_caller(PyObject *environ, CommlensTraceContext *ctx, int has_traceparent)
 {
-    PyObject *baggage = has_traceparent && ctx->parent_id != Py_None
-        ? PyDict_GetItemWithError(environ, str_HTTP_BAGGAGE) : NULL;
-    if (baggage != NULL) {
-        PyObject *caller = PyObject_CallFunctionObjArgs(bound.baggage_caller, baggage,
-                                                        ctx->parent_id, NULL);
+    if (has_traceparent && ctx->parent_id != Py_None) {
+        PyObject *baggage = environ_get(environ, str_HTTP_BAGGAGE);
+        if (baggage == NULL)
+            return NULL;
+        PyObject *caller = baggage == Py_None ? Py_NewRef(Py_None)
+            : PyObject_CallFunctionObjArgs(bound.baggage_caller, baggage, ctx->parent_id,
+                                           NULL);
+        Py_DECREF(baggage);
         if (caller == NULL || caller != Py_None)
             return caller;
         Py_DECREF(caller);
-    } else if (PyErr_Occurred()) {
+    }
+    PyObject *user_agent = environ_get(environ, str_HTTP_USER_AGENT);
+    if (user_agent == NULL)
         return NULL;
+    PyObject *caller = Py_XNewRef(PyDict_GetItemWithError(bound.user_agent_memo, user_agent));
+    if (caller == NULL && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError))  /* an unhashable value */
+            PyErr_Clear();
     }
-    PyObject *user_agent = PyDict_GetItemWithError(environ, str_HTTP_USER_AGENT);
-    if (user_agent == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        user_agent = Py_None;
-    }
-    PyObject *caller = PyDict_GetItemWithError(bound.user_agent_memo, user_agent);
-    if (caller != NULL)
-        return Py_NewRef(caller);
-    if (PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_TypeError))  /* an unhashable value */
-            return NULL;
-        PyErr_Clear();
-    }
-    return PyObject_CallOneArg(bound.caller_from_user_agent, user_agent);
-}
-
-/* A dict value or Py_None, borrowed; NULL only on error. */
-static PyObject *
-environ_get(PyObject *environ, PyObject *key)
-{
-    PyObject *value = PyDict_GetItemWithError(environ, key);
-    if (value == NULL && !PyErr_Occurred())
-        return Py_None;
-    return value;
+    if (caller == NULL && !PyErr_Occurred())
+        caller = PyObject_CallOneArg(bound.caller_from_user_agent, user_agent);
+    Py_DECREF(user_agent);
+    return caller;
 }
 
 static Request *
@@ -353,6 +367,7 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
     PyObject_GC_Track(self);
 
     PyObject *traceparent = environ_get(environ, str_HTTP_TRACEPARENT);
+    PyObject *method = NULL, *path = NULL;
     if (traceparent == NULL)
         goto fail;
     if (traceparent == Py_None) {
@@ -376,6 +391,8 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
         }
         int valid = PyObject_IsTrue(PyTuple_GET_ITEM(parsed, 1));
         Py_DECREF(parsed);
+        if (valid < 0)
+            goto fail;
         if (!valid) {
             PyObject *r = PyObject_CallMethodOneArg(mw->recorder, str_dropped,
                                                     str_bad_context);
@@ -390,7 +407,7 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
     if (self->caller == NULL)
         goto fail;
 
-    PyObject *method = environ_get(environ, str_REQUEST_METHOD);
+    method = environ_get(environ, str_REQUEST_METHOD);
     if (method == NULL)
         goto fail;
     int known = PySet_Contains(bound.http_methods, method);
@@ -402,13 +419,11 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
     }
     self->method = Py_NewRef(known ? method : bound.other_method);
 
-    PyObject *path = environ_get(environ, str_PATH_INFO);
+    path = environ_get(environ, str_PATH_INFO);
     if (path == NULL)
         goto fail;
-    PyObject *route = PyDict_GetItemWithError(mw->routes_memo, path);
-    if (route != NULL) {
-        self->route = Py_NewRef(route);
-    } else {
+    self->route = Py_XNewRef(PyDict_GetItemWithError(mw->routes_memo, path));
+    if (self->route == NULL) {
         if (PyErr_Occurred()) {
             if (!PyErr_ExceptionMatches(PyExc_TypeError))
                 goto fail;
@@ -418,9 +433,15 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
         if (self->route == NULL)
             goto fail;
     }
+    Py_DECREF(traceparent);
+    Py_DECREF(method);
+    Py_DECREF(path);
     self->start = commlens_monotonic();
     return self;
 fail:
+    Py_XDECREF(traceparent);
+    Py_XDECREF(method);
+    Py_XDECREF(path);
     Py_DECREF(self);
     return NULL;
 }
@@ -428,7 +449,7 @@ fail:
 /* -- ListBody ------------------------------------------------------------- */
 
 static PyObject *
-list_body_close(ListBody *self, PyObject *unused)
+list_body_close(ListBody *self, PyObject *Py_UNUSED(unused))
 {
     if (self->request != NULL)
         request_finish(self->request, (PyObject *)self);
@@ -475,8 +496,8 @@ static PyMethodDef list_body_methods[] = {
     {NULL},
 };
 
-static PyMemberDef list_body_members[] = {
-    {"request", T_OBJECT, offsetof(ListBody, request), READONLY, NULL},
+static PyGetSetDef list_body_getset[] = {
+    COMMLENS_READONLY_FIELD("request", ListBody, request),
     {NULL},
 };
 
@@ -492,7 +513,7 @@ static PyTypeObject ListBodyType = {
     .tp_traverse = (traverseproc)list_body_traverse,
     .tp_clear = (inquiry)list_body_clear,
     .tp_methods = list_body_methods,
-    .tp_members = list_body_members,
+    .tp_getset = list_body_getset,
 };
 
 static PyObject *
@@ -544,7 +565,8 @@ middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
     if (body == NULL) {
         /* The application raised: a 500, and its exception goes on as it is. */
         PyObject *exc = PyErr_GetRaisedException();
-        PyContextVar_Reset(bound.current, token);
+        if (PyContextVar_Reset(bound.current, token) < 0)
+            commlens_hand_over_error(bound.recording_failed, self->recorder);
         Py_DECREF(token);
         PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(exc), "__name__");
         PyObject *label = name == NULL ? NULL : PyObject_CallOneArg(bound.error_class, name);
@@ -634,10 +656,10 @@ middleware_dealloc(Middleware *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyMemberDef middleware_members[] = {
-    {"app", T_OBJECT, offsetof(Middleware, app), READONLY, NULL},
-    {"service", T_OBJECT, offsetof(Middleware, service), READONLY, NULL},
-    {"recorder", T_OBJECT, offsetof(Middleware, recorder), READONLY, NULL},
+static PyGetSetDef middleware_getset[] = {
+    COMMLENS_READONLY_FIELD("app", Middleware, app),
+    COMMLENS_READONLY_FIELD("service", Middleware, service),
+    COMMLENS_READONLY_FIELD("recorder", Middleware, recorder),
     {NULL},
 };
 
@@ -655,13 +677,13 @@ static PyTypeObject MiddlewareType = {
     .tp_traverse = (traverseproc)middleware_traverse,
     .tp_clear = (inquiry)middleware_clear,
     .tp_call = (ternaryfunc)middleware_call,
-    .tp_members = middleware_members,
+    .tp_getset = middleware_getset,
 };
 
 /* -- module --------------------------------------------------------------- */
 
 static PyObject *
-bind(PyObject *module, PyObject *args, PyObject *kwargs)
+bind(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {
         "trace_context", "child_of_incoming", "baggage_caller", "user_agent_memo",
@@ -695,9 +717,11 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_wsgi_request",
-    "The WSGI middleware's per-request path, compiled (see middleware/wsgi.py).", -1,
-    module_methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_wsgi_request",
+    .m_doc = "The WSGI middleware's per-request path, compiled (see middleware/wsgi.py).",
+    .m_size = -1,
+    .m_methods = module_methods,
 };
 
 #define INTERN(var, text) \

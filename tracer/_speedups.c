@@ -27,7 +27,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/random.h>
-#include <structmember.h>
 
 #include "_speedups.h"
 
@@ -47,6 +46,17 @@ no_keywords(const char *name, PyObject *kwargs)
         return 1;
     PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", name);
     return 0;
+}
+
+/* The count starts at 0 in tp_new, not only in __init__: a Counter made
+ * with Counter.__new__ alone is read and added to like any other. */
+static PyObject *
+counter_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
+{
+    Counter *self = (Counter *)type->tp_alloc(type, 0);
+    if (self != NULL && (self->value = PyLong_FromLong(0)) == NULL)
+        Py_CLEAR(self);
+    return (PyObject *)self;
 }
 
 static int
@@ -96,7 +106,7 @@ counter_add(Counter *self, PyObject *amount)
 }
 
 static PyObject *
-counter_get_value(Counter *self, void *closure)
+counter_get_value(Counter *self, void *Py_UNUSED(closure))
 {
     return Py_NewRef(self->value);
 }
@@ -125,7 +135,7 @@ static PyTypeObject CounterType = {
     .tp_doc = "Counter(): a count that only grows.",
     .tp_basicsize = sizeof(Counter),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
+    .tp_new = counter_new,
     .tp_init = (initproc)counter_init,
     .tp_dealloc = (destructor)counter_dealloc,
     .tp_methods = counter_methods,
@@ -227,7 +237,7 @@ histogram_observe(Histogram *self, PyObject *arg)
 }
 
 static PyObject *
-histogram_read(Histogram *self, PyObject *unused)
+histogram_read(Histogram *self, PyObject *Py_UNUSED(unused))
 {
     /* Copied before anything is allocated: an allocation may run the
      * garbage collector, and a finaliser could let another thread update. */
@@ -284,7 +294,7 @@ typedef struct {
 static PyObject *str_name;
 
 static PyObject *
-store_reset(Store *self, PyObject *unused)
+store_reset(Store *self, PyObject *Py_UNUSED(unused))
 {
     PyObject *counters = PyDict_New(), *histograms = PyDict_New();
     if (counters == NULL || histograms == NULL) {
@@ -344,13 +354,12 @@ store_dealloc(Store *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* The series of (metric, labels) in ``store``, a borrowed reference, made
- * by ``make`` if it is new (a new reference then, kept in *made). */
+/* The series of (metric, labels) in ``store``: a new reference, made by
+ * ``make`` if it is new. The look-ups hold their own references: labels'
+ * __eq__ is Python and may change the dicts under them. */
 static PyObject *
-store_series(Store *self, PyObject *store, PyObject *make, PyTypeObject *type,
-             PyObject *metric, PyObject *labels, PyObject **made)
+store_series(Store *self, int histogram, PyObject *metric, PyObject *labels)
 {
-    *made = NULL;
     if (self->on_first_use != NULL) {
         PyObject *callback = self->on_first_use;
         self->on_first_use = NULL;
@@ -360,32 +369,40 @@ store_series(Store *self, PyObject *store, PyObject *make, PyTypeObject *type,
             return NULL;
         Py_DECREF(result);
     }
-    if (store == NULL) {
+    /* Read after the callback, which may have reset the store. */
+    PyObject *store = histogram ? self->histograms : self->counters;
+    PyObject *make = histogram ? self->new_histogram : self->new_counter;
+    PyTypeObject *type = histogram ? &HistogramType : &CounterType;
+    if (store == NULL || make == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Store not initialised");
         return NULL;
     }
+    Py_INCREF(store);
+    Py_INCREF(make);
     /* A Metric, or its name from a compiled caller that has it at hand. */
     PyObject *name = PyUnicode_CheckExact(metric) ? Py_NewRef(metric)
                                                   : PyObject_GetAttr(metric, str_name);
-    if (name == NULL)
+    if (name == NULL) {
+        Py_DECREF(store);
+        Py_DECREF(make);
         return NULL;
-    PyObject *series = PyDict_GetItemWithError(store, name);
+    }
+    PyObject *series = Py_XNewRef(PyDict_GetItemWithError(store, name));
     PyObject *entry = NULL;
     if (series != NULL && PyDict_CheckExact(series))
-        entry = PyDict_GetItemWithError(series, labels);
-    if (entry == NULL) {
-        if (!PyErr_Occurred())
-            entry = *made = PyObject_CallFunctionObjArgs(make, name, labels, NULL);
-        if (entry == NULL) {
-            Py_DECREF(name);
-            return NULL;
-        }
-    }
+        entry = Py_XNewRef(PyDict_GetItemWithError(series, labels));
+    Py_XDECREF(series);
+    if (entry == NULL && !PyErr_Occurred())
+        entry = PyObject_CallFunctionObjArgs(make, name, labels, NULL);
     Py_DECREF(name);
+    Py_DECREF(store);
+    Py_DECREF(make);
+    if (entry == NULL)
+        return NULL;
     if (Py_TYPE(entry) != type) {
         PyErr_Format(PyExc_TypeError, "a %.100s where a %.100s series belongs",
                      Py_TYPE(entry)->tp_name, type->tp_name);
-        Py_CLEAR(*made);
+        Py_DECREF(entry);
         return NULL;
     }
     return entry;
@@ -401,13 +418,11 @@ store_inc(Store *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *amount = counter_amount(args + 2, nargs - 2);
     if (amount == NULL)
         return NULL;  /* checked first: bad input makes no series */
-    PyObject *made;
-    PyObject *counter = store_series(self, self->counters, self->new_counter, &CounterType,
-                                     args[0], args[1], &made);
+    PyObject *counter = store_series(self, 0, args[0], args[1]);
     if (counter == NULL)
         return NULL;
     PyObject *result = counter_add((Counter *)counter, amount);
-    Py_XDECREF(made);
+    Py_DECREF(counter);
     return result;
 }
 
@@ -421,13 +436,11 @@ store_observe(Store *self, PyObject *const *args, Py_ssize_t nargs)
     double value = histogram_value(args[2]);
     if (value == -1.0 && PyErr_Occurred())
         return NULL;  /* checked first: bad input makes no series */
-    PyObject *made;
-    PyObject *histogram = store_series(self, self->histograms, self->new_histogram,
-                                       &HistogramType, args[0], args[1], &made);
+    PyObject *histogram = store_series(self, 1, args[0], args[1]);
     if (histogram == NULL)
         return NULL;
     PyObject *result = histogram_add((Histogram *)histogram, value);
-    Py_XDECREF(made);
+    Py_DECREF(histogram);
     return result;
 }
 
@@ -441,11 +454,30 @@ static PyMethodDef store_methods[] = {
     {NULL},
 };
 
-static PyMemberDef store_members[] = {
-    {"counters", T_OBJECT, offsetof(Store, counters), READONLY, NULL},
-    {"histograms", T_OBJECT, offsetof(Store, histograms), READONLY, NULL},
-    {"on_first_use", T_OBJECT, offsetof(Store, on_first_use), 0,
-     "Called once, before the next update (the recorder's shipper after fork)."},
+static PyObject *
+store_get_on_first_use(Store *self, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(self->on_first_use != NULL ? self->on_first_use : Py_None);
+}
+
+/* A callable, or None (or del) for none: the next update calls it. */
+static int
+store_set_on_first_use(Store *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value != NULL && value != Py_None && !PyCallable_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "on_first_use: a callable or None, not %.100s",
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    Py_XSETREF(self->on_first_use, value == Py_None ? NULL : Py_XNewRef(value));
+    return 0;
+}
+
+static PyGetSetDef store_getset[] = {
+    COMMLENS_READONLY_FIELD("counters", Store, counters),
+    COMMLENS_READONLY_FIELD("histograms", Store, histograms),
+    {"on_first_use", (getter)store_get_on_first_use, (setter)store_set_on_first_use,
+     "Called once, before the next update (the recorder's shipper after fork).", NULL},
     {NULL},
 };
 
@@ -462,7 +494,7 @@ static PyTypeObject StoreType = {
     .tp_traverse = (traverseproc)store_traverse,
     .tp_clear = (inquiry)store_clear,
     .tp_methods = store_methods,
-    .tp_members = store_members,
+    .tp_getset = store_getset,
 };
 
 /* -- ids ------------------------------------------------------------------ */
@@ -532,13 +564,13 @@ random_hex(int words)
 }
 
 static PyObject *
-new_trace_id(PyObject *module, PyObject *unused)
+new_trace_id(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
 {
     return random_hex(2);
 }
 
 static PyObject *
-new_span_id(PyObject *module, PyObject *unused)
+new_span_id(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(unused))
 {
     return random_hex(1);
 }
@@ -576,6 +608,10 @@ sampler_keeps(HopSampler *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "keeps_hop(trace_id, duration, failed)");
+        return NULL;
+    }
+    if (self->bound == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "HopSampler not initialised");
         return NULL;
     }
     PyObject *trace_id = args[0];
@@ -628,8 +664,118 @@ static PyTypeObject HopSamplerType = {
 
 typedef CommlensTraceContext TraceContext;  /* _speedups.h */
 
+/* The compiled paths read these fields as C pointers and format the ids
+ * into traceparent headers; a service's code can reach them
+ * (context.current()), so no field may be deleted and each takes only what
+ * the tracer itself writes: an id is None or lowercase hex of its W3C
+ * length, not all zero; a flag is a bool; the service is None or a str.
+ * Anything else is the caller's bug, refused at the assignment. */
+
+enum { TRACE_ID_DIGITS = 32, SPAN_ID_DIGITS = 16 };
+
+/* 0 if ``value`` may be an id of ``digits`` hex digits (or None); -1 and
+ * an error naming ``field`` if not. */
+static int
+check_id(PyObject *value, Py_ssize_t digits, const char *field)
+{
+    if (value == Py_None)
+        return 0;
+    if (!PyUnicode_CheckExact(value)) {
+        PyErr_Format(PyExc_TypeError, "TraceContext.%s: a str or None, not %.100s", field,
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    int all_zero = 1;
+    int valid = PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) == digits;
+    const Py_UCS1 *text = valid ? PyUnicode_1BYTE_DATA(value) : NULL;
+    for (Py_ssize_t i = 0; valid && i < digits; i++) {
+        valid = (text[i] >= '0' && text[i] <= '9') || (text[i] >= 'a' && text[i] <= 'f');
+        all_zero &= text[i] == '0';
+    }
+    if (!valid || all_zero) {
+        PyErr_Format(PyExc_ValueError,
+                     "TraceContext.%s: %zd lowercase hex digits, not all zero", field, digits);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+check_flag(PyObject *value, const char *field)
+{
+    if (PyBool_Check(value))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "TraceContext.%s: a bool, not %.100s", field,
+                 Py_TYPE(value)->tp_name);
+    return -1;
+}
+
+static int
+check_service(PyObject *value)
+{
+    if (value == Py_None || PyUnicode_CheckExact(value))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "TraceContext.service: a str or None, not %.100s",
+                 Py_TYPE(value)->tp_name);
+    return -1;
+}
+
+enum trace_context_field { TRACE_ID, SPAN_ID, PARENT_ID, SAMPLED, CHILD_FAILED, SERVICE };
+
+static PyObject **
+trace_context_slot(TraceContext *self, enum trace_context_field field)
+{
+    switch (field) {
+    case TRACE_ID: return &self->trace_id;
+    case SPAN_ID: return &self->span_id;
+    case PARENT_ID: return &self->parent_id;
+    case SAMPLED: return &self->sampled;
+    case CHILD_FAILED: return &self->child_failed;
+    case SERVICE: break;
+    }
+    return &self->service;
+}
+
+static const char *const trace_context_names[] = {
+    "trace_id", "span_id", "parent_id", "sampled", "child_failed", "service"};
+
+static int
+trace_context_check(enum trace_context_field field, PyObject *value)
+{
+    switch (field) {
+    case TRACE_ID: return check_id(value, TRACE_ID_DIGITS, "trace_id");
+    case SPAN_ID: return check_id(value, SPAN_ID_DIGITS, "span_id");
+    case PARENT_ID: return check_id(value, SPAN_ID_DIGITS, "parent_id");
+    case SAMPLED: return check_flag(value, "sampled");
+    case CHILD_FAILED: return check_flag(value, "child_failed");
+    case SERVICE: break;
+    }
+    return check_service(value);
+}
+
 static PyObject *
-trace_context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+trace_context_get(TraceContext *self, void *closure)
+{
+    return Py_NewRef(*trace_context_slot(self, (enum trace_context_field)(intptr_t)closure));
+}
+
+static int
+trace_context_set(TraceContext *self, PyObject *value, void *closure)
+{
+    enum trace_context_field field = (enum trace_context_field)(intptr_t)closure;
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "TraceContext.%s cannot be deleted",
+                     trace_context_names[field]);
+        return -1;
+    }
+    if (trace_context_check(field, value) < 0)
+        return -1;
+    Py_SETREF(*trace_context_slot(self, field), Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+trace_context_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
 {
     return commlens_trace_context_new(type);
 }
@@ -641,15 +787,18 @@ trace_context_init(TraceContext *self, PyObject *args, PyObject *kwargs)
             && (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0))
         return 0;  /* a new hop: what tp_new set */
     static char *keywords[] = {"trace_id", "span_id", "parent_id", "sampled", NULL};
-    PyObject *trace_id = Py_None, *span_id = Py_None, *parent_id = Py_None;
-    PyObject *sampled = Py_True;
+    PyObject *values[] = {Py_None, Py_None, Py_None, Py_True};
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OOOO:TraceContext", keywords,
-                                     &trace_id, &span_id, &parent_id, &sampled))
+                                     &values[TRACE_ID], &values[SPAN_ID], &values[PARENT_ID],
+                                     &values[SAMPLED]))
         return -1;
-    Py_SETREF(self->trace_id, Py_NewRef(trace_id));
-    Py_SETREF(self->span_id, Py_NewRef(span_id));
-    Py_SETREF(self->parent_id, Py_NewRef(parent_id));
-    Py_SETREF(self->sampled, Py_NewRef(sampled));
+    /* All checked before any is set: a refused value changes nothing. */
+    for (int field = TRACE_ID; field <= SAMPLED; field++)
+        if (trace_context_check((enum trace_context_field)field, values[field]) < 0)
+            return -1;
+    for (int field = TRACE_ID; field <= SAMPLED; field++)
+        Py_SETREF(*trace_context_slot(self, (enum trace_context_field)field),
+                  Py_NewRef(values[field]));
     return 0;
 }
 
@@ -667,13 +816,22 @@ trace_context_dealloc(TraceContext *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyMemberDef trace_context_members[] = {
-    {"trace_id", T_OBJECT, offsetof(TraceContext, trace_id), 0, NULL},
-    {"span_id", T_OBJECT, offsetof(TraceContext, span_id), 0, NULL},
-    {"parent_id", T_OBJECT, offsetof(TraceContext, parent_id), 0, NULL},
-    {"sampled", T_OBJECT, offsetof(TraceContext, sampled), 0, NULL},
-    {"child_failed", T_OBJECT, offsetof(TraceContext, child_failed), 0, NULL},
-    {"service", T_OBJECT, offsetof(TraceContext, service), 0, NULL},
+#define TRACE_CONTEXT_FIELD(field, doc) \
+    {#field, (getter)trace_context_get, (setter)trace_context_set, doc, \
+     (void *)(intptr_t)field_##field}
+
+enum {
+    field_trace_id = TRACE_ID, field_span_id = SPAN_ID, field_parent_id = PARENT_ID,
+    field_sampled = SAMPLED, field_child_failed = CHILD_FAILED, field_service = SERVICE,
+};
+
+static PyGetSetDef trace_context_getset[] = {
+    TRACE_CONTEXT_FIELD(trace_id, "32 lowercase hex digits, or None until drawn."),
+    TRACE_CONTEXT_FIELD(span_id, "16 lowercase hex digits, or None until drawn."),
+    TRACE_CONTEXT_FIELD(parent_id, "16 lowercase hex digits, or None."),
+    TRACE_CONTEXT_FIELD(sampled, "A bool."),
+    TRACE_CONTEXT_FIELD(child_failed, "A bool: a call this hop made failed."),
+    TRACE_CONTEXT_FIELD(service, "The service serving this hop (a str), or None."),
     {NULL},
 };
 
@@ -686,7 +844,7 @@ static PyTypeObject TraceContextType = {
     .tp_new = trace_context_new,
     .tp_init = (initproc)trace_context_init,
     .tp_dealloc = (destructor)trace_context_dealloc,
-    .tp_members = trace_context_members,
+    .tp_getset = trace_context_getset,
 };
 
 /* -- stamp_outgoing ------------------------------------------------------- */
@@ -701,7 +859,7 @@ static struct {
 static PyObject *str_traceparent, *str_baggage;
 
 static PyObject *
-bind_stamping(PyObject *module, PyObject *args, PyObject *kwargs)
+bind_stamping(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"current", "otel_context", "trace_context", "in_python",
                                NULL};
@@ -724,6 +882,27 @@ bind_stamping(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_XSETREF(stamping.trace_context, (PyTypeObject *)Py_NewRef(trace_context));
     Py_XSETREF(stamping.in_python, Py_NewRef(in_python));
     Py_RETURN_NONE;
+}
+
+/* context.TraceContext.ensure_ids: the hop's ids, drawn if not yet. A span
+ * id without a trace id is none of ours: both are drawn then, so the hop
+ * starts a fresh trace rather than sending a traceparent without one.
+ * Nothing changes if a draw fails. 0, or -1 and an error. */
+static int
+draw_ids(CommlensTraceContext *ctx)
+{
+    if (ctx->trace_id != Py_None && ctx->span_id != Py_None)
+        return 0;
+    int fresh_trace = ctx->trace_id == Py_None;
+    PyObject *trace_id = fresh_trace ? random_hex(2) : Py_NewRef(ctx->trace_id);
+    PyObject *span_id = trace_id == NULL ? NULL : random_hex(1);
+    if (span_id == NULL) {
+        Py_XDECREF(trace_id);
+        return -1;
+    }
+    Py_SETREF(ctx->trace_id, trace_id);
+    Py_SETREF(ctx->span_id, span_id);
+    return 0;
 }
 
 /* Whether the common case applies: a dict carrier with neither a
@@ -757,7 +936,7 @@ stamp_is_common(PyObject *carrier, PyObject *service, PyObject *kind, PyObject *
 }
 
 static PyObject *
-stamp_outgoing(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "stamp_outgoing(carrier, service, kind)");
@@ -776,42 +955,46 @@ stamp_outgoing(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(parent);
         return common < 0 ? NULL : PyObject_Vectorcall(stamping.in_python, args, 3, NULL);
     }
-    CommlensTraceContext *ctx =
-        (CommlensTraceContext *)commlens_trace_context_new(stamping.trace_context);
-    if (ctx == NULL) {
-        Py_DECREF(parent);
-        return NULL;
-    }
+    PyObject *trace_id, *parent_id = Py_None, *sampled = Py_True;
     if (parent == Py_None) {
         /* The first hop of a new trace. */
-        Py_SETREF(ctx->trace_id, random_hex(2));
+        trace_id = random_hex(2);
     } else {
         /* A child of the hop being served, whose own ids are drawn now if
          * they were not yet (context.TraceContext.ensure_ids). */
         CommlensTraceContext *served = (CommlensTraceContext *)parent;
-        if (served->span_id == Py_None) {
-            if (served->trace_id == Py_None)
-                Py_SETREF(served->trace_id, random_hex(2));
-            if (served->trace_id != NULL)
-                Py_SETREF(served->span_id, random_hex(1));
+        if (draw_ids(served) < 0) {
+            Py_DECREF(parent);
+            return NULL;
         }
-        Py_SETREF(ctx->trace_id, Py_XNewRef(served->trace_id));
-        Py_SETREF(ctx->parent_id, Py_XNewRef(served->span_id));
-        Py_SETREF(ctx->sampled, Py_XNewRef(served->sampled));
+        trace_id = Py_NewRef(served->trace_id);
+        parent_id = served->span_id;
+        sampled = served->sampled;
     }
+    /* Fields set only to what the setters would take (never NULL): a
+     * context may outlive this call as the hop of the send. */
+    CommlensTraceContext *ctx = trace_id == NULL ? NULL
+        : (CommlensTraceContext *)commlens_trace_context_new(stamping.trace_context);
+    PyObject *span_id = ctx == NULL ? NULL : random_hex(1);
+    if (span_id == NULL) {
+        Py_XDECREF(trace_id);
+        Py_XDECREF(ctx);
+        Py_DECREF(parent);
+        return NULL;
+    }
+    Py_SETREF(ctx->trace_id, trace_id);
+    Py_SETREF(ctx->span_id, span_id);
+    Py_SETREF(ctx->parent_id, Py_NewRef(parent_id));
+    Py_SETREF(ctx->sampled, Py_NewRef(sampled));
     Py_DECREF(parent);
-    Py_SETREF(ctx->span_id, random_hex(1));
-    PyObject *traceparent = NULL, *baggage = NULL;
-    if (ctx->trace_id != NULL && ctx->span_id != NULL && ctx->parent_id != NULL
-            && ctx->sampled != NULL) {
-        int sampled = PyObject_IsTrue(ctx->sampled);
-        traceparent = sampled < 0 ? NULL : PyUnicode_FromFormat(
-            "00-%U-%U-%s", ctx->trace_id, ctx->span_id, sampled ? "01" : "00");
-        /* context.with_baggage_sender's member, alone */
-        baggage = PyUnicode_FromFormat("commlens.service=%U;kind=%U;span=%U",
-                                       service, kind, ctx->span_id);
-    }
-    if (traceparent == NULL || baggage == NULL
+    /* The fields are checked str and bool (TraceContext's setters), so
+     * formatting them runs no Python code. */
+    PyObject *traceparent = PyUnicode_FromFormat(
+        "00-%U-%U-%s", ctx->trace_id, ctx->span_id, ctx->sampled == Py_True ? "01" : "00");
+    /* context.with_baggage_sender's member, alone */
+    PyObject *baggage = traceparent == NULL ? NULL : PyUnicode_FromFormat(
+        "commlens.service=%U;kind=%U;span=%U", service, kind, ctx->span_id);
+    if (baggage == NULL
             || PyDict_SetItem(carrier, str_traceparent, traceparent) < 0
             || PyDict_SetItem(carrier, str_baggage, baggage) < 0) {
         Py_XDECREF(traceparent);
@@ -837,8 +1020,11 @@ static PyMethodDef module_methods[] = {
 /* -- module --------------------------------------------------------------- */
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_speedups",
-    "The tracer's per-hop types, compiled (see tracer/_speedups.c).", -1, module_methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_speedups",
+    .m_doc = "The tracer's per-hop types, compiled (see tracer/_speedups.c).",
+    .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -14,7 +14,17 @@
 #define COMMLENS_SPEEDUPS_H
 
 #include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <time.h>
+
+/* Member definitions by their 3.12 names (structmember.h's T_OBJECT is
+ * deprecated: it reads a NULL field as None but lets Python delete one). */
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_READONLY READONLY
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -41,6 +51,19 @@ commlens_trace_context_new(PyTypeObject *type)
     self->service = Py_NewRef(Py_None);
     return (PyObject *)self;
 }
+
+/* A read-only attribute for the object field at offset ``closure``
+ * (a PyGetSetDef getter): None while the field is unset, as the deprecated
+ * T_OBJECT read it, without letting Python delete or replace it. */
+static inline PyObject *
+commlens_get_field(PyObject *self, void *closure)
+{
+    PyObject *value = *(PyObject **)((char *)self + (intptr_t)closure);
+    return Py_NewRef(value != NULL ? value : Py_None);
+}
+
+#define COMMLENS_READONLY_FIELD(name, type, field) \
+    {name, (getter)commlens_get_field, NULL, NULL, (void *)offsetof(type, field)}
 
 /* Whether ``type`` makes objects of exactly this layout. */
 static inline int
@@ -208,18 +231,32 @@ commlens_hand_over_error(PyObject *hook, PyObject *first)
     PyErr_Clear();
 }
 
+/* _speedups.TraceContext, the type whose instances have this layout; a
+ * new reference, or NULL and an error. */
+static inline PyTypeObject *
+commlens_trace_context_base(void)
+{
+    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
+    PyObject *base = speedups ? PyObject_GetAttrString(speedups, "TraceContext") : NULL;
+    Py_XDECREF(speedups);
+    if (base != NULL && !PyType_Check(base)) {
+        Py_DECREF(base);
+        PyErr_SetString(PyExc_TypeError, "_speedups.TraceContext is not a type");
+        return NULL;
+    }
+    return (PyTypeObject *)base;
+}
+
 /* 0 if ``type`` (context.TraceContext, given to a compiled path) makes
  * objects of this layout; -1 and a TypeError if not. */
 static inline int
 commlens_check_trace_context_type(PyObject *type)
 {
-    PyObject *speedups = PyImport_ImportModule("commlens.tracer._speedups");
-    PyObject *base = speedups ? PyObject_GetAttrString(speedups, "TraceContext") : NULL;
-    Py_XDECREF(speedups);
+    PyTypeObject *base = commlens_trace_context_base();
     if (base == NULL)
         return -1;
-    int same_layout = PyType_Check(base) && PyType_Check(type)
-        && commlens_is_trace_context_type((PyTypeObject *)type, (PyTypeObject *)base);
+    int same_layout = PyType_Check(type)
+        && commlens_is_trace_context_type((PyTypeObject *)type, base);
     Py_DECREF(base);
     if (!same_layout) {
         PyErr_SetString(PyExc_TypeError,

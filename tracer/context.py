@@ -55,19 +55,26 @@ class TraceContext(_speedups.TraceContext):
     ``span_id`` is None, and so is ``trace_id`` for a new trace's first hop.
     Readers of the ids other than the hop's own sampling decision
     (Recorder.keeps_hop) call ``ensure_ids()`` first.
+
+    The compiled paths read the fields directly, so each takes only what
+    the tracer writes (an id: None or lowercase hex of its W3C length, not
+    all zero; ``sampled``, ``child_failed``: a bool; ``service``: None or a
+    str) and none can be deleted: a service's code that tries gets a
+    TypeError, ValueError or AttributeError at the assignment.
     """
 
     __slots__ = ()
 
     def ensure_ids(self):
-        if self.span_id is None:
-            if self.trace_id is None:
-                self.trace_id, self.span_id = new_trace_id(), new_span_id()
-            else:
-                self.span_id = new_span_id()
+        if self.trace_id is None:
+            # Also when a span id was set without a trace id (none of ours):
+            # the hop starts a fresh trace, never a traceparent without one.
+            self.trace_id, self.span_id = new_trace_id(), new_span_id()
+        elif self.span_id is None:
+            self.span_id = new_span_id()
 
     def traceparent(self):
-        if self.span_id is None:
+        if self.span_id is None or self.trace_id is None:
             self.ensure_ids()
         return "00-%s-%s-%s" % (self.trace_id, self.span_id,
                                 "01" if self.sampled else "00")
