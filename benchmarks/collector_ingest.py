@@ -21,8 +21,8 @@ import time
 
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import history as history_mod
-from commlens.exporters import shipping
 from commlens.exporters import traces
+from commlens.tracer import shipping
 
 HOPS_PER_MESSAGE = 200
 TARGET_HOPS_PER_SECOND = 50000

@@ -114,17 +114,16 @@ def _replica_name(value):
 def run_collector(args):
     from werkzeug import serving
 
+    from commlens.dashboards import health
+    from commlens.dashboards import web
     from commlens.exporters import broker
     from commlens.exporters import collector as collector_mod
     from commlens.exporters import history as history_mod
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
-    from commlens.exporters import shipping
     from commlens.exporters import traces
-    from commlens.exporters import urls
-
-    from commlens.dashboards import health
-    from commlens.dashboards import web
+    from commlens.tracer import shipping
+    from commlens.tracer import urls
 
     export_url = args.export_url or DEFAULT_EXPORT_URL
     try:

@@ -29,12 +29,12 @@ from commlens.exporters import aggregate
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
-from commlens.exporters import shipping
 from commlens.exporters import traces
 from commlens.tracer import hops as hops_mod
 from commlens.tracer import metrics
 from commlens.tracer import recorder
 from commlens.tracer import settings
+from commlens.tracer import shipping
 
 LOG = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 import threading
 
 from commlens.exporters import durations
-from commlens.exporters import shipping
-from commlens.exporters import urls
+from commlens.tracer import shipping
+from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import pytest
 
 from commlens.cli import main as cli_main
 from commlens.exporters import intake
-from commlens.exporters import shipping
 from commlens.tracer import context
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import shipping
 from support import collector_ready, run_collector, wait_for
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import time
 from commlens.exporters import chains
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import history as history_mod
-from commlens.exporters import shipping
 from commlens.exporters import traces
 from commlens.tracer import context
+from commlens.tracer import shipping
 
 
 class Clock:

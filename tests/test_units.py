@@ -13,8 +13,6 @@ from oslo_config import cfg
 
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import prometheus
-from commlens.exporters import shipping
-from commlens.exporters import urls
 from commlens.tracer import _speedups
 from commlens.tracer import context
 from commlens.tracer import hops
@@ -22,6 +20,8 @@ from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import settings
+from commlens.tracer import shipping
+from commlens.tracer import urls
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from commlens.exporters import urls
+from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
 
