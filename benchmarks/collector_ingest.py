@@ -21,8 +21,8 @@ import time
 
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import history as history_mod
-from commlens.exporters import shipping
 from commlens.exporters import traces
+from commlens.tracer import wire
 
 HOPS_PER_MESSAGE = 200
 TARGET_HOPS_PER_SECOND = 50000
@@ -59,7 +59,7 @@ def messages(first, count, now):
     out = []
     for hops in (early, late):
         for i in range(0, len(hops), HOPS_PER_MESSAGE):
-            out.append(json.dumps({"format": shipping.HOPS_FORMAT,
+            out.append(json.dumps({"format": wire.HOPS_FORMAT,
                                    "process": {"id": "bench", "service": "bench"},
                                    "hops": hops[i:i + HOPS_PER_MESSAGE]}).encode())
     return out

@@ -86,8 +86,8 @@ def run_demo(args):
     from commlens.exporters import collector as collector_mod
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
-    from commlens.exporters import urls
     from commlens.tracer import recorder as recorder_mod
+    from commlens.tracer import urls
 
     if args.transport.split("://")[0] not in ("fake", "rabbit"):
         print(f"commlens demo: --transport {urls.redact(args.transport)!r}: expected "
@@ -103,7 +103,7 @@ def run_demo(args):
     # The emulated services' own error logs would flood the terminal during a
     # fault: what went wrong is what commlens shows.
     logging.getLogger("oslo_messaging").setLevel(logging.CRITICAL)
-    logging.getLogger("commlens.exporters.shipping").setLevel(logging.WARNING)
+    logging.getLogger("commlens.tracer.shipping").setLevel(logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from oslo_config import cfg
@@ -200,7 +200,7 @@ class _ProcessPlane:
         import oslo_messaging as om
         from oslo_config import cfg
 
-        from commlens.exporters import urls
+        from commlens.tracer import urls
 
         self._args = args
         run = uuid.uuid4().hex[:8]
@@ -254,7 +254,7 @@ class _ProcessPlane:
         """Close this demo's connections, as a broker restart would, and no
         one else's; the number closed, or FaultError with the reason."""
         from commlens.exporters import broker
-        from commlens.exporters import urls
+        from commlens.tracer import urls
 
         try:
             listing, auth = broker._api(self._management_url,

@@ -47,7 +47,7 @@ def add_command(commands, listen_type, default_listen):
 
 def run_emulate(args):
     from commlens.exporters import broker
-    from commlens.exporters import urls
+    from commlens.tracer import urls
 
     if not args.transport.startswith("rabbit://") or args.agents < 1 or args.processes < 1:
         print("commlens emulate: needs --transport rabbit://..., --agents >= 1 and "

@@ -9,7 +9,7 @@ updates in place.
 import os
 import sys
 
-from commlens.exporters import urls
+from commlens.tracer import urls
 
 FOLDER_UID = "commlens"
 

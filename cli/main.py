@@ -1,6 +1,7 @@
 """The ``commlens`` command."""
 
 import argparse
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -21,6 +22,11 @@ DEFAULT_EXPORT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_HISTORY = os.path.join(
     os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"),
     "commlens", "history.sqlite")
+# What `pip install 'commlens[collector]'` adds (pyproject's collector extra),
+# by import name. Every command is the collector's or talks to it; inside a
+# service only the agent is installed, and there a command says what to
+# install instead of failing halfway with a traceback.
+COLLECTOR_PACKAGES = ("flask", "prometheus_client", "rich", "grafana_client")
 
 
 def _listen_address(value):
@@ -114,17 +120,16 @@ def _replica_name(value):
 def run_collector(args):
     from werkzeug import serving
 
+    from commlens.dashboards import health
+    from commlens.dashboards import web
     from commlens.exporters import broker
     from commlens.exporters import collector as collector_mod
     from commlens.exporters import history as history_mod
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
-    from commlens.exporters import shipping
     from commlens.exporters import traces
-    from commlens.exporters import urls
-
-    from commlens.dashboards import health
-    from commlens.dashboards import web
+    from commlens.tracer import shipping
+    from commlens.tracer import urls
 
     export_url = args.export_url or DEFAULT_EXPORT_URL
     try:
@@ -197,8 +202,23 @@ def _serve_until_signalled(server):
     thread.join(5)
 
 
+def _collector_extra_missing():
+    """True when a package of the collector extra cannot be imported."""
+    for name in COLLECTOR_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return True
+        except (ImportError, ValueError):
+            return True
+    return False
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if _collector_extra_missing():
+        print(f"commlens {args.command} needs the collector extra: "
+              "pip install 'commlens[collector]'", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)

@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 import urllib.request
 
-from commlens.exporters import urls
+from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ hops without a span id are ignored.
 
 import hashlib
 
-from commlens.tracer import hops as hops_mod
+from commlens.tracer import wire
 
 MAX_CHAIN_LENGTH = 64
 OTHER = "other"
@@ -71,15 +71,15 @@ def _climb(origin_hop, by_span, children):
         hop = parent
 
     entry = path[-1]
-    if (absorbed_by is None and len(path) == 1 and entry["protocol"] == hops_mod.HTTP
-            and entry["side"] == hops_mod.SERVER and str(entry["error"])[:1] == "4"):
+    if (absorbed_by is None and len(path) == 1 and entry["protocol"] == wire.HTTP
+            and entry["side"] == wire.SERVER and str(entry["error"])[:1] == "4"):
         return None
 
     origin = _step(origin_hop)
-    if origin_hop["side"] == hops_mod.CLIENT:
+    if origin_hop["side"] == wire.CLIENT:
         # Nobody answered (or nobody we see did): the callee is the origin.
         answered = [c for c in children.get(origin_hop["span_id"], ())
-                    if c["side"] == hops_mod.SERVER]
+                    if c["side"] == wire.SERVER]
         origin["service"] = answered[0]["service"] if answered else origin_hop.get("target")
         origin["unanswered"] = True
     steps = [_step(h) for h in path]

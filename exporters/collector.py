@@ -21,20 +21,17 @@ counted, never raised.
 import collections
 import json
 import logging
-import re
 import threading
 import time
 
-from commlens.exporters import aggregate
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
-from commlens.exporters import shipping
 from commlens.exporters import traces
-from commlens.tracer import hops as hops_mod
+from commlens.tracer import aggregate
 from commlens.tracer import metrics
-from commlens.tracer import recorder
 from commlens.tracer import settings
+from commlens.tracer import wire
 
 LOG = logging.getLogger(__name__)
 
@@ -178,9 +175,9 @@ class Collector:
             return MALFORMED
         if not isinstance(data, dict):
             return FOREIGN
-        if data.get("format") == shipping.HOPS_FORMAT:
+        if data.get("format") == wire.HOPS_FORMAT:
             return self._ingest_hops(data.get("hops"))
-        if data.get("format") != recorder.SNAPSHOT_FORMAT:
+        if data.get("format") != wire.SNAPSHOT_FORMAT:
             return FOREIGN
         process = data.get("process")
         if not isinstance(process, dict) or not _short_str(process.get("id"), 64):
@@ -555,21 +552,12 @@ def _short_str(value, limit):
     return isinstance(value, str) and 0 < len(value) <= limit
 
 
-_HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol", "peer",
-               "target", "operation", "kind", "outcome", "error", "start", "duration",
-               "request_id", "global_request_id")
-
-
-_HEX32 = re.compile(r"[0-9a-f]{32}\Z")
-_HEX16 = re.compile(r"[0-9a-f]{16}\Z")
-_SIDES = frozenset((hops_mod.CLIENT, hops_mod.SERVER))
-_PROTOCOLS = frozenset((hops_mod.RPC, hops_mod.HTTP))
 _MAX_DURATION = 86400.0
 _MAX_CLOCK_SKEW = 86400.0
 
 
-_HOP_FIELD_SET = frozenset(_HOP_FIELDS)
-_STRING_FIELDS = tuple(f for f in _HOP_FIELDS if f not in ("start", "duration"))
+_HOP_FIELD_SET = frozenset(wire.HOP_FIELDS)
+_STRING_FIELDS = tuple(f for f in wire.HOP_FIELDS if f not in ("start", "duration"))
 
 
 def _clean_hop(hop):
@@ -583,17 +571,18 @@ def _clean_hop(hop):
     if type(hop) is not dict:
         return None
     # What agents send has exactly these keys: then the decoded dict is kept.
-    clean = hop if hop.keys() == _HOP_FIELD_SET else {f: hop.get(f) for f in _HOP_FIELDS}
+    clean = hop if hop.keys() == _HOP_FIELD_SET else {f: hop.get(f) for f in wire.HOP_FIELDS}
     for field in _STRING_FIELDS:
         value = clean[field]
         if value is not None and (type(value) is not str or len(value) > MAX_LABEL_LENGTH):
             return None
-    if (clean["side"] not in _SIDES or clean["protocol"] not in _PROTOCOLS
+    if (clean["side"] not in wire.SIDES or clean["protocol"] not in wire.PROTOCOLS
             or not clean["service"] or clean["trace_id"] is None or clean["span_id"] is None
-            or not _HEX32.match(clean["trace_id"]) or not _HEX16.match(clean["span_id"])):
+            or not wire.match_trace_id(clean["trace_id"])
+            or not wire.match_span_id(clean["span_id"])):
         return None
     parent = clean["parent_id"]
-    if parent is not None and not _HEX16.match(parent):
+    if parent is not None and not wire.match_span_id(parent):
         clean["parent_id"] = None
     start, duration = clean["start"], clean["duration"]
     # Compared before any arithmetic: an int beyond a float's range would raise.

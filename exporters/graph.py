@@ -27,7 +27,7 @@ import collections
 import threading
 import time
 
-from commlens.exporters import aggregate
+from commlens.tracer import aggregate
 from commlens.tracer import metrics
 
 RPC, HTTP = "rpc", "http"

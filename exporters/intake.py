@@ -6,8 +6,9 @@ import logging
 import threading
 
 from commlens.exporters import durations
-from commlens.exporters import shipping
-from commlens.exporters import urls
+from commlens.tracer import shipping
+from commlens.tracer import urls
+from commlens.tracer import wire
 
 LOG = logging.getLogger(__name__)
 
@@ -96,14 +97,14 @@ class AmqpIntake:
 
         self._pika = pika
         url, ours = urls.split_query(export_url, urls.OUR_QUERY)
-        self.exchange = ours.get("exchange") or urls.DEFAULT_EXCHANGE
+        self.exchange = ours.get("exchange") or wire.DEFAULT_EXCHANGE
         base = ours.get("queue") or DEFAULT_QUEUE
         self.dead_letters = base + DEAD_LETTER_SUFFIX
         self.queue = base
         # Replicas: the agents' exchange feeds a consistent-hash exchange
         # (RabbitMQ plugin rabbitmq_consistent_hash_exchange) hashing the
         # routing key, which is the process id for snapshots and the trace
-        # id's first byte for hops (shipping.*_routing_key). Each replica
+        # id's first byte for hops (wire.*_routing_key). Each replica
         # binds its own queue with equal weight: a process's totals and a
         # trace's hops always reach the same replica.
         self.replica = replica
@@ -201,7 +202,7 @@ class AmqpIntake:
     def _declare(self, connection):
         """A channel on which the exchanges, the queue and its dead-letter queue exist."""
         channel = connection.channel()
-        shipping.declare_exchange(channel, self.exchange)
+        wire.declare_exchange(channel, self.exchange)
         channel.exchange_declare(exchange=self.dead_letters, exchange_type="fanout",
                                  durable=True, auto_delete=False)
         channel.queue_declare(queue=self.dead_letters, durable=False, auto_delete=False,
@@ -300,7 +301,7 @@ def _carried(body):
         return [("unreadable", 1)]
     hops = data.get("hops")
     hops = len(hops) if isinstance(hops, list) else 0
-    if data.get("format") == shipping.HOPS_FORMAT:
+    if data.get("format") == wire.HOPS_FORMAT:
         return [("hops", hops)]
     # Agents before hops travelled on their own put them in the snapshot.
     return [("snapshots", 1), ("hops", hops)] if hops else [("snapshots", 1)]

@@ -17,13 +17,13 @@ import threading
 import time
 import urllib.parse
 
-from commlens.exporters import shipping
 from commlens.tracer import context
 from commlens.tracer import hops
 from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import settings as settings_mod
+from commlens.tracer import shipping
 
 LOG = logging.getLogger(__name__)
 

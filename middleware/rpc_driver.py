@@ -23,8 +23,6 @@ from oslo_messaging import exceptions as om_exceptions
 from oslo_messaging import transport as om_transport
 from stevedore import driver as stevedore_driver
 
-from commlens.exporters import shipping
-from commlens.exporters import urls
 from commlens.middleware import _rpc_receive
 from commlens.middleware import _rpc_send
 from commlens.middleware import http_client
@@ -34,6 +32,8 @@ from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import settings as settings_mod
+from commlens.tracer import shipping
+from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
 

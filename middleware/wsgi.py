@@ -25,7 +25,6 @@ are (and count as 500), its status, headers and body pass through untouched.
 import json
 import logging
 
-from commlens.exporters import shipping
 from commlens.middleware import _wsgi_request
 from commlens.middleware import http_client
 from commlens.tracer import context
@@ -35,6 +34,7 @@ from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import routes
 from commlens.tracer import settings as settings_mod
+from commlens.tracer import shipping
 
 LOG = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from commlens.exporters import collector as collector_mod
 from commlens.exporters import prometheus
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import wire
 
 RECEIVED = metrics.RPC_RECEIVED
 RECEIVED_LABELS = ("conductor", "api", "conductor", "build_instances", "call")
@@ -46,7 +47,7 @@ def _waiting(collector):
 
 def _snapshot(process_id, seq, counters=(), histograms=(), gauges=(), final=False,
               interval=1.0, service="svc", hops=None):
-    body = {"format": recorder_mod.SNAPSHOT_FORMAT, "seq": seq, "interval": interval,
+    body = {"format": wire.SNAPSHOT_FORMAT, "seq": seq, "interval": interval,
             "final": final, "process": {"id": process_id, "service": service, "pid": 1},
             "counters": [list(c) for c in counters], "histograms": [list(h) for h in histograms],
             "gauges": [list(g) for g in gauges]}

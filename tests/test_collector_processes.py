@@ -10,10 +10,10 @@ import uuid
 
 import pytest
 
-from commlens.exporters import shipping
 from commlens.tracer import context
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import shipping
 from support import collector_ready, run_collector, wait_for
 
 pytestmark = pytest.mark.slow

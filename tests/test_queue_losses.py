@@ -14,10 +14,11 @@ import pytest
 
 from commlens.cli import main as cli_main
 from commlens.exporters import intake
-from commlens.exporters import shipping
 from commlens.tracer import context
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import shipping
+from commlens.tracer import wire
 from support import collector_ready, run_collector, wait_for
 
 pytestmark = pytest.mark.slow
@@ -110,7 +111,7 @@ def test_an_old_queue_is_read_to_its_end_and_declared_again_with_dead_letters(
         names, tmp_path):
     export_url, exchange, queue = names
     with _channel() as channel:
-        shipping.declare_exchange(channel, exchange)
+        wire.declare_exchange(channel, exchange)
         channel.queue_declare(queue=queue, durable=False, auto_delete=False,
                               arguments=OLD_QUEUE_ARGUMENTS)
         channel.queue_bind(queue=queue, exchange=exchange, routing_key="#")
@@ -165,11 +166,11 @@ def test_a_dead_letter_is_counted_by_its_reason_and_what_it_carried():
             {"reason": reason, "queue": "commlens.collector", "count": 1}]})
         counted._on_dead_letter(Channel(), Method(), properties, body)
 
-    dead_letter("maxlen", shipping._encode({"format": shipping.HOPS_FORMAT,
+    dead_letter("maxlen", shipping._encode({"format": wire.HOPS_FORMAT,
                                             "hops": [{}] * 7}))
-    dead_letter("maxlen", shipping._encode({"format": recorder_mod.SNAPSHOT_FORMAT, "hops": []}))
+    dead_letter("maxlen", shipping._encode({"format": wire.SNAPSHOT_FORMAT, "hops": []}))
     dead_letter("expired", b"not json")
-    dead_letter("something-new", shipping._encode({"format": shipping.HOPS_FORMAT,
+    dead_letter("something-new", shipping._encode({"format": wire.HOPS_FORMAT,
                                                    "hops": [{}]}))
     lost = counted.lost_counts()
     assert lost[("hops", "maxlen")] == 7 and lost[("snapshots", "maxlen")] == 1

@@ -6,9 +6,9 @@ import time
 from commlens.exporters import chains
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import history as history_mod
-from commlens.exporters import shipping
 from commlens.exporters import traces
 from commlens.tracer import context
+from commlens.tracer import wire
 
 
 class Clock:
@@ -30,7 +30,7 @@ def hop(trace_id, span_id, parent_id=None, service="svc", side="server", protoco
 
 
 def hops_message(*hops):
-    return json.dumps({"format": shipping.HOPS_FORMAT, "process": {"id": "p", "service": "s"},
+    return json.dumps({"format": wire.HOPS_FORMAT, "process": {"id": "p", "service": "s"},
                        "hops": list(hops)})
 
 
@@ -140,7 +140,7 @@ def test_bad_hops_are_assembled_where_possible_and_counted_where_not():
     ]
     body = hops_message(cycle_a, cycle_b, orphan, duplicate, self_parent, absurd, *garbage)
     assert collector.ingest(body) == "accepted"
-    assert collector.ingest(json.dumps({"format": shipping.HOPS_FORMAT,
+    assert collector.ingest(json.dumps({"format": wire.HOPS_FORMAT,
                                         "hops": "not a list"})) == "malformed"
     # NaN is not JSON: the message is refused whole (and counted), so no
     # non-finite number ever reaches the API's JSON.

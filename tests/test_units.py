@@ -13,8 +13,6 @@ from oslo_config import cfg
 
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import prometheus
-from commlens.exporters import shipping
-from commlens.exporters import urls
 from commlens.tracer import _speedups
 from commlens.tracer import context
 from commlens.tracer import hops
@@ -22,6 +20,9 @@ from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import settings
+from commlens.tracer import shipping
+from commlens.tracer import urls
+from commlens.tracer import wire
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -380,7 +381,7 @@ class Clock:
 
 def _snapshot(process_id, seq, sent, waiting, final=False, interval=1.0):
     return json.dumps({
-        "format": recorder_mod.SNAPSHOT_FORMAT, "seq": seq, "interval": interval,
+        "format": wire.SNAPSHOT_FORMAT, "seq": seq, "interval": interval,
         "final": final, "process": {"id": process_id, "service": "svc", "pid": 1},
         "counters": [["commlens_rpc_sent_total", ["svc", "t", "m", "call"], sent]],
         "histograms": [["commlens_rpc_reply_wait_seconds", ["svc", "t", "m", "ok"],
@@ -420,9 +421,9 @@ def test_final_snapshot_retires_at_once_and_stale_ones_are_ignored():
 @pytest.mark.parametrize("body, outcome", [
     (b"\xff", "malformed"), (b"{", "malformed"), (b"[]", "foreign"),
     (b'{"format": "x"}', "foreign"),
-    (json.dumps({"format": recorder_mod.SNAPSHOT_FORMAT, "process": {"id": ""},
+    (json.dumps({"format": wire.SNAPSHOT_FORMAT, "process": {"id": ""},
                  "seq": 1, "interval": 1}).encode(), "malformed"),
-    (json.dumps({"format": recorder_mod.SNAPSHOT_FORMAT, "process": {"id": "p"},
+    (json.dumps({"format": wire.SNAPSHOT_FORMAT, "process": {"id": "p"},
                  "seq": "1", "interval": 1}).encode(), "malformed"),
 ])
 def test_collector_classifies_bad_messages(body, outcome):

@@ -14,6 +14,7 @@ import contextvars
 import re
 
 from commlens.tracer import _speedups
+from commlens.tracer import wire
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -26,12 +27,10 @@ BAGGAGE_SERVICE = "commlens.service"
 _MAX_HEADER = 8192  # W3C recommends at least 8192 bytes for baggage; we stop there
 _ZERO_TRACE_ID = "0" * 32  # all-zero ids are invalid in W3C
 _ZERO_SPAN_ID = "0" * 16
-# version-trace_id-parent_id-flags, at fixed positions (parse_traceparent slices them)
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-# Version 00 whole, ids not all zero; the group after the ids is the flags'
-# last digit, which holds the sampled bit.
-_TRACEPARENT_00 = re.compile(
-    r"00-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-[0-9a-f]([0-9a-f])")
+# version-trace_id-parent_id-flags; the last group is the flags' last digit,
+# which holds the sampled bit. The ids are the wire format's (tracer/wire.py).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-(%s)-(%s)-[0-9a-f]([0-9a-f])"
+                          % (wire.TRACE_ID, wire.SPAN_ID))
 # Our member, in the order with_baggage_sender writes it.
 _SENDER = re.compile(r"(?:^|[,\s])commlens\.service=([A-Za-z0-9][A-Za-z0-9_.\-]{0,63})"
                      r";kind=([a-z]{1,16});span=([0-9a-f]{16})\s*(?:,|$)")
@@ -90,26 +89,29 @@ new_span_id = _speedups.new_span_id
 
 
 def parse_traceparent(value):
-    """(trace_id, span_id, sampled) from a traceparent, or None if not valid."""
+    """(trace_id, span_id, sampled) from a traceparent, or None if not valid.
+
+    The one parser of a traceparent: the RPC and WSGI hooks call it through
+    child_of_incoming, the stamping of an outgoing hop through
+    _injected_for_this_send. The compiled RPC receive path
+    (middleware/_rpc_receive.c) reads the common case itself, a version-00
+    value of 55 characters, and hands everything else to this function,
+    which is its reference.
+    """
     if not isinstance(value, str) or len(value) > 512:
         return None
-    if len(value) == 55:
-        # What every sender writes today: version 00, one match.
-        match = _TRACEPARENT_00.fullmatch(value)
-        if match is not None:
-            trace_id, span_id, flags = match.groups()
-            return trace_id, span_id, flags in "13579bdf"
-    if _TRACEPARENT.match(value) is None:
+    match = _TRACEPARENT.match(value)
+    if match is None:
         return None
-    version = value[:2]
+    version, trace_id, span_id, flag_digit = match.groups()
+    # Version 00 is exactly 55 characters; a later version may append fields;
+    # ff is forbidden.
     if version == "ff" or (version == "00" and len(value) != 55):
         return None
-    trace_id = value[3:35]
-    span_id = value[36:52]
     if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
         return None
     # The sampled flag is the lowest bit of the flags byte, so of its last digit.
-    return trace_id, span_id, value[54] in "13579bdf"
+    return trace_id, span_id, flag_digit in "13579bdf"
 
 
 def parse_baggage_sender(value, parent_span_id):

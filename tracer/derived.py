@@ -10,7 +10,7 @@ adds them at snapshot time, in the shipper's thread, once per series rather
 than once per request. The internal series are not shipped.
 """
 
-from commlens.exporters import aggregate
+from commlens.tracer import aggregate
 from commlens.tracer import metrics
 
 _HTTP_SERVER_HOPS = metrics.HTTP_SERVER_HOPS.name

@@ -8,10 +8,9 @@ drops the same traces and sampled traces arrive whole.
 import math
 import time
 
-CLIENT = "client"
-SERVER = "server"
-RPC = "rpc"
-HTTP = "http"
+# The hooks name a hop's side and protocol through this module; the values
+# are the wire format's.
+from commlens.tracer.wire import CLIENT, HTTP, RPC, SERVER  # noqa: F401
 
 
 def sample_bound(ratio):
@@ -30,7 +29,8 @@ def sample_bound(ratio):
 def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
              outcome, error, start, duration, request_id=None,
              global_request_id=None):
-    """A JSON-ready hop record. ``start`` is a wall-clock timestamp."""
+    """A JSON-ready hop record (its keys are wire.HOP_FIELDS). ``start`` is
+    a wall-clock timestamp."""
     ctx.ensure_ids()
     return {
         "trace_id": ctx.trace_id,

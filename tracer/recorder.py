@@ -39,10 +39,10 @@ from commlens.tracer import _speedups
 from commlens.tracer import derived
 from commlens.tracer import hops
 from commlens.tracer import metrics
+from commlens.tracer import wire
 
 LOG = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT = "commlens.snapshot/1"
 MAX_SERIES_PER_METRIC = 5000
 MAX_PENDING_HOPS = 10000
 OVERFLOW = "other"
@@ -200,7 +200,7 @@ class Recorder:
                   for labels, value in waiting]
         gauges.append([metrics.AGENT_QUEUE_DEPTH.name, [self.service], pending])
         return {
-            "format": SNAPSHOT_FORMAT,
+            "format": wire.SNAPSHOT_FORMAT,
             "process": {
                 "id": self.process_id,
                 "service": self.service,

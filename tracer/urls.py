@@ -3,7 +3,6 @@
 import re
 import urllib.parse
 
-DEFAULT_EXCHANGE = "commlens"
 # Query parameters of an export URL that are commlens's, not pika's:
 # ?exchange=NAME (agents and collector) and ?queue=NAME (collector only).
 OUR_QUERY = frozenset(("exchange", "queue"))

@@ -16,14 +16,14 @@ import logging
 import threading
 import time
 
-from commlens.exporters import urls
+from commlens.tracer import urls
+from commlens.tracer import wire
 
 LOG = logging.getLogger(__name__)
 
+# Hops travel apart from the metrics snapshot, grouped by trace
+# (wire.hop_routing_key), at most this many per snapshot interval.
 MAX_HOPS_PER_SNAPSHOT = 2000
-# Hops travel apart from the metrics snapshot, grouped by trace (see
-# hop_routing_key); the collector accepts both formats.
-HOPS_FORMAT = "commlens.hops/1"
 BACKOFF_MAX = 30.0
 # A process's exit (and an RPC server's stop) waits this long at most for its
 # last snapshot to leave.
@@ -126,7 +126,7 @@ class AmqpTransport:
 
         self._pika = pika
         url, ours = urls.split_query(export_url, urls.OUR_QUERY)
-        self.exchange = ours.get("exchange") or urls.DEFAULT_EXCHANGE
+        self.exchange = ours.get("exchange") or wire.DEFAULT_EXCHANGE
         self.description = urls.redact(url)
         try:
             self._params = pika.URLParameters(url)
@@ -150,7 +150,7 @@ class AmqpTransport:
             connection.add_on_connection_unblocked_callback(self._on_unblocked)
             channel = connection.channel()
             channel.confirm_delivery()
-            declare_exchange(channel, self.exchange)
+            wire.declare_exchange(channel, self.exchange)
         except Exception:
             _close_quietly(connection)
             raise
@@ -198,12 +198,6 @@ def _close_quietly(connection):
             connection.close()
     except Exception:
         pass
-
-
-def declare_exchange(channel, name):
-    """The exchange shared by every agent and collector; same arguments everywhere."""
-    channel.exchange_declare(exchange=name, exchange_type="topic",
-                             durable=True, auto_delete=False)
 
 
 class Shipper:
@@ -308,7 +302,7 @@ class Shipper:
         process = snapshot["process"]
         hops, snapshot["hops"] = snapshot["hops"], []
         try:
-            self._transport.send(_encode(snapshot), snapshot_routing_key(process))
+            self._transport.send(_encode(snapshot), wire.snapshot_routing_key(process))
         except Exception as exc:
             self._failed(hops, exc)
             return False
@@ -317,8 +311,8 @@ class Shipper:
             key, batch = batches[-1]
             try:
                 self._transport.send(_encode({
-                    "format": HOPS_FORMAT,
-                    "process": {"id": process["id"], "service": process["service"]},
+                    "format": wire.HOPS_FORMAT,
+                    "process": {field: process[field] for field in wire.HOPS_PROCESS_FIELDS},
                     "hops": batch}), key)
             except Exception as exc:
                 self._failed([hop for _, b in batches for hop in b], exc)
@@ -357,24 +351,11 @@ def _encode(message):
     return json.dumps(message, separators=(",", ":"), default=str).encode()
 
 
-def snapshot_routing_key(process):
-    """A process's snapshots always share a key: with collector replicas behind
-    a consistent-hash exchange, one replica owns a process's cumulative totals,
-    so the replicas' sums never count it twice."""
-    return "snapshot.%s.%s" % (process["service"], process["id"])
-
-
-def hop_routing_key(trace_id):
-    """Hops of one trace always share a key, so one replica assembles the whole
-    trace; the first two hex digits give 256 keys to spread."""
-    return "hops." + trace_id[:2]
-
-
 def _hop_batches(hops):
     """[(routing key, hops)] grouping the hops by their trace's routing key."""
     batches = {}
     for hop in hops:
-        batches.setdefault(hop_routing_key(hop["trace_id"]), []).append(hop)
+        batches.setdefault(wire.hop_routing_key(hop["trace_id"]), []).append(hop)
     return list(batches.items())
 
 

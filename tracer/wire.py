@@ -1,0 +1,74 @@
+"""The wire format between agents and the collector: its one home.
+
+Agents (tracer/recorder.py builds snapshots, tracer/hops.py builds hops,
+tracer/shipping.py sends them) and the collector (exporters/collector.py,
+chains.py, intake.py) both import what they must agree on from here, and
+nothing else: this module imports no other part of commlens.
+
+Two kinds of message travel, JSON, on one topic exchange:
+
+- a snapshot (``SNAPSHOT_FORMAT``): one process's cumulative counters,
+  histograms and gauges, with ``SNAPSHOT_FIELDS`` and a ``process`` object
+  of ``PROCESS_FIELDS``; routed by ``snapshot_routing_key``;
+- hops (``HOPS_FORMAT``): hop records of one trace's routing key, each with
+  exactly ``HOP_FIELDS``; routed by ``hop_routing_key``.
+
+A change a collector of the previous version could not read takes a new
+format version; the collector refuses (and counts) a format it does not know.
+"""
+
+import re
+
+SNAPSHOT_FORMAT = "commlens.snapshot/1"
+HOPS_FORMAT = "commlens.hops/1"
+
+SNAPSHOT_FIELDS = ("format", "process", "seq", "sent_at", "interval", "final",
+                   "counters", "histograms", "gauges", "hops")
+PROCESS_FIELDS = ("id", "service", "host", "pid", "started_at")
+# What a hops message says of its process (the snapshot says the rest).
+HOPS_PROCESS_FIELDS = ("id", "service")
+
+HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol", "peer",
+              "target", "operation", "kind", "outcome", "error", "start", "duration",
+              "request_id", "global_request_id")
+# A hop's side and protocol.
+CLIENT = "client"
+SERVER = "server"
+RPC = "rpc"
+HTTP = "http"
+SIDES = frozenset((CLIENT, SERVER))
+PROTOCOLS = frozenset((RPC, HTTP))
+
+# W3C trace context ids, lowercase hex of fixed width: a hop's trace_id,
+# span_id and parent_id, and the ids inside a traceparent
+# (tracer/context.parse_traceparent is built on the same two patterns).
+TRACE_ID = "[0-9a-f]{32}"
+SPAN_ID = "[0-9a-f]{16}"
+# Compiled matchers, not functions around them: the collector checks every
+# hop it receives with them.
+match_trace_id = re.compile(TRACE_ID + r"\Z").match
+match_span_id = re.compile(SPAN_ID + r"\Z").match
+
+# The exchange every agent publishes to and every collector binds: one name
+# by default (``?exchange=`` in the export URL changes it) and the same
+# declaration on both sides, or RabbitMQ refuses the second one.
+DEFAULT_EXCHANGE = "commlens"
+
+
+def declare_exchange(channel, name):
+    """Declare the exchange on a pika channel, as agents and collectors all do."""
+    channel.exchange_declare(exchange=name, exchange_type="topic",
+                             durable=True, auto_delete=False)
+
+
+def snapshot_routing_key(process):
+    """A process's snapshots always share a key: with collector replicas behind
+    a consistent-hash exchange, one replica owns a process's cumulative totals,
+    so the replicas' sums never count it twice."""
+    return "snapshot.%s.%s" % (process["service"], process["id"])
+
+
+def hop_routing_key(trace_id):
+    """Hops of one trace always share a key, so one replica assembles the whole
+    trace; the first two hex digits give 256 keys to spread."""
+    return "hops." + trace_id[:2]
