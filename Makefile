@@ -2,15 +2,24 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast run bench
+.PHONY: setup test test-fast test-releases run bench
 
 setup:
 	@scripts/setup
 
-## Everything: install what is missing, start RabbitMQ if needed, run all tests.
+## Everything: install what is missing, start RabbitMQ if needed, run all tests,
+## then the RPC and REST suites under each older OpenStack release's pins (after
+## the whole suite: a broken build fails fast, before any release venv is built).
 test: setup
 	@scripts/ensure-rabbitmq
 	$(PY) -m pytest
+	@scripts/test-releases
+
+## The RPC and REST suites against each release in constraints/ (2025.2, 2026.1),
+## each in its own .venv-<release>.
+test-releases: setup
+	@scripts/ensure-rabbitmq
+	@scripts/test-releases
 
 ## The fast tests only (no multi-process end-to-end runs).
 test-fast: setup
