@@ -274,8 +274,9 @@ class Shipper:
         with self._ship_lock:
             try:
                 getattr(self._transport, "open", lambda: None)()
-            except Exception:
-                self._transport.close()  # the first ship says why, and counts it
+            except Exception as exc:
+                self._transport.close()
+                self._failed([], exc)  # counted and said like any failed ship
         while not self._stopped.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
