@@ -8,6 +8,7 @@ installed RabbitMQ (Debian's rabbitmq-server) and listens on loopback only.
 
 import os
 import pathlib
+import random
 import shutil
 import socket
 import subprocess
@@ -17,9 +18,20 @@ RABBITMQ_BIN = pathlib.Path("/usr/lib/rabbitmq/bin")
 
 
 def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range. While the node is
+    stopped, clients retrying against an ephemeral port can connect to
+    themselves (TCP simultaneous open) and hold it: the node then cannot
+    listen again."""
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _port_open(port):
