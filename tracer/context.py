@@ -13,8 +13,11 @@ format is small and strict (https://www.w3.org/TR/trace-context/).
 import contextvars
 import re
 
-from commlens.tracer import _speedups
+from commlens.tracer import implementation
 from commlens.tracer import wire
+
+# tracer/_speedups.c, or its Python twin tracer/_speedups_py.py
+_speedups = implementation.module("speedups")
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
