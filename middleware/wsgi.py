@@ -251,7 +251,9 @@ def _request_ids(request):
             labels.request_id(environ.get("openstack.global_request_id")))
 
 
-_wsgi_request.bind(
+# What the per-request path calls back, given to it once (and to the other
+# implementation's by tests/test_differential.py).
+_CALLBACKS = dict(
     trace_context=context.TraceContext, child_of_incoming=context.child_of_incoming,
     baggage_caller=_baggage_caller, user_agent_memo=_user_agent_memo,
     caller_from_user_agent=_caller_from_user_agent, status_codes=_STATUS_CODES,
@@ -259,3 +261,4 @@ _wsgi_request.bind(
     other_method=labels.OTHER_METHOD, current=context.current_var,
     hop_metric=metrics.HTTP_SERVER_HOPS.name, error_class=labels.error_class,
     record_hop=_record_hop, recording_failed=_recording_failed, wrap_iterable=_Body)
+_wsgi_request.bind(**_CALLBACKS)
