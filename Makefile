@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 setup:
 	@scripts/setup
 
-## Everything: install what is missing, start RabbitMQ if needed, run all tests.
+## Everything: install what is missing, start RabbitMQ if needed, run all tests
+## over the compiled paths, then the fast ones again over their Python twins
+## (tests/conftest.py: --implementation; the peers inherit it).
 test: setup
 	@scripts/ensure-rabbitmq
-	$(PY) -m pytest
+	$(PY) -m pytest --implementation=compiled
+	$(PY) -m pytest --implementation=python -m "not slow"
 
 ## The fast tests only (no multi-process end-to-end runs).
 test-fast: setup
