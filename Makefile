@@ -7,12 +7,15 @@ PY := $(VENV)/bin/python
 setup:
 	@scripts/setup
 
-## Everything: install what is missing, start RabbitMQ if needed, run all tests,
-## then the RPC and REST suites under each older OpenStack release's pins (after
-## the whole suite: a broken build fails fast, before any release venv is built).
+## Everything: install what is missing, start RabbitMQ if needed, run all tests
+## over the compiled paths, then the fast ones again over their Python twins
+## (tests/conftest.py: --implementation; the peers inherit it), then the RPC and
+## REST suites under each older OpenStack release's pins (last: a broken build
+## fails fast, before any release venv is built).
 test: setup
 	@scripts/ensure-rabbitmq
-	$(PY) -m pytest
+	$(PY) -m pytest --implementation=compiled
+	$(PY) -m pytest --implementation=python -m "not slow"
 	@scripts/test-releases
 
 ## The RPC and REST suites against each release in constraints/ (2025.2, 2026.1),

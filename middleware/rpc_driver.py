@@ -23,11 +23,10 @@ from oslo_messaging import exceptions as om_exceptions
 from oslo_messaging import transport as om_transport
 from stevedore import driver as stevedore_driver
 
-from commlens.middleware import _rpc_receive
-from commlens.middleware import _rpc_send
 from commlens.middleware import http_client
 from commlens.tracer import context
 from commlens.tracer import hops
+from commlens.tracer import implementation
 from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
@@ -36,6 +35,11 @@ from commlens.tracer import shipping
 from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
+
+# The per-message paths: middleware/_rpc_send.c and _rpc_receive.c, or their
+# Python twins middleware/_rpc_send_py.py and _rpc_receive_py.py.
+_rpc_send = implementation.module("rpc_send")
+_rpc_receive = implementation.module("rpc_receive")
 
 PLUGIN = "commlens"
 CALL, CAST, FANOUT = "call", "cast", "fanout"
@@ -82,9 +86,8 @@ class CommlensDriver(base.BaseDriver):
         # A name given in the URL is this transport's own; otherwise the
         # process's (README: several services in one process).
         self._service = explicit or self._recorder.service
-        # The per-send path, compiled (middleware/_rpc_send.c): what
-        # _begin_send and _end_send below would be in Python, calling back
-        # the methods after them for what is rare.
+        # The per-send path (middleware/_rpc_send_py.py, compiled as
+        # _rpc_send.c), calling back the methods below for what is rare.
         self._sends = _rpc_send.Sender(
             service=self._service, recorder=self._recorder,
             sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
@@ -149,7 +152,7 @@ class CommlensDriver(base.BaseDriver):
                                              retry=retry)
 
     # Around every send, on the service's thread, between its socket reads,
-    # self._sends (compiled) does only what must happen there: copy and
+    # self._sends does only what must happen there: copy and
     # stamp the context, count the send, open a call's waiting reply and,
     # at the end, close it, observe a call's wait and keep the hop if it is
     # sampled. Metrics that are sums of others are added at snapshot time
@@ -287,7 +290,8 @@ class _InstrumentedListener(base.Listener):
         self._driver = driver
         self._topic = topic
         self._notifications = notifications
-        # The per-message path of RPC listeners, compiled.
+        # The per-message path of RPC listeners (middleware/_rpc_receive_py.py,
+        # compiled as _rpc_receive.c).
         self._receiver = None if notifications else _rpc_receive.Receiver(
             service=driver._service, topic=topic, recorder=driver._recorder,
             received_metric=metrics.RPC_RECEIVED.name,
@@ -345,8 +349,8 @@ class _InstrumentedIncoming(_rpc_receive.Incoming, base.RpcIncomingMessage):
     The RPC server calls ``acknowledge()`` in the worker right before
     dispatching and ``reply()`` right after, for casts too; between the two,
     the hop is the current one, so calls the endpoint makes become its
-    children. Compiled (middleware/_rpc_receive.c): made by a Receiver, never
-    here; ``ctxt``, ``message``, ``msg_id`` and ``client_timeout`` are the
+    children. Its methods are _rpc_receive's Incoming: made by a Receiver,
+    never here; ``ctxt``, ``message``, ``msg_id`` and ``client_timeout`` are the
     inner message's, and what else the server reads of it is delegated.
     """
 

@@ -25,10 +25,10 @@ are (and count as 500), its status, headers and body pass through untouched.
 import json
 import logging
 
-from commlens.middleware import _wsgi_request
 from commlens.middleware import http_client
 from commlens.tracer import context
 from commlens.tracer import hops
+from commlens.tracer import implementation
 from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
@@ -37,6 +37,9 @@ from commlens.tracer import settings as settings_mod
 from commlens.tracer import shipping
 
 LOG = logging.getLogger(__name__)
+
+# middleware/_wsgi_request.c, or its Python twin middleware/_wsgi_request_py.py
+_wsgi_request = implementation.module("wsgi_request")
 
 # Products in User-Agent headers of OpenStack's clients, first match wins:
 # keystoneauth1 puts the calling client first ("python-novaclient
@@ -61,8 +64,9 @@ def filter_factory(global_conf, **local_conf):
 class CommlensMiddleware(_wsgi_request.Middleware):
     """The middleware. Its per-request path (``__call__``, the request that
     is the application's start_response, the list body's ``close()``) is
-    compiled: middleware/_wsgi_request.c. It does what the comments below
-    say and calls back into this module for anything rare.
+    middleware/_wsgi_request_py.py, compiled as middleware/_wsgi_request.c.
+    It does what the comments below say and calls back into this module
+    for anything rare.
 
     Why compiled: on a minimal app under a fast server the same path in
     Python cost about 8 % of the request, most of it in making and calling
@@ -91,7 +95,7 @@ class CommlensMiddleware(_wsgi_request.Middleware):
             http_client.instrument(settings.http_endpoints)
 
 
-# Per request, the compiled path:
+# Per request, middleware/_wsgi_request_py.py (or its compiled twin):
 # - the hop's context: a child of an incoming traceparent (a malformed one
 #   counts as dropped "bad_context"), else a new trace's first hop, its ids
 #   drawn only when needed; it is the current hop while the application runs;
@@ -247,7 +251,9 @@ def _request_ids(request):
             labels.request_id(environ.get("openstack.global_request_id")))
 
 
-_wsgi_request.bind(
+# What the per-request path calls back, given to it once (and to the other
+# implementation's by tests/test_differential.py).
+_CALLBACKS = dict(
     trace_context=context.TraceContext, child_of_incoming=context.child_of_incoming,
     baggage_caller=_baggage_caller, user_agent_memo=_user_agent_memo,
     caller_from_user_agent=_caller_from_user_agent, status_codes=_STATUS_CODES,
@@ -255,3 +261,4 @@ _wsgi_request.bind(
     other_method=labels.OTHER_METHOD, current=context.current_var,
     hop_metric=metrics.HTTP_SERVER_HOPS.name, error_class=labels.error_class,
     record_hop=_record_hop, recording_failed=_recording_failed, wrap_iterable=_Body)
+_wsgi_request.bind(**_CALLBACKS)

@@ -16,6 +16,48 @@ from support import (BROKER, EXPORT_URL, PEERS, Peer, broker_accepts, collector_
                      run_collector, wait_for)
 
 
+# -- which implementation the suite runs over ---------------------------------
+#
+# Every compiled path has a Python twin (tracer/implementation.py). A process
+# picks one at its first import of commlens, and the peers a test starts
+# inherit the environment that decides it; so the suite runs over one
+# implementation per run, chosen here before anything imports commlens:
+# `pytest --implementation=python` is the run over the Python twins (the
+# Makefile's test target runs the fast tests that way after the full run),
+# `--implementation=compiled` refuses to run if the C did not build.
+# tests/test_differential.py compares the two side by side in either run.
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--implementation", choices=("compiled", "python"), default=None,
+        help="run over the compiled paths (fail if they did not build) or over their "
+             "Python twins (COMMLENS_PUREPYTHON=1, for the peers too); default: "
+             "what commlens picks by itself")
+
+
+def pytest_configure(config):
+    wanted = config.getoption("--implementation")
+    if wanted is None:
+        return
+    if "commlens.tracer.implementation" in sys.modules:
+        raise pytest.UsageError("--implementation: commlens was imported before conftest")
+    if wanted == "python":
+        os.environ["COMMLENS_PUREPYTHON"] = "1"
+    else:
+        os.environ.pop("COMMLENS_PUREPYTHON", None)
+    from commlens.tracer import implementation
+    if implementation.IMPLEMENTATION != wanted:
+        raise pytest.UsageError(
+            f"--implementation={wanted}: this process runs {implementation.IMPLEMENTATION}"
+            f" ({implementation.REASON})")
+
+
+def pytest_report_header(config):
+    from commlens.tracer import implementation
+    return (f"commlens implementation: {implementation.IMPLEMENTATION} "
+            f"({implementation.REASON})")
+
+
 @pytest.fixture(scope="session")
 def rabbitmq():
     """The real broker; .ci/run starts it. Missing is a failure, never a skip."""

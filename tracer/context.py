@@ -13,8 +13,11 @@ format is small and strict (https://www.w3.org/TR/trace-context/).
 import contextvars
 import re
 
-from commlens.tracer import _speedups
+from commlens.tracer import implementation
 from commlens.tracer import wire
+
+# tracer/_speedups.c, or its Python twin tracer/_speedups_py.py
+_speedups = implementation.module("speedups")
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -41,8 +44,8 @@ class TraceContext(_speedups.TraceContext):
     """What one hop knows of its place in a trace.
 
     ``TraceContext(trace_id=None, span_id=None, parent_id=None,
-    sampled=True)``; its fields are compiled (tracer/_speedups.c), as it is
-    made for every hop. ``service`` is the service serving this hop:
+    sampled=True)``; its fields are tracer/_speedups_py.py's (compiled as
+    tracer/_speedups.c), as it is made for every hop. ``service`` is the service serving this hop:
     outbound REST calls made while it is current are that service's
     (several may share a process). ``child_failed`` is set when a call this
     hop made failed: if the hop still succeeds it absorbed an error (retry,

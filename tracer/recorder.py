@@ -35,11 +35,14 @@ import threading
 import time
 import uuid
 
-from commlens.tracer import _speedups
 from commlens.tracer import derived
 from commlens.tracer import hops
+from commlens.tracer import implementation
 from commlens.tracer import metrics
 from commlens.tracer import wire
+
+# tracer/_speedups.c, or its Python twin tracer/_speedups_py.py
+_speedups = implementation.module("speedups")
 
 LOG = logging.getLogger(__name__)
 

@@ -1,0 +1,138 @@
+"""The RPC client's per-send path in Python: the reference for middleware/_rpc_send.c.
+
+middleware/rpc_driver.py is the driver wrapper; this module is what runs
+around every call, cast and fanout a service sends (CommlensDriver.send),
+and rpc_driver.py says what it records and why. A Sender (one per driver)
+begins a Send for each message:
+
+    call = sender.begin(target, ctxt, message, wait_for_reply)  # None: unrecorded
+    ... the inner driver sends call.ctxt ...
+    call.end(None)   # or call.end(exception) if the send raised
+
+What is rare (a context that is not a dict, a send that failed, a hop to
+ship) is rpc_driver.py's own Python, given to the Sender when the driver
+is made. tracer/implementation.py picks this module or the compiled one.
+"""
+
+import time
+
+from commlens.tracer import implementation
+
+CALL, CAST, FANOUT = "call", "cast", "fanout"
+OK = "ok"  # metrics.OK
+
+_clock = time.perf_counter  # CLOCK_MONOTONIC, as the compiled path reads it
+_speedups = implementation.module("speedups")
+
+
+class Sender:
+    """Sender(*, service, recorder, ...): the per-send path of one
+    rpc_driver.CommlensDriver."""
+
+    def __init__(self, *, service, recorder, sent_metric, reply_wait_metric, method_label,
+                 context_copy, stamp, failed, add_hop, recording_failed):
+        self._service = service
+        self._recorder = recorder
+        self._inc = recorder.inc
+        self._observe = recorder.observe
+        self._keeps_hop = recorder.keeps_hop
+        self._sent_metric = sent_metric
+        self._reply_wait_metric = reply_wait_metric
+        self._method_label = method_label     # labels.method
+        self._context_copy = context_copy     # rpc_driver._context_copy
+        self._stamp = stamp                   # context.stamp_outgoing
+        self._failed = failed                 # (send, exception, duration): the error path
+        self._add_hop = add_hop               # (send, outcome, error, duration)
+        self._recording_failed = recording_failed  # (exception)
+        # The tokens of the calls waiting for a reply: released by the
+        # driver's cleanup if their reply never comes.
+        self._open_calls = set()
+
+    def begin(self, target, ctxt, message, wait_for_reply):
+        """A Send, or None when the context cannot carry ours (counted as
+        dropped "bad_context"): the send then goes on unrecorded. Raises
+        only on commlens's own errors, which the driver counts and sends
+        on without recording."""
+        # A copy of the context, which we add our keys to.
+        out = dict(ctxt) if type(ctxt) is dict else self._context_copy(ctxt)
+        if not isinstance(out, dict):
+            self._recorder.dropped("bad_context")
+            return None
+        call = Send(self, out)
+        try:
+            if wait_for_reply:
+                call.kind = CALL
+            else:
+                call.kind = FANOUT if target.fanout else CAST
+            call.method = self._method_label(message.get("method"))
+            call.ctx = self._stamp(out, self._service, call.kind)
+            if not isinstance(call.ctx, _speedups.TraceContext):
+                raise TypeError("stamp did not return a TraceContext")
+            call.topic = target.topic
+            self._inc(self._sent_metric, (self._service, call.topic, call.method, call.kind))
+            if call.kind == CALL:
+                call.token = self._recorder.call_started(
+                    (self._service, call.topic, call.method))
+                self._open_calls.add(call.token)
+        except BaseException:
+            # A call already counted as waiting is finished, so the gauge
+            # does not stay up for a send that goes out unrecorded.
+            if call.token is not None:
+                try:
+                    self._recorder.call_finished(call.token)
+                except Exception:
+                    pass
+                self._open_calls.discard(call.token)
+            call.done = True
+            raise
+        call.start = _clock()
+        return call
+
+    def take_open_calls(self):
+        """The tokens of the calls still waiting for a reply, forgotten here."""
+        taken, self._open_calls = self._open_calls, set()
+        return taken
+
+
+class Send:
+    """One message on its way: made by Sender.begin, ended by end()."""
+
+    __slots__ = ("sender", "ctxt", "ctx", "kind", "topic", "method", "token", "start", "done")
+
+    def __init__(self, sender, ctxt):
+        self.sender = sender
+        self.ctxt = ctxt       # the message context sent: a copy, stamped
+        self.ctx = None        # the hop's TraceContext
+        self.kind = None       # call, cast or fanout
+        self.topic = None
+        self.method = None
+        self.token = None      # a call's waiting-reply token
+        self.start = 0.0
+        self.done = False
+
+    def end(self, exc):
+        """end(exception or None): the reply came (or the cast went out), or
+        the send raised ``exception``. Records once; never raises."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._record_end(exc)
+        except Exception as error:
+            self.sender._recording_failed(error)
+
+    def _record_end(self, exc):
+        sender = self.sender
+        duration = _clock() - self.start
+        if self.token is not None:
+            sender._recorder.call_finished(self.token)
+            sender._open_calls.discard(self.token)
+        if exc is not None:
+            sender._failed(self, exc, duration)
+            return
+        if self.kind == CALL:
+            # The service graph's client side is its sum (tracer/derived.py).
+            sender._observe(sender._reply_wait_metric,
+                            (sender._service, self.topic, self.method, OK), duration)
+        if sender._keeps_hop(self.ctx.trace_id, duration, False):
+            sender._add_hop(self, OK, None, duration)
