@@ -71,8 +71,10 @@ KINDS = ("call", "cast")
 WARM_UP = 50  # calls and casts before the first window
 # Heartbeats run by the clock, and a process under callgrind runs ~50x
 # slower than its peer: counted, they would weigh on the longer window.
-CONFIG = ("[DEFAULT]\nexecutor_thread_pool_size = 1\n"
-          "[oslo_messaging_rabbit]\nheartbeat_timeout_threshold = 0\n")
+# An exchange of the run's own, so its queues can leave with it (auto-delete
+# would conflict with the shared broker's "openstack" exchange).
+CONFIG = (f"[DEFAULT]\nexecutor_thread_pool_size = 1\ncontrol_exchange = bench-instr-{RUN}\n"
+          "[oslo_messaging_rabbit]\nheartbeat_timeout_threshold = 0\namqp_auto_delete = true\n")
 # Entering either dumps and zeroes callgrind's counters: a window opens, closes.
 OPEN, CLOSE = "getppid", "getpgrp"
 
