@@ -34,12 +34,13 @@ test-fast: setup
 run: setup
 	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780
 
-## The benchmarks: RPC (rabbit:// vs commlens+rabbit://), WSGI (wrk, and counted by
-## callgrind), collector ingest, the control plane at 1,000 emulated agents, and
+## The benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk), each also
+## counted by callgrind, collector ingest, the control plane at 1,000 emulated agents, and
 ## 10 minutes of faults against the emulated plane's own ground truth.
 bench: setup
 	@scripts/ensure-rabbitmq
 	$(PY) benchmarks/rpc_overhead.py
+	$(PY) benchmarks/rpc_instructions.py
 	$(PY) benchmarks/wsgi_overhead.py
 	$(PY) benchmarks/wsgi_instructions.py
 	$(PY) benchmarks/collector_ingest.py

@@ -66,3 +66,22 @@ def gunicorn_command(port):
             "--workers", "1", "--worker-class", "gthread", "--threads", "1",
             "--keep-alive", "30", "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
             "wsgi_apps:app"]
+
+
+def start_oslo_metrics_exporter(socket_file, workdir):
+    """The real oslo-metrics exporter listening on ``socket_file`` (the peer's
+    per-host process that oslo.messaging's metrics client writes to)."""
+    import subprocess
+    import time
+
+    config = os.path.join(workdir, "oslo-metrics.conf")
+    with open(config, "w") as f:
+        f.write(f"[oslo_metrics]\nmetrics_socket_file = {socket_file}\n"
+                f"prometheus_host = 127.0.0.1\nprometheus_port = {free_port()}\n")
+    oslo_metrics = os.path.join(os.path.dirname(sys.executable), "oslo-metrics")
+    process = subprocess.Popen([oslo_metrics, "--config-file", config],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(socket_file) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return process
