@@ -13,9 +13,9 @@ from oslo_config import cfg
 
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import prometheus
-from commlens.tracer import _speedups
 from commlens.tracer import context
 from commlens.tracer import hops
+from commlens.tracer import implementation
 from commlens.tracer import labels
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
@@ -23,6 +23,10 @@ from commlens.tracer import settings
 from commlens.tracer import shipping
 from commlens.tracer import urls
 from commlens.tracer import wire
+
+# The series types of the implementation this run uses (compiled, or the
+# Python twin on an install without a compiler or with COMMLENS_PUREPYTHON).
+_speedups = implementation.module("speedups")
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
