@@ -316,6 +316,13 @@ def test_requests_served_by_recycled_workers_are_all_counted(plane, server):
             assert response.status == 200
         requests_made += 1
         time.sleep(0.02)  # past uwsgi's minimum worker lifetime
+    if server == "uwsgi":
+        # When both workers recycle at once, uwsgi's master sleeps 2 s before
+        # respawning ("respawning too fast"); a SIGTERM in that sleep hangs it.
+        def respawns_done():
+            log = log_path.read_text()
+            return log.count("killed successfully") == log.count("Respawned uWSGI worker")
+        wait_for(respawns_done, timeout=10, message="uwsgi's respawns done")
     process.terminate()  # the last workers leave too, gracefully
     process.wait(30)
     plane.collector.wait_metric("commlens_http_requests_total", requests_made,
