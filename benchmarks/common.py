@@ -68,6 +68,24 @@ def gunicorn_command(port):
             "wsgi_apps:app"]
 
 
+def enable_peer(variant, metrics_socket):
+    """Turn on a peer variant in this process, after cfg.CONF is parsed:
+    oslo.messaging's own metrics client (``oslo.metrics``, writing to the
+    exporter's ``metrics_socket``) or the OpenTelemetry instrumentation
+    (``otel-oslo-messaging``, spans to a discarding SDK). Other variants: nothing."""
+    from oslo_config import cfg
+
+    if variant == "oslo.metrics":
+        cfg.CONF.set_override("metrics_enabled", True, group="oslo_messaging_metrics")
+        cfg.CONF.set_override("metrics_socket_file", metrics_socket,
+                              group="oslo_messaging_metrics")
+    if variant == "otel-oslo-messaging":
+        from opentelemetry.instrumentation.oslo_messaging import OsloMessagingInstrumentor
+
+        discarding_tracer_provider()
+        OsloMessagingInstrumentor().instrument()
+
+
 def start_oslo_metrics_exporter(socket_file, workdir):
     """The real oslo-metrics exporter listening on ``socket_file`` (the peer's
     per-host process that oslo.messaging's metrics client writes to)."""

@@ -93,15 +93,7 @@ def _transport(variant, config_file, metrics_socket):
     amqpdriver.ACK_REQUEUE_EVERY_SECONDS_MIN = 1.0
 
     cfg.CONF(["--config-file", config_file], project="commlens-bench")
-    if variant == "oslo.metrics":
-        cfg.CONF.set_override("metrics_enabled", True, group="oslo_messaging_metrics")
-        cfg.CONF.set_override("metrics_socket_file", metrics_socket,
-                              group="oslo_messaging_metrics")
-    if variant == "otel-oslo-messaging":
-        from opentelemetry.instrumentation.oslo_messaging import OsloMessagingInstrumentor
-
-        common.discarding_tracer_provider()
-        OsloMessagingInstrumentor().instrument()
+    common.enable_peer(variant, metrics_socket)
     scheme = "commlens+rabbit://" if variant.startswith("commlens") else "rabbit://"
     return om.get_rpc_transport(cfg.CONF, url=scheme + BROKER)
 

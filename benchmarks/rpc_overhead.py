@@ -77,15 +77,7 @@ def client(variant, topic, calls, casts, metrics_socket):
 
     cfg.CONF([], project="commlens-bench")
     url = ("commlens+rabbit://" if variant == "commlens" else "rabbit://") + BROKER
-    if variant == "oslo.metrics":
-        cfg.CONF.set_override("metrics_enabled", True, group="oslo_messaging_metrics")
-        cfg.CONF.set_override("metrics_socket_file", metrics_socket,
-                              group="oslo_messaging_metrics")
-    if variant == "otel-oslo-messaging":
-        from opentelemetry.instrumentation.oslo_messaging import OsloMessagingInstrumentor
-
-        common.discarding_tracer_provider()
-        OsloMessagingInstrumentor().instrument()
+    common.enable_peer(variant, metrics_socket)
 
     transport = om.get_rpc_transport(cfg.CONF, url=url)
     rpc = om.get_rpc_client(transport, om.Target(topic=topic), timeout=30)
@@ -210,16 +202,7 @@ def main():
                 "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
     variants = common.selected_variants(args.variants, VARIANTS, optional)
     if "oslo.metrics" in variants:
-        config = os.path.join(workdir, "oslo-metrics.conf")
-        with open(config, "w") as f:
-            f.write(f"[oslo_metrics]\nmetrics_socket_file = {metrics_socket}\n"
-                    f"prometheus_host = 127.0.0.1\nprometheus_port = {common.free_port()}\n")
-        oslo_metrics = os.path.join(os.path.dirname(sys.executable), "oslo-metrics")
-        extra.append(subprocess.Popen([oslo_metrics, "--config-file", config],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 20
-        while not os.path.exists(metrics_socket) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        extra.append(common.start_oslo_metrics_exporter(metrics_socket, workdir))
 
     results = {v: [] for v in variants}
     clients = {}

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import random
 import socket
 import subprocess
 import sys
@@ -238,3 +239,23 @@ def blocks_left_behind(script, warm_up=100, rounds=1000):
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return int(done.stdout.strip().splitlines()[-1])
+
+
+def mutations(value, count, seed=7):
+    """``count`` copies of ``value`` with one to three characters replaced,
+    deleted or inserted: what a peer's garbled traceparent or baggage looks
+    like, for the tests that compare two readers of it."""
+    rng = random.Random(seed)
+    alphabet = "0123456789abcdefABCDEF-;=,. xyz\t"
+    for _ in range(count):
+        chars = list(value)
+        for _ in range(rng.randint(1, 3)):
+            where = rng.randrange(len(chars))
+            action = rng.random()
+            if action < 0.5:
+                chars[where] = rng.choice(alphabet)
+            elif action < 0.75:
+                del chars[where]
+            else:
+                chars.insert(where, rng.choice(alphabet))
+        yield "".join(chars)

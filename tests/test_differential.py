@@ -28,6 +28,7 @@ from commlens.tracer import context
 from commlens.tracer import implementation
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from support import mutations
 
 _speedups = pytest.importorskip(
     "commlens.tracer._speedups", reason="the compiled tracer did not build: nothing to compare")
@@ -482,23 +483,6 @@ class _Listener:
     batch_size, batch_timeout, prefetch_size = 1, None, -1
 
 
-def _mutations(value, count, seed):
-    rng = random.Random(seed)
-    alphabet = "0123456789abcdefABCDEF-;=,. xyz\t"
-    for _ in range(count):
-        chars = list(value)
-        for _ in range(rng.randint(1, 3)):
-            where = rng.randrange(len(chars))
-            action = rng.random()
-            if action < 0.5:
-                chars[where] = rng.choice(alphabet)
-            elif action < 0.75:
-                del chars[where]
-            else:
-                chars.insert(where, rng.choice(alphabet))
-        yield "".join(chars)
-
-
 def _listeners(hop_sample_ratio):
     """A compiled and a Python RPC listener, each with its own recorder."""
     from oslo_messaging._drivers import base
@@ -541,8 +525,8 @@ def test_received_messages_are_read_and_recorded_alike(hop_sample_ratio):
                 {"traceparent": VALID, "baggage": member.replace("call", "poke")},
                 {"msg_id": "x"}, {"traceparent": None, "baggage": None},
                 {"traceparent": 55, "baggage": b"x"}, "not a dict", None]
-    contexts += [{"traceparent": t} for t in _mutations(VALID, 1500, 41)]
-    contexts += [{"traceparent": VALID, "baggage": b} for b in _mutations(member, 1500, 42)]
+    contexts += [{"traceparent": t} for t in mutations(VALID, 1500, 41)]
+    contexts += [{"traceparent": VALID, "baggage": b} for b in mutations(member, 1500, 42)]
     rng = random.Random(43)
     for ctxt in contexts:
         method = rng.choice(["build_instances", "select_destinations", "bad method", None])
@@ -658,7 +642,7 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
 
     made = middlewares(app)
     member = "commlens.service=nova-api;kind=call;span=" + VALID[36:52]
-    traceparents = [None, None, VALID, "garbage", 12] + list(_mutations(VALID, 20, 52))
+    traceparents = [None, None, VALID, "garbage", 12] + list(mutations(VALID, 20, 52))
     user_agents = [None, "python-novaclient keystoneauth1/5.1", "curl/8", "x" * 600, 12,
                    ["unhashable"]]
     for step in range(3000):

@@ -23,6 +23,7 @@ from commlens.tracer import settings
 from commlens.tracer import shipping
 from commlens.tracer import urls
 from commlens.tracer import wire
+from support import mutations
 
 # The series types of the implementation this run uses (compiled, or the
 # Python twin on an install without a compiler or with COMMLENS_PUREPYTHON).
@@ -569,23 +570,6 @@ def rpc_listener():
     transport.cleanup()
 
 
-def _mutations(value, count):
-    rng = random.Random(7)
-    alphabet = "0123456789abcdefABCDEF-;=,. xyz\t"
-    for _ in range(count):
-        chars = list(value)
-        for _ in range(rng.randint(1, 3)):
-            where = rng.randrange(len(chars))
-            action = rng.random()
-            if action < 0.5:
-                chars[where] = rng.choice(alphabet)
-            elif action < 0.75:
-                del chars[where]
-            else:
-                chars.insert(where, rng.choice(alphabet))
-        yield "".join(chars)
-
-
 def test_received_context_compiled_and_in_python_agree(rpc_listener):
     # middleware/_rpc_receive.c reads the common contexts itself and leaves
     # the rest to rpc_driver._received: both must read every context alike.
@@ -594,8 +578,8 @@ def test_received_context_compiled_and_in_python_agree(rpc_listener):
                 {"baggage": member}, {"traceparent": VALID, "baggage": "vendor=1," + member},
                 {"traceparent": VALID, "baggage": member.replace("call", "poke")},
                 {"msg_id": "x"}, {"traceparent": None, "baggage": None}]
-    contexts += [{"traceparent": t} for t in _mutations(VALID, 2000)]
-    contexts += [{"traceparent": VALID, "baggage": b} for b in _mutations(member, 2000)]
+    contexts += [{"traceparent": t} for t in mutations(VALID, 2000)]
+    contexts += [{"traceparent": VALID, "baggage": b} for b in mutations(member, 2000)]
     driver = rpc_listener._driver
     for ctxt in contexts:
         for orig_msg_id in (None, "reply-to-me"):
