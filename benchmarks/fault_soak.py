@@ -32,6 +32,7 @@ import urllib.request
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import common  # noqa: E402  (benchmarks/ is the script's own folder)
 from rabbit_node import RabbitNode  # noqa: E402
 
 from commlens.emulator import controlplane  # noqa: E402
@@ -40,13 +41,6 @@ from commlens.tracer import metrics  # noqa: E402
 
 FAULTS = ("broker-restart", "memory-alarm", "collector-restart", "server-freeze")
 SHIP_INTERVAL = "1"
-
-
-def _free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Soak:
@@ -65,7 +59,7 @@ class Soak:
     # -- processes -----------------------------------------------------------
 
     def start_collector(self):
-        port = _free_port()
+        port = common.free_port()
         self.collector_url = f"http://127.0.0.1:{port}"
         log = open(self.workdir / "collector.log", "a")
         self.collector = subprocess.Popen(

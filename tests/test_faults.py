@@ -120,17 +120,17 @@ class Plane:
 
     def counts(self):
         metrics = self.collector.metrics()
-        sent = dict(metric="commlens_rpc_sent_total", service="fault-caller", target=self.topic)
-        received = dict(metric="commlens_rpc_received_total", service="fault-server",
-                        caller="fault-caller", target=self.topic)
-
-        def value(metric, **labels):
-            return metrics.value(metric, **labels)
+        sent = dict(service="fault-caller", target=self.topic)
+        received = dict(service="fault-server", caller="fault-caller", target=self.topic)
         return {
-            "calls_sent": value(**sent, method="echo", kind="call"),
-            "calls_received": value(**received, method="echo", kind="call"),
-            "casts_sent": value(**sent, method="count_cast", kind="cast"),
-            "casts_received": value(**received, method="count_cast", kind="cast"),
+            "calls_sent": metrics.value("commlens_rpc_sent_total", **sent, method="echo",
+                                        kind="call"),
+            "calls_received": metrics.value("commlens_rpc_received_total", **received,
+                                            method="echo", kind="call"),
+            "casts_sent": metrics.value("commlens_rpc_sent_total", **sent, method="count_cast",
+                                        kind="cast"),
+            "casts_received": metrics.value("commlens_rpc_received_total", **received,
+                                            method="count_cast", kind="cast"),
             "waiting": metrics.value("commlens_rpc_waiting_replies", service="fault-caller",
                                      target=self.topic),
         }

@@ -84,6 +84,9 @@ MEMORY_BUS = MemoryBus()
 class MemoryTransport:
     description = "memory://"
 
+    def open(self):
+        pass
+
     def send(self, body, routing_key):
         if not MEMORY_BUS.publish(body):
             raise ConnectionError("no collector in this process")
@@ -97,6 +100,9 @@ class NowhereTransport:
 
     def __init__(self, reason):
         self.description = "nowhere (%s)" % reason
+
+    def open(self):
+        pass
 
     def send(self, body, routing_key):
         raise ConnectionError("no usable export URL")
@@ -273,7 +279,7 @@ class Shipper:
         # exit's one second publishing, not connecting.
         with self._ship_lock:
             try:
-                getattr(self._transport, "open", lambda: None)()
+                self._transport.open()
             except Exception as exc:
                 self._transport.close()
                 self._failed([], exc)  # counted and said like any failed ship
