@@ -21,6 +21,12 @@ DEFAULT_TRANSPORT = "rabbit://guest:guest@127.0.0.1:5672/"
 # about 1,200), and some for everything else.
 OPEN_FILES_PER_AGENT = 1.25
 OPEN_FILES_SPARE = 200
+# What a broker whose limit cannot be read (no management API) is assumed to
+# allow: RabbitMQ's packages start it with the usual soft limit of 1,024.
+# Assuming more would let a large run exhaust the broker's files, which breaks
+# it for every client until it is restarted; so an unreadable limit refuses
+# any run that needs more than this.
+OPEN_FILES_ASSUMED = 1024
 
 
 def add_command(commands, listen_type, default_listen):
@@ -67,6 +73,12 @@ def run_emulate(args):
     # timing out and the broker stays broken for everyone until restarted.
     needed = int(OPEN_FILES_PER_AGENT * args.agents) + OPEN_FILES_SPARE
     limit = broker.open_files_limit(management)
+    if limit is None and needed > OPEN_FILES_ASSUMED:
+        print(f"commlens emulate: {args.agents} agents need about {needed} open files on "
+              f"the broker, and its limit could not be read from {urls.redact(management)} "
+              "(is rabbitmq_management enabled? --rabbitmq-management-url); refusing "
+              f"more than {OPEN_FILES_ASSUMED} without it", file=sys.stderr)
+        return 2
     if limit is not None and limit < needed:
         print(f"commlens emulate: RabbitMQ allows {limit} open files and {args.agents} "
               f"agents need about {needed}; raise the broker's limit (scripts/ensure-rabbitmq "

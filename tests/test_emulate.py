@@ -58,3 +58,16 @@ def test_more_agents_than_the_broker_has_files_for_is_refused_before_anything_st
     assert done.returncode == 2
     assert "RabbitMQ allows" in done.stderr and "1000000 agents need about" in done.stderr
     assert "guest" not in done.stderr
+
+
+def test_a_large_run_is_refused_when_the_broker_limit_cannot_be_read(rabbitmq):
+    """No management API to ask: a run beyond RabbitMQ's usual 1,024 files is
+    refused rather than risk breaking the broker for everyone."""
+    done = subprocess.run(
+        [sys.executable, "-m", "commlens.cli.main", "emulate", "--agents", "5000",
+         "--rabbitmq-management-url", f"http://guest:guest@127.0.0.1:{free_port()}/",
+         "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "limit could not be read" in done.stderr and "5000 agents need about" in done.stderr
+    assert "guest" not in done.stderr
