@@ -27,6 +27,7 @@ from http.server import ThreadingHTTPServer
 import requests
 
 from peers.json_http import JsonRequestHandler
+from rabbit_node import RABBITMQ_BIN, RabbitNode
 from support import free_port, run_collector, wait_for
 
 SERVICES = pathlib.Path(__file__).parent / "services"
@@ -93,8 +94,9 @@ class Plane:
         self.venv = pathlib.Path(venv).resolve()
         self.base = pathlib.Path(base_dir)
         self.vhost = f"commlens-nova-{uuid.uuid4().hex[:8]}"
-        self.rabbit_url = f"rabbit://guest:guest@127.0.0.1:5672/{self.vhost}"
-        self.export_url = f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+        self.broker_port = 5672
+        self._rabbitmqctl = [RABBITMQCTL]
+        self._rabbitmqctl_env = None
         self.processes = {}
         self.collector = None
         self.api_url = self.placement_url = self.image_url = self.network_url = None
@@ -116,6 +118,16 @@ class Plane:
         self._stack.close()
 
     def _start(self):
+        if os.environ.get("COMMLENS_OPENSTACK_BROKER") == "private":
+            # A RabbitMQ node of the plane's own (tests/rabbit_node.py), for
+            # when the shared broker is too busy to be fair to the services.
+            node = RabbitNode(self.base / "rabbit", name="commlens-nova").start()
+            self._stack.callback(node.stop)
+            self.broker_port = node.port
+            self._rabbitmqctl = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node.node]
+            self._rabbitmqctl_env = node._env()
+        self.rabbit_url = f"rabbit://guest:guest@127.0.0.1:{self.broker_port}/{self.vhost}"
+        self.export_url = f"amqp://guest:guest@127.0.0.1:{self.broker_port}/{self.vhost}"
         self._add_vhost()
         self.collector = self._stack.enter_context(run_collector(
             self.export_url, self.base, extra_args=("--trace-quiet", TRACE_QUIET)))
@@ -176,17 +188,19 @@ class Plane:
     # -- the broker ----------------------------------------------------------
 
     def _add_vhost(self):
-        _run([RABBITMQCTL, "add_vhost", self.vhost])
+        _run([*self._rabbitmqctl, "add_vhost", self.vhost], env=self._rabbitmqctl_env)
         self._stack.callback(self._delete_vhost)
-        _run([RABBITMQCTL, "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"])
+        _run([*self._rabbitmqctl, "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"],
+             env=self._rabbitmqctl_env)
 
     def _delete_vhost(self):
         """Only this plane's vhost: the shared broker's others are never touched.
         A busy broker can take minutes; a failure here is said, never raised
         (it would hide why the plane stopped)."""
         try:
-            subprocess.run([RABBITMQCTL, "delete_vhost", self.vhost], capture_output=True,
-                           timeout=300, check=True)
+            subprocess.run([*self._rabbitmqctl, "delete_vhost", self.vhost],
+                           env=self._rabbitmqctl_env, capture_output=True, timeout=300,
+                           check=True)
         except (subprocess.SubprocessError, OSError) as exc:
             print(f"openstack plane: could not delete vhost {self.vhost}: {exc}; "
                   f"delete it with: rabbitmqctl delete_vhost {self.vhost}", file=sys.stderr)
