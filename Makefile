@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast test-releases run bench
+.PHONY: setup test test-fast test-releases test-openstack run bench
 
 setup:
 	@scripts/setup
@@ -23,6 +23,12 @@ test: setup
 test-releases: setup
 	@scripts/ensure-rabbitmq
 	@scripts/test-releases
+
+## commlens on a real Nova 34 control plane from PyPI (OpenStack 2026.2), its services
+## in .venv-openstack: tests/openstack_plane/ (README: "On a real Nova").
+test-openstack: setup
+	@scripts/ensure-rabbitmq
+	@scripts/test-openstack
 
 ## The fast tests only (no multi-process end-to-end runs).
 test-fast: setup

@@ -26,7 +26,7 @@ DEFAULT_HISTORY = os.path.join(
 # by import name. Every command is the collector's or talks to it; inside a
 # service only the agent is installed, and there a command says what to
 # install instead of failing halfway with a traceback.
-COLLECTOR_PACKAGES = ("flask", "prometheus_client", "rich", "grafana_client")
+COLLECTOR_PACKAGES = ("flask", "prometheus_client", "rich")
 
 
 def _listen_address(value):

@@ -20,7 +20,7 @@ from commlens.tracer import wire
 # Installed only by the collector extra, or parts of commlens that are the
 # collector's. werkzeug counts: only flask brings it (no agent dependency
 # does), and the collector serves with it.
-COLLECTOR_ONLY = ("flask", "werkzeug", "rich", "grafana_client", "prometheus_client",
+COLLECTOR_ONLY = ("flask", "werkzeug", "rich", "prometheus_client",
                   "opentelemetry.sdk", "commlens.exporters", "commlens.dashboards",
                   "commlens.cli", "commlens.emulator")
 

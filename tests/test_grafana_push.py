@@ -21,8 +21,6 @@ import pytest
 from commlens.dashboards.grafana import load_dashboards
 from peers.json_http import JsonRequestHandler
 
-pytest.importorskip("grafana_client")
-
 TOKEN = "glsa_commlensTestToken_0123456789abcdef"
 
 
