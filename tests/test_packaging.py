@@ -241,6 +241,8 @@ def test_the_installed_wheel_brings_its_driver_and_the_operators_files(installed
     assert help_text.returncode == 0, help_text.stderr[-3000:]
 
 
+# Longer than the inner run's own 600 s, so its output is what a failure shows.
+@pytest.mark.timeout(900)
 def test_the_sdists_agent_tests_pass_with_the_installed_wheel(installed, rabbitmq):
     kind, venv, unpacked = installed
     # The sdist's folders are tracer/, middleware/...: no commlens/ there, so
