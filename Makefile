@@ -10,16 +10,17 @@ setup:
 ## Everything: install what is missing, start RabbitMQ if needed, run all tests
 ## over the compiled paths, then the fast ones again over their Python twins
 ## (tests/conftest.py: --implementation; the peers inherit it), then the RPC and
-## REST suites under each older OpenStack release's pins (last: a broken build
-## fails fast, before any release venv is built).
+## REST suites under each OpenStack release's pins, each on its own Python (last: a
+## broken build fails fast, before any release venv is built).
 test: setup
 	@scripts/ensure-rabbitmq
 	$(PY) -m pytest --implementation=compiled
 	$(PY) -m pytest --implementation=python -m "not slow"
 	@scripts/test-releases
 
-## The RPC and REST suites against each release in constraints/ (2025.2, 2026.1),
-## each in its own .venv-<release>.
+## The RPC and REST suites against each release in constraints/ (2025.2 on Python
+## 3.10, 2026.1 on 3.13, 2026.2 on 3.12: each file's `# python:` line), each in its
+## own .venv-<release>; a C compiler warning fails the release's leg.
 test-releases: setup
 	@scripts/ensure-rabbitmq
 	@scripts/test-releases

@@ -6,13 +6,18 @@ are built: all four or none. If one does not compile (no compiler, no
 Python headers, an unsupported platform), the rest are not tried, the
 build says so in one warning and goes on; the installed commlens then runs
 its Python twins (tracer/implementation.py), which do the same thing.
-``COMMLENS_PUREPYTHON=1`` at build time skips the compiler altogether.
+
+``COMMLENS_PUREPYTHON=1`` at build time skips the compiler altogether and
+builds the pure-Python package: its wheel is ``py3-none-any``, installable on
+any Python >= 3.10 and any platform (scripts/build-dist builds it beside the
+manylinux one). A failed compile is not that: its wheel stays tagged for the
+platform it was built on, as any build that tried to compile.
 """
 
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -52,4 +57,13 @@ class OptionalBuildExt(build_ext):
             "pure-Python package, which does the same thing more slowly.\n" % why)
 
 
-setup(cmdclass={"build_ext": OptionalBuildExt})
+class CommlensDistribution(Distribution):
+    """A distribution that has no compiled modules when the pure-Python
+    package is wanted, so the wheel is tagged py3-none-any (bdist_wheel asks
+    has_ext_modules()) and build_ext is not run at all."""
+
+    def has_ext_modules(self):
+        return not _pure_python_wanted() and super().has_ext_modules()
+
+
+setup(cmdclass={"build_ext": OptionalBuildExt}, distclass=CommlensDistribution)

@@ -1,9 +1,11 @@
-"""The release files carry what an operator needs, and the wheel works installed.
+"""The release files carry what an operator needs, and the wheels work installed.
 
-scripts/build-dist builds the sdist and, from it, the manylinux wheel out of a
-copy of the tracked files. The wheel is installed into a fresh virtualenv, and
-the sdist's own agent tests run with it from a directory outside the source
-tree, against the real broker.
+scripts/build-dist builds the sdist and, from it, two wheels out of a copy of
+the tracked files: the manylinux one with the compiled paths and the
+pure-Python one (py3-none-any). Each wheel is installed into a fresh
+virtualenv, and the sdist's own agent tests run with it from a directory
+outside the source tree, against the real broker. An install from the sdist
+where the C does not compile installs the pure-Python package.
 """
 
 import json
@@ -38,6 +40,14 @@ OPERATOR_DATA = {
 COMPILED = ["commlens/tracer/_speedups", "commlens/middleware/_rpc_send",
             "commlens/middleware/_rpc_receive", "commlens/middleware/_wsgi_request"]
 
+# The two wheels, by the implementation they run (tests/conftest.py's
+# --implementation): the manylinux one compiled, the py3-none-any one Python.
+WHEELS = {"compiled": "-manylinux_", "python": "-py3-none-any.whl"}
+
+# Where the packages' folders land in a wheel (pyproject.toml's package-dir):
+# type stubs and markers there travel with the Python files.
+PACKAGE_DIRS = {"tracer/": "commlens/tracer/", "middleware/": "commlens/middleware/"}
+
 # The agent, end to end through the installed package: calls, casts and fanout
 # casts through the commlens+rabbit:// driver counted at both ends, a remote
 # error unchanged, and the WSGI middleware in a forked worker.
@@ -48,19 +58,23 @@ AGENT_TESTS = [
     "tests/test_agent_behaviour.py::test_forked_http_only_worker_ships_its_requests",
 ]
 
-# Run inside the fresh virtualenv: where commlens comes from, its driver's entry
-# point, and the data files an operator looks for.
+# Run inside the fresh virtualenv: where commlens comes from, which
+# implementation it chose by itself, its driver's entry point, and the data
+# files an operator looks for.
 INSTALLED_CHECK = """
 import importlib.metadata, importlib.resources, json, sys
-import commlens.middleware.rpc_driver, commlens.middleware.wsgi, commlens.tracer._speedups
+import commlens.middleware.rpc_driver, commlens.middleware.wsgi
+from commlens.tracer import implementation
 from commlens.helm import CHART
 (driver,) = [e for e in importlib.metadata.entry_points(group="oslo.messaging.drivers")
              if e.name == "commlens"]
 dashboards = importlib.resources.files("commlens.dashboards")
 print(json.dumps({
     "prefix": sys.prefix,
-    "modules": [commlens.middleware.rpc_driver.__file__, commlens.tracer._speedups.__file__,
-                str(CHART)],
+    "implementation": implementation.IMPLEMENTATION,
+    "reason": implementation.REASON,
+    "modules": [commlens.middleware.rpc_driver.__file__,
+                implementation.module("speedups").__file__, str(CHART)],
     "driver": driver.load().__name__,
     "data": {
         "rules": (dashboards / "alerts/commlens.rules.yml").read_text(),
@@ -91,15 +105,19 @@ def tracked_files():
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """(sdist, wheel) as scripts/build-dist makes them."""
+    """(sdist, {implementation: wheel}) as scripts/build-dist makes them."""
     outdir = tmp_path_factory.mktemp("dist")
     done = subprocess.run([str(REPO / "scripts/build-dist"), str(outdir)],
                           env=dict(os.environ, PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (sdist,) = outdir.glob("*.tar.gz")
-    (wheel,) = outdir.glob("*.whl")
-    return sdist, wheel
+    wheels = sorted(outdir.glob("*.whl"))
+    assert len(wheels) == len(WHEELS), wheels
+    by_kind = {}
+    for kind, tag in WHEELS.items():
+        (by_kind[kind],) = [w for w in wheels if tag in w.name]
+    return sdist, by_kind
 
 
 def test_the_sdist_carries_every_tracked_file_and_nothing_else(release):
@@ -119,9 +137,9 @@ def test_the_sdist_carries_every_tracked_file_and_nothing_else(release):
         assert name in shipped
 
 
-def test_the_wheel_is_manylinux_and_carries_the_license_and_the_operators_files(release):
-    _, wheel = release
-    assert "-manylinux_" in wheel.name, wheel.name
+@pytest.mark.parametrize("kind", WHEELS)
+def test_each_wheel_carries_the_license_stubs_and_the_operators_files(release, kind):
+    wheel = release[1][kind]
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         chart_rules = archive.read("commlens/helm/commlens/files/commlens.rules.yml")
@@ -138,19 +156,36 @@ def test_the_wheel_is_manylinux_and_carries_the_license_and_the_operators_files(
     assert expected - names == set(), "operator files missing from the wheel"
     # The chart's symlinks arrive as copies of what they point to.
     assert chart_rules == (REPO / "dashboards/alerts/commlens.rules.yml").read_bytes()
-    for module in COMPILED:
-        assert any(n.startswith(module + ".") and n.endswith(".so") for n in names), module
+    # Type stubs and typing markers, where the packages have them.
+    typing_files = {target + name.removeprefix(folder)
+                    for name in tracked_files() if name.endswith((".pyi", "/py.typed"))
+                    for folder, target in PACKAGE_DIRS.items() if name.startswith(folder)}
+    assert typing_files - names == set(), "type stubs missing from the wheel"
     # Tests and build inputs stay in the sdist.
     assert not [n for n in names if n.endswith((".c", ".h")) or "/tests/" in n
                 or n.startswith("tests/")]
 
+    shared_objects = [n for n in names if n.endswith(".so")]
+    if kind == "compiled":
+        assert "-manylinux_" in wheel.name, wheel.name
+        for module in COMPILED:
+            assert any(n.startswith(module + ".") for n in shared_objects), module
+    else:
+        # Installable on any Python >= 3.10 and platform: nothing compiled in it.
+        assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+        assert shared_objects == []
+        wheel_info = zipfile.ZipFile(wheel).read(f"{dist_info}/WHEEL").decode()
+        assert "Root-Is-Purelib: true" in wheel_info
 
-@pytest.fixture(scope="module")
-def installed(release, tmp_path_factory):
-    """A fresh virtualenv holding the wheel and what the sdist's tests need;
-    returns (venv, unpacked sdist)."""
-    sdist, wheel = release
-    root = tmp_path_factory.mktemp("installed")
+
+@pytest.fixture(scope="module", params=list(WHEELS))
+def installed(request, release, tmp_path_factory):
+    """A fresh virtualenv holding one of the wheels and what the sdist's tests
+    need; returns (implementation the wheel runs, venv, unpacked sdist)."""
+    kind = request.param
+    sdist, wheels = release
+    wheel = wheels[kind]
+    root = tmp_path_factory.mktemp(f"installed-{kind}")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # [collector]: the sdist's tests start a collector; pip only warns while
@@ -165,7 +200,7 @@ def installed(release, tmp_path_factory):
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         archive.extractall(root, **safe)
     (unpacked,) = [p for p in root.iterdir() if p.name.startswith("commlens-")]
-    return venv, unpacked
+    return kind, venv, unpacked
 
 
 def installed_env(venv):
@@ -178,11 +213,19 @@ def installed_env(venv):
 
 
 def test_the_installed_wheel_brings_its_driver_and_the_operators_files(installed):
-    venv, unpacked = installed
+    kind, venv, unpacked = installed
     done = subprocess.run([str(venv / "bin/python"), "-c", INSTALLED_CHECK], cwd=unpacked,
                           env=installed_env(venv), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout)
+    assert found["implementation"] == kind, found["reason"]
+    # The pure wheel runs the Python twins by itself, and says nothing about it:
+    # a service's import stays quiet (tracer/implementation.py). (The import of
+    # oslo.messaging above may warn about eventlet: not ours.)
+    choice = subprocess.run([str(venv / "bin/python"), "-c",
+                             "import commlens.tracer.implementation"], cwd=unpacked,
+                            env=installed_env(venv), capture_output=True, text=True, timeout=60)
+    assert (choice.returncode, choice.stdout, choice.stderr) == (0, "", "")
     site = pathlib.Path(found["prefix"]).resolve()
     assert site == venv.resolve()
     for module in found["modules"]:
@@ -198,13 +241,52 @@ def test_the_installed_wheel_brings_its_driver_and_the_operators_files(installed
     assert help_text.returncode == 0, help_text.stderr[-3000:]
 
 
+# Longer than the inner run's own 600 s, so its output is what a failure shows.
+@pytest.mark.timeout(900)
 def test_the_sdists_agent_tests_pass_with_the_installed_wheel(installed, rabbitmq):
-    venv, unpacked = installed
+    kind, venv, unpacked = installed
     # The sdist's folders are tracer/, middleware/...: no commlens/ there, so
     # every `import commlens.*` in these tests reaches the installed wheel.
     assert not (unpacked / "commlens").exists()
+    # --implementation: the run fails unless the wheel runs what it should.
     done = subprocess.run(
-        [str(venv / "bin/pytest"), "-q", "-p", "no:cacheprovider", *AGENT_TESTS],
+        [str(venv / "bin/pytest"), "-q", "-p", "no:cacheprovider",
+         f"--implementation={kind}", *AGENT_TESTS],
         cwd=unpacked, env=installed_env(venv), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     assert f"{len(AGENT_TESTS)} passed" in done.stdout, done.stdout[-3000:]
+
+
+# Run inside the virtualenv the sdist was installed into without a compiler:
+# which implementation it runs, and whether any compiled module was installed.
+NO_COMPILER_CHECK = """
+import json, pathlib
+import commlens.tracer, commlens.middleware
+from commlens.tracer import implementation
+folders = [pathlib.Path(p) for m in (commlens.tracer, commlens.middleware) for p in m.__path__]
+print(json.dumps({"implementation": implementation.IMPLEMENTATION,
+                  "shared_objects": [str(p) for f in folders for p in f.glob("*.so")]}))
+"""
+
+
+def test_an_sdist_install_without_a_compiler_installs_pure_python_with_one_warning(
+        release, tmp_path):
+    sdist, _ = release
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # CC=false: the compiler exists and fails every file, as a broken toolchain
+    # would. -v shows the build's own output, where the warning is; --no-deps:
+    # only the build is in question here (the agent tests run on the wheels).
+    done = subprocess.run(
+        [str(venv / "bin/pip"), "install", "-v", "--no-deps", "--no-cache-dir",
+         "--disable-pip-version-check", str(sdist)],
+        env=dict(installed_env(venv), CC="false"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    warnings = [line for line in output.splitlines() if "WARNING: commlens:" in line]
+    assert len(warnings) == 1, output[-5000:]
+    assert "installing the pure-Python package" in warnings[0]
+    found = subprocess.run([str(venv / "bin/python"), "-c", NO_COMPILER_CHECK], cwd=tmp_path,
+                           env=installed_env(venv), capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout) == {"implementation": "python", "shared_objects": []}
