@@ -20,8 +20,7 @@ import pytest
 from support import COMMLENS_URL, PEERS, Peer, wait_for
 
 from commlens.tracer import context
-
-pytestmark = pytest.mark.slow
+from commlens.tracer import propagation
 
 THREADING_WAYS = ["thread", "timer", "concurrent.futures", "futurist", "utils.spawn"]
 EVENTLET_WAYS = ["eventlet.spawn", "eventlet.spawn_n", "eventlet.spawn_after",
@@ -107,18 +106,21 @@ def _spawned_work_continues_the_trace(spawning_peer, callbacks, rpc_client, topi
     assert arrived == traces, peer.log()
 
 
+@pytest.mark.slow
 def test_work_spawned_in_threads_continues_the_trace_of_the_cast_that_spawned_it(
         spawning_peer, callbacks, rpc_client, topic):
     _spawned_work_continues_the_trace(spawning_peer, callbacks, rpc_client, topic,
                                       "threading", THREADING_WAYS)
 
 
+@pytest.mark.slow
 def test_work_spawned_in_greenthreads_continues_the_trace_of_the_cast_that_spawned_it(
         spawning_peer, callbacks, rpc_client, topic):
     _spawned_work_continues_the_trace(spawning_peer, callbacks, rpc_client, topic,
                                       "eventlet", EVENTLET_WAYS)
 
 
+@pytest.mark.slow
 def test_a_looping_call_started_by_a_request_leaves_its_trace_after_the_window(
         spawning_peer, callbacks, rpc_client, topic):
     spawning_peer(topic, "eventlet", "--loop-window", "1")
@@ -135,6 +137,7 @@ def test_a_looping_call_started_by_a_request_leaves_its_trace_after_the_window(
     assert len(set(runs[-3:])) == 3
 
 
+@pytest.mark.slow
 def test_a_request_id_returns_every_trace_of_the_request_joined_entry_first(
         collector, spawning_peer, callbacks, rpc_client, topic):
     # A raw _thread is not patched: its call back starts a trace of its own,
@@ -162,3 +165,78 @@ def test_a_request_id_returns_every_trace_of_the_request_joined_entry_first(
     assert {(h["service"], h["side"], h["trace_id"]) for h in found["hops"]} == {
         ("test-client", "client", trace_id), ("spawner", "server", trace_id),
         ("spawner", "client", split), ("test-client", "server", split)}
+
+
+@pytest.fixture
+def instrumented():
+    """Propagation patched in for the test, left as it was found after."""
+    before = propagation.instrumented()
+    propagation.instrument()
+    yield
+    if not before:
+        propagation.uninstrument()
+
+
+def run_in_hop(hop, fn):
+    token = context.set_current(hop)
+    try:
+        return fn()
+    finally:
+        context.reset_current(token)
+
+
+def test_instrument_patches_once_and_uninstrument_restores_every_original():
+    import concurrent.futures
+    import threading
+
+    import futurist
+
+    before = propagation.instrumented()
+    propagation.uninstrument()
+    originals = (threading.Thread.start, threading.Thread._bootstrap_inner,
+                 concurrent.futures.ThreadPoolExecutor.submit, futurist.ThreadPoolExecutor.submit)
+    try:
+        propagation.instrument()
+        patched = (threading.Thread.start, concurrent.futures.ThreadPoolExecutor.submit)
+        propagation.instrument()  # twice: nothing wrapped twice
+        assert (threading.Thread.start, concurrent.futures.ThreadPoolExecutor.submit) == patched
+        assert threading.Thread.start is not originals[0]
+        assert threading.Thread.start.__commlens_original__ is originals[0]
+        propagation.uninstrument()
+        propagation.uninstrument()
+        assert (threading.Thread.start, threading.Thread._bootstrap_inner,
+                concurrent.futures.ThreadPoolExecutor.submit,
+                futurist.ThreadPoolExecutor.submit) == originals
+    finally:
+        if before:
+            propagation.instrument()
+
+
+def test_a_thread_subclass_with_its_own_run_continues_the_trace(instrumented):
+    import threading
+
+    class Worker(threading.Thread):
+        def run(self):
+            self.seen = context.current()
+
+    hop = context.new_trace()
+    worker = Worker()
+    run_in_hop(hop, worker.start)
+    worker.join()
+    assert worker.seen is hop
+
+
+def test_a_pool_worker_never_keeps_a_hop_between_items(instrumented):
+    import concurrent.futures
+
+    import futurist
+
+    for pool in (concurrent.futures.ThreadPoolExecutor(1), futurist.ThreadPoolExecutor(1)):
+        with pool:
+            hop = context.new_trace()
+            # The first item starts the pool's only worker, inside the hop.
+            first = run_in_hop(hop, lambda: pool.submit(context.current)).result()
+            second = pool.submit(context.current).result()
+            other = context.new_trace()
+            third = run_in_hop(other, lambda: pool.submit(context.current)).result()
+        assert (first, second, third) == (hop, None, other)
