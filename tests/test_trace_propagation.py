@@ -8,16 +8,13 @@ that work calls back into an RPC server in this process. The call back
 belongs to the cast's trace exactly when it arrives with the cast's trace id.
 """
 
-import os
-import subprocess
-import sys
 import threading
 import uuid
 
 import oslo_messaging as om
 import pytest
 
-from support import COMMLENS_URL, PEERS, Peer, wait_for
+from support import COMMLENS_URL, wait_for
 
 from commlens.tracer import context
 from commlens.tracer import propagation
@@ -58,28 +55,12 @@ def callbacks(rabbitmq, conf):
 
 
 @pytest.fixture
-def spawning_peer(rabbitmq, tmp_path):
-    peers = []
-
-    def start(topic, executor, *extra):
-        log_path = tmp_path / f"spawner-{len(peers)}.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(PEERS / "spawning_peer.py"), "--url", COMMLENS_URL,
-                 "--topic", topic, "--executor", executor, *extra],
-                stdout=subprocess.PIPE, stderr=log, text=True,
-                env=dict(os.environ, COMMLENS_SERVICE_NAME="spawner"))
-        peer = Peer(process, log_path)
-        peers.append(peer)
-        line = process.stdout.readline()
-        if line.strip() != "READY":
-            peer.stop()
-            raise AssertionError(f"peer did not start: {line!r}\n{peer.log()}")
-        return peer
-
-    yield start
-    for peer in peers:
-        peer.stop()
+def spawning_peer(start_peer):
+    """spawning_peer(topic, executor, *args): a peer whose casts spawn work."""
+    def start(topic, executor, *args):
+        return start_peer(COMMLENS_URL, topic, service="spawner", executor=executor,
+                          script="spawning_peer.py", args=args)
+    return start
 
 
 def cast_in_a_trace(client, method, request_id=None, **kwargs):
@@ -235,8 +216,8 @@ def test_a_pool_worker_never_keeps_a_hop_between_items(instrumented):
         with pool:
             hop = context.new_trace()
             # The first item starts the pool's only worker, inside the hop.
-            first = run_in_hop(hop, lambda: pool.submit(context.current)).result()
+            first = run_in_hop(hop, lambda pool=pool: pool.submit(context.current)).result()
             second = pool.submit(context.current).result()
             other = context.new_trace()
-            third = run_in_hop(other, lambda: pool.submit(context.current)).result()
+            third = run_in_hop(other, lambda pool=pool: pool.submit(context.current)).result()
         assert (first, second, third) == (hop, None, other)

@@ -13,8 +13,9 @@ is disabled (``uninstrument``):
   whatever its ``run``; under eventlet's monkey-patching these are
   greenthreads);
 - ``submit`` of ``concurrent.futures.ThreadPoolExecutor`` and of futurist's
-  thread and green executors (oslo.messaging's and nova's ``utils.spawn``
-  in threading mode);
+  thread and green executors (oslo.messaging's RPC servers, nova's
+  ``utils.spawn`` in threading mode), futurist where oslo.messaging is
+  loaded or futurist already is;
 - eventlet's greenthreads: ``GreenThread`` (``eventlet.spawn``,
   ``spawn_after``, ``GreenPool.spawn``) and ``spawn_n`` (also
   ``GreenPool.spawn_n``), when eventlet is imported before the agent is
@@ -77,7 +78,12 @@ def instrument():
         _patch(threading.Thread, "start", _thread_start)
         _patch(threading.Thread, "_bootstrap_inner", _thread_bootstrap_inner)
         _patch_submit(concurrent.futures.ThreadPoolExecutor)
-        futurist = sys.modules.get("futurist") or _import("futurist")
+        # futurist is what oslo.messaging's RPC servers run on (loaded when
+        # the first one starts, after this): imported here for a process
+        # that has oslo.messaging, never for one that has not (it imports
+        # eventlet where installed).
+        futurist = sys.modules.get("futurist") or (
+            _import("futurist") if "oslo_messaging" in sys.modules else None)
         for name in ("ThreadPoolExecutor", "GreenThreadPoolExecutor"):
             executor = getattr(futurist, name, None)
             if isinstance(executor, type):

@@ -26,14 +26,13 @@ if args.executor == "eventlet":
 import _thread  # noqa: E402
 import concurrent.futures  # noqa: E402
 import functools  # noqa: E402
-import signal  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 
 import futurist  # noqa: E402
 import oslo_messaging as om  # noqa: E402
 from oslo_config import cfg  # noqa: E402
+from serving import ready_until_sigterm  # noqa: E402
 
 if args.executor == "eventlet":
     # oslo.service's default backend is eventlet's (its threading backend
@@ -131,12 +130,8 @@ server = om.get_rpc_server(transport, om.Target(topic=args.topic, server="spawne
                            [Endpoint()], executor=args.executor,
                            serializer=om.NoOpSerializer())
 server.start()
-stopping = []
-signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-print("READY", flush=True)
 try:
-    while not stopping:
-        time.sleep(0.1)
+    ready_until_sigterm()
 finally:
     server.stop()
     server.wait()
