@@ -8,6 +8,9 @@ that work calls back into an RPC server in this process. The call back
 belongs to the cast's trace exactly when it arrives with the cast's trace id.
 """
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -146,6 +149,14 @@ def test_a_request_id_returns_every_trace_of_the_request_joined_entry_first(
     assert {(h["service"], h["side"], h["trace_id"]) for h in found["hops"]} == {
         ("test-client", "client", trace_id), ("spawner", "server", trace_id),
         ("spawner", "client", split), ("test-client", "server", split)}
+
+    # The CLI's equivalent: the same request, its entry's trace named.
+    done = subprocess.run([sys.executable, "-m", "commlens.cli.main", "trace", request_id,
+                           "--collector", collector.base_url], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, COLUMNS="250"))
+    assert done.returncode == 0, done.stderr
+    assert f"Request {request_id}: 2 traces, entry {trace_id}" in done.stdout
+    assert done.stdout.count("spawn_and_call") == 2 and "called_back" in done.stdout
 
 
 @pytest.fixture
