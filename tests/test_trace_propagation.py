@@ -232,3 +232,26 @@ def test_a_pool_worker_never_keeps_a_hop_between_items(instrumented):
             other = context.new_trace()
             third = run_in_hop(other, lambda pool=pool: pool.submit(context.current)).result()
         assert (first, second, third) == (hop, None, other)
+
+
+def test_a_hop_handed_to_threads_has_its_ids_before_they_share_it(instrumented):
+    import threading
+
+    # A received hop draws its span id when first needed: threads that each
+    # drew it at once would give their calls different parents. So the ids
+    # are drawn where the hop is handed over, before any thread runs.
+    hop = context.TraceContext(context.new_trace_id(), None, context.new_span_id())
+    release = threading.Event()
+    parents = []
+
+    def call():
+        release.wait(10)
+        parents.append(context.outgoing().parent_id)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    run_in_hop(hop, lambda: [t.start() for t in threads])
+    drawn = hop.span_id
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert drawn is not None and parents == [drawn] * 4

@@ -58,6 +58,19 @@ _patches = []   # (owner, name, original) of what instrument() replaced
 _lock = threading.Lock()
 
 
+def _hop_to_hand_over():
+    """The hop being served, its ids drawn: another thread is about to
+    share it, and two threads drawing them at once would give its children
+    two different parents."""
+    hop = _current.get()
+    if hop is not None and (hop.span_id is None or hop.trace_id is None):
+        try:
+            hop.ensure_ids()
+        except Exception:  # never into the service's spawn
+            return None
+    return hop
+
+
 def carried(fn, hop):
     """``fn`` that runs with ``hop`` as the hop being served, wherever it runs."""
     def run_in_hop(*args, **kwargs):
@@ -137,7 +150,7 @@ def _patch(owner, name, make):
 
 def _thread_start(original):
     def start(self):
-        hop = _current.get()
+        hop = _hop_to_hand_over()
         if hop is not None:
             self.__dict__[_HOP_ATTRIBUTE] = hop
         return original(self)
@@ -162,7 +175,7 @@ def _patch_submit(executor):
 
 def _submit(original):
     def submit(self, fn, /, *args, **kwargs):
-        hop = _current.get()
+        hop = _hop_to_hand_over()
         if hop is None:
             return original(self, fn, *args, **kwargs)
         # The pool may start a worker thread here: started outside the hop,
@@ -180,7 +193,7 @@ def _submit(original):
 def _green_thread_init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        hop = _current.get()
+        hop = _hop_to_hand_over()
         if hop is not None:
             self.__dict__[_HOP_ATTRIBUTE] = hop
     return __init__
@@ -197,7 +210,7 @@ def _green_thread_main(original):
 
 def _spawn_n(original):
     def _spawn_n(seconds, func, args, kwargs):
-        hop = _current.get()
+        hop = _hop_to_hand_over()
         if hop is not None:
             func = carried(func, hop)
         return original(seconds, func, args, kwargs)
@@ -213,7 +226,7 @@ def _looping_call_start(original):
     # only while it starts within LOOP_INHERIT_SECONDS of the loop's start.
     def _start(self, *args, **kwargs):
         function = getattr(self.f, _LOOP_FUNCTION, self.f)  # started again
-        hop = _current.get()
+        hop = _hop_to_hand_over()
         if hop is None:
             self.f = function
             return original(self, *args, **kwargs)
