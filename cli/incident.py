@@ -27,8 +27,9 @@ def add_commands(commands):
     chains.add_argument("--limit", type=int, default=20)
     chains.set_defaults(run=run_chains)
 
-    trace = commands.add_parser("trace", help="a whole trace, by request id (req-...) "
-                                              "or trace id")
+    trace = commands.add_parser("trace", help="a whole trace by trace id, or a whole "
+                                              "request by request id (req-...): all "
+                                              "its traces, joined, entry first")
     trace.add_argument("id", help="an OpenStack request id or a trace id")
     trace.set_defaults(run=run_trace)
 
@@ -162,7 +163,14 @@ class _Trace:
         hops = data["hops"]
         starts = [h["start"] for h in hops if h.get("start") is not None]
         zero = min(starts) if starts else 0.0
-        table = Table(title=f"Trace {data['trace_id']}")
+        traces = data.get("trace_ids") or [data["trace_id"]]
+        title = f"Trace {data['trace_id']}"
+        if data.get("request_id"):
+            # A request id answers with the whole request: its traces
+            # joined, the entry's first (exporters/history.py).
+            title = (f"Request {data['request_id']}: " + (title if len(traces) == 1 else
+                     f"{len(traces)} traces, entry {data['trace_id']}"))
+        table = Table(title=title)
         for column in ("at", "service", "side", "proto", "operation", "peer/target",
                        "duration", "error", "request id"):
             table.add_column(column)

@@ -20,6 +20,10 @@ LOG = logging.getLogger(__name__)
 DEFAULT_MAX_AGE_SECONDS = 24 * 3600
 DEFAULT_MAX_TRACES = 200000
 EXAMPLES_PER_CHAIN = 3
+# A request id joins at most this many traces (the most recent ones).
+MAX_JOINED_TRACES = 64
+# A stored chain's time: when its error happened, else when its trace closed.
+_CHAIN_AT = "coalesce(tc.at, tc.seen)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS traces (
@@ -43,6 +47,7 @@ CREATE TABLE IF NOT EXISTS chains (
 CREATE TABLE IF NOT EXISTS trace_chains (
     trace_id TEXT NOT NULL, chain_key TEXT NOT NULL, seen REAL NOT NULL,
     request_id TEXT,
+    at REAL,                       -- when the error happened: the origin hop's end
     PRIMARY KEY (trace_id, chain_key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS trace_chains_key_seen ON trace_chains (chain_key, seen);
@@ -71,6 +76,7 @@ class History:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            _add_missing_columns(self._db)
         except (sqlite3.Error, OSError) as exc:
             raise HistoryError(f"history {path!r}: {exc}") from None
 
@@ -118,7 +124,7 @@ class History:
             for chain in chains:
                 chain_rows.append((chain["key"], _encode(chain)))
                 trace_chain_rows.append((trace_id, chain["key"], now,
-                                         _entry_request_id(chain)))
+                                         _entry_request_id(chain), _chain_time(chain)))
         with self._lock:
             db = self._db
             db.execute("BEGIN")
@@ -130,7 +136,8 @@ class History:
                 db.executemany("INSERT OR REPLACE INTO request_ids VALUES (?,?,?)",
                                request_rows)
                 db.executemany("INSERT OR IGNORE INTO chains VALUES (?,?)", chain_rows)
-                db.executemany("INSERT OR REPLACE INTO trace_chains VALUES (?,?,?,?)",
+                db.executemany("INSERT OR REPLACE INTO trace_chains "
+                               "(trace_id, chain_key, seen, request_id, at) VALUES (?,?,?,?,?)",
                                trace_chain_rows)
                 db.execute("COMMIT")
             except sqlite3.Error:
@@ -159,47 +166,92 @@ class History:
     # -- reading (the API) -------------------------------------------------
 
     def trace(self, trace_or_request_id):
-        """The whole trace (every hop, by start time) for a trace id or a request id."""
+        """A trace by its id; by a request id, the whole request: every trace
+        that carries it (as request_id or global_request_id), joined.
+
+        Work a service does for a request continues its trace
+        (tracer/propagation.py), but a request can still span traces: a
+        caller commlens does not see, a hop that started before the agent
+        was enabled, work handed over in a way not patched. The request id
+        is what those traces share. Hops come entry first (the earliest hop
+        with no parent among them: nova-api's REST request), then by start
+        time; ``trace_id`` is the entry's trace, ``trace_ids`` all of them
+        in the same order. Ties are broken by ids, so the answer does not
+        depend on the order traces closed in.
+        """
         with self._lock:
             row = self._db.execute("SELECT trace_id FROM traces WHERE trace_id = ?",
                                    (trace_or_request_id,)).fetchone()
-            if row is None:
-                row = self._db.execute(
+            if row is not None:
+                trace_ids, request_id = [row[0]], None
+            else:
+                request_id = trace_or_request_id
+                trace_ids = [t for (t,) in self._db.execute(
                     "SELECT trace_id FROM request_ids WHERE request_id = ? "
-                    "ORDER BY seen DESC LIMIT 1", (trace_or_request_id,)).fetchone()
-            if row is None:
+                    "ORDER BY seen DESC, trace_id LIMIT ?", (request_id, MAX_JOINED_TRACES))]
+            marks = ",".join("?" * len(trace_ids))
+            rows = self._db.execute(
+                "SELECT trace_id, seen, hops FROM traces WHERE trace_id IN (%s)" % marks,
+                trace_ids).fetchall()
+            if not rows:
                 return None
-            trace_id = row[0]
-            seen, start, duration, hops = self._db.execute(
-                "SELECT seen, start, duration, hops FROM traces WHERE trace_id = ?",
-                (trace_id,)).fetchone()
-            keys = [k for (k,) in self._db.execute(
-                "SELECT chain_key FROM trace_chains WHERE trace_id = ?", (trace_id,))]
-            chains = [json.loads(c) for (c,) in self._db.execute(
-                "SELECT chain FROM chains WHERE chain_key IN (%s)" % ",".join("?" * len(keys)),
-                keys)]
-        hops = sorted(json.loads(hops), key=lambda h: (_number(h.get("start")),))
-        return {"trace_id": trace_id, "seen": seen, "start": start, "duration": duration,
-                "hops": hops, "chains": [_shape(c) for c in chains]}
+            keys = {}  # chain key -> the traces that have it
+            for t, k in self._db.execute(
+                    "SELECT trace_id, chain_key FROM trace_chains WHERE trace_id IN (%s)"
+                    % marks, trace_ids):
+                keys.setdefault(k, []).append(t)
+            chains = {k: json.loads(c) for k, c in self._db.execute(
+                "SELECT chain_key, chain FROM chains WHERE chain_key IN (%s)"
+                % ",".join("?" * len(keys)), list(keys))}
+        hops = [h for _, _, encoded in rows for h in json.loads(encoded)]
+        entry = _entry_hop(hops)
+        hops.sort(key=lambda h: (h is not entry, _number(h.get("start")),
+                                 str(h.get("trace_id")), str(h.get("span_id"))))
+        order = []  # trace ids, in the order their first hop comes
+        for hop in hops:
+            if hop.get("trace_id") not in order:
+                order.append(hop.get("trace_id"))
+        order += sorted(t for t, _, _ in rows if t not in order)
+        rank = {t: i for i, t in enumerate(order)}
+        starts = [h["start"] for h in hops if isinstance(h.get("start"), (int, float))]
+        ends = [h["start"] + _number(h.get("duration")) for h in hops
+                if isinstance(h.get("start"), (int, float))]
+        found = {"trace_id": order[0], "trace_ids": order,
+                 "seen": max(seen for _, seen, _ in rows),
+                 "start": min(starts) if starts else None,
+                 "duration": (max(ends) - min(starts)) if starts else None,
+                 "hops": hops,
+                 "chains": [_shape(chains[k]) for k in sorted(
+                     chains, key=lambda k: (min(rank.get(t, len(rank)) for t in keys[k]), k))]}
+        if request_id is not None:
+            found["request_id"] = request_id
+        return found
 
     def chains(self, since_seconds=900, limit=50, absorbed=None):
-        """Chains of the last ``since_seconds``, grouped by shape, most frequent first."""
+        """Chains of the last ``since_seconds``, grouped by shape, most frequent first.
+
+        A chain's time is when its error happened (the end of its origin
+        hop, as the hop's own process clocked it), not when the collector
+        closed its trace, several seconds later; the collector's time
+        stands in for chains stored before hops' times were kept.
+        """
         since = self._clock() - since_seconds
         with self._lock:
             rows = self._db.execute(
-                "SELECT tc.chain_key, count(*), min(tc.seen), max(tc.seen), c.chain "
+                "SELECT tc.chain_key, count(*), min(%(at)s), max(%(at)s), c.chain "
                 "FROM trace_chains tc JOIN chains c ON c.chain_key = tc.chain_key "
-                "WHERE tc.seen >= ? GROUP BY tc.chain_key "
-                "ORDER BY count(*) DESC, max(tc.seen) DESC", (since,)).fetchall()
+                "WHERE %(at)s >= ? GROUP BY tc.chain_key "
+                "ORDER BY count(*) DESC, max(%(at)s) DESC" % {"at": _CHAIN_AT},
+                (since,)).fetchall()
             groups = []
             for key, count, first, last, chain in rows:
                 chain = _shape(json.loads(chain))
                 if absorbed is not None and chain["absorbed"] != absorbed:
                     continue
                 examples = self._db.execute(
-                    "SELECT trace_id, request_id FROM trace_chains "
-                    "WHERE chain_key = ? AND seen >= ? ORDER BY seen DESC LIMIT ?",
-                    (key, since, EXAMPLES_PER_CHAIN)).fetchall()
+                    "SELECT trace_id, request_id FROM trace_chains tc "
+                    "WHERE chain_key = ? AND %(at)s >= ? ORDER BY %(at)s DESC LIMIT ?"
+                    % {"at": _CHAIN_AT}, (key, since, EXAMPLES_PER_CHAIN)).fetchall()
                 chain.update(count=count, first_seen=first, last_seen=last,
                              examples=[{"trace_id": t, "request_id": r} for t, r in examples])
                 groups.append(chain)
@@ -220,10 +272,29 @@ def _number(value):
 
 
 def _entry_hop(hops):
-    """The hop with no parent in the trace (the earliest such), if any."""
+    """The hop with no parent among ``hops`` (the earliest such, a server's
+    before a client's at the same time, then the longest), if any."""
     spans = {h.get("span_id") for h in hops}
     roots = [h for h in hops if h.get("parent_id") not in spans]
-    return min(roots, key=lambda h: _number(h.get("start")), default=None)
+    return min(roots, default=None, key=lambda h: (
+        _number(h.get("start")), h.get("side") != "server", -_number(h.get("duration")),
+        str(h.get("trace_id")), str(h.get("span_id"))))
+
+
+def _chain_time(chain):
+    """When the chain's error happened: the end of its origin hop, or None."""
+    origin = chain["hops"][0] if chain.get("hops") else {}
+    start = origin.get("start")
+    if not isinstance(start, (int, float)):
+        return None
+    return start + _number(origin.get("duration"))
+
+
+def _add_missing_columns(db):
+    """A history file written by an earlier release: add what it lacks."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(trace_chains)")}
+    if "at" not in columns:
+        db.execute("ALTER TABLE trace_chains ADD COLUMN at REAL")
 
 
 def _entry_request_id(chain):

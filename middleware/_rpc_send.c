@@ -41,6 +41,7 @@ typedef struct {
     PyObject *failed;          /* (send, exception, duration): the error path */
     PyObject *add_hop;         /* (send, outcome, error, duration) */
     PyObject *recording_failed;  /* (exception) */
+    PyObject *inner_send;      /* the inner driver's send */
     PyTypeObject *trace_context;  /* _speedups.TraceContext: what stamp returns */
 } Sender;
 
@@ -58,19 +59,20 @@ typedef struct {
 } Send;
 
 static PyTypeObject SenderType, SendType;
+static PyObject *send_end(Send *self, PyObject *exc);
 
 static int
 sender_init(Sender *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {
         "service", "recorder", "sent_metric", "reply_wait_metric", "method_label",
-        "context_copy", "stamp", "failed", "add_hop", "recording_failed", NULL};
+        "context_copy", "stamp", "failed", "add_hop", "recording_failed", "inner_send", NULL};
     PyObject *service, *recorder, *sent, *reply_wait, *method_label, *context_copy, *stamp,
-        *failed, *add_hop, *recording_failed;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$UOUUOOOOOO:Sender", keywords,
+        *failed, *add_hop, *recording_failed, *inner_send;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$UOUUOOOOOOO:Sender", keywords,
                                      &service, &recorder, &sent, &reply_wait, &method_label,
                                      &context_copy, &stamp, &failed, &add_hop,
-                                     &recording_failed))
+                                     &recording_failed, &inner_send))
         return -1;
     PyTypeObject *trace_context = commlens_trace_context_base();
     if (trace_context == NULL)
@@ -96,6 +98,7 @@ sender_init(Sender *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->failed, Py_NewRef(failed));
     Py_XSETREF(self->add_hop, Py_NewRef(add_hop));
     Py_XSETREF(self->recording_failed, Py_NewRef(recording_failed));
+    Py_XSETREF(self->inner_send, Py_NewRef(inner_send));
     return 0;
 }
 
@@ -115,6 +118,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->failed);
     Py_VISIT(self->add_hop);
     Py_VISIT(self->recording_failed);
+    Py_VISIT(self->inner_send);
     Py_VISIT(self->trace_context);
     return 0;
 }
@@ -135,6 +139,7 @@ sender_clear(Sender *self)
     Py_CLEAR(self->failed);
     Py_CLEAR(self->add_hop);
     Py_CLEAR(self->recording_failed);
+    Py_CLEAR(self->inner_send);
     Py_CLEAR(self->trace_context);
     return 0;
 }
@@ -279,6 +284,79 @@ fail:
     return NULL;
 }
 
+/* BaseDriver.send's parameters, as many as a send may be given. */
+#define SEND_MAX_ARGS 8
+
+/* The argument named ``name`` of a send: positional ``index``, or a keyword. */
+static PyObject *
+send_argument(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+              Py_ssize_t index, const char *name, Py_ssize_t *at)
+{
+    if (index < nargs) {
+        *at = index;
+        return args[index];
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), name) == 0) {
+            *at = nargs + i;
+            return args[nargs + i];
+        }
+    }
+    return NULL;
+}
+
+/* send(target, ctxt, message, wait_for_reply=None, timeout=None, ...) ->
+ * what the inner driver's send returns: CommlensDriver.send is this method
+ * itself (middleware/_rpc_send_py.py's Sender.send is its reference).
+ *
+ * The inner driver is called from here, in C, with the arguments as they
+ * came, the context replaced by the stamped copy. A C function adds no
+ * frame to a traceback, so an exception out of the inner driver (a
+ * MessagingTimeout, a RemoteError, a transport error) reaches the service
+ * exactly as it was raised, with no commlens frame in its traceback. */
+static PyObject *
+sender_send(Sender *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t total = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    if (self->inner_send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Sender not initialised");
+        return NULL;
+    }
+    Py_ssize_t ctxt_at = -1, unused;
+    PyObject *target = send_argument(args, nargs, kwnames, 0, "target", &unused);
+    PyObject *ctxt = send_argument(args, nargs, kwnames, 1, "ctxt", &ctxt_at);
+    PyObject *message = send_argument(args, nargs, kwnames, 2, "message", &unused);
+    PyObject *wait = send_argument(args, nargs, kwnames, 3, "wait_for_reply", &unused);
+    if (target == NULL || ctxt == NULL || message == NULL || total > SEND_MAX_ARGS)
+        /* Not a send we can read: the inner driver says what is wrong. */
+        return PyObject_Vectorcall(self->inner_send, args, nargs, kwnames);
+    PyObject *begin_args[] = {target, ctxt, message, wait ? wait : Py_None};
+    PyObject *call = sender_begin(self, begin_args, 4);
+    if (call == NULL) {
+        /* commlens's own error: counted, and the send goes on unrecorded. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        commlens_hand_over_error(self->recording_failed, NULL);
+    }
+    if (call == NULL || call == Py_None) {
+        Py_XDECREF(call);
+        return PyObject_Vectorcall(self->inner_send, args, nargs, kwnames);
+    }
+    PyObject *forwarded[SEND_MAX_ARGS + 1];
+    for (Py_ssize_t i = 0; i < total; i++)
+        forwarded[i + 1] = args[i];
+    forwarded[ctxt_at + 1] = ((Send *)call)->ctxt;
+    PyObject *result = PyObject_Vectorcall(self->inner_send, forwarded + 1,
+                                           nargs | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+    PyObject *raised = result == NULL ? PyErr_GetRaisedException() : NULL;
+    Py_XDECREF(send_end((Send *)call, raised ? raised : Py_None));  /* never raises */
+    Py_DECREF(call);
+    if (raised != NULL)
+        PyErr_SetRaisedException(raised);
+    return result;
+}
+
 /* take_open_calls() -> the tokens of the calls still waiting, forgotten
  * here (the driver's cleanup releases them). */
 static PyObject *
@@ -299,6 +377,9 @@ sender_take_open_calls(Sender *self, PyObject *Py_UNUSED(unused))
 static PyMethodDef sender_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))sender_begin, METH_FASTCALL,
      "begin(target, ctxt, message, wait_for_reply) -> Send or None"},
+    {"send", (PyCFunction)(void (*)(void))sender_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(target, ctxt, message, wait_for_reply=None, ...): the inner driver's send, "
+     "recorded"},
     {"take_open_calls", (PyCFunction)sender_take_open_calls, METH_NOARGS,
      "The tokens of the calls still waiting for a reply, forgotten here."},
     {NULL},

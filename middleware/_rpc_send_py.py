@@ -5,6 +5,10 @@ around every call, cast and fanout a service sends (CommlensDriver.send),
 and rpc_driver.py says what it records and why. A Sender (one per driver)
 begins a Send for each message:
 
+    result = sender.send(target, ctxt, message, ...)   # CommlensDriver.send itself
+
+which is:
+
     call = sender.begin(target, ctxt, message, wait_for_reply)  # None: unrecorded
     ... the inner driver sends call.ctxt ...
     call.end(None)   # or call.end(exception) if the send raised
@@ -30,7 +34,7 @@ class Sender:
     rpc_driver.CommlensDriver."""
 
     def __init__(self, *, service, recorder, sent_metric, reply_wait_metric, method_label,
-                 context_copy, stamp, failed, add_hop, recording_failed):
+                 context_copy, stamp, failed, add_hop, recording_failed, inner_send):
         self._service = service
         self._recorder = recorder
         self._inc = recorder.inc
@@ -44,9 +48,41 @@ class Sender:
         self._failed = failed                 # (send, exception, duration): the error path
         self._add_hop = add_hop               # (send, outcome, error, duration)
         self._recording_failed = recording_failed  # (exception)
+        self._inner_send = inner_send         # the inner driver's send
         # The tokens of the calls waiting for a reply: released by the
         # driver's cleanup if their reply never comes.
         self._open_calls = set()
+
+    def send(self, target, ctxt, message, wait_for_reply=None, timeout=None,
+             call_monitor_timeout=None, retry=None, transport_options=None):
+        """The inner driver's send, recorded: CommlensDriver.send is this method.
+
+        The inner driver's exception is re-raised as it was. Compiled, the
+        inner driver is called from C and no commlens frame is in its
+        traceback; here one frame is, this one (README, "Tracebacks"):
+        Python adds the frame of every function an exception passes
+        through, and only code that sees the exception can record it.
+        """
+        try:
+            call = self.begin(target, ctxt, message, wait_for_reply)
+        except Exception as exc:
+            self._recording_failed(exc)
+            call = None
+        if call is None:
+            return self._inner_send(
+                target, ctxt, message, wait_for_reply=wait_for_reply, timeout=timeout,
+                call_monitor_timeout=call_monitor_timeout, retry=retry,
+                transport_options=transport_options)
+        try:
+            result = self._inner_send(
+                target, call.ctxt, message, wait_for_reply=wait_for_reply, timeout=timeout,
+                call_monitor_timeout=call_monitor_timeout, retry=retry,
+                transport_options=transport_options)
+        except BaseException as exc:
+            call.end(exc)
+            raise
+        call.end(None)
+        return result
 
     def begin(self, target, ctxt, message, wait_for_reply):
         """A Send, or None when the context cannot carry ours (counted as

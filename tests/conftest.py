@@ -85,14 +85,16 @@ def collector(rabbitmq, tmp_path_factory):
 
 @pytest.fixture
 def start_peer(rabbitmq, tmp_path):
-    """Start an RPC server process: start_peer(url, topic, service=..., ...)."""
+    """Start an RPC server process: start_peer(url, topic, service=..., ...);
+    ``script`` is another peer of tests/peers/ taking the same arguments,
+    ``args`` more of them."""
     peers = []
 
     def start(url, topic, service="peer-server", executor="threading",
-              notifications=False, otel=False, env=None):
+              notifications=False, otel=False, env=None, script="rpc_peer.py", args=()):
         log_path = tmp_path / f"peer-{len(peers)}.log"
-        command = [sys.executable, str(PEERS / "rpc_peer.py"), "--url", url,
-                   "--topic", topic, "--executor", executor]
+        command = [sys.executable, str(PEERS / script), "--url", url,
+                   "--topic", topic, "--executor", executor, *args]
         if notifications:
             command.append("--notifications")
         if otel:

@@ -400,10 +400,6 @@ class _RequestContext:
 def test_sends_are_recorded_alike(hop_sample_ratio):
     import oslo_messaging as om
 
-    from commlens.middleware import _rpc_send
-    from commlens.middleware import _rpc_send_py
-    from commlens.middleware import rpc_driver
-    from commlens.tracer import labels
 
     rng = random.Random(31)
     targets = [om.Target(topic="conductor"), om.Target(topic="compute", fanout=True),
@@ -417,15 +413,7 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
                OSError("broker gone"), om.MessagingException("transport")]
     recorders = {"compiled": _recorder(hop_sample_ratio),
                  "python": _recorder(hop_sample_ratio)}
-    senders = {}
-    for name, module in (("compiled", _rpc_send), ("python", _rpc_send_py)):
-        driver = _driver(recorders[name])
-        senders[name] = module.Sender(
-            service=driver._service, recorder=driver._recorder,
-            sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
-            method_label=labels.method, context_copy=rpc_driver._context_copy,
-            stamp=context.stamp_outgoing, failed=driver._send_failed,
-            add_hop=driver._add_send_hop, recording_failed=driver._send_recording_failed)
+    senders = _senders(recorders, lambda name: lambda *args, **kwargs: None)
     for step in range(3000):
         target, ctxt = rng.choice(targets), rng.choice(contexts)
         message, wait = rng.choice(messages), rng.choice([True, False, None, 1, 0])
@@ -454,6 +442,77 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
                                                     parent.child_failed))
         assert seen["compiled"] == seen["python"], (step, target, ctxt, message, wait, ending)
     assert _snapshot(recorders["compiled"]) == _snapshot(recorders["python"])
+
+
+@needs_compiled
+def test_sends_pass_on_the_same_arguments_and_exceptions_alike():
+    # Sender.send: the compiled one reads the arguments the way oslo.messaging
+    # passes them (or any other way Python allows) and calls the inner driver
+    # with the stamped context; what the inner driver gets, returns or raises
+    # is the same over both.
+    import oslo_messaging as om
+
+
+    rng = random.Random(37)
+    target = om.Target(topic="conductor")
+    endings = [None, om.MessagingTimeout("late"), ValueError("remote"), OSError("gone")]
+    calls = [
+        lambda send, ctxt: send(target, ctxt, {"method": "build"}, wait_for_reply=True,
+                                timeout=30, call_monitor_timeout=None, retry=None,
+                                transport_options=None),
+        lambda send, ctxt: send(target, ctxt, {"method": "build"}, None, 5, None, 0, None),
+        lambda send, ctxt: send(target=target, message={"method": "x"}, ctxt=ctxt),
+        lambda send, ctxt: send(target, ctxt, 12),  # the recording fails: sent unrecorded
+        lambda send, ctxt: send(target, ctxt),  # not a send: the inner driver says so
+        lambda send, ctxt: send(target, ctxt, {}, True, 1, 2, 3, 4, 5),  # one too many
+    ]
+    recorders = {"compiled": _recorder(1.0), "python": _recorder(1.0)}
+    received = {}
+    senders = _senders(recorders, lambda name: _inner_send(name, received, lambda: ending))
+    for step in range(300):
+        ending, call = rng.choice(endings), rng.choice(calls)
+        ctxt = rng.choice([{"request_id": "req-1"}, {"traceparent": VALID}, object()])
+        seen = {}
+        for name, sender in senders.items():
+            received.pop(name, None)
+            seen[name] = (outcome(call, sender.send, ctxt), received.get(name))
+        assert seen["compiled"] == seen["python"], (step, ending)
+    assert _snapshot(recorders["compiled"]) == _snapshot(recorders["python"])
+
+
+def _senders(recorders, inner_send):
+    """{implementation: its Sender}, each recording into recorders[implementation]
+    and sending with inner_send(implementation)."""
+    from commlens.middleware import _rpc_send
+    from commlens.middleware import _rpc_send_py
+    from commlens.middleware import rpc_driver
+    from commlens.tracer import labels
+
+    senders = {}
+    for name, module in (("compiled", _rpc_send), ("python", _rpc_send_py)):
+        driver = _driver(recorders[name])
+        senders[name] = module.Sender(
+            service=driver._service, recorder=driver._recorder,
+            sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
+            method_label=labels.method, context_copy=rpc_driver._context_copy,
+            stamp=context.stamp_outgoing, failed=driver._send_failed,
+            add_hop=driver._add_send_hop, recording_failed=driver._send_recording_failed,
+            inner_send=inner_send(name))
+    return senders
+
+
+def _inner_send(name, received, ending):
+    """An inner driver's send, BaseDriver.send's signature exactly: keeps
+    what it was given in received[name], raises ending() if any."""
+    def send(target, ctxt, message, wait_for_reply=None, timeout=None,
+             call_monitor_timeout=None, retry=None, transport_options=None):
+        received[name] = (sorted(ctxt) if isinstance(ctxt, dict) else ctxt, message,
+                          wait_for_reply, timeout, call_monitor_timeout, retry,
+                          transport_options)
+        if ending() is not None:
+            raise ending()
+        return "reply"
+    return send
 
 
 class _Message:

@@ -207,3 +207,83 @@ def test_a_refused_request_alone_is_not_a_chain_but_a_refusal_below_an_error_is(
     failing = hop(trace_id, "a" * 16, None, "nova-api", "server", "http", "GET /x", "500")
     (chain,) = chains.derive([failing, below])
     assert chain["origin"]["error"] == "404"
+
+
+def test_a_request_id_joins_every_trace_that_carries_it_entry_first_whatever_order_they_closed():
+    # nova-compute's work for one boot, split over traces that share the
+    # boot's request id (work handed over in a way commlens did not follow).
+    request_id = "req-" + context.new_trace_id()[:8]
+    api, compute, placement = (context.new_trace_id() for _ in range(3))
+    traces = {
+        api: [hop(api, "a" * 16, None, "nova-api", "server", "http", "POST /servers",
+                  start=100.0, duration=0.5, request_id=request_id),
+              hop(api, "b" * 16, "a" * 16, "nova-api", "client", "rpc", "build_instances",
+                  start=100.0, request_id=request_id)],
+        compute: [hop(compute, "c" * 16, None, "nova-compute", "client", "rpc",
+                      "object_action", start=101.0, request_id=request_id),
+                  hop(compute, "d" * 16, "c" * 16, "nova-conductor", "server", "rpc",
+                      "object_action", start=101.1, request_id=request_id)],
+        placement: [hop(placement, "e" * 16, None, "nova-compute", "client", "http", "GET",
+                        start=101.0, request_id=request_id)],
+    }
+    answers = []
+    for order in ([api, compute, placement], [placement, compute, api],
+                  [compute, api, placement]):
+        history = history_mod.History()
+        for trace_id in order:
+            history.save([(trace_id, traces[trace_id], chains.derive(traces[trace_id]))])
+        found = history.trace(request_id)
+        found.pop("seen")
+        answers.append(found)
+    assert answers[0] == answers[1] == answers[2]
+    found = answers[0]
+    assert found["request_id"] == request_id
+    assert found["trace_id"] == api
+    # Two roots start at 101.0: the tie is broken by trace id, not by arrival.
+    assert found["trace_ids"] == [api] + sorted([compute, placement])
+    assert [h["span_id"][0] for h in found["hops"]][:2] == ["a", "b"]
+    assert len(found["hops"]) == 5
+    assert found["start"] == 100.0 and abs(found["duration"] - 1.11) < 1e-9
+    # A trace id still answers with that trace alone.
+    assert {h["trace_id"] for h in history.trace(compute)["hops"]} == {compute}
+
+
+def test_chain_first_and_last_seen_are_when_the_error_happened_not_when_its_trace_closed():
+    clock = Clock()
+    clock.now = 2_000_000.0
+    history = history_mod.History(clock=clock)
+    happened = []
+    for seconds_ago in (60, 30):
+        trace_id = context.new_trace_id()
+        hops = error_trace(trace_id)
+        for item in hops:
+            item["start"] = clock.now - seconds_ago
+        hops[-1]["duration"] = 0.25  # the origin: neutron-server's 409
+        happened.append(clock.now - seconds_ago + 0.25)
+        clock.now += 9  # the trace closes after its quiet period
+        history.save([(trace_id, hops, chains.derive(hops))])
+    (group,) = history.chains(since_seconds=3600)
+    assert (group["first_seen"], group["last_seen"]) == tuple(happened)
+    assert group["count"] == 2
+
+
+def test_a_history_file_from_before_chain_times_opens_and_its_chains_keep_their_close_time(
+        tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "old.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE trace_chains (
+            trace_id TEXT NOT NULL, chain_key TEXT NOT NULL, seen REAL NOT NULL,
+            request_id TEXT, PRIMARY KEY (trace_id, chain_key)) WITHOUT ROWID;
+        CREATE TABLE chains (chain_key TEXT PRIMARY KEY, chain TEXT NOT NULL);
+    """)
+    chain = chains.derive(error_trace(context.new_trace_id()))[0]
+    db.execute("INSERT INTO chains VALUES (?, ?)", (chain["key"], json.dumps(chain)))
+    db.execute("INSERT INTO trace_chains VALUES ('t', ?, ?, NULL)", (chain["key"], 1234.5))
+    db.commit()
+    db.close()
+    history = history_mod.History(path, clock=lambda: 2000.0)
+    (group,) = history.chains(since_seconds=3600)
+    assert (group["first_seen"], group["last_seen"]) == (1234.5, 1234.5)

@@ -149,7 +149,8 @@ def with_baggage_sender(existing, service, kind, span_id):
 
 
 # The hop this thread (or greenthread) is serving right now: outgoing calls
-# made while it is set become its children.
+# made while it is set become its children. A new thread or greenthread
+# starts without it; tracer/propagation.py hands it to spawned work.
 _current = contextvars.ContextVar("commlens_current_hop", default=None)
 
 

@@ -39,6 +39,7 @@ from commlens.tracer import derived
 from commlens.tracer import hops
 from commlens.tracer import implementation
 from commlens.tracer import metrics
+from commlens.tracer import propagation
 from commlens.tracer import wire
 
 # tracer/_speedups.c, or its Python twin tracer/_speedups_py.py
@@ -289,7 +290,17 @@ def install(settings, shipper_factory=None, service=None):
             if shipper_factory is not None:
                 recorder.attach_shipper(shipper_factory(recorder))
             _RECORDER = recorder
+            _instrument_propagation()
         return _RECORDER
+
+
+def _instrument_propagation():
+    """Spawned work continues the trace of the request that spawned it."""
+    try:
+        propagation.instrument()
+    except Exception as exc:  # never into the service
+        propagation.uninstrument()
+        LOG.error("commlens: traces will not follow spawned work: %s", exc)
 
 
 def uninstall():
@@ -305,6 +316,7 @@ def uninstall():
     global _RECORDER
     with _RECORDER_LOCK:
         recorder, _RECORDER = _RECORDER, None
+    propagation.uninstrument()
     if recorder is not None and recorder.shipper is not None:
         recorder.shipper.stop()
 

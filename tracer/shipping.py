@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 
+from commlens.tracer import context
 from commlens.tracer import urls
 from commlens.tracer import wire
 
@@ -274,6 +275,8 @@ class Shipper:
         self._transport = _reopen(self._transport)
 
     def _run(self):
+        # commlens's own thread serves no request, even if started in one.
+        context.set_current(None)
         # Connected before there is anything to ship: a process that ends
         # early (a worker recycled after a few requests) then spends its
         # exit's one second publishing, not connecting.

@@ -7,7 +7,6 @@ as it would for an operator's non-oslo service.
 
 import argparse
 import os
-import signal
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--url", required=True)
@@ -31,6 +30,7 @@ import time  # noqa: E402
 
 import oslo_messaging as om  # noqa: E402
 from oslo_config import cfg  # noqa: E402
+from serving import ready_until_sigterm  # noqa: E402
 
 finished_spans = []
 if args.otel:
@@ -131,13 +131,8 @@ if args.notifications:
         [NotificationEndpoint()], executor=args.executor, allow_requeue=True)
     listener.start()
 
-stopping = []
-signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-print("READY", flush=True)
 try:
-    # Not a blocking read of stdin: under eventlet that would stall the hub.
-    while not stopping:
-        time.sleep(0.1)
+    ready_until_sigterm()
 finally:
     server.stop()
     server.wait()
