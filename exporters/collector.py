@@ -481,7 +481,9 @@ class Collector:
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
-        result = graph.build(current, baseline, age, consumers, queues, self.processes())
+        processes = self.processes()
+        result = graph.build(current, baseline, age, consumers, queues, processes,
+                             reporting=graph.reporting_services(merged[0], merged[1], processes))
         # Successful calls' latency comes from the per-method samples, which
         # look back 15 minutes at most.
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
