@@ -111,9 +111,15 @@ def to_dot(nodes, edges, found=frozenset(), tolerances=DEFAULT_TOLERANCES):
         waiting, timeouts = fields["waiting"], fields["timeouts"]
         state = tolerances.classify(node["error_ratio"], node["rate_in"], waiting)
         classes = [state] + (["found"] if "node:" + name in found else [])
+        # Not instrumented (Kiali's unknown nodes): dashed and grey, known
+        # only from its callers, or only by its client's User-Agent.
+        outside = not node.get("instrumented", True)
+        if outside:
+            classes.append("uninstrumented")
         lines.append(
             f"  {_q(name)} [id={_q('node:' + name)}, class={_q(' '.join(classes))}, "
-            f"color={_q(health.COLOURS[state])}, "
+            + ('style="rounded,filled,dashed", fillcolor="#f4f4f4", ' if outside else "")
+            + f"color={_q(health.COLOURS[state])}, "
             f"penwidth={4 if 'found' in classes else 2}, "
             f"tooltip={_q(_node_tooltip(node, waiting, timeouts, state))}, "
             f"label=<{_node_label(node, waiting, timeouts)}>];")
@@ -176,22 +182,40 @@ def _edge_label(edge):
 
 
 def _edge_tooltip(edge, state):
+    by_client = (", counted by the caller: the server is not instrumented"
+                 if edge.get("measured_by") == "client" else "")
     return (f"{edge['client']} -> {edge['server']} ({edge['protocol'].upper()}, {state}): "
             f"{_rate(edge['rate'])}, {edge['error_ratio'] * 100:.3g}% errors, "
             f"p50 {_ms(edge.get('ok_p50_seconds'))}, p99 {_ms(edge.get('ok_p99_seconds'))} "
-            f"(successful calls)")
+            f"(successful calls{by_client})")
+
+
+def _outside_note(node):
+    """How a node that does not report itself is known, or None."""
+    if node.get("instrumented", True):
+        return None
+    if node.get("user_agent"):
+        return f"unknown caller ({node['user_agent']})"
+    return "not instrumented"
 
 
 def _node_tooltip(node, waiting, timeouts, state):
-    return (f"{node['service']} ({state}): in {_rate(node['rate_in'])}, out "
+    note = _outside_note(node)
+    return (f"{node['service']} ({state}{', ' + note if note else ''}): "
+            f"in {_rate(node['rate_in'])}, out "
             f"{_rate(node['rate_out'])}, {node['error_ratio'] * 100:.3g}% errors, "
             f"{waiting:.0f} replies waited for, {timeouts:.0f} timeouts")
 
 
 def _node_label(node, waiting, timeouts):
-    rows = [f"<TR><TD><B>{html.escape(node['service'])}</B></TD></TR>",
-            f"<TR><TD><FONT POINT-SIZE=\"9\">in {_rate(node['rate_in'])}"
-            f" · {node['error_ratio'] * 100:.2g}% err</FONT></TD></TR>"]
+    note = _outside_note(node)
+    title = (html.escape(note) if node.get("user_agent")
+             else f"<B>{html.escape(node['service'])}</B>")
+    rows = [f"<TR><TD>{title}</TD></TR>"]
+    if note and not node.get("user_agent"):
+        rows.append(f'<TR><TD><FONT POINT-SIZE="8" COLOR="#666666">{note}</FONT></TD></TR>')
+    rows.append(f"<TR><TD><FONT POINT-SIZE=\"9\">in {_rate(node['rate_in'])}"
+                f" · {node['error_ratio'] * 100:.2g}% err</FONT></TD></TR>")
     if waiting or timeouts:
         badge = " · ".join(text for value, text in (
             (waiting, f"{waiting:.0f} waiting"), (timeouts, f"{timeouts:.0f} timeouts"))

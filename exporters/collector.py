@@ -228,7 +228,10 @@ class Collector:
             LOG.info("collector: %s (pid %s on %s) reports again", entry.service,
                      entry.pid, entry.host)
         service = process.get("service")
-        entry.service = service if settings.valid_service_name(service) else "invalid"
+        service = service if settings.valid_service_name(service) else "invalid"
+        if entry.seq >= 0 and service != entry.service and entry.service != "invalid":
+            self._rename(entry, entry.service, service, now)
+        entry.service = service
         entry.host = str(process.get("host"))[:255]
         entry.pid = process.get("pid") if type(process.get("pid")) is int else None
         entry.seq = seq
@@ -281,6 +284,66 @@ class Collector:
             if key in current or self._hold(entry, key):
                 current[key] = value
 
+    def _rename(self, entry, old, new, now):
+        """A process now ships under another name (it took its WSGI
+        application's name, tracer/recorder.py Recorder.adopt): the series
+        it shipped under the old one are moved to the new one, its baseline
+        and what it added to the totals alike, so the old name leaves the
+        graph and /metrics at once instead of staying a node of its own
+        until the series retention. Called with the lock held.
+
+        An old series that other processes still hold (gunicorn workers not
+        renamed yet) keeps what they added: it goes down by what moved,
+        which Prometheus reads as a counter reset; it happens once, at start."""
+        for held in (entry.counters, entry.histograms, entry.gauges):
+            for key in list(held):
+                new_key = (key[0], metrics.renamed_labels(key[0], key[1], {old: new}))
+                if new_key == key:
+                    continue
+                value = held.pop(key)
+                self._unhold(key, now)
+                if new_key in held or not self._hold(entry, new_key):
+                    continue  # counted under the new name already, or refused by a cap
+                held[new_key] = value
+                if key in self._counters:
+                    moved = min(value, self._counters[key])
+                    self._counters[key] -= moved
+                    self._counters[new_key] = self._counters.get(new_key, 0.0) + moved
+                elif key in self._histograms:
+                    counts, total = self._histograms[key]
+                    moved = [min(a, b) for a, b in zip(value[0], counts, strict=True)]
+                    self._histograms[key] = [[a - b for a, b in zip(counts, moved, strict=True)],
+                                             total - min(value[1], total)]
+                    aggregate.add_histogram(self._histograms, new_key, moved,
+                                            min(value[1], total))
+                else:
+                    continue  # a gauge: only its place moves
+                self._drop_if_empty(key)
+
+    def _drop_if_empty(self, key):
+        """Drop a series nobody holds any more whose total is nothing."""
+        if self._holders.get(key):
+            return
+        if key in self._counters:
+            empty = self._counters[key] <= 1e-9
+        else:
+            empty = sum(self._histograms[key][0]) <= 1e-9
+        if empty:
+            self._counters.pop(key, None)
+            self._histograms.pop(key, None)
+            self._unheld.pop(key, None)
+            self._holders.pop(key, None)
+
+    def _unhold(self, key, now):
+        """One process less holds ``key``."""
+        refs = self._holders[key] - 1
+        self._holders[key] = refs
+        if not refs:
+            if key in self._counters or key in self._histograms:
+                self._unheld[key] = now
+            else:
+                del self._holders[key]
+
     def _hold(self, entry, key):
         """Count ``key`` as held by ``entry``, within the caps; False if refused."""
         if entry.held() >= self.max_series_per_process:
@@ -305,14 +368,7 @@ class Collector:
             self._gone.popitem(last=False)
         for held in (entry.counters, entry.histograms, entry.gauges):
             for key in held:
-                refs = self._holders[key] - 1
-                self._holders[key] = refs
-                if refs:
-                    continue
-                if key in self._counters or key in self._histograms:
-                    self._unheld[key] = now
-                else:
-                    del self._holders[key]  # a gauge: nothing left to show
+                self._unhold(key, now)
 
     def _forget_one(self, now):
         """Make room for a new process by forgetting the one heard from
@@ -425,7 +481,9 @@ class Collector:
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
-        result = graph.build(current, baseline, age, consumers, queues, self.processes())
+        processes = self.processes()
+        result = graph.build(current, baseline, age, consumers, queues, processes,
+                             reporting=graph.reporting_services(merged[0], merged[1], processes))
         # Successful calls' latency comes from the per-method samples, which
         # look back 15 minutes at most.
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))

@@ -18,6 +18,14 @@ services consuming one topic each get the calls they answered. A topic nobody
 consumes stays a node under the topic's own name (a conductor that is down
 shows as ``conductor``).
 
+A destination that is not instrumented (a glance or neutron that runs
+without commlens) reports nothing; its callers' side of a REST edge
+(``commlens_http_client_requests_total``, their client histograms) is then
+the edge, as Kiali draws unknown destinations, and the node says it is not
+instrumented. A caller that is not instrumented is known only by the client
+product in its User-Agent (``keystoneauth1``): its node is an unknown caller
+of that user agent (tracer/names.py).
+
 Rates need two points in time: ``GraphSamples`` keeps the edge totals every
 few seconds for the longest window served.
 """
@@ -29,6 +37,7 @@ import time
 
 from commlens.tracer import aggregate
 from commlens.tracer import metrics
+from commlens.tracer import names
 
 RPC, HTTP = "rpc", "http"
 MAX_WINDOW_SECONDS = 3600
@@ -162,9 +171,12 @@ def resolve_rpc_servers(counters, histograms, consumers):
 
 
 class EdgeTotals:
-    """Cumulative figures of one edge at one moment."""
+    """Cumulative figures of one edge at one moment. ``client_requests`` and
+    ``client_failed``: what the caller of a REST edge counted itself (all its
+    requests; 5xx and no response), the edge when no server reports it."""
 
-    __slots__ = ("requests", "failed", "timeouts", "server", "client", "waiting")
+    __slots__ = ("requests", "failed", "timeouts", "server", "client", "waiting",
+                 "client_requests", "client_failed")
 
     def __init__(self):
         self.requests = 0.0
@@ -173,6 +185,8 @@ class EdgeTotals:
         self.server = [0] * _N_BUCKETS
         self.client = [0] * _N_BUCKETS
         self.waiting = 0.0
+        self.client_requests = 0.0
+        self.client_failed = 0.0
 
 
 def edge_totals(counters, histograms, gauges):
@@ -195,6 +209,13 @@ def edge_totals(counters, histograms, gauges):
             for server, share in consumers.servers(service, topic, method, _CALL):
                 edges[(service, server, RPC)].timeouts += value * share
     for (name, labels), (counts, _total) in histograms.items():
+        if name == metrics.HTTP_CLIENT_DURATION.name:
+            service, target, _method, outcome = labels
+            totals = edges[(service, target, HTTP)]
+            totals.client_requests += sum(counts)
+            if outcome != metrics.OK:
+                totals.client_failed += sum(counts)
+            continue
         if name == metrics.SERVICE_GRAPH_SERVER_SECONDS.name:
             target = edge(*labels).server
         elif name == metrics.SERVICE_GRAPH_CLIENT_SECONDS.name:
@@ -235,9 +256,12 @@ def method_totals(counters, histograms, gauges, consumers):
     RPC rows come from the callers (topic.method: what they sent, their errors
     by outcome, their waits and waiting replies); REST rows from the servers
     (method and route by caller, 5xx as errors; the route's latency is over all
-    its callers, as the server does not record it per caller).
+    its callers, as the server does not record it per caller), or, for a
+    destination no server reports, from the callers (by method: a caller
+    records no route; 5xx and no response as errors).
     """
     edges = collections.defaultdict(lambda: collections.defaultdict(MethodTotals))
+    client_side = collections.defaultdict(lambda: collections.defaultdict(MethodTotals))
     route_latency = collections.defaultdict(lambda: [0] * _N_BUCKETS)
 
     def rpc_rows(service, topic, method, kind):
@@ -262,6 +286,12 @@ def method_totals(counters, histograms, gauges, consumers):
             row.requests += value
             if code.startswith("5"):
                 row.errors += value
+        elif name == metrics.HTTP_CLIENT_REQUESTS.name:
+            service, target, method, code = labels
+            row = client_side[(service, target, HTTP)][method]
+            row.requests += value
+            if code.startswith("5") or code == metrics.FAILED:
+                row.errors += value
     for (name, labels), value in gauges.items():
         if name == metrics.RPC_WAITING_REPLIES.name:
             for row, share in rpc_rows(*labels, _CALL):
@@ -274,6 +304,9 @@ def method_totals(counters, histograms, gauges, consumers):
         elif name == metrics.HTTP_DURATION.name:
             service, method, route, _outcome = labels
             targets = [(route_latency[(service, f"{method} {route}")], 1.0)]
+        elif name == metrics.HTTP_CLIENT_DURATION.name:
+            service, target, method, _outcome = labels
+            targets = [(client_side[(service, target, HTTP)][method].ok_latency, 1.0)]
         else:
             continue
         for target, share in targets:
@@ -283,6 +316,9 @@ def method_totals(counters, histograms, gauges, consumers):
         if protocol == HTTP:
             for operation, row in rows.items():
                 row.ok_latency = list(route_latency.get((server, operation), row.ok_latency))
+    for edge, rows in client_side.items():
+        if edge not in edges:
+            edges[edge] = rows
     return {edge: dict(rows) for edge, rows in edges.items()}
 
 
@@ -386,18 +422,42 @@ class GraphSamples:
                     if now - t <= seconds]
 
 
-def build(current, baseline, seconds, consumers, queues=None, processes=()):
-    """The graph JSON: nodes and edges with rates over ``seconds``."""
+def reporting_services(counters, histograms, processes=()):
+    """The services that report themselves: the ``service`` of any series
+    (what a process records is under its own name) or of a process."""
+    reporting = {process["service"] for process in processes}
+    for series in (counters, histograms):
+        for name, labels in series:
+            metric = metrics.SHIPPED.get(name)
+            if metric is not None and metric.labels[:1] == ("service",) and labels:
+                reporting.add(labels[0])
+    return reporting
+
+
+def build(current, baseline, seconds, consumers, queues=None, processes=(), reporting=None):
+    """The graph JSON: nodes and edges with rates over ``seconds``.
+
+    ``reporting``: the services that report (``reporting_services``); the
+    others are drawn as not instrumented. None: every node counts as
+    instrumented."""
     seconds = max(seconds, 1e-3)
     edges, nodes = [], {}
     for (client, server, protocol), now in sorted(current.items()):
         then = baseline.get((client, server, protocol)) or EdgeTotals()
-        requests = max(0.0, now.requests - then.requests)
-        failed = max(0.0, now.failed - then.failed)
+        # A REST edge no server reports: the caller's own counts are the edge.
+        from_client = protocol == HTTP and not any(now.server) and now.client_requests > 0
+        if from_client:
+            requests = max(0.0, now.client_requests - then.client_requests)
+            failed = max(0.0, now.client_failed - then.client_failed)
+            ever = now.client_requests
+        else:
+            requests = max(0.0, now.requests - then.requests)
+            failed = max(0.0, now.failed - then.failed)
+            ever = now.requests
         latency = _bucket_delta(now.server, then.server)
         if not any(latency):
             latency = _bucket_delta(now.client, then.client)
-        if requests == 0 and now.waiting == 0 and now.requests == 0:
+        if requests == 0 and now.waiting == 0 and ever == 0:
             continue
         edge = {
             "client": client, "server": server, "protocol": protocol,
@@ -405,6 +465,9 @@ def build(current, baseline, seconds, consumers, queues=None, processes=()):
             "error_ratio": (failed / requests) if requests else 0.0,
             "requests": requests, "failed": failed,
             "p50_seconds": quantile(0.5, latency), "p99_seconds": quantile(0.99, latency),
+            # Who counted it: the server (as for every instrumented
+            # destination) or only the caller.
+            "measured_by": "client" if from_client else "server",
         }
         if protocol == RPC:
             edge["waiting_replies"] = now.waiting
@@ -421,6 +484,10 @@ def build(current, baseline, seconds, consumers, queues=None, processes=()):
         _node(nodes, process["service"])["processes"] += 1
     for node in nodes.values():
         node["error_ratio"] = (node["failed_in"] / node["rate_in"]) if node["rate_in"] else 0.0
+        node["instrumented"] = reporting is None or node["service"] in reporting
+        # An uninstrumented caller known only by its client's User-Agent.
+        node["user_agent"] = (node["service"] if not node["instrumented"]
+                              and node["service"] in names.CLIENT_CALLERS else None)
     return {"window_seconds": seconds, "nodes": sorted(nodes.values(), key=lambda n: n["service"]),
             "edges": edges}
 

@@ -422,6 +422,27 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
     path = environ_get(environ, str_PATH_INFO);
     if (path == NULL)
         goto fail;
+    /* The route is of SCRIPT_NAME + PATH_INFO (_wsgi_request_py._route_path
+     * says why): a non-empty exact str SCRIPT_NAME goes before an absent or
+     * exact str PATH_INFO. The key is interned here, once, rather than in the
+     * module's init. */
+    static PyObject *str_SCRIPT_NAME = NULL;
+    if (str_SCRIPT_NAME == NULL
+            && (str_SCRIPT_NAME = PyUnicode_InternFromString("SCRIPT_NAME")) == NULL)
+        goto fail;
+    PyObject *script = environ_get(environ, str_SCRIPT_NAME);
+    if (script == NULL)
+        goto fail;
+    if (PyUnicode_CheckExact(script) && PyUnicode_GET_LENGTH(script) > 0
+            && (path == Py_None || PyUnicode_CheckExact(path))) {
+        PyObject *full = path == Py_None ? Py_NewRef(script) : PyUnicode_Concat(script, path);
+        Py_DECREF(script);
+        if (full == NULL)
+            goto fail;
+        Py_SETREF(path, full);
+    } else {
+        Py_DECREF(script);
+    }
     self->route = Py_XNewRef(PyDict_GetItemWithError(mw->routes_memo, path));
     if (self->route == NULL) {
         if (PyErr_Occurred()) {

@@ -127,7 +127,7 @@ class Request:
         except TypeError:  # an unhashable value
             known = False
         self.method = method if known else _bound.other_method
-        path = environ.get("PATH_INFO")
+        path = _route_path(environ)
         try:
             route = middleware._routes_memo.get(path)
         except TypeError:
@@ -186,6 +186,23 @@ class Request:
         ctx = self.ctx
         if middleware._keeps_hop(ctx.trace_id, duration, True if failed else ctx.child_failed):
             _bound.record_hop(self, code, failed, duration, body)
+
+
+def _route_path(environ):
+    """The path the client asked for: SCRIPT_NAME + PATH_INFO. What a URL map
+    or a mount point moved into SCRIPT_NAME (nova's ``/v2.1``, placement at
+    ``/placement``) is part of the route: without it v2 and v2.1 of an API,
+    or two APIs mounted on one server, read the same. A SCRIPT_NAME that is
+    not a non-empty str, or a PATH_INFO that is neither absent nor a str,
+    leaves PATH_INFO as it is (its template decides: ``other`` for garbage)."""
+    path = environ.get("PATH_INFO")
+    script = environ.get("SCRIPT_NAME")
+    if type(script) is str and script:
+        if path is None:
+            return script
+        if type(path) is str:
+            return script + path
+    return path
 
 
 def _caller(environ, ctx, has_traceparent):

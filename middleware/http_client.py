@@ -8,11 +8,16 @@ Both are safe to call twice.
 
 The target service comes from the ``http_endpoints`` map (SERVICE=URL, matched
 on scheme, host and port), else from the Keystone catalog's service type when
-keystoneauth1 made the request, else ``unknown``: never a URL.
+keystoneauth1 made the request, as the name that service has in commlens
+(tracer/names.py: image -> glance-api; the ``service_names`` setting adds to
+it), else ``unknown``: never a URL. keystoneauth1's own requests while it finds
+an endpoint (the version discovery ``GET /`` of that endpoint, a token from
+the auth URL) are the endpoint's service's and keystone's.
 """
 
 import contextvars
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -21,6 +26,7 @@ from commlens.tracer import context
 from commlens.tracer import hops
 from commlens.tracer import labels
 from commlens.tracer import metrics
+from commlens.tracer import names
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import settings as settings_mod
 from commlens.tracer import shipping
@@ -29,8 +35,11 @@ LOG = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _original_send = None
-_original_keystone_request = None
 _endpoints = {}
+_catalog_names = dict(names.CATALOG_SERVICES)
+# Session methods of keystoneauth1 that know the service type they serve.
+_KEYSTONE_METHODS = ("request", "get_endpoint", "get_endpoint_data")
+_original_keystone = {}
 # The service type keystoneauth1 is resolving an endpoint for, if any.
 _keystone_service_type = contextvars.ContextVar("commlens_keystone_service_type",
                                                 default=None)
@@ -56,15 +65,15 @@ def _endpoint_key(url):
     return scheme, (parts.hostname or "").lower(), port
 
 
-def instrument(endpoint_pairs=None, conf=None):
-    """Wrap requests.Session.send (and keystoneauth1's request if installed).
+def instrument(endpoint_pairs=None, conf=None, service_names=None):
+    """Wrap requests.Session.send (and keystoneauth1's Session if installed).
 
     The one call a service with neither a WSGI pipeline nor a commlens+
     transport makes; it installs the process's agent from ``conf`` (default:
     oslo.config's global CONF) and the environment if nothing else did.
     """
-    global _original_send, _original_keystone_request, _endpoints
-    if endpoint_pairs is None or recorder_mod.get_recorder() is None:
+    global _original_send, _endpoints, _catalog_names
+    if endpoint_pairs is None or service_names is None or recorder_mod.get_recorder() is None:
         if conf is None:
             from oslo_config import cfg
             conf = cfg.CONF
@@ -72,9 +81,13 @@ def instrument(endpoint_pairs=None, conf=None):
         recorder_mod.install(settings, lambda rec: shipping.make_shipper(rec, settings))
         if endpoint_pairs is None:
             endpoint_pairs = settings.http_endpoints
+        if service_names is None:
+            service_names = settings.service_names
     endpoints = parse_endpoints(endpoint_pairs)
+    catalog = names.parse_catalog_names(service_names)
     with _lock:
         _endpoints = {**_endpoints, **endpoints}
+        _catalog_names = {**_catalog_names, **catalog}
         if _original_send is not None:
             return
         import requests
@@ -85,38 +98,78 @@ def instrument(endpoint_pairs=None, conf=None):
             from keystoneauth1 import session as ks_session
         except ImportError:
             return
-        _original_keystone_request = ks_session.Session.request
-        ks_session.Session.request = _keystone_request
+        for name in _KEYSTONE_METHODS:
+            original = getattr(ks_session.Session, name, None)
+            if original is not None:
+                _original_keystone[name] = original
+                setattr(ks_session.Session, name, _keystone_wrapper(original))
 
 
 def uninstrument():
-    global _original_send, _original_keystone_request, _endpoints
+    global _original_send, _endpoints, _catalog_names
     with _lock:
         if _original_send is not None:
             import requests
 
             requests.Session.send = _original_send
             _original_send = None
-        if _original_keystone_request is not None:
+        if _original_keystone:
             from keystoneauth1 import session as ks_session
 
-            ks_session.Session.request = _original_keystone_request
-            _original_keystone_request = None
+            for name, original in _original_keystone.items():
+                setattr(ks_session.Session, name, original)
+            _original_keystone.clear()
         _endpoints = {}
+        _catalog_names = dict(names.CATALOG_SERVICES)
 
 
-def _keystone_request(self, url, method, *args, **kwargs):
-    service_type = None
+def _keystone_wrapper(original):
+    """keystoneauth1's Session method ``original``, run with the service
+    type it serves as the context of the requests it sends."""
+    def wrapper(self, *args, **kwargs):
+        try:
+            service_type = _service_type_of(self, args, kwargs)
+        except Exception:
+            service_type = None
+        token = _keystone_service_type.set(service_type)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _keystone_service_type.reset(token)
+    wrapper.__wrapped__ = original
+    return wrapper
+
+
+def _service_type_of(session, args, kwargs):
+    """The catalog type a keystoneauth1 call serves: its own argument, else
+    (a request with none: keystoneauth1's own, made while it finds the
+    endpoint of an outer call) keystone's for the auth URL, else the outer
+    call's (the version discovery of that endpoint, ``GET /``)."""
+    endpoint_filter = kwargs.get("endpoint_filter") or {}
+    service_type = kwargs.get("service_type") or endpoint_filter.get("service_type")
+    if service_type:
+        return service_type
+    url = args[0] if args else kwargs.get("url")
+    auth_url = getattr(getattr(session, "auth", None), "auth_url", None)
+    if isinstance(url, str) and isinstance(auth_url, str) and _same_endpoint(url, auth_url):
+        return "identity"
+    return _keystone_service_type.get()
+
+
+def _same_endpoint(url, base):
+    """Whether ``url`` is under ``base`` (scheme, host, port and the path
+    before the version: ``http://h/identity/v3`` covers ``http://h/identity``)."""
     try:
-        endpoint_filter = kwargs.get("endpoint_filter") or {}
-        service_type = kwargs.get("service_type") or endpoint_filter.get("service_type")
-    except Exception:
-        pass
-    token = _keystone_service_type.set(service_type)
-    try:
-        return _original_keystone_request(self, url, method, *args, **kwargs)
-    finally:
-        _keystone_service_type.reset(token)
+        if _endpoint_key(url) != _endpoint_key(base):
+            return False
+    except ValueError:
+        return False
+    prefix = _VERSION_SUFFIX.sub("", urllib.parse.urlsplit(base).path.rstrip("/"))
+    path = urllib.parse.urlsplit(url).path
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+_VERSION_SUFFIX = re.compile(r"/v\d+(?:\.\d+)?$")
 
 
 def _send(self, request, **kwargs):
@@ -165,7 +218,9 @@ def _target(url):
         service = None
     if service is None:
         service_type = _keystone_service_type.get()
-        service = labels.dotted(service_type) if service_type else labels.UNKNOWN
+        if not service_type:
+            return labels.UNKNOWN
+        service = _catalog_names.get(service_type) or labels.dotted(service_type)
     return service
 
 

@@ -17,6 +17,7 @@ RPC server replies to casts too).
 """
 
 import logging
+import weakref
 
 from oslo_messaging._drivers import base
 from oslo_messaging import exceptions as om_exceptions
@@ -29,6 +30,7 @@ from commlens.tracer import hops
 from commlens.tracer import implementation
 from commlens.tracer import labels
 from commlens.tracer import metrics
+from commlens.tracer import names
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import settings as settings_mod
 from commlens.tracer import shipping
@@ -80,32 +82,65 @@ class CommlensDriver(base.BaseDriver):
             LOG.error("commlens: service name %r is not valid; using %r",
                       explicit, settings.service_name)
             explicit = None
+        # In a WSGI server (nova-api under gunicorn) the transport comes before
+        # the application: the program's name is not the service's. What the
+        # service's oslo.config says (project nova: nova-api) names it until
+        # the WSGI application does (middleware/wsgi.py).
+        provisional = (not explicit and settings.named_by_program
+                       and settings.service_name in names.WSGI_HOSTS)
         self._recorder = recorder_mod.install(
             settings, lambda rec: shipping.make_shipper(
-                rec, settings, _default_export_url(inner_url)), service=explicit)
+                rec, settings, _default_export_url(inner_url)),
+            service=explicit or (names.wsgi_service_name(conf) if provisional else None),
+            provisional=provisional)
         # A name given in the URL is this transport's own; otherwise the
-        # process's (README: several services in one process).
+        # process's (README: several services in one process), which it
+        # follows when a WSGI application names the process later.
         self._service = explicit or self._recorder.service
-        # The per-send path (middleware/_rpc_send_py.py, compiled as
-        # _rpc_send.c), calling back the methods below for what is rare.
-        self._sends = _rpc_send.Sender(
+        self._listeners = weakref.WeakSet()
+        self._retired_sends = []
+        self._use_sender(self._make_sender())
+        if not explicit:
+            self._recorder.follow_identity(self._follow_identity)
+        if settings.http_outbound:
+            # Services without a WSGI pipeline (conductor, agents) get their
+            # outbound REST calls traced from here.
+            try:
+                http_client.instrument(settings.http_endpoints,
+                                     service_names=settings.service_names)
+            except Exception as exc:
+                LOG.error("commlens: outbound HTTP tracing not installed: %s", exc)
+
+    def _make_sender(self):
+        """The per-send path (middleware/_rpc_send_py.py, compiled as
+        _rpc_send.c), calling back the methods below for what is rare."""
+        return _rpc_send.Sender(
             service=self._service, recorder=self._recorder,
             sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
             method_label=labels.method, context_copy=_context_copy,
             stamp=context.stamp_outgoing, failed=self._send_failed,
             add_hop=self._add_send_hop, recording_failed=self._send_recording_failed,
             inner_send=self._inner.send)
-        # A send goes straight to the per-send path: compiled, no commlens
-        # frame is then in the traceback of an exception the inner driver
-        # raises (README, "Tracebacks"). The method below is the contract's.
-        self.send = self._sends.send
-        if settings.http_outbound:
-            # Services without a WSGI pipeline (conductor, agents) get their
-            # outbound REST calls traced from here.
-            try:
-                http_client.instrument(settings.http_endpoints)
-            except Exception as exc:
-                LOG.error("commlens: outbound HTTP tracing not installed: %s", exc)
+
+    def _use_sender(self, sender):
+        """A send goes straight to the per-send path: compiled, no commlens
+        frame is then in the traceback of an exception the inner driver
+        raises (README, "Tracebacks"). The ``send`` method below is the
+        contract's; the instance's own shadows it. A send in progress keeps
+        the sender that began it."""
+        self._sends = sender
+        self.send = sender.send
+
+    def _follow_identity(self, service):
+        """The process was renamed (recorder.Recorder.adopt): sends and
+        receipts from now on carry the new name. The per-message paths hold
+        the name, so they are made again; calls already sent end on the
+        sender that began them (cleanup() still releases its open calls)."""
+        self._service = service
+        self._retired_sends.append(self._sends)
+        self._use_sender(self._make_sender())
+        for listener in list(self._listeners):
+            listener._receiver = listener._make_receiver()
 
     # Everything the inner driver offers and we do not wrap stays reachable,
     # so code that peeks at driver attributes keeps working.
@@ -194,8 +229,10 @@ class CommlensDriver(base.BaseDriver):
 
     def listen(self, target, batch_size, batch_timeout):
         listener = self._inner.listen(target, batch_size, batch_timeout)
-        return _InstrumentedListener(listener, self, labels.dotted(target.topic),
-                                     notifications=False)
+        listener = _InstrumentedListener(listener, self, labels.dotted(target.topic),
+                                         notifications=False)
+        self._listeners.add(listener)
+        return listener
 
     def listen_for_notifications(self, targets_and_priorities, pool,
                                  batch_size, batch_timeout):
@@ -265,7 +302,8 @@ class CommlensDriver(base.BaseDriver):
 
     def cleanup(self):
         # Calls still waiting will never get their reply through this driver.
-        self._recorder.release_calls(self._sends.take_open_calls())
+        for sends in self._retired_sends + [self._sends]:
+            self._recorder.release_calls(sends.take_open_calls())
         self._inner.cleanup()
         self._recorder.ship_now()
 
@@ -279,10 +317,14 @@ class _InstrumentedListener(base.Listener):
         self._driver = driver
         self._topic = topic
         self._notifications = notifications
-        # The per-message path of RPC listeners (middleware/_rpc_receive_py.py,
-        # compiled as _rpc_receive.c).
-        self._receiver = None if notifications else _rpc_receive.Receiver(
-            service=driver._service, topic=topic, recorder=driver._recorder,
+        self._receiver = None if notifications else self._make_receiver()
+
+    def _make_receiver(self):
+        """The per-message path of RPC listeners (middleware/_rpc_receive_py.py,
+        compiled as _rpc_receive.c)."""
+        driver = self._driver
+        return _rpc_receive.Receiver(
+            service=driver._service, topic=self._topic, recorder=driver._recorder,
             received_metric=metrics.RPC_RECEIVED.name,
             hops_metric=metrics.RPC_SERVER_HOPS.name, method_label=labels.method,
             incoming_type=_InstrumentedIncoming, trace_context=context.TraceContext,

@@ -31,6 +31,7 @@ from commlens.tracer import hops
 from commlens.tracer import implementation
 from commlens.tracer import labels
 from commlens.tracer import metrics
+from commlens.tracer import names
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import routes
 from commlens.tracer import settings as settings_mod
@@ -41,16 +42,6 @@ LOG = logging.getLogger(__name__)
 # middleware/_wsgi_request.c, or its Python twin middleware/_wsgi_request_py.py
 _wsgi_request = implementation.module("wsgi_request")
 
-# Products in User-Agent headers of OpenStack's clients, first match wins:
-# keystoneauth1 puts the calling client first ("python-novaclient
-# keystoneauth1/5.1 python-requests/2.31 CPython/3.11").
-_USER_AGENT_CALLERS = (
-    ("openstacksdk", "openstacksdk"), ("python-openstackclient", "openstackclient"),
-    ("python-novaclient", "novaclient"), ("python-neutronclient", "neutronclient"),
-    ("python-cinderclient", "cinderclient"), ("python-glanceclient", "glanceclient"),
-    ("python-keystoneclient", "keystoneclient"), ("osc-placement", "placementclient"),
-    ("keystonemiddleware", "keystonemiddleware"), ("keystoneauth1", "keystoneauth1"),
-)
 _REQUEST_ID_HEADERS = ("x-openstack-request-id", "x-compute-request-id")
 
 
@@ -85,14 +76,31 @@ class CommlensMiddleware(_wsgi_request.Middleware):
         explicit = options.get("service_name")
         if explicit is not None and not settings_mod.valid_service_name(explicit):
             explicit = None  # settings_mod.load has logged it
+        identity = _identity(settings, explicit, conf)
         recorder = recorder_mod.install(
-            settings, lambda rec: shipping.make_shipper(rec, settings), service=explicit)
+            settings, lambda rec: shipping.make_shipper(rec, settings), service=identity)
+        # The process's RPC identity follows its WSGI identity: a transport
+        # made before this filter (nova-api under gunicorn) took the
+        # program's name, which is provisional.
+        recorder.adopt(identity)
         self._routes = routes.RouteTemplates(settings.http_max_routes)
         # A name given to this filter is its own; otherwise the process's
         # (README: several services in one process).
         super().__init__(app, explicit or recorder.service, recorder, self._routes)
         if settings.http_outbound:
-            http_client.instrument(settings.http_endpoints)
+            http_client.instrument(settings.http_endpoints, service_names=settings.service_names)
+
+
+def _identity(settings, explicit, conf):
+    """The application's name: the filter's option or the class's argument,
+    else [commlens] service_name or COMMLENS_SERVICE_NAME, else what its
+    oslo.config says (prog, else its project's API service: nova -> nova-api),
+    else the program's name."""
+    if explicit:
+        return explicit
+    if settings.named_by_program:
+        return names.wsgi_service_name(conf) or settings.service_name
+    return settings.service_name
 
 
 # Per request, middleware/_wsgi_request_py.py (or its compiled twin):
@@ -226,7 +234,7 @@ def _caller_from_user_agent(user_agent):
     caller = labels.UNKNOWN
     if isinstance(user_agent, str):
         head = user_agent[:512]
-        for product, name in _USER_AGENT_CALLERS:
+        for product, name in names.USER_AGENT_CALLERS:
             if product in head:
                 caller = name
                 break

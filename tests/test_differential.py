@@ -663,6 +663,17 @@ class _Fault(Exception):
     pass
 
 
+class _Str(str):
+    """A str subclass whose + lies: neither implementation may call it (a
+    SCRIPT_NAME or PATH_INFO that is not exactly a str is not joined)."""
+
+    def __add__(self, other):
+        raise AssertionError("called")
+
+
+_ABSENT = object()
+
+
 def _server_start_response(started):
     def start_response(status, headers, exc_info=None):
         started.append(status)
@@ -704,11 +715,15 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
     traceparents = [None, None, VALID, "garbage", 12] + list(mutations(VALID, 20, 52))
     user_agents = [None, "python-novaclient keystoneauth1/5.1", "curl/8", "x" * 600, 12,
                    ["unhashable"]]
+    # Where a URL map or a mount point put a prefix (nova's /v2.1), and garbage.
+    script_names = [_ABSENT, _ABSENT, "", "/v2.1", "/placement", "/compute/v2.1", None, 12,
+                    ["x"], _Str("/v2")]
     for step in range(3000):
         environ = {
             "REQUEST_METHOD": rng.choice(["GET", "POST", "DELETE", "BREW", None, ["x"]]),
             "PATH_INFO": rng.choice(["/v2.1/servers", "/v2.1/servers/" + "1" * 32,
-                                     "/v2.0/ports/abc", "/", None, ["x"]]),
+                                     "/v2.0/ports/abc", "/", "", None, ["x"],
+                                     _Str("/servers")]),
             "test.status": rng.choice(["200 OK", "404 Not Found", "409 Conflict",
                                        "500 Internal Server Error", "abc", 200, None]),
             "test.behaviour": rng.choice(["list", "list", "iterator", "raising iterator",
@@ -717,6 +732,9 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
             "openstack.request_id": "req-env",
             "test.child_failed": rng.random() < 0.2,
         }
+        script_name = rng.choice(script_names)
+        if script_name is not _ABSENT:
+            environ["SCRIPT_NAME"] = script_name
         traceparent = rng.choice(traceparents)
         if traceparent is not None:
             environ["HTTP_TRACEPARENT"] = traceparent

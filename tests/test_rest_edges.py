@@ -365,6 +365,30 @@ def test_tokens_and_passwords_never_reach_labels_hops_or_metrics(base_url, colle
     assert token not in exposed and password not in exposed
 
 
+def test_routes_keep_the_prefix_a_url_map_moved_into_script_name(app, conf):
+    """nova's urlmap (here werkzeug's dispatcher, which does the same) moves
+    /v2 or /v2.1 into SCRIPT_NAME: the routes still tell the versions apart,
+    and a service mounted at a prefix (/placement) keeps it."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    v2, v21, mounted = (CommlensMiddleware(app, http_outbound="false") for _ in range(3))
+    urlmap = DispatcherMiddleware(app, {"/v2": v2, "/v2.1": v21, "/placement": mounted})
+    before = {route: requests_seen(route) for route in (
+        "/v2/servers/{id}/action", "/v2.1/servers/{id}/action",
+        "/placement/resource_providers")}
+    with serve(urlmap) as url:
+        server = uuid.uuid4()
+        assert requests.post(f"{url}/v2/servers/{server}/action", timeout=10).ok
+        for _ in range(2):
+            assert requests.post(f"{url}/v2.1/servers/{server}/action", timeout=10).ok
+        assert requests.get(f"{url}/placement/resource_providers", timeout=10).ok
+    assert requests_seen("/v2/servers/{id}/action") - before["/v2/servers/{id}/action"] == 1
+    assert (requests_seen("/v2.1/servers/{id}/action")
+            - before["/v2.1/servers/{id}/action"]) == 2
+    assert (requests_seen("/placement/resource_providers")
+            - before["/placement/resource_providers"]) == 1
+
+
 def test_ten_thousand_random_paths_stay_within_the_route_cap(conf):
     middleware = CommlensMiddleware(lambda e, s: s("200 OK", []) or [b""],
                                     http_outbound="false", http_max_routes="50")

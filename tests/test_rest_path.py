@@ -66,7 +66,7 @@ def test_errors_are_counted_at_both_ends_with_the_request_id(collector, api_and_
     assert hop["request_id"] == "req-6f1c4b2e-5d3a-4c1b-9e8f-0a1b2c3d4e5f"
 
 
-def test_keystoneauth_requests_are_labelled_with_the_catalog_service_type(collector,
+def test_keystoneauth_requests_are_labelled_with_the_service_of_the_catalog_type(collector,
                                                                           start_wsgi, conf):
     from keystoneauth1 import adapter, noauth, session
 
@@ -82,6 +82,6 @@ def test_keystoneauth_requests_are_labelled_with_the_catalog_service_type(collec
     finally:
         http_client.uninstrument()
     collector.wait_metric("commlens_http_client_requests_total", 1, service="test-client",
-                          target="network", method="GET", code="200")
+                          target="neutron-server", method="GET", code="200")
     collector.wait_metric("commlens_http_requests_total", 1, service=service,
                           caller="test-client", route="/v2.0/ports/{id}", code="200")

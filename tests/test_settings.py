@@ -71,6 +71,9 @@ def app_factory(global_conf, **local_conf):
     ("COMMLENS_HTTP_ENDPOINTS", "neutron-server", "http_endpoints", []),
     ("COMMLENS_HTTP_ENDPOINTS", "nova=http://[::1:8774", "http_endpoints", []),
     ("COMMLENS_SERVICE_NAME", "nova conductor", "service_name", None),
+    ("COMMLENS_SERVICE_NAMES", "image", "service_names", []),
+    ("COMMLENS_SERVICE_NAMES", "image=glance api", "service_names", []),
+    ("COMMLENS_SERVICE_NAMES", "Image=glance", "service_names", []),
 ])
 def test_a_bad_environment_value_is_replaced_by_the_default_with_one_warning(
         monkeypatch, caplog, variable, raw, option, used):
@@ -82,6 +85,17 @@ def test_a_bad_environment_value_is_replaced_by_the_default_with_one_warning(
     line = only_refusal(caplog, variable)
     assert repr(raw) in line
     assert f"using {option} = {used!r}" in line
+
+
+def test_service_names_add_to_the_default_catalog_names(monkeypatch):
+    from commlens.tracer import names
+
+    monkeypatch.setenv("COMMLENS_SERVICE_NAMES", "image=glance, dns=designate")
+    loaded = settings.load(None)
+    assert loaded.service_names == ["image=glance", "dns=designate"]
+    catalog = names.catalog_names(loaded.service_names)
+    assert catalog["image"] == "glance" and catalog["dns"] == "designate"
+    assert catalog["network"] == "neutron-server" and catalog["identity"] == "keystone"
 
 
 def test_the_same_bad_value_is_logged_once_per_process(monkeypatch, caplog):

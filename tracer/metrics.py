@@ -151,3 +151,21 @@ SHIPPED = {m.name: m for m in (
     SERVICE_GRAPH_REQUESTS, SERVICE_GRAPH_FAILED, SERVICE_GRAPH_SERVER_SECONDS,
     SERVICE_GRAPH_CLIENT_SECONDS,
 )}
+
+# Metrics whose second label is the caller of what the process received.
+_CALLER_SECOND = frozenset(
+    m.name for m in (*SHIPPED.values(), HTTP_SERVER_HOPS, RPC_SERVER_HOPS)
+    if m.labels[1:2] == ("caller",))
+
+
+def renamed_labels(name, labels, renamed):
+    """``labels`` of metric ``name`` with the names a process had replaced by
+    the one it took (``renamed``: {old: new}; tracer/recorder.py Recorder.adopt):
+    its own name (the first label) and, where the process called itself, the
+    caller's."""
+    first = renamed.get(labels[0]) if labels else None
+    second = renamed.get(labels[1]) if name in _CALLER_SECOND else None
+    if first is None and second is None:
+        return labels
+    return ((first or labels[0],) + ((second or labels[1],) if name in _CALLER_SECOND else ())
+            + tuple(labels[(2 if name in _CALLER_SECOND else 1):]))

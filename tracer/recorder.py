@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 
 from commlens.tracer import derived
 from commlens.tracer import hops
@@ -59,8 +60,15 @@ def _new_latency_histogram():
 class Recorder:
 
     def __init__(self, service, max_pending_hops=MAX_PENDING_HOPS,
-                 hop_sample_ratio=0.01, slow_hop_seconds=1.0):
+                 hop_sample_ratio=0.01, slow_hop_seconds=1.0, provisional=False):
         self.service = service
+        # The process's name is the program's (gunicorn, uwsgi) until a WSGI
+        # application names it (adopt): see _identity below.
+        self.provisional = provisional
+        # {name the process had: the name it took}: series and hops recorded
+        # under the first are shipped under the second.
+        self._renamed = {}
+        self._identity_followers = []
         self._max_pending_hops = max_pending_hops
         # keeps_hop(trace_id, duration, failed): ship this hop? Failed and
         # slow ones always; others by trace sample (hops.sample_bound), so
@@ -177,6 +185,45 @@ class Recorder:
         self._add_own_locked(metrics.AGENT_DROPPED, (self.service, "series_limit"), 1)
         return (labels[0],) + (OVERFLOW,) * (len(labels) - 1)
 
+    # -- identity --------------------------------------------------------
+    #
+    # A transport made before the WSGI application was loaded (nova-api under
+    # gunicorn: oslo.messaging's transport exists before paste loads our
+    # filter) took the program's name. When the application names the
+    # process, everything follows: components that use the process's name
+    # are told (follow_identity) and make their per-message paths again;
+    # what was recorded under the old name is shipped under the new one from
+    # the next snapshot on (_renamed), so the old name never stays a node.
+
+    def follow_identity(self, method):
+        """Call ``method(new_name)`` when the process is renamed (held weakly:
+        a transport that is gone is not kept alive)."""
+        with self._lock:
+            self._identity_followers.append(weakref.WeakMethod(method))
+
+    def adopt(self, service):
+        """Take ``service`` as the process's name if its name is still the
+        program's; returns the process's name. Never raises."""
+        with self._lock:
+            if not self.provisional or service == self.service:
+                self.provisional = False
+                return self.service
+            old, self.service, self.provisional = self.service, service, False
+            for was, became in list(self._renamed.items()):
+                if became == old:
+                    self._renamed[was] = service
+            self._renamed[old] = service
+            followers = [ref() for ref in self._identity_followers]
+        LOG.info("commlens: this process is %s (was %s, the program's name)", service, old)
+        for follow in followers:
+            if follow is None:
+                continue
+            try:
+                follow(service)
+            except Exception:  # never into the service
+                LOG.debug("commlens: renaming a component failed", exc_info=True)
+        return service
+
     # -- shipper side ----------------------------------------------------
 
     def release_calls(self, tokens):
@@ -199,6 +246,10 @@ class Recorder:
             pending = len(self._hops)
             self._seq += 1
             seq = self._seq
+            renamed = dict(self._renamed)
+        if renamed:
+            counters, histograms, waiting, hops = _renamed(
+                renamed, counters, histograms, waiting, hops)
         derived.expand(counters, histograms)
         gauges = [[metrics.RPC_WAITING_REPLIES.name, list(labels), value]
                   for labels, value in waiting]
@@ -265,6 +316,30 @@ class Recorder:
             self._store.on_first_use = self._start_shipper
 
 
+def _renamed(renamed, counters, histograms, waiting, hops):
+    """A snapshot's series and hops with the process's old names replaced
+    (series that become one are added up)."""
+    new_counters, new_histograms, new_waiting = {}, {}, {}
+    for (name, labels), value in counters.items():
+        key = (name, metrics.renamed_labels(name, labels, renamed))
+        new_counters[key] = new_counters.get(key, 0) + value
+    for (name, labels), (counts, total) in histograms.items():
+        key = (name, metrics.renamed_labels(name, labels, renamed))
+        if key in new_histograms:
+            was_counts, was_total = new_histograms[key]
+            counts = [a + b for a, b in zip(was_counts, counts, strict=True)]
+            total += was_total
+        new_histograms[key] = (list(counts), total)
+    for labels, value in waiting:
+        key = metrics.renamed_labels(metrics.RPC_WAITING_REPLIES.name, labels, renamed)
+        new_waiting[key] = new_waiting.get(key, 0) + value
+    for hop in hops:
+        for field in ("service", "peer"):
+            if hop.get(field) in renamed:
+                hop[field] = renamed[hop[field]]
+    return new_counters, new_histograms, list(new_waiting.items()), hops
+
+
 _RECORDER = None
 _RECORDER_LOCK = threading.Lock()
 
@@ -274,19 +349,23 @@ def get_recorder():
     return _RECORDER
 
 
-def install(settings, shipper_factory=None, service=None):
+def install(settings, shipper_factory=None, service=None, provisional=False):
     """Create the process's recorder once; later calls return the same one.
 
     ``shipper_factory(recorder)`` builds the shipper; it runs only for the
     first call, so the first instrumented component of a process decides its
-    service name, where it ships to and which hops it keeps (README).
+    service name, where it ships to and which hops it keeps (README); a name
+    that is only the program's, or ``provisional``, is replaced by the
+    first WSGI application's (Recorder.adopt).
     """
     global _RECORDER
     with _RECORDER_LOCK:
         if _RECORDER is None:
             recorder = Recorder(service or settings.service_name,
                                 hop_sample_ratio=settings.hop_sample_ratio,
-                                slow_hop_seconds=settings.slow_hop_seconds)
+                                slow_hop_seconds=settings.slow_hop_seconds,
+                                provisional=provisional or (
+                                    not service and settings.named_by_program))
             if shipper_factory is not None:
                 recorder.attach_shipper(shipper_factory(recorder))
             _RECORDER = recorder

@@ -21,6 +21,8 @@ import urllib.parse
 
 from oslo_config import cfg
 
+from commlens.tracer import names
+
 GROUP = "commlens"
 
 _OPTS = [
@@ -53,8 +55,15 @@ _OPTS = [
                 help="Outbound targets: SERVICE=URL pairs, e.g. "
                      "neutron-server=http://10.0.0.5:9696 (env "
                      "COMMLENS_HTTP_ENDPOINTS). Requests to other hosts are "
-                     "labelled with the Keystone service type when keystoneauth1 "
-                     "made them, else 'unknown'."),
+                     "labelled with the service keystoneauth1 asked the catalog "
+                     "for (see service_names), else 'unknown'."),
+    cfg.ListOpt("service_names",
+                help="Catalog service types and the names those services have in "
+                     "commlens: TYPE=NAME pairs, e.g. image=glance, on top of the "
+                     "defaults (identity=keystone, compute=nova-api, "
+                     "image=glance-api, network=neutron-server, "
+                     "placement=placement-api, block-storage=cinder-api, ...; "
+                     "README) (env COMMLENS_SERVICE_NAMES)."),
 ]
 
 DEFAULTS = {
@@ -66,6 +75,7 @@ DEFAULTS = {
     "http_outbound": True,
     "http_max_routes": 200,
     "http_endpoints": [],
+    "service_names": [],
 }
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -99,6 +109,10 @@ class Settings:
     http_outbound: bool
     http_max_routes: int
     http_endpoints: list
+    service_names: list
+    # The service name is the program's (no source set it): a WSGI
+    # application loaded later names the process (middleware/wsgi.py).
+    named_by_program: bool = False
 
 
 def program_service_name(argv0=None):
@@ -180,6 +194,13 @@ def _checked(opt, raw):
             problem = _endpoint_problem(pair)
             if problem:
                 return None, f"item {_shown(opt, pair)}: {problem}"
+    if opt.dest == "service_names":
+        for pair in value:
+            try:
+                names.parse_catalog_names([pair])
+            except ValueError:
+                return None, (f"item {_shown(opt, pair)}: not TYPE=NAME with a catalog "
+                              "type (lower case) and a valid service name")
     if opt.dest == "export_url" and _url_problem(value):
         return None, "not a valid URL"  # the reason may quote the password
     return value, None
@@ -238,15 +259,16 @@ def _config_error(exc):
 
 
 def _resolve(opt, overrides, conf, group):
+    """(value, whether it is the default)."""
     refused = []
     for source, raw, error in _candidates(opt, overrides, conf, group):
         value, why = (None, error) if error else _checked(opt, raw)
         if why is None:
-            used_from = source
+            used_from, default = source, False
             break
         refused.append((source, raw, error is None, why))
     else:
-        value, used_from = DEFAULTS[opt.dest], "the default"
+        value, used_from, default = DEFAULTS[opt.dest], "the default", True
         if opt.dest == "service_name":
             value, used_from = program_service_name(), "the program's name"
     used = (f"{opt.dest} = {_shown(opt, value)} ({used_from})"
@@ -255,7 +277,7 @@ def _resolve(opt, overrides, conf, group):
         shown = _shown(opt, raw) if has_raw else None
         _report((opt.dest, source, shown or why), "refused %s%s (%s); using %s",
                 source, f" = {shown}" if shown else "", why, used)
-    return value
+    return value, default
 
 
 def load(conf=None, overrides=None):
@@ -277,4 +299,6 @@ def load(conf=None, overrides=None):
         # The value stays out of the log: a misspelt export_url carries a password.
         _report((name, "paste option", None),
                 "ignored paste option %s: not a commlens option", name)
-    return Settings(**{opt.dest: _resolve(opt, overrides, conf, group) for opt in _OPTS})
+    resolved = {opt.dest: _resolve(opt, overrides, conf, group) for opt in _OPTS}
+    return Settings(**{name: value for name, (value, _) in resolved.items()},
+                    named_by_program=resolved["service_name"][1])

@@ -3,7 +3,7 @@
 "use strict";
 
 const REFRESH_MS = 10000;
-const state = { selected: null, services: [] };
+const state = { selected: null, services: [], nodes: {} };
 const $ = (id) => document.getElementById(id);
 
 function windowArg() { return $("window").value; }
@@ -79,14 +79,22 @@ function fitGraph() {
 
 async function refreshServices() {
   const graph = await getJSON("/api/graph?window=" + windowArg());
+  state.nodes = Object.fromEntries(graph.nodes.map((node) => [node.service, node]));
   const services = graph.nodes.map((node) => node.service);
   if (services.join() === state.services.join()) { return; }
   state.services = services;
   const focus = $("focus");
   const chosen = focus.value;
   focus.replaceChildren(element("option", { value: "" }, "(all services)"),
-    ...services.map((name) => element("option", { value: name }, name)));
+    ...services.map((name) => element("option", { value: name }, nodeName(state.nodes[name]))));
   focus.value = services.includes(chosen) ? chosen : "";
+}
+
+// A node that does not report itself (exporters/graph.py): an unknown caller
+// known by its client's User-Agent, or a destination only its callers count.
+function nodeName(node) {
+  if (!node || node.instrumented !== false) { return node ? node.service : ""; }
+  return node.user_agent ? `unknown caller (${node.user_agent})` : `${node.service} (not instrumented)`;
 }
 
 function select(id) {
@@ -110,8 +118,10 @@ async function refreshDetails() {
   let details;
   if (chosen.kind === "node") {
     details = await getJSON(`/api/graph/node/${encodeURIComponent(chosen.service)}?window=${windowArg()}`);
-    $("details-title").textContent = chosen.service;
-    $("details-note").textContent = "What it serves, by caller and method or route.";
+    $("details-title").textContent = nodeName(state.nodes[chosen.service]) || chosen.service;
+    $("details-note").textContent = state.nodes[chosen.service]?.instrumented === false
+      ? "Not instrumented: what its callers counted, by method."
+      : "What it serves, by caller and method or route.";
   } else {
     const query = new URLSearchParams({ client: chosen.client, server: chosen.server,
       protocol: chosen.protocol, window: windowArg() });
@@ -119,7 +129,9 @@ async function refreshDetails() {
     $("details-title").textContent = `${chosen.client} → ${chosen.server} (${chosen.protocol.toUpperCase()})`;
     $("details-note").textContent = chosen.protocol === "rpc"
       ? "As the caller sees it: latency is the reply wait of successful calls."
-      : "As the server sees it: latency is the route's, successful requests, all callers.";
+      : state.nodes[chosen.server]?.instrumented === false
+        ? "As the caller counted it (the server is not instrumented): by method, successful requests."
+        : "As the server sees it: latency is the route's, successful requests, all callers.";
   }
   const degraded = parseFloat(document.body.dataset.degraded);
   const failing = parseFloat(document.body.dataset.failing);
