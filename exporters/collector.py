@@ -177,7 +177,7 @@ class Collector:
             return FOREIGN
         if data.get("format") == wire.HOPS_FORMAT:
             return self._ingest_hops(data.get("hops"))
-        if data.get("format") != wire.SNAPSHOT_FORMAT:
+        if data.get("format") not in wire.SNAPSHOT_FORMATS:
             return FOREIGN
         process = data.get("process")
         if not isinstance(process, dict) or not _short_str(process.get("id"), 64):
@@ -256,19 +256,22 @@ class Collector:
 
     def _add_histograms(self, entry, histograms, rebaseline):
         baseline = entry.histograms
-        for key, (counts, total) in histograms.items():
+        for key, (counts, total, low, high) in histograms.items():
             old = baseline.get(key)
             if old is None:
                 if not self._hold(entry, key):
                     continue
                 old = (counts, total) if rebaseline else None
+            # The extremes are the process's since it started: taken whole,
+            # they can only widen the collector's, which must hold every
+            # value it counted (percentiles are clamped to them).
             if old is None:
-                aggregate.add_histogram(self._histograms, key, counts, total)
+                aggregate.add_histogram(self._histograms, key, counts, total, low, high)
             else:
                 aggregate.add_histogram(
                     self._histograms, key,
                     [max(0.0, new - was) for new, was in zip(counts, old[0], strict=True)],
-                    max(0.0, total - old[1]))
+                    max(0.0, total - old[1]), low, high)
             baseline[key] = (counts, total)
 
     def _set_gauges(self, entry, gauges):
@@ -508,7 +511,8 @@ class Collector:
     # -- views -----------------------------------------------------------
 
     def merged(self):
-        """(counters, histograms, gauges): {(name, labels): value}, summed.
+        """(counters, histograms, gauges): {(name, labels): value}, summed; a
+        histogram's value is [counts, sum, min, max] (aggregate.py).
 
         A silent process's gauges are left out, so a dead worker cannot
         leave waiting replies stuck; they come back if it resumes.
@@ -517,7 +521,7 @@ class Collector:
         now = self._clock()
         with self._lock:
             counters = collections.defaultdict(float, self._counters)
-            histograms = {k: [list(v[0]), v[1]] for k, v in self._histograms.items()}
+            histograms = {k: [list(v[0]), *v[1:]] for k, v in self._histograms.items()}
             gauges = collections.defaultdict(float)
             for entry in self._processes.values():
                 if entry.silent(now):
@@ -622,17 +626,38 @@ def _parse_series(data):
                 invalid += 1
                 continue
             target[(name, tuple(labels))] = float(value)
+    previous = data.get("format") == wire.SNAPSHOT_FORMAT_1
+    n_fields, n_buckets = ((len(wire.SNAPSHOT_1_HISTOGRAM_FIELDS),
+                            len(wire.SNAPSHOT_1_LATENCY_BUCKETS) + 1) if previous
+                           else (len(wire.HISTOGRAM_FIELDS), _N_BUCKETS))
     for item in data.get("histograms") or ():
         try:
-            name, labels, counts, total = item
+            if len(item) != n_fields:
+                raise ValueError
+            name, labels, counts, total, low, high = (list(item) + [None, None])[:6]
             metric = metrics.SHIPPED[name]
         except (TypeError, ValueError, KeyError):
             invalid += 1
             continue
         if (metric.kind != "histogram" or not _valid_labels(metric, labels)
-                or not isinstance(counts, list) or len(counts) != _N_BUCKETS
-                or not all(_number(c) for c in counts) or not _number(total)):
+                or not isinstance(counts, list) or len(counts) != n_buckets
+                or not all(_number(c) for c in counts) or not _number(total)
+                or not _extremes(low, high)):
             invalid += 1
             continue
-        histograms[(name, tuple(labels))] = ([float(c) for c in counts], float(total))
+        counts = [float(c) for c in counts]
+        if previous:
+            counts = aggregate.rebucket(counts, wire.SNAPSHOT_1_LATENCY_BUCKETS,
+                                        metrics.LATENCY_BUCKETS)
+        histograms[(name, tuple(labels))] = (
+            counts, float(total), None if low is None else float(low),
+            None if high is None else float(high))
     return counters, histograms, gauges, invalid
+
+
+def _extremes(low, high):
+    """Both None (nothing observed, or an agent that does not say), or two
+    durations in order."""
+    if low is None and high is None:
+        return True
+    return _number(low) and _number(high) and low <= high

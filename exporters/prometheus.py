@@ -79,7 +79,7 @@ class CollectorExposition:
             families[name].add_metric(list(labels), value)
         for (name, labels), value in gauges.items():
             families[name].add_metric(list(labels), value)
-        for (name, labels), (counts, total) in histograms.items():
+        for (name, labels), (counts, total, _low, _high) in histograms.items():
             cumulative, running = [], 0
             for bound, count in zip(_BOUNDS, counts, strict=True):
                 running += count

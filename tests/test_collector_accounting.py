@@ -179,8 +179,9 @@ def test_histograms_stay_exact_through_a_gap_and_a_restart():
     restarted = recorder_mod.Recorder("api")
     restarted.observe(metrics.RPC_REPLY_WAIT, labels, 0.2)
     _ship(collector, restarted)
-    counts, total = collector.merged()[1][key]
+    counts, total, low, high = collector.merged()[1][key]
     assert sum(counts) == 4
+    assert (low, high) == (0.002, 0.2)  # the extremes of both incarnations
     assert abs(total - 0.206) < 1e-9
 
 
@@ -212,7 +213,7 @@ def test_exported_counters_never_go_backwards():
         inc["seq"] += 1
         body = _snapshot(process_id, inc["seq"], [_sent("svc", inc["value"])],
                          [[histogram_key[0], list(histogram_key[1]), list(inc["buckets"]),
-                           sum(inc["buckets"]) * 0.5]], final=final)
+                           sum(inc["buckets"]) * 0.5, None, None]], final=final)
         inc["sent"].append((inc["seq"], inc["value"], list(inc["buckets"]), body))
         deliver(process_id, inc["sent"][-1])
         if final:
