@@ -7,6 +7,15 @@ grew since that baseline. So a process that resumes after a gap (SIGSTOP, a
 broker outage) replaces its own earlier values instead of adding them again;
 a restarted process (a new id) adds on top; nothing exported ever goes back.
 
+A process the collector first hears of after it started (the collector
+was restarted, or a replica took over) is not new: its cumulative values
+hold what it did before, which Prometheus already has from the previous
+collector or never will. Its first snapshot becomes its baseline and adds
+nothing, so its old totals do not show as a burst of traffic (a jump in a
+counter is a rate spike). A process that started after the collector, or
+whose first snapshot this is (seq 1), counts whole: nothing it did is lost.
+Process start times (the agent's clock) are compared with the collector's.
+
 When a process stops reporting, its gauges leave the view after a few of its
 own intervals (a dead worker cannot leave waiting replies stuck) and come
 back if it resumes; its baseline is kept for ``process_retention``. A final
@@ -59,10 +68,13 @@ _N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
 # Outcomes of one received message, as counted on /metrics. REBASELINED: a
 # process resumed after it was forgotten; its values became its baseline
 # and added nothing (what it counted while forgotten is lost, and counted here).
+# BASELINED: the first snapshot of a process that was running before this
+# collector started; its values became its baseline and added nothing.
 ACCEPTED, MALFORMED, FOREIGN, STALE, REJECTED = (
     "accepted", "malformed", "foreign", "stale", "rejected")
-TOO_LARGE, TOO_MANY_PROCESSES, REBASELINED = (
-    "too_large", "too_many_processes", "rebaselined")
+TOO_LARGE, TOO_MANY_PROCESSES, REBASELINED, BASELINED = (
+    "too_large", "too_many_processes", "rebaselined", "baselined")
+_QUIET_OUTCOMES = frozenset((ACCEPTED, STALE, REBASELINED, BASELINED))
 
 # Why series of an accepted message were refused, as counted on /metrics.
 PROCESS_CAP, TOTAL_CAP = "process_cap", "total_cap"
@@ -101,13 +113,16 @@ class Collector:
     """``window``, ``history`` and ``chain_counter`` assemble hops into
     traces and chains (defaults: a TraceWindow, an in-memory History)."""
 
-    def __init__(self, clock=time.monotonic, max_hops=MAX_HOPS, window=None,
-                 history=None, chain_counter=None, max_processes=MAX_PROCESSES,
+    def __init__(self, clock=time.monotonic, wall_clock=time.time, max_hops=MAX_HOPS,
+                 window=None, history=None, chain_counter=None, max_processes=MAX_PROCESSES,
                  max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
                  series_retention=SERIES_RETENTION_SECONDS):
         self._clock = clock
+        # When this collector started, on the clock agents stamp their
+        # processes' start with: what started before it is baselined.
+        self.started_at = wall_clock()
         self._lock = threading.Lock()
         self.max_processes = max_processes
         self.max_message_bytes = max_message_bytes
@@ -157,7 +172,7 @@ class Collector:
             outcome = REJECTED
         with self._lock:
             self.messages[outcome] += 1
-        if outcome not in (ACCEPTED, STALE, REBASELINED):
+        if outcome not in _QUIET_OUTCOMES:
             LOG.debug("collector: skipped a %s message", outcome)
         return outcome
 
@@ -205,6 +220,7 @@ class Collector:
         now = self._clock()
         entry = self._processes.get(process_id)
         rebaseline = False
+        gone = None
         if entry is None:
             gone = self._gone.get(process_id)
             if gone is not None and (gone[0] == _FINAL or seq <= gone[1]):
@@ -216,6 +232,8 @@ class Collector:
                 # counted, and its baseline is gone. Its values become the
                 # new baseline and add nothing: never counted twice.
                 del self._gone[process_id]
+                rebaseline = True
+            elif self._predates_me(process, seq):
                 rebaseline = True
             entry = _Process(process_id)
         elif seq <= entry.seq:
@@ -239,7 +257,18 @@ class Collector:
         self._set_gauges(entry, gauges)
         if final:
             self._release(entry, now, _FINAL)
-        return REBASELINED if rebaseline else ACCEPTED
+        if not rebaseline:
+            return ACCEPTED
+        return REBASELINED if gone is not None else BASELINED
+
+    def _predates_me(self, process, seq):
+        """Whether a process first heard of now was already running when this
+        collector started, so its values hold what it did before: this is not
+        its first snapshot, and it started earlier. A snapshot that says
+        nothing of its start counts whole."""
+        started_at = process.get("started_at")
+        return (seq > 1 and type(started_at) in (int, float)
+                and started_at < self.started_at)
 
     def _add_counters(self, entry, counters, rebaseline):
         baseline, totals = entry.counters, self._counters

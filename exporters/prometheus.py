@@ -12,7 +12,7 @@ _BOUNDS = [repr(float(b)) for b in metrics.LATENCY_BUCKETS] + ["+Inf"]
 COLLECTOR_MESSAGES = metrics.Metric(
     "commlens_collector_messages_total", "counter", ("outcome",),
     "Messages the collector received, by outcome (accepted, stale, malformed, "
-    "foreign, rejected, too_large, too_many_processes, rebaselined).")
+    "foreign, rejected, too_large, too_many_processes, rebaselined, baselined).")
 COLLECTOR_INVALID_SERIES = metrics.Metric(
     "commlens_collector_invalid_series_total", "counter", (),
     "Series in accepted messages that did not match the metric schema.")

@@ -386,3 +386,82 @@ def test_series_with_no_process_left_are_freed_after_the_retention():
     counters = collector.merged()[0]
     assert gone not in counters and counters[kept] == 1
     assert list(collector._holders) == [kept]
+
+
+# -- a collector restart is not a burst of traffic ----------------------------
+
+class WallClock:
+    """The collector's wall clock, which agents' start times are compared with."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def _running_since_before(collector_start, calls):
+    """An agent started before the collector, with snapshots shipped already."""
+    server = recorder_mod.Recorder("conductor")
+    server.started_at = collector_start - 600
+    server.inc(RECEIVED, RECEIVED_LABELS, calls)
+    server.snapshot(1.0)  # went to the collector before this one
+    return server
+
+
+def test_a_process_older_than_the_collector_adds_no_burst_of_its_old_totals():
+    clock = Clock()
+    collector = collector_mod.Collector(clock=clock, wall_clock=WallClock(5000.0))
+    server = _running_since_before(5000.0, 1000)
+    assert _ship(collector, server) == "baselined"
+    assert _received(collector) == 0
+    # Present on /metrics at 0 (a reset for Prometheus), then only growth.
+    assert _scrape(collector)[(RECEIVED.name, tuple(sorted(zip(
+        RECEIVED.labels, RECEIVED_LABELS))))] == 0
+    server.inc(RECEIVED, RECEIVED_LABELS, 7)
+    assert _ship(collector, server) == "accepted"
+    assert _received(collector) == 7
+    assert collector.message_counts() == {"baselined": 1, "accepted": 1}
+
+
+def test_a_process_older_than_the_collector_makes_no_rate_spike_on_the_graph():
+    clock = Clock()
+    collector = collector_mod.Collector(clock=clock, wall_clock=WallClock(5000.0))
+    server = _running_since_before(5000.0, 0)
+    handled = ("conductor", "api", "conductor", "build_instances", "ok")
+    for _ in range(1000):
+        server.observe(metrics.RPC_SERVER_HOPS, handled, 0.01)
+    server.snapshot(1.0)
+    clock.now += 6
+    _ship(collector, server)
+    collector.sample_graph()
+    assert collector.graph(60)["edges"] == []  # nothing happened since the collector started
+    clock.now += 6
+    for _ in range(12):
+        server.observe(metrics.RPC_SERVER_HOPS, handled, 0.01)
+    _ship(collector, server)
+    (edge,) = collector.graph(60)["edges"]
+    assert (edge["client"], edge["server"], edge["requests"]) == ("api", "conductor", 12)
+
+
+def test_a_process_started_after_the_collector_counts_whole():
+    # Its first snapshots were lost (a broker outage): it is new all the
+    # same, and its first calls count.
+    collector = collector_mod.Collector(clock=Clock(), wall_clock=WallClock(5000.0))
+    server = recorder_mod.Recorder("conductor")
+    server.started_at = 5010.0
+    server.inc(RECEIVED, RECEIVED_LABELS, 30)
+    server.snapshot(1.0)
+    assert _ship(collector, server) == "accepted"
+    assert _received(collector) == 30
+
+
+def test_the_first_snapshot_of_a_process_counts_whole_whatever_the_clocks_say():
+    # A host whose clock is behind: its process seems older than the
+    # collector, but seq 1 is everything it ever did.
+    collector = collector_mod.Collector(clock=Clock(), wall_clock=WallClock(5000.0))
+    server = recorder_mod.Recorder("conductor")
+    server.started_at = 4000.0
+    server.inc(RECEIVED, RECEIVED_LABELS, 30)
+    assert _ship(collector, server) == "accepted"
+    assert _received(collector) == 30
