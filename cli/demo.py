@@ -109,6 +109,10 @@ def run_demo(args):
     from oslo_config import cfg
     cfg.CONF([], project="commlens-demo", default_config_files=[])
 
+    # Made before the services start: their first calls are traffic on the
+    # graph (what a process older than its collector ships is carried in,
+    # exporters/collector.py).
+    collector = collector_mod.Collector()
     if embedded:
         # Everything the services ship stays in this process.
         export_url = os.environ["COMMLENS_EXPORT_URL"] = "memory://"

@@ -7,14 +7,19 @@ grew since that baseline. So a process that resumes after a gap (SIGSTOP, a
 broker outage) replaces its own earlier values instead of adding them again;
 a restarted process (a new id) adds on top; nothing exported ever goes back.
 
-A process the collector first hears of after it started (the collector
-was restarted, or a replica took over) is not new: its cumulative values
-hold what it did before, which Prometheus already has from the previous
-collector or never will. Its first snapshot becomes its baseline and adds
-nothing, so its old totals do not show as a burst of traffic (a jump in a
-counter is a rate spike). A process that started after the collector, or
-whose first snapshot this is (seq 1), counts whole: nothing it did is lost.
-Process start times (the agent's clock) are compared with the collector's.
+A restarted collector is not a burst of traffic. A process it first hears
+of that was running before it started (not its first snapshot, and an
+earlier start time, on the agent's clock) brings running totals of what it
+did before: they count in the totals, which stay exact and continue where
+the previous collector left them, but they are *carried in*, kept apart and
+left out of the collector's own rates (the graph, the methods tables, the
+15-minute series), where they would show as the first seconds of traffic.
+A process that started after the collector, or whose first snapshot this
+is (seq 1), brings nothing carried. /metrics leaves the shipped counters and
+histograms out until ``metrics_warm_up`` seconds after the first snapshot,
+so Prometheus never scrapes a sum some processes have not reported into
+yet: such a sum is lower than the last one, a counter reset, and the next
+scrape a jump by the whole total, a rate spike.
 
 When a process stops reporting, its gauges leave the view after a few of its
 own intervals (a dead worker cannot leave waiting replies stuck) and come
@@ -68,13 +73,10 @@ _N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
 # Outcomes of one received message, as counted on /metrics. REBASELINED: a
 # process resumed after it was forgotten; its values became its baseline
 # and added nothing (what it counted while forgotten is lost, and counted here).
-# BASELINED: the first snapshot of a process that was running before this
-# collector started; its values became its baseline and added nothing.
 ACCEPTED, MALFORMED, FOREIGN, STALE, REJECTED = (
     "accepted", "malformed", "foreign", "stale", "rejected")
-TOO_LARGE, TOO_MANY_PROCESSES, REBASELINED, BASELINED = (
-    "too_large", "too_many_processes", "rebaselined", "baselined")
-_QUIET_OUTCOMES = frozenset((ACCEPTED, STALE, REBASELINED, BASELINED))
+TOO_LARGE, TOO_MANY_PROCESSES, REBASELINED = (
+    "too_large", "too_many_processes", "rebaselined")
 
 # Why series of an accepted message were refused, as counted on /metrics.
 PROCESS_CAP, TOTAL_CAP = "process_cap", "total_cap"
@@ -118,11 +120,13 @@ class Collector:
                  max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
-                 series_retention=SERIES_RETENTION_SECONDS):
+                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0):
         self._clock = clock
         # When this collector started, on the clock agents stamp their
-        # processes' start with: what started before it is baselined.
+        # processes' start with: what a process older than it brings is carried in.
         self.started_at = wall_clock()
+        self.metrics_warm_up = metrics_warm_up
+        self._first_snapshot_at = None
         self._lock = threading.Lock()
         self.max_processes = max_processes
         self.max_message_bytes = max_message_bytes
@@ -134,9 +138,14 @@ class Collector:
         self._processes = {}
         # {process id: (why it is gone, its last seq)}, oldest first.
         self._gone = collections.OrderedDict()
-        # Collector-wide totals: {(name, labels): value} and {(name, labels): [counts, sum]}.
+        # Collector-wide totals: {(name, labels): value} and {(name, labels):
+        # [counts, sum, min, max]}; and of them, what processes older than
+        # this collector brought in their first snapshot: {(name, labels):
+        # value} and {(name, labels): counts}.
         self._counters = {}
         self._histograms = {}
+        self._carried_counters = {}
+        self._carried_histograms = {}
         # Every series held: {(name, labels): how many remembered processes hold it}.
         # Its length is what max_series caps.
         self._holders = {}
@@ -172,7 +181,7 @@ class Collector:
             outcome = REJECTED
         with self._lock:
             self.messages[outcome] += 1
-        if outcome not in _QUIET_OUTCOMES:
+        if outcome not in (ACCEPTED, STALE, REBASELINED):
             LOG.debug("collector: skipped a %s message", outcome)
         return outcome
 
@@ -219,8 +228,7 @@ class Collector:
         process_id = process["id"]
         now = self._clock()
         entry = self._processes.get(process_id)
-        rebaseline = False
-        gone = None
+        rebaseline = carried = False
         if entry is None:
             gone = self._gone.get(process_id)
             if gone is not None and (gone[0] == _FINAL or seq <= gone[1]):
@@ -233,8 +241,8 @@ class Collector:
                 # new baseline and add nothing: never counted twice.
                 del self._gone[process_id]
                 rebaseline = True
-            elif self._predates_me(process, seq):
-                rebaseline = True
+            else:
+                carried = self._predates_me(process, seq)
             entry = _Process(process_id)
         elif seq <= entry.seq:
             return STALE
@@ -252,14 +260,14 @@ class Collector:
         entry.seq = seq
         entry.interval = interval
         entry.last_seen = now
-        self._add_counters(entry, counters, rebaseline)
-        self._add_histograms(entry, histograms, rebaseline)
+        if self._first_snapshot_at is None:
+            self._first_snapshot_at = now
+        self._add_counters(entry, counters, rebaseline, carried)
+        self._add_histograms(entry, histograms, rebaseline, carried)
         self._set_gauges(entry, gauges)
         if final:
             self._release(entry, now, _FINAL)
-        if not rebaseline:
-            return ACCEPTED
-        return REBASELINED if gone is not None else BASELINED
+        return REBASELINED if rebaseline else ACCEPTED
 
     def _predates_me(self, process, seq):
         """Whether a process first heard of now was already running when this
@@ -270,7 +278,7 @@ class Collector:
         return (seq > 1 and type(started_at) in (int, float)
                 and started_at < self.started_at)
 
-    def _add_counters(self, entry, counters, rebaseline):
+    def _add_counters(self, entry, counters, rebaseline, carried):
         baseline, totals = entry.counters, self._counters
         for key, value in counters.items():
             old = baseline.get(key)
@@ -278,12 +286,14 @@ class Collector:
                 if not self._hold(entry, key):
                     continue
                 old = value if rebaseline else 0.0
+                if carried:
+                    self._carried_counters[key] = self._carried_counters.get(key, 0.0) + value
             # Cumulative within one incarnation: only growth is new. A lower
             # value adds nothing and is the baseline from now on.
             totals[key] = totals.get(key, 0.0) + max(0.0, value - old)
             baseline[key] = value
 
-    def _add_histograms(self, entry, histograms, rebaseline):
+    def _add_histograms(self, entry, histograms, rebaseline, carried):
         baseline = entry.histograms
         for key, (counts, total, low, high) in histograms.items():
             old = baseline.get(key)
@@ -291,6 +301,10 @@ class Collector:
                 if not self._hold(entry, key):
                     continue
                 old = (counts, total) if rebaseline else None
+                if carried:
+                    before = self._carried_histograms.get(key)
+                    self._carried_histograms[key] = counts if before is None else [
+                        a + b for a, b in zip(before, counts, strict=True)]
             # The extremes are the process's since it started: taken whole,
             # they can only widen the collector's, which must hold every
             # value it counted (percentiles are clamped to them).
@@ -445,7 +459,7 @@ class Collector:
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
         if not (edges_due or methods_due):
             return
-        merged = self.merged()
+        merged = self.merged(rates=True)
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
@@ -453,7 +467,7 @@ class Collector:
             self.method_samples.add(graph.method_totals(*merged, consumers))
 
     def graph(self, window_seconds=300):
-        merged = self.merged()
+        merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
@@ -483,7 +497,7 @@ class Collector:
                 "series": self._series(lambda key: key[1] == service)}
 
     def _method_rows(self, window_seconds, wanted):
-        counters, histograms, gauges = self.merged()
+        counters, histograms, gauges = self.merged(rates=True)
         current = graph.method_totals(counters, histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
@@ -534,23 +548,32 @@ class Collector:
                     break
                 del unheld[key]
                 del self._holders[key]
-                self._counters.pop(key, None)
-                self._histograms.pop(key, None)
+                for store in (self._counters, self._histograms, self._carried_counters,
+                              self._carried_histograms):
+                    store.pop(key, None)
 
     # -- views -----------------------------------------------------------
 
-    def merged(self):
+    def merged(self, rates=False):
         """(counters, histograms, gauges): {(name, labels): value}, summed; a
         histogram's value is [counts, sum, min, max] (aggregate.py).
 
         A silent process's gauges are left out, so a dead worker cannot
         leave waiting replies stuck; they come back if it resumes.
+        ``rates``: for rates over time, without what processes older than
+        this collector carried in (the counts; a histogram's sum keeps it).
         """
         self.expire()
         now = self._clock()
         with self._lock:
             counters = collections.defaultdict(float, self._counters)
             histograms = {k: [list(v[0]), *v[1:]] for k, v in self._histograms.items()}
+            if rates:
+                for key, value in self._carried_counters.items():
+                    counters[key] = max(0.0, counters[key] - value)
+                for key, counts in self._carried_histograms.items():
+                    histograms[key][0] = [max(0.0, a - b) for a, b in
+                                          zip(histograms[key][0], counts, strict=True)]
             gauges = collections.defaultdict(float)
             for entry in self._processes.values():
                 if entry.silent(now):
@@ -558,6 +581,14 @@ class Collector:
                 for key, value in entry.gauges.items():
                     gauges[key] += value
         return counters, histograms, gauges
+
+    def metrics_warmed_up(self):
+        """Whether /metrics may show the shipped counters and histograms:
+        ``metrics_warm_up`` seconds after the first snapshot, by when every
+        live process has reported its totals."""
+        with self._lock:
+            first = self._first_snapshot_at
+        return first is not None and self._clock() - first >= self.metrics_warm_up
 
     def processes(self):
         """The processes reporting now (a silent one is left out)."""

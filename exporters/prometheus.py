@@ -12,7 +12,7 @@ _BOUNDS = [repr(float(b)) for b in metrics.LATENCY_BUCKETS] + ["+Inf"]
 COLLECTOR_MESSAGES = metrics.Metric(
     "commlens_collector_messages_total", "counter", ("outcome",),
     "Messages the collector received, by outcome (accepted, stale, malformed, "
-    "foreign, rejected, too_large, too_many_processes, rebaselined, baselined).")
+    "foreign, rejected, too_large, too_many_processes, rebaselined).")
 COLLECTOR_INVALID_SERIES = metrics.Metric(
     "commlens_collector_invalid_series_total", "counter", (),
     "Series in accepted messages that did not match the metric schema.")
@@ -75,6 +75,11 @@ class CollectorExposition:
         families = {}
         for metric in metrics.SHIPPED.values():
             families[metric.name] = _family(metric)
+        if not collector.metrics_warmed_up():
+            # Not every process has reported into these sums yet: a partial
+            # sum would read as a counter reset, then a rate spike
+            # (exporters/collector.py). Gauges are not cumulative: shown.
+            counters, histograms = {}, {}
         for (name, labels), value in counters.items():
             families[name].add_metric(list(labels), value)
         for (name, labels), value in gauges.items():

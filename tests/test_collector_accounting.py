@@ -400,68 +400,74 @@ class WallClock:
         return self.now
 
 
-def _running_since_before(collector_start, calls):
-    """An agent started before the collector, with snapshots shipped already."""
+HANDLED = ("conductor", "api", "conductor", "build_instances", "ok")
+
+
+def _conductor(started_at, calls, snapshots_before=1):
+    """An agent with ``calls`` handled and snapshots shipped already."""
     server = recorder_mod.Recorder("conductor")
-    server.started_at = collector_start - 600
-    server.inc(RECEIVED, RECEIVED_LABELS, calls)
-    server.snapshot(1.0)  # went to the collector before this one
+    server.started_at = started_at
+    for _ in range(calls):
+        server.observe(metrics.RPC_SERVER_HOPS, HANDLED, 0.01)
+    for _ in range(snapshots_before):
+        server.snapshot(1.0)
     return server
 
 
-def test_a_process_older_than_the_collector_adds_no_burst_of_its_old_totals():
+def _edge_requests(collector):
+    return sum(e["requests"] for e in collector.graph(60)["edges"])
+
+
+def test_a_process_older_than_the_collector_counts_exactly_but_is_no_burst_of_traffic():
     clock = Clock()
     collector = collector_mod.Collector(clock=clock, wall_clock=WallClock(5000.0))
-    server = _running_since_before(5000.0, 1000)
-    assert _ship(collector, server) == "baselined"
-    assert _received(collector) == 0
-    # Present on /metrics at 0 (a reset for Prometheus), then only growth.
-    assert _scrape(collector)[(RECEIVED.name, tuple(sorted(zip(
-        RECEIVED.labels, RECEIVED_LABELS))))] == 0
-    server.inc(RECEIVED, RECEIVED_LABELS, 7)
+    server = _conductor(5000.0 - 600, 1000)
     assert _ship(collector, server) == "accepted"
-    assert _received(collector) == 7
-    assert collector.message_counts() == {"baselined": 1, "accepted": 1}
-
-
-def test_a_process_older_than_the_collector_makes_no_rate_spike_on_the_graph():
-    clock = Clock()
-    collector = collector_mod.Collector(clock=clock, wall_clock=WallClock(5000.0))
-    server = _running_since_before(5000.0, 0)
-    handled = ("conductor", "api", "conductor", "build_instances", "ok")
-    for _ in range(1000):
-        server.observe(metrics.RPC_SERVER_HOPS, handled, 0.01)
-    server.snapshot(1.0)
-    clock.now += 6
-    _ship(collector, server)
+    # The totals continue where the previous collector left them...
+    edge = (metrics.SERVICE_GRAPH_REQUESTS.name, ("api", "conductor", metrics.MESSAGING_SYSTEM))
+    assert collector.merged()[0][edge] == 1000
+    assert _scrape(collector)[(edge[0], tuple(sorted(zip(metrics.SERVICE_GRAPH_LABELS,
+                                                         edge[1]))))] == 1000
+    # ...and the collector's rates count only what happens from now on.
     collector.sample_graph()
-    assert collector.graph(60)["edges"] == []  # nothing happened since the collector started
-    clock.now += 6
+    assert _edge_requests(collector) == 0
     for _ in range(12):
-        server.observe(metrics.RPC_SERVER_HOPS, handled, 0.01)
+        server.observe(metrics.RPC_SERVER_HOPS, HANDLED, 0.01)
     _ship(collector, server)
-    (edge,) = collector.graph(60)["edges"]
-    assert (edge["client"], edge["server"], edge["requests"]) == ("api", "conductor", 12)
+    assert _edge_requests(collector) == 12
+    (row,) = collector.node_details("conductor")["methods"] or [None]
+    assert row is None or row["rate"] < 1000
+    assert collector.merged()[0][edge] == 1012
 
 
-def test_a_process_started_after_the_collector_counts_whole():
-    # Its first snapshots were lost (a broker outage): it is new all the
-    # same, and its first calls count.
+def test_a_process_started_after_the_collector_is_traffic_from_its_first_call():
+    # Its first snapshots were lost (a broker outage): new all the same.
     collector = collector_mod.Collector(clock=Clock(), wall_clock=WallClock(5000.0))
-    server = recorder_mod.Recorder("conductor")
-    server.started_at = 5010.0
-    server.inc(RECEIVED, RECEIVED_LABELS, 30)
-    server.snapshot(1.0)
-    assert _ship(collector, server) == "accepted"
-    assert _received(collector) == 30
+    assert _ship(collector, _conductor(5010.0, 30)) == "accepted"
+    assert _edge_requests(collector) == 30
 
 
-def test_the_first_snapshot_of_a_process_counts_whole_whatever_the_clocks_say():
+def test_the_first_snapshot_of_a_process_is_traffic_whatever_the_clocks_say():
     # A host whose clock is behind: its process seems older than the
-    # collector, but seq 1 is everything it ever did.
+    # collector, but seq 1 is everything it did since it started.
     collector = collector_mod.Collector(clock=Clock(), wall_clock=WallClock(5000.0))
-    server = recorder_mod.Recorder("conductor")
-    server.started_at = 4000.0
-    server.inc(RECEIVED, RECEIVED_LABELS, 30)
-    assert _ship(collector, server) == "accepted"
-    assert _received(collector) == 30
+    assert _ship(collector, _conductor(4000.0, 30, snapshots_before=0)) == "accepted"
+    assert _edge_requests(collector) == 30
+
+
+def test_metrics_leave_the_shipped_sums_out_until_the_warm_up_is_over():
+    clock = Clock()
+    collector = collector_mod.Collector(clock=clock, metrics_warm_up=10.0)
+    server = _conductor(clock.now, 5, snapshots_before=0)
+    server.call_started(WAITING_KEY[1])
+
+    def names():
+        return {name for name, _labels in _scrape(collector)}
+
+    assert metrics.SERVICE_GRAPH_REQUESTS.name not in names()
+    _ship(collector, server, interval=30.0)
+    clock.now += 9
+    assert metrics.SERVICE_GRAPH_REQUESTS.name not in names()
+    assert metrics.RPC_WAITING_REPLIES.name in names()  # a gauge is not a sum over time
+    clock.now += 1
+    assert metrics.SERVICE_GRAPH_REQUESTS.name in names()
