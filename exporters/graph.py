@@ -383,15 +383,8 @@ def quantile(q, latency):
     if total <= 0:
         return None
     rank = q * total
-    running = 0
-    for i, count in enumerate(counts):
-        if running + count >= rank and count > 0:
-            break
-        running += count
-    else:  # shares' rounding left the rank past the end: the last bucket with calls
-        i = max(j for j, count in enumerate(counts) if count > 0)
-        count = counts[i]
-        running = rank - count
+    i, running = _bucket_of(counts, rank)
+    count = counts[i]
     low = _BOUNDS[i - 1] if i > 0 else 0.0
     high = _BOUNDS[i] if i < len(_BOUNDS) else None
     if latency.low is not None:
@@ -401,6 +394,18 @@ def quantile(q, latency):
     if high is None:
         return low, low, None
     return low + (high - low) * (rank - running) / count, low, high
+
+
+def _bucket_of(counts, rank):
+    """(index of the bucket holding ``rank``, the count below it)."""
+    running = 0
+    for i, count in enumerate(counts):
+        if running + count >= rank and count > 0:
+            return i, running
+        running += count
+    # Shares' rounding left the rank past the end: the last bucket with calls.
+    last = max(i for i, count in enumerate(counts) if count > 0)
+    return last, rank - counts[last]
 
 
 class GraphSamples:

@@ -427,7 +427,7 @@ def test_a_process_older_than_the_collector_counts_exactly_but_is_no_burst_of_tr
     edge = (metrics.SERVICE_GRAPH_REQUESTS.name, ("api", "conductor", metrics.MESSAGING_SYSTEM))
     assert collector.merged()[0][edge] == 1000
     assert _scrape(collector)[(edge[0], tuple(sorted(zip(metrics.SERVICE_GRAPH_LABELS,
-                                                         edge[1]))))] == 1000
+                                                         edge[1], strict=True))))] == 1000
     # ...and the collector's rates count only what happens from now on.
     collector.sample_graph()
     assert _edge_requests(collector) == 0
