@@ -109,6 +109,10 @@ def run_demo(args):
     from oslo_config import cfg
     cfg.CONF([], project="commlens-demo", default_config_files=[])
 
+    # Made before the services start: their first calls are traffic on the
+    # graph (what a process older than its collector ships is carried in,
+    # exporters/collector.py).
+    collector = collector_mod.Collector()
     if embedded:
         # Everything the services ship stays in this process.
         export_url = os.environ["COMMLENS_EXPORT_URL"] = "memory://"
@@ -116,7 +120,6 @@ def run_demo(args):
     else:
         plane = _ProcessPlane(args)
         export_url = plane.export_url
-    collector = collector_mod.Collector()
     intake = intake_mod.make_intake(export_url, collector, queue_ttl=args.queue_ttl)
     faults = faults_mod.Faults(on_change=lambda name, on: _apply(plane, faults, name, on))
     plane.faults = faults
@@ -378,6 +381,8 @@ def _show_status(collector, faults, stop, args):
         nonlocal previous, previous_at
         from rich.table import Table
 
+        from commlens.dashboards import formatting
+
         now = time.monotonic()
         rows = _per_service(collector)
         seconds = max(now - previous_at, 1e-3)
@@ -391,7 +396,7 @@ def _show_status(collector, faults, stop, args):
             errors = f"{rate['errors']:.1f}"
             result.add_row(service, f"{rate['received']:.1f}", f"{rate['sent']:.1f}",
                            f"[red]{errors}[/red]" if rate["errors"] else errors,
-                           f"{row['waiting']:g}")
+                           formatting.number(row['waiting']))
         previous, previous_at = rows, now
         return result
 

@@ -12,6 +12,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from commlens.dashboards import formatting
+
 DEFAULT_COLLECTOR = "http://127.0.0.1:9780"
 
 
@@ -84,10 +86,7 @@ def _run(render):
     return run
 
 
-def _seconds(value):
-    if value is None:
-        return "-"
-    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+_seconds = formatting.duration
 
 
 def _when(timestamp):
@@ -110,17 +109,19 @@ class _Graph:
         for edge in sorted(data["edges"], key=lambda e: (-e["error_ratio"], -e["rate"])):
             queues = ", ".join(f"{name} {q['ready']}/{q['unacked']}/{q['consumers']}"
                                for name, q in (edge.get("queues") or {}).items())
-            error = f"{edge['error_ratio'] * 100:.1f}"
+            error = formatting.number(edge["error_ratio"] * 100)
             table.add_row(
-                edge["client"], edge["server"], edge["protocol"], f"{edge['rate']:.2f}",
+                edge["client"], edge["server"], edge["protocol"],
+                formatting.number(edge["rate"]),
                 f"[red]{error}[/red]" if edge["error_ratio"] else error,
-                _seconds(edge["p50_seconds"]), _seconds(edge["p99_seconds"]),
+                _seconds(edge["p50_seconds"], edge.get("p50_estimated", False)),
+                _seconds(edge["p99_seconds"], edge.get("p99_estimated", False)),
                 _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues)
         console.print(table)
 
 
 def _count(value):
-    return "-" if value is None else f"{value:g}"
+    return "-" if value is None else formatting.number(value)
 
 
 class _Chains:

@@ -67,6 +67,11 @@ def build_parser():
                            help="forget traces older than this (default 24h)")
     collector.add_argument("--history-max-traces", type=int, default=200000,
                            help="keep at most this many traces (default 200000)")
+    collector.add_argument("--metrics-warm-up", type=_warm_up,
+                           default=os.environ.get("COMMLENS_METRICS_WARM_UP", "10s"),
+                           help="/metrics shows the shipped counters and histograms this long "
+                                "after the first snapshot, when every process has reported "
+                                "(0 for at once; default: COMMLENS_METRICS_WARM_UP, else 10s)")
     collector.add_argument("--trace-quiet", type=_duration, default="5s",
                            help="a trace closes after this long without new hops (default 5s)")
     collector.add_argument("--max-open-traces", type=int, default=50000,
@@ -100,6 +105,11 @@ def _duration(value):
         return durations.parse(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _warm_up(value):
+    """A duration, or 0 for none."""
+    return 0.0 if str(value).strip() in ("0", "0s") else _duration(value)
 
 
 def _queue_ttl(value):
@@ -144,7 +154,8 @@ def run_collector(args):
             window=traces.TraceWindow(quiet_seconds=args.trace_quiet,
                                       max_open_traces=args.max_open_traces),
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
-                                        max_traces=args.history_max_traces))
+                                        max_traces=args.history_max_traces),
+            metrics_warm_up=args.metrics_warm_up)
         intake = intake_mod.make_intake(export_url, collector, replica=args.replica,
                                         queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 
 from commlens.dashboards import filters
+from commlens.dashboards import formatting
 from commlens.dashboards import health
 
 DOT_TIMEOUT_SECONDS = 20
@@ -162,20 +163,20 @@ def _thickness(rate):
     return 1.0 + min(5.0, math.log10(1.0 + rate) * 2.0)
 
 
-def _rate(value):
-    return f"{value:.3g}/s" if value < 1000 else f"{value / 1000:.3g}k/s"
+_rate = formatting.rate
+_percent = formatting.percent
 
 
-def _ms(seconds):
-    if seconds is None:
-        return "-"
-    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1000:.3g} ms"
+def _latency(edge, name):
+    """An edge's percentile of successful calls, ``~`` in front of an estimate."""
+    return formatting.duration(edge.get(f"ok_{name}_seconds"),
+                               edge.get(f"ok_{name}_estimated", False))
 
 
 def _edge_label(edge):
     parts = [_rate(edge["rate"])]
     if edge["error_ratio"] > 0:
-        parts.append(f"{edge['error_ratio'] * 100:.2g}% err")
+        parts.append(f"{_percent(edge['error_ratio'])} err")
     if edge.get("waiting_replies"):
         parts.append(f"{edge['waiting_replies']:.0f} waiting")
     return " · ".join(parts)
@@ -185,9 +186,9 @@ def _edge_tooltip(edge, state):
     by_client = (", counted by the caller: the server is not instrumented"
                  if edge.get("measured_by") == "client" else "")
     return (f"{edge['client']} -> {edge['server']} ({edge['protocol'].upper()}, {state}): "
-            f"{_rate(edge['rate'])}, {edge['error_ratio'] * 100:.3g}% errors, "
-            f"p50 {_ms(edge.get('ok_p50_seconds'))}, p99 {_ms(edge.get('ok_p99_seconds'))} "
-            f"(successful calls{by_client})")
+            f"{_rate(edge['rate'])}, {_percent(edge['error_ratio'])} errors, "
+            f"p50 {_latency(edge, 'p50')}, p99 {_latency(edge, 'p99')} "
+            f"(successful calls{by_client}; ~ marks an estimate)")
 
 
 def _outside_note(node):
@@ -203,7 +204,7 @@ def _node_tooltip(node, waiting, timeouts, state):
     note = _outside_note(node)
     return (f"{node['service']} ({state}{', ' + note if note else ''}): "
             f"in {_rate(node['rate_in'])}, out "
-            f"{_rate(node['rate_out'])}, {node['error_ratio'] * 100:.3g}% errors, "
+            f"{_rate(node['rate_out'])}, {_percent(node['error_ratio'])} errors, "
             f"{waiting:.0f} replies waited for, {timeouts:.0f} timeouts")
 
 
@@ -215,7 +216,7 @@ def _node_label(node, waiting, timeouts):
     if note and not node.get("user_agent"):
         rows.append(f'<TR><TD><FONT POINT-SIZE="8" COLOR="#666666">{note}</FONT></TD></TR>')
     rows.append(f"<TR><TD><FONT POINT-SIZE=\"9\">in {_rate(node['rate_in'])}"
-                f" · {node['error_ratio'] * 100:.2g}% err</FONT></TD></TR>")
+                f" · {_percent(node['error_ratio'])} err</FONT></TD></TR>")
     if waiting or timeouts:
         badge = " · ".join(text for value, text in (
             (waiting, f"{waiting:.0f} waiting"), (timeouts, f"{timeouts:.0f} timeouts"))

@@ -7,6 +7,20 @@ grew since that baseline. So a process that resumes after a gap (SIGSTOP, a
 broker outage) replaces its own earlier values instead of adding them again;
 a restarted process (a new id) adds on top; nothing exported ever goes back.
 
+A restarted collector is not a burst of traffic. A process it first hears
+of that was running before it started (not its first snapshot, and an
+earlier start time, on the agent's clock) brings running totals of what it
+did before: they count in the totals, which stay exact and continue where
+the previous collector left them, but they are *carried in*, kept apart and
+left out of the collector's own rates (the graph, the methods tables, the
+15-minute series), where they would show as the first seconds of traffic.
+A process that started after the collector, or whose first snapshot this
+is (seq 1), brings nothing carried. /metrics leaves the shipped counters and
+histograms out until ``metrics_warm_up`` seconds after the first snapshot,
+so Prometheus never scrapes a sum some processes have not reported into
+yet: such a sum is lower than the last one, a counter reset, and the next
+scrape a jump by the whole total, a rate spike.
+
 When a process stops reporting, its gauges leave the view after a few of its
 own intervals (a dead worker cannot leave waiting replies stuck) and come
 back if it resumes; its baseline is kept for ``process_retention``. A final
@@ -101,13 +115,18 @@ class Collector:
     """``window``, ``history`` and ``chain_counter`` assemble hops into
     traces and chains (defaults: a TraceWindow, an in-memory History)."""
 
-    def __init__(self, clock=time.monotonic, max_hops=MAX_HOPS, window=None,
-                 history=None, chain_counter=None, max_processes=MAX_PROCESSES,
+    def __init__(self, clock=time.monotonic, wall_clock=time.time, max_hops=MAX_HOPS,
+                 window=None, history=None, chain_counter=None, max_processes=MAX_PROCESSES,
                  max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
-                 series_retention=SERIES_RETENTION_SECONDS):
+                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0):
         self._clock = clock
+        # When this collector started, on the clock agents stamp their
+        # processes' start with: what a process older than it brings is carried in.
+        self.started_at = wall_clock()
+        self.metrics_warm_up = metrics_warm_up
+        self._first_snapshot_at = None
         self._lock = threading.Lock()
         self.max_processes = max_processes
         self.max_message_bytes = max_message_bytes
@@ -119,9 +138,14 @@ class Collector:
         self._processes = {}
         # {process id: (why it is gone, its last seq)}, oldest first.
         self._gone = collections.OrderedDict()
-        # Collector-wide totals: {(name, labels): value} and {(name, labels): [counts, sum]}.
+        # Collector-wide totals: {(name, labels): value} and {(name, labels):
+        # [counts, sum, min, max]}; and of them, what processes older than
+        # this collector brought in their first snapshot: {(name, labels):
+        # value} and {(name, labels): counts}.
         self._counters = {}
         self._histograms = {}
+        self._carried_counters = {}
+        self._carried_histograms = {}
         # Every series held: {(name, labels): how many remembered processes hold it}.
         # Its length is what max_series caps.
         self._holders = {}
@@ -177,7 +201,7 @@ class Collector:
             return FOREIGN
         if data.get("format") == wire.HOPS_FORMAT:
             return self._ingest_hops(data.get("hops"))
-        if data.get("format") != wire.SNAPSHOT_FORMAT:
+        if data.get("format") not in wire.SNAPSHOT_FORMATS:
             return FOREIGN
         process = data.get("process")
         if not isinstance(process, dict) or not _short_str(process.get("id"), 64):
@@ -204,7 +228,7 @@ class Collector:
         process_id = process["id"]
         now = self._clock()
         entry = self._processes.get(process_id)
-        rebaseline = False
+        rebaseline = carried = False
         if entry is None:
             gone = self._gone.get(process_id)
             if gone is not None and (gone[0] == _FINAL or seq <= gone[1]):
@@ -217,6 +241,8 @@ class Collector:
                 # new baseline and add nothing: never counted twice.
                 del self._gone[process_id]
                 rebaseline = True
+            else:
+                carried = self._predates_me(process, seq)
             entry = _Process(process_id)
         elif seq <= entry.seq:
             return STALE
@@ -237,14 +263,25 @@ class Collector:
         entry.seq = seq
         entry.interval = interval
         entry.last_seen = now
-        self._add_counters(entry, counters, rebaseline)
-        self._add_histograms(entry, histograms, rebaseline)
+        if self._first_snapshot_at is None:
+            self._first_snapshot_at = now
+        self._add_counters(entry, counters, rebaseline, carried)
+        self._add_histograms(entry, histograms, rebaseline, carried)
         self._set_gauges(entry, gauges)
         if final:
             self._release(entry, now, _FINAL)
         return REBASELINED if rebaseline else ACCEPTED
 
-    def _add_counters(self, entry, counters, rebaseline):
+    def _predates_me(self, process, seq):
+        """Whether a process first heard of now was already running when this
+        collector started, so its values hold what it did before: this is not
+        its first snapshot, and it started earlier. A snapshot that says
+        nothing of its start counts whole."""
+        started_at = process.get("started_at")
+        return (seq > 1 and type(started_at) in (int, float)
+                and started_at < self.started_at)
+
+    def _add_counters(self, entry, counters, rebaseline, carried):
         baseline, totals = entry.counters, self._counters
         for key, value in counters.items():
             old = baseline.get(key)
@@ -252,26 +289,35 @@ class Collector:
                 if not self._hold(entry, key):
                     continue
                 old = value if rebaseline else 0.0
+                if carried:
+                    self._carried_counters[key] = self._carried_counters.get(key, 0.0) + value
             # Cumulative within one incarnation: only growth is new. A lower
             # value adds nothing and is the baseline from now on.
             totals[key] = totals.get(key, 0.0) + max(0.0, value - old)
             baseline[key] = value
 
-    def _add_histograms(self, entry, histograms, rebaseline):
+    def _add_histograms(self, entry, histograms, rebaseline, carried):
         baseline = entry.histograms
-        for key, (counts, total) in histograms.items():
+        for key, (counts, total, low, high) in histograms.items():
             old = baseline.get(key)
             if old is None:
                 if not self._hold(entry, key):
                     continue
                 old = (counts, total) if rebaseline else None
+                if carried:
+                    before = self._carried_histograms.get(key)
+                    self._carried_histograms[key] = counts if before is None else [
+                        a + b for a, b in zip(before, counts, strict=True)]
+            # The extremes are the process's since it started: taken whole,
+            # they can only widen the collector's, which must hold every
+            # value it counted (percentiles are clamped to them).
             if old is None:
-                aggregate.add_histogram(self._histograms, key, counts, total)
+                aggregate.add_histogram(self._histograms, key, counts, total, low, high)
             else:
                 aggregate.add_histogram(
                     self._histograms, key,
                     [max(0.0, new - was) for new, was in zip(counts, old[0], strict=True)],
-                    max(0.0, total - old[1]))
+                    max(0.0, total - old[1]), low, high)
             baseline[key] = (counts, total)
 
     def _set_gauges(self, entry, gauges):
@@ -469,7 +515,7 @@ class Collector:
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
         if not (edges_due or methods_due):
             return
-        merged = self.merged()
+        merged = self.merged(rates=True)
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
@@ -477,7 +523,7 @@ class Collector:
             self.method_samples.add(graph.method_totals(*merged, consumers))
 
     def graph(self, window_seconds=300):
-        merged = self.merged()
+        merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
@@ -509,7 +555,7 @@ class Collector:
                 "series": self._series(lambda key: key[1] == service)}
 
     def _method_rows(self, window_seconds, wanted):
-        counters, histograms, gauges = self.merged()
+        counters, histograms, gauges = self.merged(rates=True)
         current = graph.method_totals(counters, histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
@@ -560,22 +606,32 @@ class Collector:
                     break
                 del unheld[key]
                 del self._holders[key]
-                self._counters.pop(key, None)
-                self._histograms.pop(key, None)
+                for store in (self._counters, self._histograms, self._carried_counters,
+                              self._carried_histograms):
+                    store.pop(key, None)
 
     # -- views -----------------------------------------------------------
 
-    def merged(self):
-        """(counters, histograms, gauges): {(name, labels): value}, summed.
+    def merged(self, rates=False):
+        """(counters, histograms, gauges): {(name, labels): value}, summed; a
+        histogram's value is [counts, sum, min, max] (aggregate.py).
 
         A silent process's gauges are left out, so a dead worker cannot
         leave waiting replies stuck; they come back if it resumes.
+        ``rates``: for rates over time, without what processes older than
+        this collector carried in (the counts; a histogram's sum keeps it).
         """
         self.expire()
         now = self._clock()
         with self._lock:
             counters = collections.defaultdict(float, self._counters)
-            histograms = {k: [list(v[0]), v[1]] for k, v in self._histograms.items()}
+            histograms = {k: [list(v[0]), *v[1:]] for k, v in self._histograms.items()}
+            if rates:
+                for key, value in self._carried_counters.items():
+                    counters[key] = max(0.0, counters[key] - value)
+                for key, counts in self._carried_histograms.items():
+                    histograms[key][0] = [max(0.0, a - b) for a, b in
+                                          zip(histograms[key][0], counts, strict=True)]
             gauges = collections.defaultdict(float)
             for entry in self._processes.values():
                 if entry.silent(now):
@@ -583,6 +639,14 @@ class Collector:
                 for key, value in entry.gauges.items():
                     gauges[key] += value
         return counters, histograms, gauges
+
+    def metrics_warmed_up(self):
+        """Whether /metrics may show the shipped counters and histograms:
+        ``metrics_warm_up`` seconds after the first snapshot, by when every
+        live process has reported its totals."""
+        with self._lock:
+            first = self._first_snapshot_at
+        return first is not None and self._clock() - first >= self.metrics_warm_up
 
     def processes(self):
         """The processes reporting now (a silent one is left out)."""
@@ -680,17 +744,38 @@ def _parse_series(data):
                 invalid += 1
                 continue
             target[(name, tuple(labels))] = float(value)
+    previous = data.get("format") == wire.SNAPSHOT_FORMAT_1
+    n_fields, n_buckets = ((len(wire.SNAPSHOT_1_HISTOGRAM_FIELDS),
+                            len(wire.SNAPSHOT_1_LATENCY_BUCKETS) + 1) if previous
+                           else (len(wire.HISTOGRAM_FIELDS), _N_BUCKETS))
     for item in data.get("histograms") or ():
         try:
-            name, labels, counts, total = item
+            if len(item) != n_fields:
+                raise ValueError
+            name, labels, counts, total, low, high = (list(item) + [None, None])[:6]
             metric = metrics.SHIPPED[name]
         except (TypeError, ValueError, KeyError):
             invalid += 1
             continue
         if (metric.kind != "histogram" or not _valid_labels(metric, labels)
-                or not isinstance(counts, list) or len(counts) != _N_BUCKETS
-                or not all(_number(c) for c in counts) or not _number(total)):
+                or not isinstance(counts, list) or len(counts) != n_buckets
+                or not all(_number(c) for c in counts) or not _number(total)
+                or not _extremes(low, high)):
             invalid += 1
             continue
-        histograms[(name, tuple(labels))] = ([float(c) for c in counts], float(total))
+        counts = [float(c) for c in counts]
+        if previous:
+            counts = aggregate.rebucket(counts, wire.SNAPSHOT_1_LATENCY_BUCKETS,
+                                        metrics.LATENCY_BUCKETS)
+        histograms[(name, tuple(labels))] = (
+            counts, float(total), None if low is None else float(low),
+            None if high is None else float(high))
     return counters, histograms, gauges, invalid
+
+
+def _extremes(low, high):
+    """Both None (nothing observed, or an agent that does not say), or two
+    durations in order."""
+    if low is None and high is None:
+        return True
+    return _number(low) and _number(high) and low <= high

@@ -28,6 +28,12 @@ of that user agent (tracer/names.py).
 
 Rates need two points in time: ``GraphSamples`` keeps the edge totals every
 few seconds for the longest window served.
+
+Percentiles come from bucket counts, so most are estimates: ``percentiles``
+interpolates within the bucket that holds the rank, clamped to the smallest
+and largest value observed, and says so (``p50_seconds`` with
+``p50_range_seconds``, the interval the true value lies in, and
+``p50_estimated``, false when that interval is a single value).
 """
 
 import bisect
@@ -155,19 +161,45 @@ def resolve_rpc_servers(counters, histograms, consumers):
                 del resolved_counters[key]
 
     resolved_histograms = {}
-    for (name, labels), (counts, total) in histograms.items():
+    for (name, labels), (counts, total, low, high) in histograms.items():
         if name == metrics.SERVICE_GRAPH_CLIENT_SECONDS.name \
                 and labels[2] == metrics.MESSAGING_SYSTEM:
             continue  # rebuilt below from the reply waits it sums
-        aggregate.add_histogram(resolved_histograms, (name, labels), counts, total)
+        aggregate.add_histogram(resolved_histograms, (name, labels), counts, total, low, high)
         if name == metrics.RPC_REPLY_WAIT.name:
             service, topic, method, _outcome = labels
             for server, share in consumers.servers(service, topic, method, _CALL):
+                # A share of the calls: within the extremes of them all.
                 aggregate.add_histogram(
                     resolved_histograms, (metrics.SERVICE_GRAPH_CLIENT_SECONDS.name,
                                           (service, server, metrics.MESSAGING_SYSTEM)),
-                    [count * share for count in counts], total * share)
+                    [count * share for count in counts], total * share, low, high)
     return dict(resolved_counters), resolved_histograms
+
+
+class Latency:
+    """Cumulative bucket counts of durations, with the smallest and largest
+    value observed (None while unknown; aggregate.merge_extremes)."""
+
+    __slots__ = ("counts", "low", "high")
+
+    def __init__(self, counts=None, low=None, high=None):
+        self.counts = [0] * _N_BUCKETS if counts is None else counts
+        self.low = low
+        self.high = high
+
+    def add(self, counts, low, high, share=1.0):
+        self.low, self.high = aggregate.merge_extremes(self.counts, self.low, self.high,
+                                                       counts, low, high)
+        for i, count in enumerate(counts):
+            self.counts[i] += count * share
+
+    def since(self, then):
+        """What was added since ``then``, an earlier sample of the same
+        series: the counts' growth, never negative, within the extremes of
+        now (which hold every value then and since)."""
+        return Latency([max(0, a - b) for a, b in zip(self.counts, then.counts, strict=True)],
+                       self.low, self.high)
 
 
 class EdgeTotals:
@@ -182,8 +214,8 @@ class EdgeTotals:
         self.requests = 0.0
         self.failed = 0.0
         self.timeouts = 0.0
-        self.server = [0] * _N_BUCKETS
-        self.client = [0] * _N_BUCKETS
+        self.server = Latency()
+        self.client = Latency()
         self.waiting = 0.0
         self.client_requests = 0.0
         self.client_failed = 0.0
@@ -208,7 +240,7 @@ def edge_totals(counters, histograms, gauges):
             service, topic, method = labels[:3]
             for server, share in consumers.servers(service, topic, method, _CALL):
                 edges[(service, server, RPC)].timeouts += value * share
-    for (name, labels), (counts, _total) in histograms.items():
+    for (name, labels), (counts, _total, low, high) in histograms.items():
         if name == metrics.HTTP_CLIENT_DURATION.name:
             service, target, _method, outcome = labels
             totals = edges[(service, target, HTTP)]
@@ -217,13 +249,9 @@ def edge_totals(counters, histograms, gauges):
                 totals.client_failed += sum(counts)
             continue
         if name == metrics.SERVICE_GRAPH_SERVER_SECONDS.name:
-            target = edge(*labels).server
+            edge(*labels).server.add(counts, low, high)
         elif name == metrics.SERVICE_GRAPH_CLIENT_SECONDS.name:
-            target = edge(*labels).client
-        else:
-            continue
-        for i, count in enumerate(counts):
-            target[i] += count
+            edge(*labels).client.add(counts, low, high)
     for (name, labels), value in gauges.items():
         if name == metrics.RPC_WAITING_REPLIES.name:
             service, topic, method = labels
@@ -247,7 +275,7 @@ class MethodTotals:
         self.errors = 0.0
         self.timeouts = 0.0
         self.waiting = 0.0
-        self.ok_latency = [0] * _N_BUCKETS
+        self.ok_latency = Latency()
 
 
 def method_totals(counters, histograms, gauges, consumers):
@@ -262,7 +290,7 @@ def method_totals(counters, histograms, gauges, consumers):
     """
     edges = collections.defaultdict(lambda: collections.defaultdict(MethodTotals))
     client_side = collections.defaultdict(lambda: collections.defaultdict(MethodTotals))
-    route_latency = collections.defaultdict(lambda: [0] * _N_BUCKETS)
+    route_latency = collections.defaultdict(Latency)
 
     def rpc_rows(service, topic, method, kind):
         """[(row, share)]: the caller's row on each edge ``consumers`` pairs it with."""
@@ -296,7 +324,7 @@ def method_totals(counters, histograms, gauges, consumers):
         if name == metrics.RPC_WAITING_REPLIES.name:
             for row, share in rpc_rows(*labels, _CALL):
                 row.waiting += value * share
-    for (name, labels), (counts, _total) in histograms.items():
+    for (name, labels), (counts, _total, low, high) in histograms.items():
         if labels[-1] != metrics.OK:
             continue
         if name == metrics.RPC_REPLY_WAIT.name:
@@ -310,12 +338,13 @@ def method_totals(counters, histograms, gauges, consumers):
         else:
             continue
         for target, share in targets:
-            for i, count in enumerate(counts):
-                target[i] += count * share
+            target.add(counts, low, high, share)
     for (_client, server, protocol), rows in edges.items():
         if protocol == HTTP:
             for operation, row in rows.items():
-                row.ok_latency = list(route_latency.get((server, operation), row.ok_latency))
+                latency = route_latency.get((server, operation))
+                if latency is not None:
+                    row.ok_latency = Latency(list(latency.counts), latency.low, latency.high)
     for edge, rows in client_side.items():
         if edge not in edges:
             edges[edge] = rows
@@ -330,53 +359,89 @@ def method_rows(current, baseline, seconds):
         then = baseline.get(operation) or MethodTotals()
         requests = max(0.0, now.requests - then.requests)
         errors = max(0.0, now.errors - then.errors)
-        latency = _bucket_delta(now.ok_latency, then.ok_latency)
+        latency = now.ok_latency.since(then.ok_latency)
         if requests == 0 and now.waiting == 0 and now.requests == 0:
             continue
         rows.append({
             "operation": operation, "rate": requests / seconds,
             "errors": errors, "error_ratio": (errors / requests) if requests else 0.0,
             "timeouts": max(0.0, now.timeouts - then.timeouts), "waiting_replies": now.waiting,
-            "p50_seconds": quantile(0.5, latency), "p99_seconds": quantile(0.99, latency),
+            **percentiles(latency),
         })
     return rows
 
 
 def add_ok_latency(edges, current, baseline):
-    """Set ``ok_p50_seconds``/``ok_p99_seconds`` on graph edges: percentiles of
-    successful calls only, from two ``method_totals`` maps."""
+    """Set ``ok_p50_seconds``/``ok_p99_seconds`` (and their ranges, see
+    ``percentiles``) on graph edges: percentiles of successful calls only,
+    from two ``method_totals`` maps."""
     for edge in edges:
         key = (edge["client"], edge["server"], edge["protocol"])
-        latency = [0] * _N_BUCKETS
+        latency = Latency()
         then_rows = baseline.get(key, {})
         for operation, now in current.get(key, {}).items():
             then = then_rows.get(operation) or MethodTotals()
-            for i, count in enumerate(_bucket_delta(now.ok_latency, then.ok_latency)):
-                latency[i] += count
-        edge["ok_p50_seconds"] = quantile(0.5, latency)
-        edge["ok_p99_seconds"] = quantile(0.99, latency)
+            window = now.ok_latency.since(then.ok_latency)
+            latency.add(window.counts, window.low, window.high)
+        edge.update(percentiles(latency, prefix="ok_"))
 
 
-def _bucket_delta(now, then):
-    """Bucket counts added between two cumulative samples, never negative."""
-    return [max(0, a - b) for a, b in zip(now, then, strict=True)]
+# The percentiles the API gives, by the name of their fields.
+PERCENTILES = (("p50", 0.5), ("p99", 0.99))
 
 
-def quantile(q, counts):
-    """The q-quantile of a bucketed distribution (linear within a bucket), or None."""
+def percentiles(latency, prefix=""):
+    """{``p50_seconds``, ``p50_range_seconds``, ``p50_estimated``, the same
+    for p99} of a Latency, each name behind ``prefix``; None for each while
+    the latency holds no calls."""
+    fields = {}
+    for name, q in PERCENTILES:
+        found = quantile(q, latency)
+        value, low, high = found if found is not None else (None, None, None)
+        fields[f"{prefix}{name}_seconds"] = value
+        fields[f"{prefix}{name}_range_seconds"] = None if found is None else [low, high]
+        fields[f"{prefix}{name}_estimated"] = None if found is None else low != high
+    return fields
+
+
+def quantile(q, latency):
+    """(estimate, low, high) of the q-quantile of a Latency, or None if it is empty.
+
+    The rank falls in one bucket; the true value lies in that bucket's
+    bounds, narrowed to the smallest and largest value observed: [low,
+    high]. The estimate interpolates linearly within [low, high]; it is
+    exact when low == high (a single value, a bucket holding only the
+    smallest or largest). In the +Inf bucket with no largest value known,
+    high is None and the estimate is the last bound.
+    """
+    counts = latency.counts
     total = sum(counts)
     if total <= 0:
         return None
     rank = q * total
+    i, running = _bucket_of(counts, rank)
+    count = counts[i]
+    low = _BOUNDS[i - 1] if i > 0 else 0.0
+    high = _BOUNDS[i] if i < len(_BOUNDS) else None
+    if latency.low is not None:
+        low = max(low, latency.low)
+        high = latency.high if high is None else min(high, latency.high)
+        high = max(high, low)  # extremes that disagree with the buckets
+    if high is None:
+        return low, low, None
+    return low + (high - low) * (rank - running) / count, low, high
+
+
+def _bucket_of(counts, rank):
+    """(index of the bucket holding ``rank``, the count below it)."""
     running = 0
     for i, count in enumerate(counts):
         if running + count >= rank and count > 0:
-            lower = _BOUNDS[i - 1] if i > 0 else 0.0
-            if i >= len(_BOUNDS):
-                return lower
-            return lower + (_BOUNDS[i] - lower) * (rank - running) / count
+            return i, running
         running += count
-    return _BOUNDS[-1]
+    # Shares' rounding left the rank past the end: the last bucket with calls.
+    last = max(i for i, count in enumerate(counts) if count > 0)
+    return last, rank - counts[last]
 
 
 class GraphSamples:
@@ -445,7 +510,8 @@ def build(current, baseline, seconds, consumers, queues=None, processes=(), repo
     for (client, server, protocol), now in sorted(current.items()):
         then = baseline.get((client, server, protocol)) or EdgeTotals()
         # A REST edge no server reports: the caller's own counts are the edge.
-        from_client = protocol == HTTP and not any(now.server) and now.client_requests > 0
+        from_client = (protocol == HTTP and not any(now.server.counts)
+                       and now.client_requests > 0)
         if from_client:
             requests = max(0.0, now.client_requests - then.client_requests)
             failed = max(0.0, now.client_failed - then.client_failed)
@@ -454,9 +520,9 @@ def build(current, baseline, seconds, consumers, queues=None, processes=(), repo
             requests = max(0.0, now.requests - then.requests)
             failed = max(0.0, now.failed - then.failed)
             ever = now.requests
-        latency = _bucket_delta(now.server, then.server)
-        if not any(latency):
-            latency = _bucket_delta(now.client, then.client)
+        latency = now.server.since(then.server)
+        if not any(latency.counts):
+            latency = now.client.since(then.client)
         if requests == 0 and now.waiting == 0 and ever == 0:
             continue
         edge = {
@@ -464,7 +530,7 @@ def build(current, baseline, seconds, consumers, queues=None, processes=(), repo
             "rate": requests / seconds,
             "error_ratio": (failed / requests) if requests else 0.0,
             "requests": requests, "failed": failed,
-            "p50_seconds": quantile(0.5, latency), "p99_seconds": quantile(0.99, latency),
+            **percentiles(latency),
             # Who counted it: the server (as for every instrumented
             # destination) or only the caller.
             "measured_by": "client" if from_client else "server",

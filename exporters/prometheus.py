@@ -75,11 +75,16 @@ class CollectorExposition:
         families = {}
         for metric in metrics.SHIPPED.values():
             families[metric.name] = _family(metric)
+        if not collector.metrics_warmed_up():
+            # Not every process has reported into these sums yet: a partial
+            # sum would read as a counter reset, then a rate spike
+            # (exporters/collector.py). Gauges are not cumulative: shown.
+            counters, histograms = {}, {}
         for (name, labels), value in counters.items():
             families[name].add_metric(list(labels), value)
         for (name, labels), value in gauges.items():
             families[name].add_metric(list(labels), value)
-        for (name, labels), (counts, total) in histograms.items():
+        for (name, labels), (counts, total, _low, _high) in histograms.items():
             cumulative, running = [], 0
             for bound, count in zip(_BOUNDS, counts, strict=True):
                 running += count

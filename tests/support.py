@@ -138,7 +138,7 @@ def run_collector(export_url, tmp_path, extra_args=()):
             [sys.executable, "-m", "commlens.cli.main", "collector",
              "--listen", f"127.0.0.1:{port}", "--export-url", export_url,
              "--history", str(tmp_path / f"history-{port}.sqlite"),
-             "--trace-quiet", TRACE_QUIET, *extra_args],
+             "--trace-quiet", TRACE_QUIET, "--metrics-warm-up", "0", *extra_args],
             stdout=log, stderr=subprocess.STDOUT)
     collector = CollectorProcess(process, f"http://127.0.0.1:{port}", log_path)
     try:

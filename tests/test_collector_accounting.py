@@ -179,8 +179,9 @@ def test_histograms_stay_exact_through_a_gap_and_a_restart():
     restarted = recorder_mod.Recorder("api")
     restarted.observe(metrics.RPC_REPLY_WAIT, labels, 0.2)
     _ship(collector, restarted)
-    counts, total = collector.merged()[1][key]
+    counts, total, low, high = collector.merged()[1][key]
     assert sum(counts) == 4
+    assert (low, high) == (0.002, 0.2)  # the extremes of both incarnations
     assert abs(total - 0.206) < 1e-9
 
 
@@ -212,7 +213,7 @@ def test_exported_counters_never_go_backwards():
         inc["seq"] += 1
         body = _snapshot(process_id, inc["seq"], [_sent("svc", inc["value"])],
                          [[histogram_key[0], list(histogram_key[1]), list(inc["buckets"]),
-                           sum(inc["buckets"]) * 0.5]], final=final)
+                           sum(inc["buckets"]) * 0.5, None, None]], final=final)
         inc["sent"].append((inc["seq"], inc["value"], list(inc["buckets"]), body))
         deliver(process_id, inc["sent"][-1])
         if final:
@@ -385,3 +386,88 @@ def test_series_with_no_process_left_are_freed_after_the_retention():
     counters = collector.merged()[0]
     assert gone not in counters and counters[kept] == 1
     assert list(collector._holders) == [kept]
+
+
+# -- a collector restart is not a burst of traffic ----------------------------
+
+class WallClock:
+    """The collector's wall clock, which agents' start times are compared with."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+HANDLED = ("conductor", "api", "conductor", "build_instances", "ok")
+
+
+def _conductor(started_at, calls, snapshots_before=1):
+    """An agent with ``calls`` handled and snapshots shipped already."""
+    server = recorder_mod.Recorder("conductor")
+    server.started_at = started_at
+    for _ in range(calls):
+        server.observe(metrics.RPC_SERVER_HOPS, HANDLED, 0.01)
+    for _ in range(snapshots_before):
+        server.snapshot(1.0)
+    return server
+
+
+def _edge_requests(collector):
+    return sum(e["requests"] for e in collector.graph(60)["edges"])
+
+
+def test_a_process_older_than_the_collector_counts_exactly_but_is_no_burst_of_traffic():
+    clock = Clock()
+    collector = collector_mod.Collector(clock=clock, wall_clock=WallClock(5000.0))
+    server = _conductor(5000.0 - 600, 1000)
+    assert _ship(collector, server) == "accepted"
+    # The totals continue where the previous collector left them...
+    edge = (metrics.SERVICE_GRAPH_REQUESTS.name, ("api", "conductor", metrics.MESSAGING_SYSTEM))
+    assert collector.merged()[0][edge] == 1000
+    assert _scrape(collector)[(edge[0], tuple(sorted(zip(metrics.SERVICE_GRAPH_LABELS,
+                                                         edge[1], strict=True))))] == 1000
+    # ...and the collector's rates count only what happens from now on.
+    collector.sample_graph()
+    assert _edge_requests(collector) == 0
+    for _ in range(12):
+        server.observe(metrics.RPC_SERVER_HOPS, HANDLED, 0.01)
+    _ship(collector, server)
+    assert _edge_requests(collector) == 12
+    (row,) = collector.node_details("conductor")["methods"] or [None]
+    assert row is None or row["rate"] < 1000
+    assert collector.merged()[0][edge] == 1012
+
+
+def test_a_process_started_after_the_collector_is_traffic_from_its_first_call():
+    # Its first snapshots were lost (a broker outage): new all the same.
+    collector = collector_mod.Collector(clock=Clock(), wall_clock=WallClock(5000.0))
+    assert _ship(collector, _conductor(5010.0, 30)) == "accepted"
+    assert _edge_requests(collector) == 30
+
+
+def test_the_first_snapshot_of_a_process_is_traffic_whatever_the_clocks_say():
+    # A host whose clock is behind: its process seems older than the
+    # collector, but seq 1 is everything it did since it started.
+    collector = collector_mod.Collector(clock=Clock(), wall_clock=WallClock(5000.0))
+    assert _ship(collector, _conductor(4000.0, 30, snapshots_before=0)) == "accepted"
+    assert _edge_requests(collector) == 30
+
+
+def test_metrics_leave_the_shipped_sums_out_until_the_warm_up_is_over():
+    clock = Clock()
+    collector = collector_mod.Collector(clock=clock, metrics_warm_up=10.0)
+    server = _conductor(clock.now, 5, snapshots_before=0)
+    server.call_started(WAITING_KEY[1])
+
+    def names():
+        return {name for name, _labels in _scrape(collector)}
+
+    assert metrics.SERVICE_GRAPH_REQUESTS.name not in names()
+    _ship(collector, server, interval=30.0)
+    clock.now += 9
+    assert metrics.SERVICE_GRAPH_REQUESTS.name not in names()
+    assert metrics.RPC_WAITING_REPLIES.name in names()  # a gauge is not a sum over time
+    clock.now += 1
+    assert metrics.SERVICE_GRAPH_REQUESTS.name in names()

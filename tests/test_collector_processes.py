@@ -6,6 +6,8 @@ exactly one replica, and every process's totals must be on exactly one, so
 Prometheus can sum the replicas.
 """
 
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -121,3 +123,70 @@ def test_a_restarted_collector_keeps_its_history_and_late_hops_still_join(rabbit
             second.json("/api/traces/" + trace_id)), timeout=30, message="late hop joined")
         (chain,) = trace["chains"]
         assert chain["origin"]["service"] == "nova-conductor"
+
+
+# An agent process that keeps running across the collector's restart: a
+# conductor that handled many calls before, then a steady few per second.
+_STEADY_AGENT = """
+import sys, time
+from commlens.tracer import metrics, recorder as recorder_mod, shipping
+recorder = recorder_mod.Recorder("nova-conductor")
+handled = ("nova-conductor", "nova-api", "conductor", "build_instances", "ok")
+for _ in range(int(sys.argv[2])):
+    recorder.observe(metrics.RPC_SERVER_HOPS, handled, 0.01)
+recorder.attach_shipper(shipping.Shipper(recorder, shipping.AmqpTransport(sys.argv[1]), 1.0))
+while True:
+    for _ in range(int(sys.argv[3])):
+        recorder.observe(metrics.RPC_SERVER_HOPS, handled, 0.01)
+    time.sleep(1.0)
+"""
+
+
+def _edge_requests(collector):
+    """The edge's total on /metrics; None while it is not shown."""
+    series = collector.metrics().series(
+        "traces_service_graph_request_total", client="nova-api", server="nova-conductor",
+        connection_type="messaging_system")
+    return series[0][1] if series else None
+
+
+def test_a_restarted_collector_continues_the_counts_with_no_burst_of_traffic(
+        rabbitmq, tmp_path):
+    """The agent keeps running across the collector's restart: the totals on
+    /metrics continue exactly (never lower, as Prometheus would read a
+    reset), and the collector's rates show the steady calls, not the 5000
+    made before."""
+    run = uuid.uuid4().hex[:8]
+    export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-burst-{run}"
+                  f"&queue=commlens.burst-{run}")
+    before, per_second = 5000, 4
+    with run_collector(export_url, tmp_path) as first:
+        wait_for(lambda: collector_ready(first), timeout=30, message="collector")
+        agent = subprocess.Popen([sys.executable, "-c", _STEADY_AGENT, export_url,
+                                  str(before), str(per_second)])
+        try:
+            wait_for(lambda: (_edge_requests(first) or 0) >= before, timeout=30,
+                     message="the agent's calls on the first collector")
+            last_seen = _edge_requests(first)
+            first.process.terminate()
+            first.process.wait(10)
+            with run_collector(export_url, tmp_path, ["--metrics-warm-up", "3s"]) as second:
+                wait_for(lambda: collector_ready(second), timeout=30, message="collector again")
+                shown = []
+
+                def continued():
+                    value = _edge_requests(second)
+                    if value is not None:
+                        shown.append(value)
+                    return value
+                wait_for(continued, timeout=30, message="the totals on the restarted collector")
+                assert all(value >= last_seen for value in shown), (last_seen, shown)
+                wait_for(lambda: _edge_requests(second) >= last_seen + 2 * per_second,
+                         timeout=30, message="calls made after the restart")
+                (edge,) = [e for e in second.json("/api/graph?window=1m")["edges"]
+                           if e["server"] == "nova-conductor"]
+                assert edge["rate"] < 10 * per_second, edge
+                assert 0 < edge["requests"] < before / 10, edge
+        finally:
+            agent.kill()
+            agent.wait()

@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from commlens.dashboards import filters
+from commlens.dashboards import formatting
 from commlens.dashboards import graph_view
 from commlens.dashboards import health
 
@@ -198,7 +199,7 @@ def test_methods_tables_count_per_method_and_time_only_successes():
     def histogram(bucket, count):
         counts = [0] * buckets
         counts[bucket] = count
-        return [counts, 0.0]
+        return [counts, 0.0, None, None]  # extremes not known: no clamping
 
     ok_fast, slow_failures = 2, 12  # bucket indexes: <= 5 ms, <= 60 s
     counters = {
@@ -242,3 +243,40 @@ def test_methods_tables_count_per_method_and_time_only_successes():
     [idle] = graph.method_rows(totals[("nova-api", "nova-conductor", "rpc")],
                                totals[("nova-api", "nova-conductor", "rpc")], 10.0)
     assert idle["rate"] == 0 and idle["p50_seconds"] is None and idle["waiting_replies"] == 3
+
+
+# -- numbers as people read them (issue 17: "1e+02% err") ---------------------
+
+@pytest.mark.parametrize("value, text", [
+    (0, "0"), (100, "100"), (99.96, "100"), (999.7, "1000"), (1000, "1,000"),
+    (1234567.8, "1,234,568"), (1234.5, "1,235"), (-2500.5, "-2,501"), (45.678, "45.7"),
+    (1.5, "1.5"), (12.0, "12"), (0.05, "0.05"),
+    (0.0123456, "0.0123"), (0.0001, "<0.001"),
+])
+def test_numbers_have_three_significant_digits_and_no_exponent(value, text):
+    assert formatting.number(value) == text
+
+
+def test_a_fully_failing_edge_reads_100_percent_everywhere():
+    graph = _graph([_edge("nova-api", "nova-conductor", rate=1234.5, error_ratio=1.0,
+                          p99=60.07)])
+    graph["edges"][0].update(ok_p50_estimated=True, ok_p99_estimated=False)
+    dot = graph_view.to_dot(graph["nodes"], graph["edges"])
+    assert "100% err" in dot and "1,235/s" in dot
+    assert "p99 60.1 s" in dot and "p50 ~30 s" in dot
+    assert not re.search(r"\de[+-]\d", dot), dot
+
+
+def test_the_cli_graph_reads_100_percent_and_marks_estimates():
+    from rich.console import Console
+
+    from commlens.cli import incident
+
+    edge = _edge("nova-api", "nova-conductor", rate=1234.5, error_ratio=1.0, p99=0.375)
+    edge.update(p50_estimated=True, p99_estimated=False)
+    console = Console(record=True, width=200)
+    incident._Graph.show(console, {"window_seconds": 300, "edges": [edge]})
+    text = console.export_text()
+    assert "│   100 │" in text and "│ 1,235 │" in text
+    assert "~188 ms" in text and "375 ms" in text
+    assert not re.search(r"\de[+-]\d", text), text

@@ -148,18 +148,28 @@ def test_histograms_bucket_alike_with_prometheus_le():
     values += [rng.uniform(-1, 200) for _ in range(2000)] + [rng.randint(-5, 200)
                                                              for _ in range(200)]
     histograms = {name: m.Histogram(bounds) for name, m in IMPLEMENTATIONS.items()}
+    observed = []
     for value in values:
         done = {name: outcome(h.observe, value) for name, h in histograms.items()}
         assert done["compiled"] == done["python"], value
         if done["python"][0] == "ok":
+            observed.append(float(value))
             one = _speedups_py.Histogram(bounds)
             one.observe(value)
-            counts, _ = one.read()
+            counts, _, low, high = one.read()
             # Prometheus's "le": the first bucket whose bound is >= the value.
             expected = next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
             if value == value:  # a NaN compares false to every bound: the first bucket
                 assert counts.index(1) == expected, value
+                assert low == high == value
+            else:  # and is neither the smallest nor the largest
+                assert low is None and high is None
+        # The smallest and largest so far, alike.
+        assert _same(histograms["compiled"].read()[2:], histograms["python"].read()[2:])
     assert _same(histograms["compiled"].read(), histograms["python"].read())
+    ordered = [v for v in observed if v == v]
+    assert histograms["python"].read()[2:] == [min(ordered), max(ordered)] == [-math.inf,
+                                                                                 math.inf]
 
 
 @pytest.mark.parametrize("bounds", [
@@ -360,7 +370,7 @@ def _snapshot(recorder):
     snapshot = recorder.snapshot(1)
     counters = sorted(snapshot["counters"], key=repr)
     histograms = sorted(([name, labels, sum(counts)]
-                         for name, labels, counts, _ in snapshot["histograms"]), key=repr)
+                         for name, labels, counts, *_ in snapshot["histograms"]), key=repr)
     gauges = sorted(snapshot["gauges"], key=repr)
     hops = sorted(({key: value for key, value in hop.items()
                     if key not in ("trace_id", "span_id", "parent_id", "start", "duration")}

@@ -219,8 +219,9 @@ def test_updates_from_many_threads_are_all_counted():
         thread.join()
     snapshot = rec.snapshot(1)
     assert [metrics.RPC_SENT.name, list(labels), 160000] in snapshot["counters"]
-    (counts, total), = [h[2:] for h in snapshot["histograms"]
-                        if h[0] == metrics.RPC_REPLY_WAIT.name]
+    (counts, total, low, high), = [h[2:] for h in snapshot["histograms"]
+                                   if h[0] == metrics.RPC_REPLY_WAIT.name]
+    assert low == high == 0.002
     assert counts[bisect.bisect_left(metrics.LATENCY_BUCKETS, 0.002)] == sum(counts) == 160000
     assert total == pytest.approx(320.0)
 
@@ -231,7 +232,8 @@ def test_a_duration_lands_in_the_bucket_of_prometheus_le(seconds):
     # The first bucket whose upper bound is >= the value, +Inf last.
     histogram = _speedups.Histogram(metrics.LATENCY_BUCKETS)
     histogram.observe(seconds)
-    counts, total = histogram.read()
+    counts, total, low, high = histogram.read()
+    assert low == high == seconds or seconds != seconds
     assert counts.index(1) == bisect.bisect_left(metrics.LATENCY_BUCKETS, seconds)
     assert len(counts) == len(metrics.LATENCY_BUCKETS) + 1 and sum(counts) == 1
     assert total == seconds or seconds != seconds
@@ -297,7 +299,7 @@ def test_snapshot_ships_the_sums_of_the_finest_series_and_not_the_series():
     snapshot = rec.snapshot(1)
     counters = {(name, tuple(labels)): value for name, labels, value in snapshot["counters"]}
     histograms = {(name, tuple(labels)): (sum(counts), total)
-                  for name, labels, counts, total in snapshot["histograms"]}
+                  for name, labels, counts, total, _low, _high in snapshot["histograms"]}
     assert not [n for n, _ in {**counters, **histograms} if "internal" in n]
     assert counters[(metrics.HTTP_REQUESTS.name, rest)] == 2
     assert counters[(metrics.HTTP_REQUESTS.name, rest[:4] + ("503",))] == 1
@@ -390,7 +392,7 @@ def _snapshot(process_id, seq, sent, waiting, final=False, interval=1.0):
         "final": final, "process": {"id": process_id, "service": "svc", "pid": 1},
         "counters": [["commlens_rpc_sent_total", ["svc", "t", "m", "call"], sent]],
         "histograms": [["commlens_rpc_reply_wait_seconds", ["svc", "t", "m", "ok"],
-                        [1] + [0] * len(metrics.LATENCY_BUCKETS), 0.001]],
+                        [1] + [0] * len(metrics.LATENCY_BUCKETS), 0.001, 0.001, 0.001]],
         "gauges": [["commlens_rpc_waiting_replies", ["svc", "t", "m"], waiting]],
     })
 

@@ -168,6 +168,61 @@ def test_request_id_search_opens_the_trace_timeline(page, demo):
     wait_for(lambda: "no trace or request id" in page.inner_text("#trace-title"), timeout=10)
 
 
+def test_a_shared_link_opens_the_same_view(browser, demo):
+    """The view is in the address: a link pasted in an incident channel opens
+    on the same window, tab, filters and selection."""
+    # A link to a focus the graph does not draw yet says so (a 400 the
+    # console would report): wait until the demo's conductor is in it.
+    wait_for(lambda: "nova-conductor" in [n["service"] for n in
+                                          demo.json("/api/graph?window=15m")["nodes"]],
+             timeout=40, message="nova-conductor in the graph")
+    context = browser.new_context(viewport={"width": 1500, "height": 950})
+    page = context.new_page()
+    errors = []
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    fragment = urllib.parse.urlencode({"window": "15m", "find": "service = nova-conductor",
+                                       "focus": "nova-conductor", "depth": "2",
+                                       "select": "node:nova-conductor"})
+    page.goto(demo.base + "/dashboard/#" + fragment)
+    wait_for(lambda: page.inner_text("#details-title") == "nova-conductor", timeout=40,
+             interval=0.5, message="the selected node's details")
+    assert page.input_value("#window") == "15m"
+    assert page.input_value("#find") == "service = nova-conductor"
+    assert page.input_value("#focus") == "nova-conductor"
+    assert page.input_value("#depth") == "2"
+    page.wait_for_selector("#graph g.node.found[id='node:nova-conductor']", timeout=30000)
+    assert "node:nova-conductor" in page.eval_on_selector_all(
+        "#graph g.selected", "els => els.map(e => e.id)")
+    page.screenshot(path=SHOTS / "shared-view.png", full_page=True)
+
+    # Changing the view changes the address, ready to be copied.
+    page.select_option("#window", "1h")
+    wait_for(lambda: "window=1h" in page.url, timeout=10, message="the window in the URL")
+    page.click("#graph g.edge[id='edge:nova-api->nova-conductor:rpc'] text")
+    wait_for(lambda: "select=edge%3Anova-api-%3Enova-conductor%3Arpc" in page.url,
+             timeout=10, message="the selected edge in the URL")
+    page.click("button[data-tab=chains-tab]")
+    wait_for(lambda: "tab=chains-tab" in page.url, timeout=10, message="the tab in the URL")
+    shared = page.url
+
+    # The copied address opens the same view in another browser.
+    other = browser.new_context(viewport={"width": 1500, "height": 950}).new_page()
+    other.goto(shared)
+    other.wait_for_selector("#chains-tab.active")
+    assert other.input_value("#window") == "1h"
+    wait_for(lambda: "nova-conductor (RPC)" in other.inner_text("#details-title"),
+             timeout=30, message="the selected edge's details")
+    other.context.close()
+    assert errors == []
+    context.close()
+
+
+def test_percentages_and_rates_never_read_as_exponents(page):
+    numbers = page.evaluate("[number(100), percent(1), rate(1234.5), ms(0.291), "
+                            "ms(60.07, true), number(0.0001)]")
+    assert numbers == ["100", "100%", "1,235/s", "291 ms", "~60.1 s", "<0.001"]
+
+
 def test_the_dashboard_is_read_only(demo):
     for path in ("/dashboard/", "/dashboard/graph.svg", "/api/graph/node/nova-api"):
         request = urllib.request.Request(demo.base + path, method="POST", data=b"{}")

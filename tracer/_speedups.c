@@ -147,6 +147,9 @@ static PyTypeObject CounterType = {
 typedef struct {
     PyObject_VAR_HEAD  /* ob_size: the number of buckets, the last one +Inf */
     double sum;
+    /* The smallest and largest value observed (+inf and -inf before the
+     * first): the collector clamps its percentile estimates to them. */
+    double min, max;
     /* The counts, then the upper bounds as doubles: an update reads and
      * writes one object, not the bounds' float objects scattered in memory. */
     unsigned long long counts[1];
@@ -181,6 +184,8 @@ histogram_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         return NULL;
     Py_SET_SIZE(self, n + 1);
     self->sum = 0.0;
+    self->min = Py_HUGE_VAL;
+    self->max = -Py_HUGE_VAL;
     memset(self->counts, 0, sizeof(self->counts[0]) * (size_t)(n + 1));
     for (Py_ssize_t i = 0; i < n; i++)
         histogram_bounds(self)[i] = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(bounds, i));
@@ -224,6 +229,11 @@ histogram_add(Histogram *self, double value)
     }
     self->counts[low]++;
     self->sum += value;
+    /* A NaN compares false both ways and changes neither. */
+    if (value < self->min)
+        self->min = value;
+    if (value > self->max)
+        self->max = value;
     Py_RETURN_NONE;
 }
 
@@ -246,7 +256,7 @@ histogram_read(Histogram *self, PyObject *Py_UNUSED(unused))
     if (copy == NULL)
         return PyErr_NoMemory();
     memcpy(copy, self->counts, sizeof(self->counts[0]) * (size_t)n);
-    double sum = self->sum;
+    double sum = self->sum, min = self->min, max = self->max;
     PyObject *counts = PyList_New(n);
     for (Py_ssize_t i = 0; counts != NULL && i < n; i++) {
         PyObject *count = PyLong_FromUnsignedLongLong(copy[i]);
@@ -256,22 +266,28 @@ histogram_read(Histogram *self, PyObject *Py_UNUSED(unused))
             PyList_SET_ITEM(counts, i, count);
     }
     PyMem_Free(copy);
-    return counts == NULL ? NULL : Py_BuildValue("[Nd]", counts, sum);
+    if (counts == NULL)
+        return NULL;
+    /* None for both until a value was observed. */
+    if (min > max)
+        return Py_BuildValue("[NdOO]", counts, sum, Py_None, Py_None);
+    return Py_BuildValue("[Nddd]", counts, sum, min, max);
 }
 
 static PyMethodDef histogram_methods[] = {
     {"observe", (PyCFunction)histogram_observe, METH_O,
      "observe(value): count a value in its bucket and add it to the sum."},
     {"read", (PyCFunction)histogram_read, METH_NOARGS,
-     "read() -> [counts per bucket, the last one +Inf; sum], as of one instant."},
+     "read() -> [counts per bucket, the last one +Inf; sum; smallest and largest "
+     "value observed, None before any], as of one instant."},
     {NULL},
 };
 
 static PyTypeObject HistogramType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "commlens.tracer._speedups.Histogram",
-    .tp_doc = "Histogram(bounds): counts per bucket (the upper bounds, then +Inf) "
-              "and a sum.",
+    .tp_doc = "Histogram(bounds): counts per bucket (the upper bounds, then +Inf), "
+              "a sum, the smallest and the largest value.",
     .tp_basicsize = offsetof(Histogram, counts),
     .tp_itemsize = sizeof(unsigned long long),
     .tp_flags = Py_TPFLAGS_DEFAULT,

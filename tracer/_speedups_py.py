@@ -16,6 +16,7 @@ recorder.py and context.py say what these are for and why.
 """
 
 import bisect
+import math
 import os
 import random
 import re
@@ -78,9 +79,10 @@ class Counter:
 
 
 class Histogram:
-    """Histogram(bounds): counts per bucket (the upper bounds, then +Inf) and a sum."""
+    """Histogram(bounds): counts per bucket (the upper bounds, then +Inf),
+    a sum, the smallest and the largest value."""
 
-    __slots__ = ("_bounds", "_counts", "_sum")
+    __slots__ = ("_bounds", "_counts", "_sum", "_min", "_max")
 
     def __init__(self, bounds, /):
         if not isinstance(bounds, tuple):
@@ -92,6 +94,10 @@ class Histogram:
         self._bounds = tuple(bounds)
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
+        # The smallest and largest value observed: the collector clamps its
+        # percentile estimates to them.
+        self._min = math.inf
+        self._max = -math.inf
 
     def observe(self, value, /):
         """observe(value): count a value in its bucket and add it to the sum."""
@@ -104,11 +110,19 @@ class Histogram:
         with _series_lock:
             self._counts[index] += 1
             self._sum += value
+            # A NaN compares false both ways and changes neither.
+            if value < self._min:
+                self._min = value
+            if value > self._max:
+                self._max = value
 
     def read(self):
-        """read() -> [counts per bucket, the last one +Inf; sum], as of one instant."""
+        """read() -> [counts per bucket, the last one +Inf; sum; smallest and
+        largest value observed, None before any], as of one instant."""
         with _series_lock:
-            return [list(self._counts), self._sum]
+            if self._min > self._max:
+                return [list(self._counts), self._sum, None, None]
+            return [list(self._counts), self._sum, self._min, self._max]
 
 
 # -- Store ---------------------------------------------------------------

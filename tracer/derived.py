@@ -24,35 +24,34 @@ def expand(counters, histograms):
     """Add the sums of the finest series; take the internal ones out.
 
     ``counters``: {(name, labels): value}; ``histograms``: {(name, labels):
-    [bucket counts, sum]}; both are changed in place. A sum lands on values
-    recorded directly under the same name and labels, if any (the service
-    graph's metrics get both), so everything stays cumulative.
+    [bucket counts, sum, min, max]}; both are changed in place. A sum lands
+    on values recorded directly under the same name and labels, if any (the
+    service graph's metrics get both), so everything stays cumulative.
     """
     for key in [k for k in histograms if k[0] in (_HTTP_SERVER_HOPS, _RPC_SERVER_HOPS)]:
-        counts, total = histograms.pop(key)
-        requests = sum(counts)
+        histogram = histograms.pop(key)
+        requests = sum(histogram[0])
         if key[0] == _HTTP_SERVER_HOPS:
             service, caller, method, route, code = key[1]
             outcome = metrics.ERROR if code[:1] == "5" else metrics.OK
             _count(counters, metrics.HTTP_REQUESTS, key[1], requests)
             _sum(histograms, metrics.HTTP_DURATION, (service, method, route, outcome),
-                 counts, total)
+                 histogram)
             connection_type = ""
         else:
             service, caller, target, method, outcome = key[1]
             _sum(histograms, metrics.RPC_PROCESSING, (service, target, method, outcome),
-                 counts, total)
+                 histogram)
             connection_type = metrics.MESSAGING_SYSTEM
         edge = (caller, service, connection_type)
         _count(counters, metrics.SERVICE_GRAPH_REQUESTS, edge, requests)
         if outcome == metrics.ERROR:
             _count(counters, metrics.SERVICE_GRAPH_FAILED, edge, requests)
-        _sum(histograms, metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, counts, total)
+        _sum(histograms, metrics.SERVICE_GRAPH_SERVER_SECONDS, edge, histogram)
     for key in [k for k in histograms if k[0] in _CLIENT_WAITS]:
         service, target, _method, _outcome = key[1]
-        counts, total = histograms[key]
         _sum(histograms, metrics.SERVICE_GRAPH_CLIENT_SECONDS,
-             (service, target, _CLIENT_WAITS[key[0]]), counts, total)
+             (service, target, _CLIENT_WAITS[key[0]]), histograms[key])
 
 
 def _count(counters, metric, labels, value):
@@ -60,5 +59,5 @@ def _count(counters, metric, labels, value):
     counters[key] = counters.get(key, 0) + value
 
 
-def _sum(histograms, metric, labels, counts, total):
-    aggregate.add_histogram(histograms, (metric.name, labels), counts, total)
+def _sum(histograms, metric, labels, histogram):
+    aggregate.add_histogram(histograms, (metric.name, labels), *histogram)

@@ -18,10 +18,17 @@ class Metric:
     help: str
 
 
-# Seconds. Covers a fast local RPC (ms) up to oslo.messaging's default
-# rpc_response_timeout (60 s) and beyond.
+# Seconds. Covers a fast local RPC (ms) up to OpenStack's long timeouts,
+# with a bound at each timeout operators meet, so a call cut off by one
+# lands just above its bound and no bucket spans two of them: 30 (common
+# HTTP client and proxy timeouts), 60 (oslo.messaging's rpc_response_timeout,
+# Apache's Timeout), 120, 300 (nova's vif_plugging_timeout, a common raised
+# rpc_response_timeout), 600 (neutron's rpc_response_max_timeout), 1800
+# (nova's long_rpc_timeout). The bounds are a contract (the ``le`` values on
+# /metrics); the collector clamps its percentile estimates to the smallest
+# and largest value observed (exporters/graph.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 # Outcomes of an RPC call, seen by the caller.
 OK = "ok"

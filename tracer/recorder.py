@@ -269,8 +269,10 @@ class Recorder:
             "final": final,
             "counters": [[name, list(labels), value]
                          for (name, labels), value in counters.items()],
-            "histograms": [[name, list(labels), counts, total]
-                           for (name, labels), (counts, total) in histograms.items()],
+            # wire.HISTOGRAM_FIELDS
+            "histograms": [[name, list(labels), counts, total, low, high]
+                           for (name, labels), (counts, total, low, high)
+                           in histograms.items()],
             "gauges": gauges,
             "hops": hops,
         }

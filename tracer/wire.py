@@ -19,11 +19,24 @@ format version; the collector refuses (and counts) a format it does not know.
 
 import re
 
-SNAPSHOT_FORMAT = "commlens.snapshot/1"
+SNAPSHOT_FORMAT = "commlens.snapshot/2"
 HOPS_FORMAT = "commlens.hops/1"
 
 SNAPSHOT_FIELDS = ("format", "process", "seq", "sent_at", "interval", "final",
                    "counters", "histograms", "gauges", "hops")
+# One entry of a snapshot's "histograms": the counts per bucket of
+# metrics.LATENCY_BUCKETS (then +Inf), their sum, and the smallest and
+# largest value observed (null both before any).
+HISTOGRAM_FIELDS = ("name", "labels", "counts", "sum", "min", "max")
+
+# The previous snapshot format, still read (agents are upgraded after the
+# collector): the same fields, but histograms without min and max, in the
+# buckets of these bounds (then +Inf).
+SNAPSHOT_FORMAT_1 = "commlens.snapshot/1"
+SNAPSHOT_1_HISTOGRAM_FIELDS = ("name", "labels", "counts", "sum")
+SNAPSHOT_1_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                              1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SNAPSHOT_FORMATS = (SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_1)
 PROCESS_FIELDS = ("id", "service", "host", "pid", "started_at")
 # What a hops message says of its process (the snapshot says the rest).
 HOPS_PROCESS_FIELDS = ("id", "service")

@@ -1,9 +1,14 @@
 // The commlens dashboard's script: fetches the collector's SVG graph and JSON
 // API and refreshes them in place. No framework, no third-party code.
+//
+// The view (tab, window, find/hide/focus/depth, the selected node or edge,
+// the open trace) lives in the address's fragment, so a link to it can be
+// shared in an incident channel and opens on the same view:
+//   /dashboard/#tab=graph-tab&window=15m&focus=nova-conductor&select=node:nova-conductor
 "use strict";
 
 const REFRESH_MS = 10000;
-const state = { selected: null, services: [], nodes: {} };
+const state = { selected: null, services: [], nodes: {}, trace: null };
 const $ = (id) => document.getElementById(id);
 
 function windowArg() { return $("window").value; }
@@ -28,12 +33,34 @@ function element(tag, attributes = {}, ...children) {
   return node;
 }
 
-function rate(value) { return value >= 1000 ? (value / 1000).toPrecision(3) + "k/s" : value.toPrecision(3) + "/s"; }
-function ms(seconds) {
-  if (seconds == null) { return "–"; }
-  return seconds >= 1 ? seconds.toPrecision(3) + " s" : (seconds * 1000).toPrecision(3) + " ms";
+// Three significant digits, never an exponent ("100%", not "1.0e+2%"),
+// thousands grouped: the rules of dashboards/formatting.py.
+const SMALLEST = 0.001;
+function number(value) {
+  if (value === 0) { return "0"; }
+  const magnitude = Math.abs(value);
+  if (magnitude < SMALLEST) { return (value < 0 ? "-" : "") + "<" + SMALLEST; }
+  if (magnitude >= 1000) { return Math.round(value).toLocaleString("en-US"); }
+  const decimals = Math.max(0, 2 - Math.floor(Math.log10(magnitude)));
+  const text = value.toFixed(decimals);
+  return text.includes(".") ? text.replace(/0+$/, "").replace(/\.$/, "") : text;
 }
-function percent(ratio) { return (ratio * 100).toPrecision(2) + "%"; }
+function rate(value) { return number(value) + "/s"; }
+function ms(seconds, estimated = false) {
+  if (seconds == null) { return "–"; }
+  const text = seconds >= 1 ? number(seconds) + " s" : number(seconds * 1000) + " ms";
+  return (estimated ? "~" : "") + text;
+}
+function percent(ratio) { return number(ratio * 100) + "%"; }
+// A percentile cell: "~" marks an estimate; the title says the range the
+// true value lies in (the API's pNN_range_seconds).
+function percentile(row, name) {
+  const range = row[name + "_range_seconds"];
+  const title = !range ? "" : row[name + "_estimated"]
+    ? `estimate: between ${ms(range[0])} and ${range[1] == null ? "more" : ms(range[1])}`
+    : "exact";
+  return element("td", { class: "num", title }, ms(row[name + "_seconds"], row[name + "_estimated"]));
+}
 function when(epoch) { return new Date(epoch * 1000).toLocaleTimeString(); }
 
 // -- graph ------------------------------------------------------------------
@@ -87,7 +114,9 @@ async function refreshServices() {
   const chosen = focus.value;
   focus.replaceChildren(element("option", { value: "" }, "(all services)"),
     ...services.map((name) => element("option", { value: name }, nodeName(state.nodes[name]))));
-  focus.value = services.includes(chosen) ? chosen : "";
+  // A focus the graph does not draw (any more, or yet: a shared link) stays
+  // chosen; the graph says there is no such service in this window.
+  if (chosen) { ensureOption(focus, chosen); } else { focus.value = ""; }
 }
 
 // A node that does not report itself (exporters/graph.py): an unknown caller
@@ -97,7 +126,7 @@ function nodeName(node) {
   return node.user_agent ? `unknown caller (${node.user_agent})` : `${node.service} (not instrumented)`;
 }
 
-function select(id) {
+function select(id, refresh = true) {
   if (id.startsWith("node:")) {
     state.selected = { id, kind: "node", service: id.slice(5) };
   } else {
@@ -109,7 +138,8 @@ function select(id) {
   for (const group of $("graph").querySelectorAll("g.selected")) { group.classList.remove("selected"); }
   const group = document.getElementById(id);
   if (group) { group.classList.add("selected"); }
-  refreshDetails();
+  saveView();
+  if (refresh) { refreshDetails(); }
 }
 
 async function refreshDetails() {
@@ -141,8 +171,8 @@ async function refreshDetails() {
     element("td", { class: "num" }, rate(row.rate)),
     element("td", { class: "num" }, `${row.errors.toFixed(0)} (${percent(row.error_ratio)})` +
       (row.timeouts ? `, ${row.timeouts.toFixed(0)} timeouts` : "")),
-    element("td", { class: "num" }, ms(row.p50_seconds)),
-    element("td", { class: "num" }, ms(row.p99_seconds)),
+    percentile(row, "p50"),
+    percentile(row, "p99"),
     element("td", { class: "num" }, row.waiting_replies.toFixed(0)))));
   sparkline($("spark-waiting"), details.series.map((p) => [p.seconds_ago, p.waiting_replies]));
   sparkline($("spark-errors"), details.series.map((p) => [p.seconds_ago, p.errors_per_second]));
@@ -159,7 +189,7 @@ function sparkline(svg, points) {
   line.setAttribute("points", coordinates.join(" "));
   const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
   label.setAttribute("x", "4"); label.setAttribute("y", "12"); label.setAttribute("font-size", "10");
-  label.textContent = "max " + top.toPrecision(3);
+  label.textContent = "max " + number(top);
   svg.replaceChildren(line, label);
   svg.dataset.points = String(points.length);
 }
@@ -189,6 +219,7 @@ async function refreshChains() {
 // -- traces -----------------------------------------------------------------
 
 async function openTrace(id) {
+  state.trace = id;
   showTab("trace-tab");
   $("trace-hops").replaceChildren();
   try {
@@ -230,8 +261,81 @@ function renderTrace(trace) {
 // -- wiring -----------------------------------------------------------------
 
 function showTab(id) {
+  if (!document.querySelector(`.tab[data-tab="${CSS.escape(id)}"]`)) { return; }
   for (const tab of document.querySelectorAll(".tab")) { tab.classList.toggle("active", tab.dataset.tab === id); }
   for (const body of document.querySelectorAll(".tab-body")) { body.classList.toggle("active", body.id === id); }
+  saveView();
+}
+
+// -- the view in the address ----------------------------------------------
+
+const DURATION = /^\d+(\.\d+)?[smhd]?$/;
+
+function currentTab() {
+  const active = document.querySelector(".tab.active");
+  return active ? active.dataset.tab : "graph-tab";
+}
+
+// The view as fragment parameters; defaults left out so links stay short.
+function viewParams() {
+  const params = new URLSearchParams();
+  const tab = currentTab();
+  if (tab !== "graph-tab") { params.set("tab", tab); }
+  params.set("window", windowArg());
+  for (const name of ["find", "hide", "focus"]) {
+    if ($(name).value.trim()) { params.set(name, $(name).value.trim()); }
+  }
+  if (($("depth").value || "1") !== "1") { params.set("depth", $("depth").value); }
+  if (state.selected) { params.set("select", state.selected.id); }
+  if (state.trace && tab === "trace-tab") { params.set("trace", state.trace); }
+  return params;
+}
+
+let restoring = false;
+
+function saveView() {
+  if (restoring) { return; }
+  const fragment = "#" + viewParams().toString();
+  if (location.hash !== fragment) {
+    history.replaceState(null, "", location.pathname + location.search + fragment);
+  }
+}
+
+// An option for a value the list does not have yet (a focus on a service
+// the graph has not drawn yet, a window typed into the address).
+function ensureOption(select, value, label = value) {
+  if (![...select.options].some((option) => option.value === value)) {
+    select.append(element("option", { value }, label));
+  }
+  select.value = value;
+}
+
+// Apply the fragment's view to the controls; returns the trace to open, if any.
+function restoreView() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  restoring = true;
+  try {
+    const windowValue = params.get("window");
+    if (windowValue && DURATION.test(windowValue)) { ensureOption($("window"), windowValue); }
+    for (const name of ["find", "hide"]) { $(name).value = params.get(name) || ""; }
+    const focus = params.get("focus");
+    if (focus) { ensureOption($("focus"), focus); } else { $("focus").value = ""; }
+    const depth = params.get("depth");
+    $("depth").value = depth && /^\d+$/.test(depth) ? depth : "1";
+    const selected = params.get("select");
+    if (selected && /^(node|edge):/.test(selected)) { select(selected, false); } else { state.selected = null; }
+    showTab(params.get("tab") || "graph-tab");
+  } finally {
+    restoring = false;
+  }
+  const trace = params.get("trace");
+  return params.get("tab") === "trace-tab" && trace ? trace : null;
+}
+
+function openView() {
+  const trace = restoreView();
+  refreshAll();
+  if (trace) { openTrace(trace); }
 }
 
 async function refreshAll() {
@@ -246,14 +350,18 @@ async function refreshAll() {
 for (const tab of document.querySelectorAll(".tab")) {
   tab.addEventListener("click", () => showTab(tab.dataset.tab));
 }
-for (const id of ["find", "hide", "depth"]) { $(id).addEventListener("change", refreshGraph); }
-$("focus").addEventListener("change", refreshGraph);
+for (const id of ["find", "hide", "depth", "focus"]) {
+  $(id).addEventListener("change", () => { saveView(); refreshGraph(); });
+}
 window.addEventListener("resize", fitGraph);
-$("window").addEventListener("change", refreshAll);
+$("window").addEventListener("change", () => { saveView(); refreshAll(); });
+// A link pasted into the address bar of an open dashboard changes only the
+// fragment: no reload, so the view is applied here.
+window.addEventListener("hashchange", openView);
 $("search").addEventListener("submit", (event) => {
   event.preventDefault();
   const id = $("search-input").value.trim();
   if (id) { openTrace(id); }
 });
 setInterval(() => { if ($("auto-refresh").checked) { refreshAll(); } }, REFRESH_MS);
-refreshAll();
+openView();
