@@ -55,7 +55,8 @@ def test_calls_to_an_uninstrumented_service_are_drawn_from_the_caller_s_side():
     _called(api, "glance-api", "GET", "200", 5)
     _called(api, "glance-api", "GET", "503", 2)
     _called(api, "glance-api", "GET", metrics.FAILED, 1)
-    graph = _collector(api).graph()
+    collector = _collector(api)
+    graph = collector.graph()
     edge = _edge(graph, "nova-api", "glance-api")
     assert (edge["protocol"], edge["requests"], edge["failed"], edge["measured_by"]) == (
         "http", 8, 3, "client")
@@ -64,7 +65,7 @@ def test_calls_to_an_uninstrumented_service_are_drawn_from_the_caller_s_side():
     assert nodes["glance-api"]["user_agent"] is None
     assert nodes["nova-api"]["instrumented"] is True
     # Its details: what the caller counted, by method.
-    details = _collector(api).edge_details("nova-api", "glance-api", "http")
+    details = collector.edge_details("nova-api", "glance-api", "http")
     assert [(row["operation"], row["errors"]) for row in details["methods"]] == [("GET", 3)]
 
 

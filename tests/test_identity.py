@@ -147,7 +147,7 @@ def test_what_was_recorded_under_the_provisional_name_ships_under_the_new_one():
     snapshot = recorder.snapshot(1.0)
     assert _series(snapshot, SENT) == {("nova-api", "conductor", "m", "call"): 3}
     waits = [item for item in snapshot["histograms"] if item[0] == metrics.RPC_REPLY_WAIT.name]
-    assert [(labels, sum(counts)) for _, labels, counts, _ in waits] == [
+    assert [(labels, sum(counts)) for _, labels, counts, *_ in waits] == [
         (["nova-api", "conductor", "m", "ok"], 2)]
     assert [metrics.RPC_WAITING_REPLIES.name, ["nova-api", "conductor", "m"], 1] in \
         snapshot["gauges"]

@@ -36,6 +36,7 @@ import time
 import uuid
 import weakref
 
+from commlens.tracer import aggregate
 from commlens.tracer import derived
 from commlens.tracer import hops
 from commlens.tracer import implementation
@@ -325,13 +326,15 @@ def _renamed(renamed, counters, histograms, waiting, hops):
     for (name, labels), value in counters.items():
         key = (name, metrics.renamed_labels(name, labels, renamed))
         new_counters[key] = new_counters.get(key, 0) + value
-    for (name, labels), (counts, total) in histograms.items():
+    for (name, labels), (counts, total, low, high) in histograms.items():
         key = (name, metrics.renamed_labels(name, labels, renamed))
         if key in new_histograms:
-            was_counts, was_total = new_histograms[key]
+            was_counts, was_total, was_low, was_high = new_histograms[key]
+            low, high = aggregate.merge_extremes(was_counts, was_low, was_high,
+                                                 counts, low, high)
             counts = [a + b for a, b in zip(was_counts, counts, strict=True)]
             total += was_total
-        new_histograms[key] = (list(counts), total)
+        new_histograms[key] = (list(counts), total, low, high)
     for labels, value in waiting:
         key = metrics.renamed_labels(metrics.RPC_WAITING_REPLIES.name, labels, renamed)
         new_waiting[key] = new_waiting.get(key, 0) + value
