@@ -67,6 +67,7 @@ VARIANTS = ("plain", "commlens", "commlens-python", "oslo.metrics", "otel-oslo-m
 OPTIONAL = {"oslo.metrics": "oslo_metrics",
             "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
 SIDES = ("client", "server")
+TARGET = 0.99  # commlens compiled, instructions, every figure (README)
 KINDS = ("call", "cast")
 WARM_UP = 50  # calls and casts before the first window
 # Heartbeats run by the clock, and a process under callgrind runs ~50x
@@ -314,6 +315,13 @@ def _report(runs, variants, messages, notes):
                 f"{run[variant][side][kind]:>14.0f}"
                 f"{run['plain'][side][kind] / run[variant][side][kind]:>7.3f}"
                 for side, kind in figures))
+    if "commlens" in variants:
+        ratios = [mean("plain", side, kind) / mean("commlens", side, kind)
+                  for side, kind in figures]
+        print(f"\ntarget {TARGET:.2f} of plain, compiled: "
+              + ", ".join(f"{side} {kind} {ratio:.3f}"
+                          for (side, kind), ratio in zip(figures, ratios, strict=True))
+              + (": met" if min(ratios) >= TARGET else ": NOT met"))
     for note in notes:
         print(note)
 
