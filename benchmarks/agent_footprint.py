@@ -60,9 +60,13 @@ def installed_size(source, extra, workdir):
     site = _site_packages(python)
     before = _size(site)
     target = f"{source}[{extra}]" if extra else source
-    # Quiet, and never from a cached wheel of an older checkout.
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-cache-dir", target],
-                   check=True, env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    # Quiet (pip's output only if it fails), and never from a cached wheel of
+    # an older checkout.
+    done = subprocess.run([python, "-m", "pip", "install", "-q", "--no-cache-dir", target],
+                          capture_output=True, text=True,
+                          env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark: pip install {target} failed:\n{done.stderr[-3000:]}")
     return _size(site) - before, python
 
 
