@@ -43,7 +43,11 @@ Found with it (2026-11-30): timed by the clock, one such poll that times
 out was a sixth of a counted call; and half of commlens's extra per cast on
 the client is oslo.messaging's JSON encoding of the two context keys
 (traceparent, baggage), which the rabbit driver encodes twice (the message,
-then the envelope holding it as a string).
+then the envelope holding it as a string). Also found with it: the
+compiled stamping's PyUnicode_FromFormat was half of a stamp (2,500
+instructions), since replaced; and the traceparent alone costs
+oslo.messaging 9,400 client and 14,100 server instructions per cast, more
+than the 0.99 target leaves (README, "Counted instead of timed").
 
 ``--keep DIR`` keeps the callgrind files (DIR/<run>-<variant>-<side>/
 callgrind.out.<dump>, the windows in dumps 2, 4, 6, 8) for callgrind_annotate.
