@@ -41,8 +41,9 @@ test-fast: setup
 run: setup
 	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780
 
-## The benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk), each also
-## counted by callgrind, collector ingest, the control plane at 1,000 emulated agents, and
+## The benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk), compiled and pure
+## Python side by side, each also counted by callgrind, the agent's installed size and
+## import time, collector ingest, the control plane at 1,000 emulated agents, and
 ## 10 minutes of faults against the emulated plane's own ground truth.
 bench: setup
 	@scripts/ensure-rabbitmq
@@ -50,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/rpc_instructions.py
 	$(PY) benchmarks/wsgi_overhead.py
 	$(PY) benchmarks/wsgi_instructions.py
+	$(PY) benchmarks/agent_footprint.py
 	$(PY) benchmarks/collector_ingest.py
 	$(PY) benchmarks/emulate_scale.py
 	$(PY) benchmarks/fault_soak.py

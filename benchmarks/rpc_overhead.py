@@ -9,7 +9,11 @@ round. Bursts a few seconds apart compare like with like on a machine
 whose speed drifts (as the WSGI benchmark found, 2026-11-25):
 
   plain      rabbit:// client and server
-  commlens   commlens+rabbit:// client and server, shipping to the broker every 1 s
+  commlens   commlens+rabbit:// client and server, shipping to the broker every 1 s,
+             compiled paths
+  commlens-python      the same with COMMLENS_PUREPYTHON=1 on both sides (the
+                       Python twins), its own server: compiled and pure Python
+                       measured side by side, in the same rounds
   oslo.metrics         rabbit:// with [oslo_messaging_metrics] metrics_enabled,
                        the real oslo-metrics exporter listening
   otel-oslo-messaging  opentelemetry-instrumentation-oslo-messaging with an SDK
@@ -43,7 +47,9 @@ import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
 HERE = os.path.abspath(__file__)
 RUN = uuid.uuid4().hex[:8]
-VARIANTS = ("plain", "commlens", "oslo.metrics", "otel-oslo-messaging")
+VARIANTS = ("plain", "commlens", "commlens-python", "oslo.metrics", "otel-oslo-messaging")
+# The README's targets: commlens's calls and casts at these ratios of plain's.
+TARGETS = {"commlens": 0.97, "commlens-python": 0.95}
 SHIP_INTERVAL = 1.0
 WARM_UP_SECONDS = 2.5 * SHIP_INTERVAL
 
@@ -76,7 +82,7 @@ def client(variant, topic, calls, casts, metrics_socket):
     from oslo_config import cfg
 
     cfg.CONF([], project="commlens-bench")
-    url = ("commlens+rabbit://" if variant == "commlens" else "rabbit://") + BROKER
+    url = ("commlens+rabbit://" if variant.startswith("commlens") else "rabbit://") + BROKER
     common.enable_peer(variant, metrics_socket)
 
     transport = om.get_rpc_transport(cfg.CONF, url=url)
@@ -180,7 +186,10 @@ def main():
     parser.add_argument("--serve", nargs=2, metavar=("URL", "TOPIC"), help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=3, metavar=("VARIANT", "TOPIC", "SOCKET"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--hot-path", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hot_path:
+        return print(json.dumps(hot_path()))
     if args.serve:
         return serve(*args.serve)
     if args.client:
@@ -191,16 +200,21 @@ def main():
                COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
     workdir = tempfile.mkdtemp(prefix="commlens-bench-")
     metrics_socket = os.path.join(workdir, "oslo-metrics.sock")
-    topics = {"plain": f"bench-plain-{RUN}", "commlens": f"bench-commlens-{RUN}"}
-    servers = [
-        _start([sys.executable, HERE, "--serve", "rabbit://" + BROKER, topics["plain"]], env),
-        _start([sys.executable, HERE, "--serve", "commlens+rabbit://" + BROKER,
-                topics["commlens"]], dict(env, COMMLENS_SERVICE_NAME="bench-server")),
-    ]
-    extra = []
     optional = {"oslo.metrics": "oslo_metrics",
                 "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
     variants = common.selected_variants(args.variants, VARIANTS, optional)
+    # Each commlens variant has a server of its own, of the same implementation;
+    # the peers share plain's (what they instrument is the client).
+    topics = {v: f"bench-{v}-{RUN}" for v in ("plain", "commlens", "commlens-python")}
+    servers = [_start([sys.executable, HERE, "--serve", "rabbit://" + BROKER, topics["plain"]],
+                      env)]
+    for variant in ("commlens", "commlens-python"):
+        if variant in variants:
+            servers.append(_start(
+                [sys.executable, HERE, "--serve", "commlens+rabbit://" + BROKER,
+                 topics[variant]], _variant_env(dict(env, COMMLENS_SERVICE_NAME="bench-server"),
+                                                variant)))
+    extra = []
     if "oslo.metrics" in variants:
         extra.append(common.start_oslo_metrics_exporter(metrics_socket, workdir))
 
@@ -208,10 +222,10 @@ def main():
     clients = {}
     try:
         for variant in variants:
-            topic = topics["commlens" if variant == "commlens" else "plain"]
+            topic = topics.get(variant, topics["plain"])
             clients[variant] = _start(
                 [sys.executable, HERE, "--calls", str(args.calls), "--casts", str(args.casts),
-                 "--client", variant, topic, metrics_socket], env)
+                 "--client", variant, topic, metrics_socket], _variant_env(env, variant))
         for round_number in range(args.rounds):
             # Every other round in reverse, so a drift in the machine's speed
             # weighs on every variant alike.
@@ -259,10 +273,32 @@ def main():
               f"{cpu_ratio(variant, 'cpu_us_per_call'):>7.3f}"
               f"{median(variant, 'cpu_us_per_cast'):>13.0f}"
               f"{cpu_ratio(variant, 'cpu_us_per_cast'):>7.3f}")
-    micro = hot_path()
-    print(f"\ncommlens wrapper hot path alone (no broker): client {micro['call']:.1f} µs "
-          f"per call, {micro['cast']:.1f} µs per cast; server {micro['server']:.1f} µs "
-          "per message received and replied")
+    print()
+    for variant, target in TARGETS.items():
+        if variant not in variants:
+            continue
+        ratios = {kind: paired_ratio(variant, f"{kind}s_per_s") for kind in ("call", "cast")}
+        verdict = ("met" if min(ratios.values()) >= target else "NOT met")
+        print(f"target {target:.2f} of plain for {variant}: calls {ratios['call']:.3f}, "
+              f"casts {ratios['cast']:.3f}: {verdict}")
+    for variant in ("commlens", "commlens-python"):
+        if variant in variants:
+            micro = _hot_path_in(variant)
+            print(f"{variant} wrapper hot path alone (no broker): client "
+                  f"{micro['call']:.1f} µs per call, {micro['cast']:.1f} µs per cast; server "
+                  f"{micro['server']:.1f} µs per message received and replied")
+
+
+def _variant_env(env, variant):
+    """The environment of a variant's processes: the Python twins for commlens-python."""
+    return dict(env, COMMLENS_PUREPYTHON="1") if variant == "commlens-python" else env
+
+
+def _hot_path_in(variant):
+    """hot_path() in a fresh process of the variant's implementation."""
+    done = subprocess.run([sys.executable, HERE, "--hot-path"], capture_output=True, text=True,
+                          env=_variant_env(dict(os.environ), variant), check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

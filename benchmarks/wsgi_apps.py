@@ -21,7 +21,8 @@ def _wrap(variant):
             return minimal(environ, start_response)
 
         return passthrough
-    if variant == "commlens":
+    if variant in ("commlens", "commlens-python"):
+        # commlens-python: the same, its server started with COMMLENS_PUREPYTHON=1.
         from commlens.middleware.wsgi import CommlensMiddleware
 
         return CommlensMiddleware(minimal, http_outbound="false")

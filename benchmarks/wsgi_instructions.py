@@ -1,6 +1,8 @@
 """The WSGI middleware's cost on a gunicorn worker, counted instead of timed.
 
-    .venv/bin/python benchmarks/wsgi_instructions.py [--variants plain,passthrough,commlens]
+    .venv/bin/python benchmarks/wsgi_instructions.py [--variants plain,passthrough,commlens,...]
+
+commlens-python is CommlensMiddleware with COMMLENS_PUREPYTHON=1 (the Python twins).
 
 Each variant's gunicorn worker (the app of wsgi_apps.py, the same server
 settings as wsgi_overhead.py) runs twice under valgrind's callgrind with its
@@ -37,7 +39,7 @@ import time
 
 import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
-VARIANTS = ("plain", "passthrough", "commlens")
+VARIANTS = ("plain", "passthrough", "commlens", "commlens-python")
 WARM_UP = 300
 SHORT, LONG = 1000, 3000
 MISS_CYCLES = 10
@@ -85,6 +87,7 @@ def _worker_counts(variant, requests, workdir):
     out = os.path.join(workdir, f"{variant}-{requests}")
     os.mkdir(out)
     env = dict(os.environ, BENCH_VARIANT=variant, PYTHONHASHSEED="0",
+               COMMLENS_PUREPYTHON="1" if variant == "commlens-python" else "",
                COMMLENS_SERVICE_NAME="bench-api", COMMLENS_EXPORT_URL="memory://",
                COMMLENS_SHIP_INTERVAL="3600")  # no shipping inside the count
     process = subprocess.Popen(

@@ -5,7 +5,9 @@ loaded by wrk from a second process.
 
 Variants, each its own gunicorn: plain, passthrough (a middleware that only
 calls the app: the floor for any middleware), commlens
-(CommlensMiddleware, shipping to RabbitMQ every second), otel-wsgi
+(CommlensMiddleware, shipping to RabbitMQ every second, compiled paths),
+commlens-python (the same with COMMLENS_PUREPYTHON=1: the Python twins,
+measured side by side with the compiled paths in the same rounds), otel-wsgi
 (opentelemetry-instrumentation-wsgi, SDK provider, batch processor, spans
 discarded) and ceilometermiddleware (a notification per request over
 oslo.messaging to RabbitMQ), the last two if installed.
@@ -42,7 +44,10 @@ import time
 
 import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
-VARIANTS = ("plain", "passthrough", "commlens", "otel-wsgi", "ceilometermiddleware")
+VARIANTS = ("plain", "passthrough", "commlens", "commlens-python", "otel-wsgi",
+            "ceilometermiddleware")
+# The README's targets, requests/s as a ratio of plain's.
+TARGETS = {"commlens": 0.95, "commlens-python": 0.95}
 RABBIT = "guest:guest@127.0.0.1:5672/"
 SHIP_INTERVAL = 1.0
 WARM_UP_SECONDS = 3  # wrk takes whole seconds; more than two ship intervals
@@ -85,6 +90,8 @@ class Server:
                    COMMLENS_EXPORT_URL=os.environ.get("BENCH_EXPORT_URL",
                                                       f"amqp://{RABBIT}?exchange=commlens-bench"),
                    COMMLENS_SHIP_INTERVAL=str(SHIP_INTERVAL))
+        if variant == "commlens-python":
+            env["COMMLENS_PUREPYTHON"] = "1"
         # A file, not a pipe: the server runs for the whole benchmark and
         # nobody reads its stderr until it fails, so a full pipe would stall it.
         self.log = tempfile.TemporaryFile("w+")
@@ -173,6 +180,14 @@ def main():
             server.cpu_us_per_request, plain.cpu_us_per_request, strict=True))
         print(f"{server.variant:<22}{statistics.median(server.rates):>9.0f}{ratio:>8.3f}"
               f"{statistics.median(server.cpu_us_per_request):>24.0f}{cpu_ratio:>8.3f}")
+    print()
+    for server in servers:
+        target = TARGETS.get(server.variant)
+        if target is None:
+            continue
+        ratio = statistics.median(v / p for v, p in zip(server.rates, plain.rates, strict=True))
+        print(f"target {target:.2f} of plain for {server.variant}: {ratio:.3f}: "
+              + ("met" if ratio >= target else "NOT met"))
 
 
 if __name__ == "__main__":

@@ -519,6 +519,18 @@ def test_stamp_outgoing_compiled_and_in_python_agree(served, carrier):
     assert stamped[0] == stamped[1]
 
 
+
+@pytest.mark.parametrize("service, kind", [("nova-api", "cast"), ("növa-api", "call"),
+                                           ("nova-api", "cäst"), ("", "")])
+def test_stamp_outgoing_writes_any_service_and_kind_as_the_python_twin_does(service, kind):
+    # The compiled stamping builds ASCII values directly and anything else
+    # by concatenation (tracer/_speedups.c, ascii_join): both as in Python.
+    for stamp in (context.stamp_outgoing, context._stamp_outgoing_in_python):
+        out = {}
+        ctx = stamp(out, service, kind)
+        assert out["traceparent"] == "00-%s-%s-01" % (ctx.trace_id, ctx.span_id)
+        assert out["baggage"] == context.with_baggage_sender(None, service, kind, ctx.span_id)
+
 def test_ids_are_hex_unique_and_differ_in_a_forked_child():
     ids = [context.new_trace_id() for _ in range(20000)]
     assert len(set(ids)) == len(ids)

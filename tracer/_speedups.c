@@ -951,6 +951,51 @@ stamp_is_common(PyObject *carrier, PyObject *service, PyObject *kind, PyObject *
     return active < 0 ? -1 : !active;
 }
 
+/* The str of ``count`` parts, each ``objects[i]`` (a str) or, where that is
+ * NULL, the C text ``texts[i]``: built directly when every str is ASCII (the
+ * ids always are), else by PyUnicode_Concat. PyUnicode_FromFormat cost about
+ * 1,600 instructions per value here, a tenth of a cast's whole overhead. */
+static PyObject *
+ascii_join(int count, PyObject *const *objects, const char *const *texts)
+{
+    Py_ssize_t length = 0;
+    int ascii = 1;
+    for (int i = 0; i < count; i++) {
+        if (objects[i] == NULL)
+            length += (Py_ssize_t)strlen(texts[i]);
+        else if (PyUnicode_IS_ASCII(objects[i]))
+            length += PyUnicode_GET_LENGTH(objects[i]);
+        else
+            ascii = 0;
+    }
+    if (!ascii) {
+        PyObject *result = PyUnicode_FromString("");
+        for (int i = 0; i < count && result != NULL; i++) {
+            PyObject *part = objects[i] ? Py_NewRef(objects[i])
+                                        : PyUnicode_FromString(texts[i]);
+            if (part == NULL) {
+                Py_CLEAR(result);
+                break;
+            }
+            Py_SETREF(result, PyUnicode_Concat(result, part));
+            Py_DECREF(part);
+        }
+        return result;
+    }
+    PyObject *result = PyUnicode_New(length, 127);
+    if (result == NULL)
+        return NULL;
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(result);
+    for (int i = 0; i < count; i++) {
+        Py_ssize_t size = objects[i] ? PyUnicode_GET_LENGTH(objects[i])
+                                     : (Py_ssize_t)strlen(texts[i]);
+        memcpy(out, objects[i] ? (const void *)PyUnicode_1BYTE_DATA(objects[i])
+                               : (const void *)texts[i], size);
+        out += size;
+    }
+    return result;
+}
+
 static PyObject *
 stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1005,11 +1050,13 @@ stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     Py_DECREF(parent);
     /* The fields are checked str and bool (TraceContext's setters), so
      * formatting them runs no Python code. */
-    PyObject *traceparent = PyUnicode_FromFormat(
-        "00-%U-%U-%s", ctx->trace_id, ctx->span_id, ctx->sampled == Py_True ? "01" : "00");
+    PyObject *traceparent = ascii_join(5, (PyObject *[]){
+        NULL, ctx->trace_id, NULL, ctx->span_id, NULL},
+        (const char *[]){"00-", NULL, "-", NULL, ctx->sampled == Py_True ? "-01" : "-00"});
     /* context.with_baggage_sender's member, alone */
-    PyObject *baggage = traceparent == NULL ? NULL : PyUnicode_FromFormat(
-        "commlens.service=%U;kind=%U;span=%U", service, kind, ctx->span_id);
+    PyObject *baggage = traceparent == NULL ? NULL : ascii_join(6, (PyObject *[]){
+        NULL, service, NULL, kind, NULL, ctx->span_id},
+        (const char *[]){"commlens.service=", NULL, ";kind=", NULL, ";span=", NULL});
     if (baggage == NULL
             || PyDict_SetItem(carrier, str_traceparent, traceparent) < 0
             || PyDict_SetItem(carrier, str_baggage, baggage) < 0) {
