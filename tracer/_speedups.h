@@ -23,7 +23,30 @@
 #if PY_VERSION_HEX < 0x030C0000
 #include <structmember.h>
 #define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_T_PYSSIZET T_PYSSIZET
 #define Py_READONLY READONLY
+#endif
+
+#if PY_VERSION_HEX < 0x030B0000
+/* The module of the first class along ``type``'s MRO made from ``def``'s
+ * module (3.11's; the middleware's Python subclasses reach their module's
+ * state through it): borrowed, or NULL and a TypeError. */
+static inline PyObject *
+PyType_GetModuleByDef(PyTypeObject *type, PyModuleDef *def)
+{
+    PyObject *mro = type->tp_mro;
+    for (Py_ssize_t i = 0; mro != NULL && i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *super = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!(super->tp_flags & Py_TPFLAGS_HEAPTYPE))
+            continue;
+        PyObject *module = ((PyHeapTypeObject *)super)->ht_module;
+        if (module != NULL && PyModule_GetDef(module) == def)
+            return module;
+    }
+    PyErr_Format(PyExc_TypeError, "PyType_GetModuleByDef: no superclass of '%s' has the "
+                 "given module", type->tp_name);
+    return NULL;
+}
 #endif
 
 typedef struct {
@@ -217,18 +240,48 @@ commlens_method_seen(PyObject *method_label)
 
 /* commlens's own error, pending now, goes to ``hook`` (Python that counts
  * it as dropped and logs it at debug level) and no further: the service
- * never sees it. ``first``, unless NULL, is passed before the exception. */
-static inline void
+ * never sees it. ``first``, unless NULL, is passed before the exception.
+ *
+ * Only an Exception is commlens's own error. Anything else that arrives
+ * while commlens records (a KeyboardInterrupt raised by a signal handler
+ * that ran inside a callback, a SystemExit) is the service's signal, not a
+ * recording failure: it is not counted, stays pending, and the caller
+ * propagates it unchanged, as the Python twins' ``except Exception`` lets it
+ * through (tests/test_differential.py). 0: handed over, nothing pending;
+ * -1: the service's signal is pending. */
+static inline int
 commlens_hand_over_error(PyObject *hook, PyObject *first)
 {
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
     PyObject *error = PyErr_GetRaisedException();
     PyObject *args[] = {NULL, first, error ? error : Py_None};
     PyObject *result = first != NULL
         ? PyObject_Vectorcall(hook, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
         : PyObject_Vectorcall(hook, args + 2, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_XDECREF(result);
     Py_XDECREF(error);
-    PyErr_Clear();
+    if (result == NULL) {
+        /* The hook's own failure is dropped too; a signal during it is not. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_Clear();
+    }
+    Py_XDECREF(result);
+    return 0;
+}
+
+/* A service's signal (commlens_hand_over_error: -1) raised while
+ * ``pending``, an exception of the service's own or NULL, was on its way:
+ * the signal goes on, ``pending`` as its context (as a Python ``finally``
+ * that raises chains them). Steals ``pending``. */
+static inline void
+commlens_raise_over(PyObject *pending)
+{
+    if (pending == NULL)
+        return;
+    PyObject *signal = PyErr_GetRaisedException();
+    PyException_SetContext(signal, pending);
+    PyErr_SetRaisedException(signal);
 }
 
 /* _speedups.TraceContext, the type whose instances have this layout; a
