@@ -507,7 +507,9 @@ send_exec(PyObject *module)
     if (state->sender_type == NULL || PyModule_AddType(module, state->sender_type) < 0)
         return -1;
     state->send_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &send_spec, NULL);
-    return state->send_type == NULL ? -1 : 0;
+    if (state->send_type == NULL || PyModule_AddType(module, state->send_type) < 0)
+        return -1;
+    return 0;
 }
 
 static int

@@ -140,6 +140,8 @@ def test_the_wheel_is_manylinux_and_carries_the_license_and_the_operators_files(
     assert chart_rules == (REPO / "dashboards/alerts/commlens.rules.yml").read_bytes()
     for module in COMPILED:
         assert any(n.startswith(module + ".") and n.endswith(".so") for n in names), module
+        # and its signatures, for type checkers (markupsafe's _speedups.pyi)
+        assert module + ".pyi" in names, module
     # Tests and build inputs stay in the sdist.
     assert not [n for n in names if n.endswith((".c", ".h")) or "/tests/" in n
                 or n.startswith("tests/")]
