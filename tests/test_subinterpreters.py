@@ -240,3 +240,32 @@ def test_sub_interpreters_import_and_finalize_commlens_one_after_another():
     # 3.13): none measurable now; the single-phase modules of before kept
     # about 1,600 more.
     assert growth["this run's"] - growth["python"] < 400, result["blocks"]
+
+
+_OWN_GIL = r'''
+import os, tempfile
+try:
+    import _interpreters as interpreters
+    interp = interpreters.create("isolated")
+except ImportError:
+    import _xxsubinterpreters as interpreters
+    interp = interpreters.create(isolated=True)
+path = tempfile.mktemp()
+interpreters.run_string(interp, "import json\nfrom commlens.tracer import implementation\n"
+                        "open(%r, 'w').write(json.dumps([implementation.IMPLEMENTATION,"
+                        " implementation.REASON]))" % path)
+interpreters.destroy(interp)
+with open(path) as f:
+    print(f.read())
+'''
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="an interpreter has its own GIL from 3.12")
+def test_an_interpreter_with_its_own_gil_runs_the_python_twins():
+    # The compiled modules share the process's id generator under one GIL
+    # (tracer/_speedups.c): they refuse to load where another GIL runs, and
+    # commlens runs there over its Python twins.
+    chosen, reason = run_isolated(_OWN_GIL)
+    assert chosen == "python"
+    if implementation.IMPLEMENTATION == implementation.COMPILED:
+        assert "does not support loading in subinterpreters" in reason
