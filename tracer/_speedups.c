@@ -334,6 +334,7 @@ typedef struct {
     PyObject *on_first_use;    /* called once before the next update, or NULL */
     PyTypeObject *counter_type;    /* this interpreter's Counter, what new_counter makes */
     PyTypeObject *histogram_type;  /* and Histogram */
+    PyObject *one;                 /* inc()'s amount when none is given */
 } Store;
 
 static PyObject *
@@ -367,6 +368,9 @@ store_init(Store *self, PyObject *args, PyObject *kwargs)
     Py_DECREF(done);
     Py_XSETREF(self->counter_type, (PyTypeObject *)Py_NewRef(state->counter_type));
     Py_XSETREF(self->histogram_type, (PyTypeObject *)Py_NewRef(state->histogram_type));
+    Py_XSETREF(self->one, PyLong_FromLong(1));
+    if (self->one == NULL)
+        return -1;
     Py_XSETREF(self->new_counter, Py_NewRef(new_counter));
     Py_XSETREF(self->new_histogram, Py_NewRef(new_histogram));
     return 0;
@@ -396,6 +400,7 @@ store_clear(Store *self)
     Py_CLEAR(self->on_first_use);
     Py_CLEAR(self->counter_type);
     Py_CLEAR(self->histogram_type);
+    Py_CLEAR(self->one);
     return 0;
 }
 
@@ -470,8 +475,8 @@ store_inc(Store *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "inc(metric, labels, amount=1)");
         return NULL;
     }
-    PyObject *amount = counter_amount(args + 2, nargs - 2);
-    if (amount == NULL && PyErr_Occurred())
+    PyObject *amount = self->one;  /* NULL only before __init__: no series then */
+    if (nargs > 2 && (amount = counter_amount(args + 2, nargs - 2)) == NULL)
         return NULL;  /* checked first: bad input makes no series */
     PyObject *counter = store_series(self, 0, args[0], args[1]);
     if (counter == NULL)
