@@ -774,15 +774,8 @@ receive_free_module(void *module)
 
 static PyModuleDef_Slot receive_slots[] = {
     {Py_mod_exec, receive_exec},
-#ifdef Py_mod_multiple_interpreters
-    /* As tracer/_speedups.c, which this needs: interpreters sharing a GIL. */
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
-#endif
-#ifdef Py_mod_gil
-    /* An Incoming is finished once because the GIL serialises the threads
-     * that reply to it; not checked free-threaded. */
-    {Py_mod_gil, Py_MOD_GIL_USED},
-#endif
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
     {0, NULL},
 };
 

@@ -544,15 +544,8 @@ send_free_module(void *module)
 
 static PyModuleDef_Slot send_slots_module[] = {
     {Py_mod_exec, send_exec},
-#ifdef Py_mod_multiple_interpreters
-    /* As tracer/_speedups.c, which this needs: interpreters sharing a GIL. */
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
-#endif
-#ifdef Py_mod_gil
-    /* A Sender's open calls are swapped and a Send is ended once because
-     * the GIL serialises those who do it; not checked free-threaded. */
-    {Py_mod_gil, Py_MOD_GIL_USED},
-#endif
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
     {0, NULL},
 };
 

@@ -872,15 +872,8 @@ wsgi_free_module(void *module)
 
 static PyModuleDef_Slot wsgi_slots[] = {
     {Py_mod_exec, wsgi_exec},
-#ifdef Py_mod_multiple_interpreters
-    /* As tracer/_speedups.c, which this needs: interpreters sharing a GIL. */
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
-#endif
-#ifdef Py_mod_gil
-    /* A request's fields change under one thread at a time because of the
-     * GIL (see the top of this file); not checked free-threaded. */
-    {Py_mod_gil, Py_MOD_GIL_USED},
-#endif
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
     {0, NULL},
 };
 

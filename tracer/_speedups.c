@@ -1092,7 +1092,8 @@ static PyMethodDef module_methods[] = {
 /* -- module --------------------------------------------------------------- */
 
 /* The ids' generator is one per process (seeded here once, again in every
- * forked child), not one per interpreter: see speedups_slots. */
+ * forked child), not one per interpreter: interpreters importing this share
+ * one GIL (_speedups.h, COMMLENS_SLOT_INTERPRETERS). */
 static int ids_seeded;
 
 static int
@@ -1158,20 +1159,8 @@ speedups_free(void *module)
 
 static PyModuleDef_Slot speedups_slots[] = {
     {Py_mod_exec, speedups_exec},
-#ifdef Py_mod_multiple_interpreters
-    /* Any number of interpreters, each with its own module state, but not
-     * one with its own GIL: the ids' generator (prng_state) is one per
-     * process, changed under the GIL that all interpreters importing this
-     * share. Per-interpreter generators would cost every id a state look-up
-     * and gain nothing: the ids need only be random, not per interpreter. */
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
-#endif
-#ifdef Py_mod_gil
-    /* A Counter's or Histogram's update is atomic because it runs under the
-     * GIL (see the top of this file), and so is the ids' generator: a
-     * free-threaded CPython turns the GIL back on when this is imported. */
-    {Py_mod_gil, Py_MOD_GIL_USED},
-#endif
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
     {0, NULL},
 };
 

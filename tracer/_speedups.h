@@ -27,6 +27,28 @@
 #define Py_READONLY READONLY
 #endif
 
+/* What each compiled module declares of its multi-phase init, beside its
+ * Py_mod_exec slot (tracer/_speedups.c says why):
+ * - any number of interpreters, each with its own module state, but only
+ *   interpreters that share the main GIL (mod_wsgi's): the ids' generator
+ *   in tracer/_speedups.c is one per process, changed under that GIL, and the
+ *   middleware's modules read _speedups' objects. In an interpreter with its
+ *   own GIL they refuse to import and commlens runs its Python twins there.
+ * - the GIL: their updates (a counter's, a request's fields, a send ended
+ *   once) are atomic because they run under it; nothing is checked
+ *   free-threaded, so a free-threaded CPython turns the GIL back on. */
+#ifdef Py_mod_multiple_interpreters
+#define COMMLENS_SLOT_INTERPRETERS \
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
+#else
+#define COMMLENS_SLOT_INTERPRETERS
+#endif
+#ifdef Py_mod_gil
+#define COMMLENS_SLOT_GIL {Py_mod_gil, Py_MOD_GIL_USED},
+#else
+#define COMMLENS_SLOT_GIL
+#endif
+
 #if PY_VERSION_HEX < 0x030B0000
 /* The module of the first class along ``type``'s MRO made from ``def``'s
  * module (3.11's; the middleware's Python subclasses reach their module's
