@@ -25,10 +25,23 @@
 #include <Python.h>
 #include "../tracer/_speedups.h"
 
-static PyObject *str_traceparent, *str_baggage, *str_ctxt, *str_message, *str_msg_id,
-    *str_orig_msg_id, *str_client_timeout, *str_method, *str_call, *str_cast, *str_fanout,
-    *str_unknown, *str_ok, *str_acknowledge, *str_requeue, *str_heartbeat, *str_reply,
-    *str_failure, *kw_reply_failure;
+/* -- the module's state --------------------------------------------------- */
+
+/* One per interpreter that imports commlens (multi-phase init, PEP 489): its
+ * types and the strings it reads, interned in that interpreter. */
+#define RECEIVE_STRINGS(X) \
+    X(traceparent) X(baggage) X(ctxt) X(message) X(msg_id) X(orig_msg_id) \
+    X(client_timeout) X(method) X(call) X(cast) X(fanout) X(unknown) X(ok) \
+    X(acknowledge) X(requeue) X(heartbeat) X(reply) X(failure)
+
+typedef struct {
+    PyTypeObject *receiver_type;
+    PyTypeObject *incoming_type;
+#define FIELD(name) PyObject *str_##name;
+    RECEIVE_STRINGS(FIELD)
+#undef FIELD
+    PyObject *kw_reply_failure;  /* ("reply", "failure") */
+} ReceiveState;
 
 /* -- reading the message context ------------------------------------------ */
 
@@ -125,6 +138,9 @@ parse_sender_member(PyObject *value, PyObject **service, PyObject **kind, PyObje
 
 typedef struct {
     PyObject_HEAD
+    /* Its module's, read for every message. Borrowed: the Receiver holds
+     * its type, which holds the module. */
+    ReceiveState *state;
     PyObject *service;
     PyObject *topic;
     CommlensRecording recording;
@@ -159,8 +175,6 @@ typedef struct {
     char done;
 } Incoming;
 
-static PyTypeObject ReceiverType, IncomingType;
-
 #define RECEIVER_FIELDS(X) \
     X(service) X(topic) X(received_metric) X(hops_metric) \
     X(method_seen) X(method_label) X(current) X(in_python) X(failed) X(add_hop) \
@@ -175,6 +189,7 @@ receiver_traverse(Receiver *self, visitproc visit, void *arg)
     COMMLENS_RECORDING_VISIT(self->recording);
     Py_VISIT(self->incoming_type);
     Py_VISIT(self->trace_context);
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -193,9 +208,11 @@ receiver_clear(Receiver *self)
 static void
 receiver_dealloc(Receiver *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     receiver_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 static int
@@ -213,7 +230,11 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
             &PyType_Type, &trace_context, &PyContextVar_Type, &current, &in_python, &failed,
             &add_hop, &recording_failed))
         return -1;
-    if (!PyType_IsSubtype((PyTypeObject *)incoming_type, &IncomingType)) {
+    ReceiveState *state = PyType_GetModuleState(Py_TYPE(self));
+    if (state == NULL)
+        return -1;
+    self->state = state;
+    if (!PyType_IsSubtype((PyTypeObject *)incoming_type, state->incoming_type)) {
         PyErr_SetString(PyExc_TypeError, "incoming_type: a subclass of Incoming");
         return -1;
     }
@@ -245,7 +266,7 @@ method_label(Receiver *self, PyObject *body)
 {
     PyObject *raw = Py_None;
     if (PyDict_Check(body)) {
-        raw = PyDict_GetItemWithError(body, str_method);
+        raw = PyDict_GetItemWithError(body, self->state->str_method);
         if (raw == NULL) {
             if (PyErr_Occurred())
                 return NULL;
@@ -276,9 +297,10 @@ make_incoming(Receiver *self, PyObject *inner, PyObject *ctxt, PyObject *ctx,
     incoming->kind = kind;
     incoming->start = incoming->end = commlens_monotonic();
     /* What the RPC server reads of a message, as the inner one has it. */
-    if ((incoming->message = PyObject_GetAttr(inner, str_message)) == NULL
-            || (incoming->msg_id = PyObject_GetAttr(inner, str_msg_id)) == NULL
-            || commlens_optional_attr(inner, str_client_timeout,
+    ReceiveState *state = self->state;
+    if ((incoming->message = PyObject_GetAttr(inner, state->str_message)) == NULL
+            || (incoming->msg_id = PyObject_GetAttr(inner, state->str_msg_id)) == NULL
+            || commlens_optional_attr(inner, state->str_client_timeout,
                                                &incoming->client_timeout) < 0) {
         Py_DECREF(incoming);
         return NULL;
@@ -303,14 +325,15 @@ receiver_wrap(Receiver *self, PyObject *inner)
         PyErr_SetString(PyExc_RuntimeError, "Receiver not initialised");
         return NULL;
     }
-    PyObject *ctxt = PyObject_GetAttr(inner, str_ctxt);
+    ReceiveState *state = self->state;
+    PyObject *ctxt = PyObject_GetAttr(inner, state->str_ctxt);
     if (ctxt == NULL)
         return NULL;
     PyObject *traceparent = NULL, *baggage = NULL;
     if (!PyDict_CheckExact(ctxt)
-            || ((traceparent = PyDict_GetItemWithError(ctxt, str_traceparent)) == NULL
+            || ((traceparent = PyDict_GetItemWithError(ctxt, state->str_traceparent)) == NULL
                 && PyErr_Occurred())
-            || ((baggage = PyDict_GetItemWithError(ctxt, str_baggage)) == NULL
+            || ((baggage = PyDict_GetItemWithError(ctxt, state->str_baggage)) == NULL
                 && PyErr_Occurred())) {
         Py_DECREF(ctxt);
         return PyErr_Occurred() ? NULL : PyObject_CallOneArg(self->in_python, inner);
@@ -354,29 +377,29 @@ receiver_wrap(Receiver *self, PyObject *inner)
     Py_SETREF(ctx->service, Py_NewRef(self->service));
 
     PyObject *kind = NULL;
-    if (sent_kind != NULL && (PyUnicode_Compare(sent_kind, str_call) == 0
-                              || PyUnicode_Compare(sent_kind, str_cast) == 0
-                              || PyUnicode_Compare(sent_kind, str_fanout) == 0)) {
+    if (sent_kind != NULL && (PyUnicode_Compare(sent_kind, state->str_call) == 0
+                              || PyUnicode_Compare(sent_kind, state->str_cast) == 0
+                              || PyUnicode_Compare(sent_kind, state->str_fanout) == 0)) {
         kind = sent_kind;
         sent_kind = NULL;
     } else {
         /* An uninstrumented sender: a reply is expected only for a call. A
          * fanout from such a sender is counted as a cast. */
         PyObject *orig_msg_id = NULL;
-        if (commlens_optional_attr(inner, str_orig_msg_id, &orig_msg_id) < 0)
+        if (commlens_optional_attr(inner, state->str_orig_msg_id, &orig_msg_id) < 0)
             goto fail_ctx;
         int call = orig_msg_id != NULL ? PyObject_IsTrue(orig_msg_id) : 0;
         Py_XDECREF(orig_msg_id);
         if (call == 0) {
-            PyObject *msg_id = PyDict_GetItemWithError(ctxt, str_msg_id);
+            PyObject *msg_id = PyDict_GetItemWithError(ctxt, state->str_msg_id);
             call = msg_id != NULL ? PyObject_IsTrue(msg_id) : (PyErr_Occurred() ? -1 : 0);
         }
         if (call < 0)
             goto fail_ctx;
-        kind = Py_NewRef(call ? str_call : str_cast);
+        kind = Py_NewRef(call ? state->str_call : state->str_cast);
     }
     Py_CLEAR(sent_kind);
-    PyObject *body = PyObject_GetAttr(inner, str_message);
+    PyObject *body = PyObject_GetAttr(inner, state->str_message);
     PyObject *method = body ? method_label(self, body) : NULL;
     Py_XDECREF(body);
     if (method == NULL) {
@@ -384,7 +407,7 @@ receiver_wrap(Receiver *self, PyObject *inner)
         goto fail_ctx;
     }
     return make_incoming(self, inner, ctxt, (PyObject *)ctx,
-                         sender ? sender : Py_NewRef(str_unknown), method, kind);
+                         sender ? sender : Py_NewRef(state->str_unknown), method, kind);
 fail_ctx:
     Py_DECREF(ctx);
 fail:
@@ -413,7 +436,7 @@ receiver_incoming(Receiver *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "incoming: ctx is not a TraceContext");
         return NULL;
     }
-    PyObject *ctxt = PyObject_GetAttr(args[0], str_ctxt);
+    PyObject *ctxt = PyObject_GetAttr(args[0], self->state->str_ctxt);
     if (ctxt == NULL)
         return NULL;
     return make_incoming(self, args[0], ctxt, Py_NewRef(args[1]), Py_NewRef(args[2]),
@@ -428,19 +451,23 @@ static PyMethodDef receiver_methods[] = {
     {NULL},
 };
 
-static PyTypeObject ReceiverType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._rpc_receive.Receiver",
-    .tp_doc = "Receiver(*, service, topic, recorder, ...): the per-message path of one "
-              "rpc_driver._InstrumentedListener.",
-    .tp_basicsize = sizeof(Receiver),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)receiver_init,
-    .tp_dealloc = (destructor)receiver_dealloc,
-    .tp_traverse = (traverseproc)receiver_traverse,
-    .tp_clear = (inquiry)receiver_clear,
-    .tp_methods = receiver_methods,
+static PyType_Slot receiver_slots[] = {
+    {Py_tp_doc, (void *)"Receiver(*, service, topic, recorder, ...): the per-message path "
+                        "of one rpc_driver._InstrumentedListener."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, receiver_init},
+    {Py_tp_dealloc, receiver_dealloc},
+    {Py_tp_traverse, receiver_traverse},
+    {Py_tp_clear, receiver_clear},
+    {Py_tp_methods, receiver_methods},
+    {0, NULL},
+};
+
+static PyType_Spec receiver_spec = {
+    .name = "commlens.middleware._rpc_receive.Receiver",
+    .basicsize = sizeof(Receiver),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = receiver_slots,
 };
 
 /* -- Incoming: one message from receipt to reply -------------------------- */
@@ -456,6 +483,7 @@ incoming_traverse(Incoming *self, visitproc visit, void *arg)
 #define VISIT(field) Py_VISIT(self->field);
     INCOMING_FIELDS(VISIT)
 #undef VISIT
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -472,11 +500,13 @@ incoming_clear(Incoming *self)
 static void
 incoming_dealloc(Incoming *self)
 {
-    /* rpc_driver._InstrumentedIncoming's subtype_dealloc comes here, and
-     * releases the subclass itself. */
+    /* rpc_driver._InstrumentedIncoming's subtype_dealloc comes here and
+     * leaves the subclass to it: the base is a heap type. */
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     incoming_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 /* The processing ended (``failure``: None, an exception or an exc_info). */
@@ -514,7 +544,7 @@ incoming_record(Incoming *self, PyObject *failure)
      * (tracer/derived.py). */
     if (commlens_record(receiver->recording.observe, receiver->hops_metric,
                         PyTuple_Pack(5, receiver->service, self->caller, receiver->topic,
-                                     self->method, str_ok),
+                                     self->method, receiver->state->str_ok),
                         duration) < 0)
         goto fail;
     CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
@@ -522,8 +552,9 @@ incoming_record(Incoming *self, PyObject *failure)
                                   ctx->child_failed);
     if (keep < 0)
         goto fail;
-    result = keep ? PyObject_CallFunctionObjArgs(receiver->add_hop, (PyObject *)self, str_ok,
-                                                 Py_None, duration, NULL)
+    result = keep ? PyObject_CallFunctionObjArgs(receiver->add_hop, (PyObject *)self,
+                                                 receiver->state->str_ok, Py_None, duration,
+                                                 NULL)
                   : Py_NewRef(Py_None);
 done:
     if (result == NULL)
@@ -536,30 +567,41 @@ fail:
     return -1;
 }
 
-static void
+/* Records once, the inner call's exception (if any) left pending; -1 if
+ * the service's signal arrived meanwhile (commlens_hand_over_error), which
+ * then goes on instead, the inner call's exception as its context. */
+static int
 incoming_finish(Incoming *self, PyObject *failure)
 {
     if (self->done)
-        return;
+        return 0;
     self->done = 1;
     PyObject *pending = PyErr_GetRaisedException();  /* the inner call's, if any */
-    if (incoming_record(self, failure) < 0)
-        commlens_hand_over_error(self->receiver->recording_failed, NULL);
+    if (incoming_record(self, failure) < 0
+            && commlens_hand_over_error(self->receiver->recording_failed, NULL) < 0) {
+        commlens_raise_over(pending);
+        return -1;
+    }
     PyErr_SetRaisedException(pending);
+    return 0;
 }
 
 static PyObject *
 incoming_acknowledge(Incoming *self, PyObject *Py_UNUSED(unused))
 {
-    PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_acknowledge);
+    PyObject *result = PyObject_CallMethodNoArgs(self->inner,
+                                                 self->receiver->state->str_acknowledge);
     if (result == NULL)
         return NULL;
     /* Dispatch starts: the hop is the one served until the reply, so the
      * calls its endpoint makes are its children. */
     self->start = commlens_monotonic();
     PyObject *token = PyContextVar_Set(self->receiver->current, self->ctx);
-    if (token == NULL)
-        commlens_hand_over_error(self->receiver->recording_failed, NULL);
+    if (token == NULL
+            && commlens_hand_over_error(self->receiver->recording_failed, NULL) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
     Py_XSETREF(self->context_token, token);
     return result;
 }
@@ -575,9 +617,12 @@ incoming_reply(Incoming *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:reply", keywords, &reply, &failure))
         return NULL;
     self->end = commlens_monotonic();
+    ReceiveState *state = self->receiver->state;
     PyObject *call_args[] = {self->inner, reply, failure};
-    PyObject *result = PyObject_VectorcallMethod(str_reply, call_args, 1, kw_reply_failure);
-    incoming_finish(self, failure);
+    PyObject *result = PyObject_VectorcallMethod(state->str_reply, call_args, 1,
+                                                 state->kw_reply_failure);
+    if (incoming_finish(self, failure) < 0)
+        Py_CLEAR(result);
     return result;
 }
 
@@ -585,15 +630,17 @@ static PyObject *
 incoming_requeue(Incoming *self, PyObject *Py_UNUSED(unused))
 {
     self->end = commlens_monotonic();
-    PyObject *result = PyObject_CallMethodNoArgs(self->inner, str_requeue);
-    incoming_finish(self, Py_None);
+    PyObject *result = PyObject_CallMethodNoArgs(self->inner,
+                                                 self->receiver->state->str_requeue);
+    if (incoming_finish(self, Py_None) < 0)
+        Py_CLEAR(result);
     return result;
 }
 
 static PyObject *
 incoming_heartbeat(Incoming *self, PyObject *Py_UNUSED(unused))
 {
-    return PyObject_CallMethodNoArgs(self->inner, str_heartbeat);
+    return PyObject_CallMethodNoArgs(self->inner, self->receiver->state->str_heartbeat);
 }
 
 static PyObject *
@@ -650,63 +697,101 @@ static PyGetSetDef incoming_getset[] = {
     {NULL},
 };
 
-static PyTypeObject IncomingType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._rpc_receive.Incoming",
-    .tp_doc = "One RPC message from receipt to reply (rpc_driver._InstrumentedIncoming).",
-    .tp_basicsize = sizeof(Incoming),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_dealloc = (destructor)incoming_dealloc,
-    .tp_traverse = (traverseproc)incoming_traverse,
-    .tp_clear = (inquiry)incoming_clear,
-    .tp_methods = incoming_methods,
-    .tp_getset = incoming_getset,
+static PyType_Slot incoming_slots[] = {
+    {Py_tp_doc, (void *)"One RPC message from receipt to reply "
+                        "(rpc_driver._InstrumentedIncoming)."},
+    {Py_tp_dealloc, incoming_dealloc},
+    {Py_tp_traverse, incoming_traverse},
+    {Py_tp_clear, incoming_clear},
+    {Py_tp_methods, incoming_methods},
+    {Py_tp_getset, incoming_getset},
+    {0, NULL},
+};
+
+/* Made only through its Python subclass (Receiver's incoming_type). */
+static PyType_Spec incoming_spec = {
+    .name = "commlens.middleware._rpc_receive.Incoming",
+    .basicsize = sizeof(Incoming),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC
+        | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = incoming_slots,
 };
 
 /* -- module --------------------------------------------------------------- */
+
+static int
+receive_exec(PyObject *module)
+{
+    ReceiveState *state = PyModule_GetState(module);
+#define INTERN(name) \
+    if ((state->str_##name = PyUnicode_InternFromString(#name)) == NULL) return -1;
+    RECEIVE_STRINGS(INTERN)
+#undef INTERN
+    state->kw_reply_failure = PyTuple_Pack(2, state->str_reply, state->str_failure);
+    if (state->kw_reply_failure == NULL)
+        return -1;
+    state->receiver_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &receiver_spec, NULL);
+    if (state->receiver_type == NULL || PyModule_AddType(module, state->receiver_type) < 0)
+        return -1;
+    state->incoming_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &incoming_spec, NULL);
+    if (state->incoming_type == NULL || PyModule_AddType(module, state->incoming_type) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+receive_traverse_module(PyObject *module, visitproc visit, void *arg)
+{
+    ReceiveState *state = PyModule_GetState(module);
+    Py_VISIT(state->receiver_type);
+    Py_VISIT(state->incoming_type);
+    return 0;
+}
+
+/* The types, which refer to the module, go when it is collected; the
+ * strings, which refer to nothing, when it is freed. */
+static int
+receive_clear_module(PyObject *module)
+{
+    ReceiveState *state = PyModule_GetState(module);
+    Py_CLEAR(state->receiver_type);
+    Py_CLEAR(state->incoming_type);
+    return 0;
+}
+
+static void
+receive_free_module(void *module)
+{
+    ReceiveState *state = PyModule_GetState((PyObject *)module);
+    receive_clear_module((PyObject *)module);
+#define CLEAR(name) Py_CLEAR(state->str_##name);
+    RECEIVE_STRINGS(CLEAR)
+#undef CLEAR
+    Py_CLEAR(state->kw_reply_failure);
+}
+
+static PyModuleDef_Slot receive_slots[] = {
+    {Py_mod_exec, receive_exec},
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
+    {0, NULL},
+};
 
 static struct PyModuleDef module_def = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_rpc_receive",
     .m_doc = "The RPC server's per-message path, compiled (see middleware/rpc_driver.py).",
-    .m_size = -1,
+    .m_size = sizeof(ReceiveState),
+    .m_slots = receive_slots,
+    .m_traverse = receive_traverse_module,
+    .m_clear = receive_clear_module,
+    .m_free = receive_free_module,
 };
-
-#define INTERN(var, text) \
-    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
 
 PyMODINIT_FUNC
 PyInit__rpc_receive(void)
 {
-    INTERN(str_traceparent, "traceparent");
-    INTERN(str_baggage, "baggage");
-    INTERN(str_ctxt, "ctxt");
-    INTERN(str_message, "message");
-    INTERN(str_msg_id, "msg_id");
-    INTERN(str_orig_msg_id, "orig_msg_id");
-    INTERN(str_client_timeout, "client_timeout");
-    INTERN(str_method, "method");
-    INTERN(str_call, "call");
-    INTERN(str_cast, "cast");
-    INTERN(str_fanout, "fanout");
-    INTERN(str_unknown, "unknown");
-    INTERN(str_ok, "ok");
-    INTERN(str_acknowledge, "acknowledge");
-    INTERN(str_requeue, "requeue");
-    INTERN(str_heartbeat, "heartbeat");
-    INTERN(str_reply, "reply");
-    INTERN(str_failure, "failure");
-    if ((kw_reply_failure = PyTuple_Pack(2, str_reply, str_failure)) == NULL)
-        return NULL;
-    if (PyType_Ready(&ReceiverType) < 0 || PyType_Ready(&IncomingType) < 0)
-        return NULL;
-    PyObject *module = PyModule_Create(&module_def);
-    if (module == NULL)
-        return NULL;
-    if (PyModule_AddObjectRef(module, "Receiver", (PyObject *)&ReceiverType) < 0
-            || PyModule_AddObjectRef(module, "Incoming", (PyObject *)&IncomingType) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
+    return PyModuleDef_Init(&module_def);
 }

@@ -20,14 +20,31 @@
 #include <Python.h>
 #include "../tracer/_speedups.h"
 
-static PyObject *str_call, *str_cast, *str_fanout, *str_ok, *str_fanout_attr, *str_topic,
-    *str_method, *str_get, *str_call_started, *str_call_finished, *str_bad_context,
-    *str_dropped;
+/* -- the module's state --------------------------------------------------- */
+
+/* One per interpreter that imports commlens (multi-phase init, PEP 489): its
+ * types and the strings it reads and writes, interned in that interpreter. */
+#define SEND_STRINGS(X) \
+    X(call, "call") X(cast, "cast") X(fanout, "fanout") X(ok, "ok") \
+    X(fanout_attr, "fanout") X(topic, "topic") X(method, "method") X(get, "get") \
+    X(call_started, "call_started") X(call_finished, "call_finished") \
+    X(bad_context, "bad_context") X(dropped, "dropped")
+
+typedef struct {
+    PyTypeObject *sender_type;
+    PyTypeObject *send_type;
+#define FIELD(name, text) PyObject *str_##name;
+    SEND_STRINGS(FIELD)
+#undef FIELD
+} SendState;
 
 /* -- Sender: one per driver ----------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
+    /* Its module's, read on every send. Borrowed: the Sender holds its type,
+     * which holds the module. */
+    SendState *state;
     PyObject *service;
     PyObject *recorder;
     CommlensRecording recording;
@@ -58,7 +75,6 @@ typedef struct {
     char done;
 } Send;
 
-static PyTypeObject SenderType, SendType;
 static PyObject *send_end(Send *self, PyObject *exc);
 
 static int
@@ -74,6 +90,10 @@ sender_init(Sender *self, PyObject *args, PyObject *kwargs)
                                      &context_copy, &stamp, &failed, &add_hop,
                                      &recording_failed, &inner_send))
         return -1;
+    SendState *state = PyType_GetModuleState(Py_TYPE(self));
+    if (state == NULL)
+        return -1;
+    self->state = state;
     PyTypeObject *trace_context = commlens_trace_context_base();
     if (trace_context == NULL)
         return -1;
@@ -120,6 +140,7 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->recording_failed);
     Py_VISIT(self->inner_send);
     Py_VISIT(self->trace_context);
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -147,23 +168,26 @@ sender_clear(Sender *self)
 static void
 sender_dealloc(Sender *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     sender_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 /* The method label of a message (message.get("method")). */
 static PyObject *
 method_label(Sender *self, PyObject *message)
 {
+    SendState *state = self->state;
     PyObject *raw;
     if (PyDict_CheckExact(message)) {
-        raw = PyDict_GetItemWithError(message, str_method);
+        raw = PyDict_GetItemWithError(message, state->str_method);
         if (raw == NULL && PyErr_Occurred())
             return NULL;
         raw = raw ? Py_NewRef(raw) : Py_NewRef(Py_None);
     } else {
-        raw = PyObject_CallMethodOneArg(message, str_get, str_method);
+        raw = PyObject_CallMethodOneArg(message, state->str_get, state->str_method);
         if (raw == NULL)
             return NULL;
     }
@@ -195,20 +219,21 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "Sender not initialised");
         return NULL;
     }
+    SendState *state = self->state;
     PyObject *out = PyDict_CheckExact(ctxt) ? PyDict_Copy(ctxt)
                                             : call_method(self->context_copy, ctxt);
     if (out == NULL)
         return NULL;
     if (!PyDict_Check(out)) {
         Py_DECREF(out);
-        PyObject *result = PyObject_CallMethodOneArg(self->recorder, str_dropped,
-                                                     str_bad_context);
+        PyObject *result = PyObject_CallMethodOneArg(self->recorder, state->str_dropped,
+                                                     state->str_bad_context);
         if (result == NULL)
             return NULL;
         Py_DECREF(result);
         Py_RETURN_NONE;
     }
-    Send *call = PyObject_GC_New(Send, &SendType);
+    Send *call = PyObject_GC_New(Send, state->send_type);
     if (call == NULL) {
         Py_DECREF(out);
         return NULL;
@@ -225,14 +250,14 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
     if (wait < 0)
         goto fail;
     if (wait) {
-        call->kind = Py_NewRef(str_call);
+        call->kind = Py_NewRef(state->str_call);
     } else {
-        PyObject *fanout = PyObject_GetAttr(target, str_fanout_attr);
+        PyObject *fanout = PyObject_GetAttr(target, state->str_fanout_attr);
         int is_fanout = fanout ? PyObject_IsTrue(fanout) : -1;
         Py_XDECREF(fanout);
         if (is_fanout < 0)
             goto fail;
-        call->kind = Py_NewRef(is_fanout ? str_fanout : str_cast);
+        call->kind = Py_NewRef(is_fanout ? state->str_fanout : state->str_cast);
     }
     if ((call->method = method_label(self, message)) == NULL)
         goto fail;
@@ -247,7 +272,7 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "stamp did not return a TraceContext");
         goto fail;
     }
-    if ((call->topic = PyObject_GetAttr(target, str_topic)) == NULL)
+    if ((call->topic = PyObject_GetAttr(target, state->str_topic)) == NULL)
         goto fail;
 
     if (commlens_record(self->recording.inc, self->sent_metric,
@@ -257,7 +282,7 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
     if (wait) {
         PyObject *labels = PyTuple_Pack(3, self->service, call->topic, call->method);
         PyObject *token = labels == NULL ? NULL : PyObject_CallMethodOneArg(
-            self->recorder, str_call_started, labels);
+            self->recorder, state->str_call_started, labels);
         Py_XDECREF(labels);
         if (token == NULL)
             goto fail;
@@ -272,8 +297,8 @@ fail:
      * stay up for a send that goes out unrecorded. */
     if (call->token != Py_None) {
         PyObject *exc = PyErr_GetRaisedException();
-        PyObject *result = PyObject_CallMethodOneArg(self->recorder, str_call_finished,
-                                                     call->token);
+        PyObject *result = PyObject_CallMethodOneArg(self->recorder,
+                                                     state->str_call_finished, call->token);
         Py_XDECREF(result);
         if (PySet_Discard(self->open_calls, call->token) < 0 || result == NULL)
             PyErr_Clear();
@@ -350,8 +375,16 @@ sender_send(Sender *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     PyObject *result = PyObject_Vectorcall(self->inner_send, forwarded + 1,
                                            nargs | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
     PyObject *raised = result == NULL ? PyErr_GetRaisedException() : NULL;
-    Py_XDECREF(send_end((Send *)call, raised ? raised : Py_None));  /* never raises */
+    PyObject *ended = send_end((Send *)call, raised ? raised : Py_None);
     Py_DECREF(call);
+    if (ended == NULL) {
+        /* The service's signal arrived while the end was recorded: it goes
+         * on, over the inner driver's exception if one was on its way. */
+        Py_XDECREF(result);
+        commlens_raise_over(raised);
+        return NULL;
+    }
+    Py_DECREF(ended);
     if (raised != NULL)
         PyErr_SetRaisedException(raised);
     return result;
@@ -385,19 +418,23 @@ static PyMethodDef sender_methods[] = {
     {NULL},
 };
 
-static PyTypeObject SenderType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._rpc_send.Sender",
-    .tp_doc = "Sender(*, service, recorder, ...): the per-send path of one "
-              "rpc_driver.CommlensDriver.",
-    .tp_basicsize = sizeof(Sender),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)sender_init,
-    .tp_dealloc = (destructor)sender_dealloc,
-    .tp_traverse = (traverseproc)sender_traverse,
-    .tp_clear = (inquiry)sender_clear,
-    .tp_methods = sender_methods,
+static PyType_Slot sender_slots[] = {
+    {Py_tp_doc, (void *)"Sender(*, service, recorder, ...): the per-send path of one "
+                        "rpc_driver.CommlensDriver."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, sender_init},
+    {Py_tp_dealloc, sender_dealloc},
+    {Py_tp_traverse, sender_traverse},
+    {Py_tp_clear, sender_clear},
+    {Py_tp_methods, sender_methods},
+    {0, NULL},
+};
+
+static PyType_Spec sender_spec = {
+    .name = "commlens.middleware._rpc_send.Sender",
+    .basicsize = sizeof(Sender),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = sender_slots,
 };
 
 /* -- Send: one message on its way ----------------------------------------- */
@@ -406,13 +443,15 @@ static int
 send_record_end(Send *self, PyObject *exc)
 {
     Sender *sender = self->sender;
+    SendState *state = sender->state;
     double duration = commlens_monotonic() - self->start;
     PyObject *duration_obj = PyFloat_FromDouble(duration);
     if (duration_obj == NULL)
         return -1;
     PyObject *result;
     if (self->token != Py_None) {
-        result = PyObject_CallMethodOneArg(sender->recorder, str_call_finished, self->token);
+        result = PyObject_CallMethodOneArg(sender->recorder, state->str_call_finished,
+                                           self->token);
         if (result == NULL)
             goto fail;
         Py_DECREF(result);
@@ -424,9 +463,9 @@ send_record_end(Send *self, PyObject *exc)
                                               duration_obj, NULL);
         goto done;
     }
-    if (self->kind == str_call && commlens_record(
+    if (self->kind == state->str_call && commlens_record(
             sender->recording.observe, sender->reply_wait_metric,
-            PyTuple_Pack(4, sender->service, self->topic, self->method, str_ok),
+            PyTuple_Pack(4, sender->service, self->topic, self->method, state->str_ok),
             duration_obj) < 0)
         goto fail;
     int keep = commlens_keeps_hop(&sender->recording,
@@ -434,8 +473,8 @@ send_record_end(Send *self, PyObject *exc)
                                   duration_obj, Py_False);
     if (keep < 0)
         goto fail;
-    result = keep ? PyObject_CallFunctionObjArgs(sender->add_hop, (PyObject *)self, str_ok,
-                                                 Py_None, duration_obj, NULL)
+    result = keep ? PyObject_CallFunctionObjArgs(sender->add_hop, (PyObject *)self,
+                                                 state->str_ok, Py_None, duration_obj, NULL)
                   : Py_NewRef(Py_None);
 done:
     if (result == NULL)
@@ -449,15 +488,17 @@ fail:
 }
 
 /* end(exception or None): the reply came (or the cast went out), or the
- * send raised ``exception``. Once; never raises. */
+ * send raised ``exception``. Once; raises only the service's own signal
+ * (commlens_hand_over_error). */
 static PyObject *
 send_end(Send *self, PyObject *exc)
 {
     if (self->done)
         Py_RETURN_NONE;
     self->done = 1;
-    if (send_record_end(self, exc) < 0)
-        commlens_hand_over_error(self->sender->recording_failed, NULL);
+    if (send_record_end(self, exc) < 0
+            && commlens_hand_over_error(self->sender->recording_failed, NULL) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -471,6 +512,7 @@ send_traverse(Send *self, visitproc visit, void *arg)
     Py_VISIT(self->topic);
     Py_VISIT(self->method);
     Py_VISIT(self->token);
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -490,9 +532,11 @@ send_clear(Send *self)
 static void
 send_dealloc(Send *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     send_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 static PyObject *
@@ -503,7 +547,8 @@ send_get_start(Send *self, void *Py_UNUSED(closure))
 
 static PyMethodDef send_methods[] = {
     {"end", (PyCFunction)send_end, METH_O,
-     "end(exception or None): record the end of the send, once; never raises."},
+     "end(exception or None): record the end of the send, once; raises only a "
+     "KeyboardInterrupt or SystemExit that arrived meanwhile."},
     {NULL},
 };
 
@@ -518,56 +563,95 @@ static PyGetSetDef send_getset[] = {
     {NULL},
 };
 
-static PyTypeObject SendType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._rpc_send.Send",
-    .tp_doc = "One message on its way: made by Sender.begin, ended by end().",
-    .tp_basicsize = sizeof(Send),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_dealloc = (destructor)send_dealloc,
-    .tp_traverse = (traverseproc)send_traverse,
-    .tp_clear = (inquiry)send_clear,
-    .tp_methods = send_methods,
-    .tp_getset = send_getset,
+static PyType_Slot send_slots[] = {
+    {Py_tp_doc, (void *)"One message on its way: made by Sender.begin, ended by end()."},
+    {Py_tp_dealloc, send_dealloc},
+    {Py_tp_traverse, send_traverse},
+    {Py_tp_clear, send_clear},
+    {Py_tp_methods, send_methods},
+    {Py_tp_getset, send_getset},
+    {0, NULL},
+};
+
+static PyType_Spec send_spec = {
+    .name = "commlens.middleware._rpc_send.Send",
+    .basicsize = sizeof(Send),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE
+        | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = send_slots,
 };
 
 /* -- module --------------------------------------------------------------- */
+
+static int
+send_exec(PyObject *module)
+{
+    SendState *state = PyModule_GetState(module);
+    /* The kinds and "ok" are the labels rpc_driver.py and metrics.py use:
+     * interned, so they are the same objects as those constants. */
+#define INTERN(name, text) \
+    if ((state->str_##name = PyUnicode_InternFromString(text)) == NULL) return -1;
+    SEND_STRINGS(INTERN)
+#undef INTERN
+    state->sender_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sender_spec, NULL);
+    if (state->sender_type == NULL || PyModule_AddType(module, state->sender_type) < 0)
+        return -1;
+    state->send_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &send_spec, NULL);
+    if (state->send_type == NULL || PyModule_AddType(module, state->send_type) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+send_traverse_module(PyObject *module, visitproc visit, void *arg)
+{
+    SendState *state = PyModule_GetState(module);
+    Py_VISIT(state->sender_type);
+    Py_VISIT(state->send_type);
+    return 0;
+}
+
+/* The types, which refer to the module, go when it is collected; the
+ * strings, which refer to nothing, when it is freed. */
+static int
+send_clear_module(PyObject *module)
+{
+    SendState *state = PyModule_GetState(module);
+    Py_CLEAR(state->sender_type);
+    Py_CLEAR(state->send_type);
+    return 0;
+}
+
+static void
+send_free_module(void *module)
+{
+    SendState *state = PyModule_GetState((PyObject *)module);
+    send_clear_module((PyObject *)module);
+#define CLEAR(name, text) Py_CLEAR(state->str_##name);
+    SEND_STRINGS(CLEAR)
+#undef CLEAR
+}
+
+static PyModuleDef_Slot send_slots_module[] = {
+    {Py_mod_exec, send_exec},
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
+    {0, NULL},
+};
 
 static struct PyModuleDef module_def = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_rpc_send",
     .m_doc = "The RPC client's per-send path, compiled (see middleware/rpc_driver.py).",
-    .m_size = -1,
+    .m_size = sizeof(SendState),
+    .m_slots = send_slots_module,
+    .m_traverse = send_traverse_module,
+    .m_clear = send_clear_module,
+    .m_free = send_free_module,
 };
-
-#define INTERN(var, text) \
-    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
 
 PyMODINIT_FUNC
 PyInit__rpc_send(void)
 {
-    /* The kinds and "ok" are the labels rpc_driver.py and metrics.py use:
-     * interned, so they are the same objects as those constants. */
-    INTERN(str_call, "call");
-    INTERN(str_cast, "cast");
-    INTERN(str_fanout, "fanout");
-    INTERN(str_ok, "ok");
-    INTERN(str_fanout_attr, "fanout");
-    INTERN(str_topic, "topic");
-    INTERN(str_method, "method");
-    INTERN(str_get, "get");
-    INTERN(str_call_started, "call_started");
-    INTERN(str_call_finished, "call_finished");
-    INTERN(str_bad_context, "bad_context");
-    INTERN(str_dropped, "dropped");
-    if (PyType_Ready(&SenderType) < 0 || PyType_Ready(&SendType) < 0)
-        return NULL;
-    PyObject *module = PyModule_Create(&module_def);
-    if (module == NULL)
-        return NULL;
-    if (PyModule_AddObjectRef(module, "Sender", (PyObject *)&SenderType) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
+    return PyModuleDef_Init(&module_def);
 }

@@ -19,9 +19,31 @@
 #include <Python.h>
 #include "../tracer/_speedups.h"
 
-/* -- what wsgi.py binds --------------------------------------------------- */
+/* -- the module's state --------------------------------------------------- */
 
-static struct {
+/* One per interpreter that imports commlens (multi-phase init, PEP 489): its
+ * types, the strings it reads, and what that interpreter's wsgi.py binds, so
+ * the last bind() no longer wins across sub-interpreters (mod_wsgi's). */
+#define WSGI_STRINGS(X) \
+    X(HTTP_TRACEPARENT, "HTTP_TRACEPARENT") X(HTTP_BAGGAGE, "HTTP_BAGGAGE") \
+    X(HTTP_USER_AGENT, "HTTP_USER_AGENT") X(REQUEST_METHOD, "REQUEST_METHOD") \
+    X(PATH_INFO, "PATH_INFO") X(dropped, "dropped") X(bad_context, "bad_context") \
+    X(500, "500") X(000, "000")
+
+/* What wsgi.py binds (bind()), NULL until then. */
+#define WSGI_BOUND(X) \
+    X(trace_context) X(child_of_incoming) X(baggage_caller) X(user_agent_memo) \
+    X(caller_from_user_agent) X(status_codes) X(status_code) X(http_methods) \
+    X(other_method) X(current) X(hop_metric) X(error_class) X(record_hop) \
+    X(recording_failed) X(wrap_iterable)
+
+typedef struct {
+    PyTypeObject *middleware_type;
+    PyTypeObject *request_type;
+    PyTypeObject *list_body_type;
+#define FIELD(name, text) PyObject *str_##name;
+    WSGI_STRINGS(FIELD)
+#undef FIELD
     PyTypeObject *trace_context;  /* context.TraceContext (_speedups.h's layout) */
     PyObject *child_of_incoming;  /* traceparent -> (ctx, valid) */
     PyObject *baggage_caller;     /* (baggage, parent_id) -> caller or None */
@@ -37,16 +59,17 @@ static struct {
     PyObject *record_hop;         /* (request, code, failed, duration, body) */
     PyObject *recording_failed;   /* (recorder, exception) */
     PyObject *wrap_iterable;      /* (body, request) -> _Body */
-} bound;
+} WsgiState;
 
-static PyObject *str_HTTP_TRACEPARENT, *str_HTTP_BAGGAGE, *str_HTTP_USER_AGENT,
-    *str_REQUEST_METHOD, *str_PATH_INFO, *str_dropped,
-    *str_bad_context, *str_500, *str_000;
+static struct PyModuleDef module_def;
 
 /* -- the middleware's base ------------------------------------------------ */
 
 typedef struct {
     PyObject_HEAD
+    /* Its module's, read for every request. Borrowed: the middleware holds
+     * its type, whose base holds the module. */
+    WsgiState *state;
     PyObject *app;
     PyObject *service;
     PyObject *recorder;
@@ -77,8 +100,6 @@ typedef struct {
     Request *request;
 } ListBody;
 
-static PyTypeObject MiddlewareType, RequestType, ListBodyType;
-
 /* -- Request -------------------------------------------------------------- */
 
 static void
@@ -99,9 +120,11 @@ request_clear_fields(Request *self)
 static void
 request_dealloc(Request *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     request_clear_fields(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 /* The start_response the application gets. */
@@ -127,22 +150,22 @@ request_call(Request *self, PyObject *args, PyObject *kwargs)
 
 /* The status code label of a status line; a new reference or NULL. */
 static PyObject *
-status_code(PyObject *status)
+status_code(WsgiState *state, PyObject *status)
 {
     if (status != NULL && PyUnicode_CheckExact(status)) {
-        PyObject *code = PyDict_GetItemWithError(bound.status_codes, status);
+        PyObject *code = PyDict_GetItemWithError(state->status_codes, status);
         if (code != NULL)
             return Py_NewRef(code);
         if (PyErr_Occurred())
             return NULL;
     }
-    return PyObject_CallOneArg(bound.status_code, status ? status : Py_None);
+    return PyObject_CallOneArg(state->status_code, status ? status : Py_None);
 }
 
 /* 1 if the status code label is a failure's, 0 if not; -1 and an error if
  * it is not a str (status_codes and status_code are Python's). */
 static int
-is_failed_code(PyObject *code)
+is_failed_code(WsgiState *state, PyObject *code)
 {
     if (!PyUnicode_Check(code)) {
         PyErr_SetString(PyExc_TypeError, "a status code label is a str");
@@ -152,7 +175,7 @@ is_failed_code(PyObject *code)
         return 1;
     Py_UCS4 first = PyUnicode_READ_CHAR(code, 0);
     return first == '4' || first == '5'
-        || (first == '0' && PyUnicode_Compare(code, str_000) == 0);
+        || (first == '0' && PyUnicode_Compare(code, state->str_000) == 0);
 }
 
 static int
@@ -160,19 +183,20 @@ request_record(Request *self, PyObject *body)
 {
     double duration = commlens_monotonic() - self->start;
     Middleware *mw = self->middleware;
+    WsgiState *state = mw->state;
     PyObject *code = self->error != NULL && self->error != Py_None
-        ? Py_NewRef(str_500) : status_code(self->status);
+        ? Py_NewRef(state->str_500) : status_code(state, self->status);
     if (code == NULL)
         return -1;
     /* Checked before it becomes a label: not a str, nothing is recorded. */
-    int failed = is_failed_code(code);
+    int failed = is_failed_code(state, code);
     PyObject *duration_obj = failed < 0 ? NULL : PyFloat_FromDouble(duration);
     if (duration_obj == NULL) {
         Py_DECREF(code);
         return -1;
     }
     int result = commlens_record(
-        mw->recording.observe, bound.hop_metric,
+        mw->recording.observe, state->hop_metric,
         PyTuple_Pack(5, mw->service, self->caller, self->method, self->route, code),
         duration_obj);
     CommlensTraceContext *ctx = (CommlensTraceContext *)self->ctx;
@@ -180,7 +204,7 @@ request_record(Request *self, PyObject *body)
         &mw->recording, ctx->trace_id, duration_obj, failed ? Py_True : ctx->child_failed);
     if (keep > 0) {
         PyObject *done = PyObject_CallFunctionObjArgs(
-            bound.record_hop, (PyObject *)self, code, failed ? Py_True : Py_False,
+            state->record_hop, (PyObject *)self, code, failed ? Py_True : Py_False,
             duration_obj, body ? body : Py_None, NULL);
         Py_XDECREF(done);
         keep = done == NULL ? -1 : 0;
@@ -190,15 +214,18 @@ request_record(Request *self, PyObject *body)
     return keep < 0 ? -1 : 0;
 }
 
-/* Record the request, once, however it ended; never raises. */
-static void
+/* Record the request, once, however it ended. 0, or -1 if the service's
+ * signal arrived meanwhile and is pending (commlens_hand_over_error). */
+static int
 request_finish(Request *self, PyObject *body)
 {
     if (self->done)
-        return;
+        return 0;
     self->done = 1;
+    Middleware *mw = self->middleware;
     if (request_record(self, body) < 0)
-        commlens_hand_over_error(bound.recording_failed, self->middleware->recorder);
+        return commlens_hand_over_error(mw->state->recording_failed, mw->recorder);
+    return 0;
 }
 
 static PyObject *
@@ -208,13 +235,15 @@ request_finish_method(Request *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "finish() takes at most one argument");
         return NULL;
     }
-    request_finish(self, nargs ? args[0] : NULL);
+    if (request_finish(self, nargs ? args[0] : NULL) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef request_methods[] = {
     {"finish", (PyCFunction)(void (*)(void))request_finish_method, METH_FASTCALL,
-     "Record the request, once, however it ended; the argument: a list body."},
+     "Record the request, once, however it ended; the argument: a list body. Raises "
+     "only a KeyboardInterrupt or SystemExit that arrived meanwhile."},
     {NULL},
 };
 
@@ -233,6 +262,7 @@ request_traverse(Request *self, visitproc visit, void *arg)
     Py_VISIT(self->status);
     Py_VISIT(self->headers);
     Py_VISIT(self->error);
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -290,18 +320,24 @@ static PyGetSetDef request_getset[] = {
     {NULL},
 };
 
-static PyTypeObject RequestType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._wsgi_request.Request",
-    .tp_doc = "One request in flight; also the start_response the application gets.",
-    .tp_basicsize = sizeof(Request),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_dealloc = (destructor)request_dealloc,
-    .tp_traverse = (traverseproc)request_traverse,
-    .tp_clear = (inquiry)request_clear,
-    .tp_call = (ternaryfunc)request_call,
-    .tp_methods = request_methods,
-    .tp_getset = request_getset,
+static PyType_Slot request_slots[] = {
+    {Py_tp_doc, (void *)"One request in flight; also the start_response the application "
+                        "gets."},
+    {Py_tp_dealloc, request_dealloc},
+    {Py_tp_traverse, request_traverse},
+    {Py_tp_clear, request_clear},
+    {Py_tp_call, request_call},
+    {Py_tp_methods, request_methods},
+    {Py_tp_getset, request_getset},
+    {0, NULL},
+};
+
+static PyType_Spec request_spec = {
+    .name = "commlens.middleware._wsgi_request.Request",
+    .basicsize = sizeof(Request),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE
+        | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = request_slots,
 };
 
 /* A value of the environ, or None: a new reference, NULL only on error.
@@ -320,30 +356,31 @@ environ_get(PyObject *environ, PyObject *key)
  * The member names the caller only with the span id of the traceparent
  * (context.parse_baggage_sender), so without one it is not read. */
 static PyObject *
-request_caller(PyObject *environ, CommlensTraceContext *ctx, int has_traceparent)
+request_caller(WsgiState *state, PyObject *environ, CommlensTraceContext *ctx,
+               int has_traceparent)
 {
     if (has_traceparent && ctx->parent_id != Py_None) {
-        PyObject *baggage = environ_get(environ, str_HTTP_BAGGAGE);
+        PyObject *baggage = environ_get(environ, state->str_HTTP_BAGGAGE);
         if (baggage == NULL)
             return NULL;
         PyObject *caller = baggage == Py_None ? Py_NewRef(Py_None)
-            : PyObject_CallFunctionObjArgs(bound.baggage_caller, baggage, ctx->parent_id,
+            : PyObject_CallFunctionObjArgs(state->baggage_caller, baggage, ctx->parent_id,
                                            NULL);
         Py_DECREF(baggage);
         if (caller == NULL || caller != Py_None)
             return caller;
         Py_DECREF(caller);
     }
-    PyObject *user_agent = environ_get(environ, str_HTTP_USER_AGENT);
+    PyObject *user_agent = environ_get(environ, state->str_HTTP_USER_AGENT);
     if (user_agent == NULL)
         return NULL;
-    PyObject *caller = Py_XNewRef(PyDict_GetItemWithError(bound.user_agent_memo, user_agent));
+    PyObject *caller = Py_XNewRef(PyDict_GetItemWithError(state->user_agent_memo, user_agent));
     if (caller == NULL && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_TypeError))  /* an unhashable value */
             PyErr_Clear();
     }
     if (caller == NULL && !PyErr_Occurred())
-        caller = PyObject_CallOneArg(bound.caller_from_user_agent, user_agent);
+        caller = PyObject_CallOneArg(state->caller_from_user_agent, user_agent);
     Py_DECREF(user_agent);
     return caller;
 }
@@ -355,7 +392,8 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
         PyErr_SetString(PyExc_TypeError, "environ is not a dict");
         return NULL;
     }
-    Request *self = PyObject_GC_New(Request, &RequestType);
+    WsgiState *state = mw->state;
+    Request *self = PyObject_GC_New(Request, state->request_type);
     if (self == NULL)
         return NULL;
     self->middleware = (Middleware *)Py_NewRef(mw);
@@ -366,16 +404,16 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
     self->done = 0;
     PyObject_GC_Track(self);
 
-    PyObject *traceparent = environ_get(environ, str_HTTP_TRACEPARENT);
+    PyObject *traceparent = environ_get(environ, state->str_HTTP_TRACEPARENT);
     PyObject *method = NULL, *path = NULL;
     if (traceparent == NULL)
         goto fail;
     if (traceparent == Py_None) {
-        self->ctx = commlens_trace_context_new(bound.trace_context);
+        self->ctx = commlens_trace_context_new(state->trace_context);
         if (self->ctx == NULL)
             goto fail;
     } else {
-        PyObject *parsed = PyObject_CallOneArg(bound.child_of_incoming, traceparent);
+        PyObject *parsed = PyObject_CallOneArg(state->child_of_incoming, traceparent);
         if (parsed == NULL)
             goto fail;
         if (!PyTuple_Check(parsed) || PyTuple_GET_SIZE(parsed) != 2) {
@@ -384,7 +422,7 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
             goto fail;
         }
         self->ctx = Py_NewRef(PyTuple_GET_ITEM(parsed, 0));
-        if (Py_TYPE(self->ctx) != bound.trace_context) {
+        if (Py_TYPE(self->ctx) != state->trace_context) {
             Py_DECREF(parsed);
             PyErr_SetString(PyExc_TypeError, "child_of_incoming: not a TraceContext");
             goto fail;
@@ -394,32 +432,32 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
         if (valid < 0)
             goto fail;
         if (!valid) {
-            PyObject *r = PyObject_CallMethodOneArg(mw->recorder, str_dropped,
-                                                    str_bad_context);
+            PyObject *r = PyObject_CallMethodOneArg(mw->recorder, state->str_dropped,
+                                                    state->str_bad_context);
             if (r == NULL)
                 goto fail;
             Py_DECREF(r);
         }
     }
     Py_SETREF(((CommlensTraceContext *)self->ctx)->service, Py_NewRef(mw->service));
-    self->caller = request_caller(environ, (CommlensTraceContext *)self->ctx,
+    self->caller = request_caller(state, environ, (CommlensTraceContext *)self->ctx,
                                   traceparent != Py_None);
     if (self->caller == NULL)
         goto fail;
 
-    method = environ_get(environ, str_REQUEST_METHOD);
+    method = environ_get(environ, state->str_REQUEST_METHOD);
     if (method == NULL)
         goto fail;
-    int known = PySet_Contains(bound.http_methods, method);
+    int known = PySet_Contains(state->http_methods, method);
     if (known < 0) {
         if (!PyErr_ExceptionMatches(PyExc_TypeError))
             goto fail;
         PyErr_Clear();
         known = 0;
     }
-    self->method = Py_NewRef(known ? method : bound.other_method);
+    self->method = Py_NewRef(known ? method : state->other_method);
 
-    path = environ_get(environ, str_PATH_INFO);
+    path = environ_get(environ, state->str_PATH_INFO);
     if (path == NULL)
         goto fail;
     /* The route is of SCRIPT_NAME + PATH_INFO (_wsgi_request_py._route_path
@@ -472,8 +510,8 @@ fail:
 static PyObject *
 list_body_close(ListBody *self, PyObject *Py_UNUSED(unused))
 {
-    if (self->request != NULL)
-        request_finish(self->request, (PyObject *)self);
+    if (self->request != NULL && request_finish(self->request, (PyObject *)self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -481,27 +519,36 @@ static void
 list_body_finalize(ListBody *self)
 {
     /* A server that never called close() (werkzeug's development server
-     * when the client hung up): the request still ends, once. */
+     * when the client hung up): the request still ends, once. A signal
+     * that arrives meanwhile is reported as unraisable, as from the Python
+     * twin's __del__. */
     if (self->request != NULL && !self->request->done) {
         PyObject *exc = PyErr_GetRaisedException();
-        request_finish(self->request, (PyObject *)self);
+        if (request_finish(self->request, (PyObject *)self) < 0)
+            PyErr_WriteUnraisable((PyObject *)self);
         PyErr_SetRaisedException(exc);
     }
 }
 
+/* list_dealloc frees the object; the type, a heap type, is released after
+ * it. (list_dealloc's trashcan applies only where it is the type's own
+ * tp_dealloc, so it never defers this.) */
 static void
 list_body_dealloc(ListBody *self)
 {
     if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
         return;  /* resurrected */
+    PyTypeObject *type = Py_TYPE(self);
     Py_CLEAR(self->request);
     PyList_Type.tp_dealloc((PyObject *)self);
+    Py_DECREF(type);
 }
 
 static int
 list_body_traverse(ListBody *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->request);
+    Py_VISIT(Py_TYPE(self));
     return PyList_Type.tp_traverse((PyObject *)self, visit, arg);
 }
 
@@ -522,25 +569,30 @@ static PyGetSetDef list_body_getset[] = {
     {NULL},
 };
 
-static PyTypeObject ListBodyType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._wsgi_request.ListBody",
-    .tp_doc = "A list body, still a list to the server, with the close() that ends "
-              "the request.",
-    .tp_basicsize = sizeof(ListBody),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_LIST_SUBCLASS,
-    .tp_dealloc = (destructor)list_body_dealloc,
-    .tp_finalize = (destructor)list_body_finalize,
-    .tp_traverse = (traverseproc)list_body_traverse,
-    .tp_clear = (inquiry)list_body_clear,
-    .tp_methods = list_body_methods,
-    .tp_getset = list_body_getset,
+static PyType_Slot list_body_slots[] = {
+    {Py_tp_doc, (void *)"A list body, still a list to the server, with the close() that "
+                        "ends the request."},
+    {Py_tp_dealloc, list_body_dealloc},
+    {Py_tp_finalize, list_body_finalize},
+    {Py_tp_traverse, list_body_traverse},
+    {Py_tp_clear, list_body_clear},
+    {Py_tp_methods, list_body_methods},
+    {Py_tp_getset, list_body_getset},
+    {0, NULL},
+};
+
+static PyType_Spec list_body_spec = {
+    .name = "commlens.middleware._wsgi_request.ListBody",
+    .basicsize = sizeof(ListBody),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_LIST_SUBCLASS
+        | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = list_body_slots,
 };
 
 static PyObject *
-list_body_new(PyObject *items, Request *request)
+list_body_new(WsgiState *state, PyObject *items, Request *request)
 {
-    ListBody *self = (ListBody *)PyType_GenericAlloc(&ListBodyType, 0);
+    ListBody *self = (ListBody *)PyType_GenericAlloc(state->list_body_type, 0);
     if (self == NULL)
         return NULL;
     self->request = (Request *)Py_NewRef(request);
@@ -568,16 +620,19 @@ middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "middleware not initialised");
         return NULL;
     }
+    WsgiState *state = self->state;
     Request *request = request_new(self, environ, start_response);
     if (request == NULL) {
-        commlens_hand_over_error(bound.recording_failed, self->recorder);
+        if (commlens_hand_over_error(state->recording_failed, self->recorder) < 0)
+            return NULL;
         return PyObject_CallFunctionObjArgs(self->app, environ, start_response, NULL);
     }
-    PyObject *token = PyContextVar_Set(bound.current, request->ctx);
+    PyObject *token = PyContextVar_Set(state->current, request->ctx);
     if (token == NULL) {
         request->done = 1;
         Py_DECREF(request);
-        commlens_hand_over_error(bound.recording_failed, self->recorder);
+        if (commlens_hand_over_error(state->recording_failed, self->recorder) < 0)
+            return NULL;
         return PyObject_CallFunctionObjArgs(self->app, environ, start_response, NULL);
     }
     PyObject *app_args[] = {NULL, environ, (PyObject *)request};
@@ -586,30 +641,43 @@ middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
     if (body == NULL) {
         /* The application raised: a 500, and its exception goes on as it is. */
         PyObject *exc = PyErr_GetRaisedException();
-        if (PyContextVar_Reset(bound.current, token) < 0)
-            commlens_hand_over_error(bound.recording_failed, self->recorder);
+        int reset = PyContextVar_Reset(state->current, token);
         Py_DECREF(token);
+        if (reset < 0 && commlens_hand_over_error(state->recording_failed, self->recorder) < 0) {
+            request->done = 1;
+            Py_DECREF(request);
+            commlens_raise_over(exc);
+            return NULL;
+        }
         PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(exc), "__name__");
-        PyObject *label = name == NULL ? NULL : PyObject_CallOneArg(bound.error_class, name);
+        PyObject *label = name == NULL ? NULL : PyObject_CallOneArg(state->error_class, name);
         Py_XDECREF(name);
         if (label == NULL) {
             PyErr_Clear();
-            label = Py_NewRef(str_500);
+            label = Py_NewRef(state->str_500);
         }
         Py_XSETREF(request->error, label);
-        request_finish(request, NULL);
+        int finished = request_finish(request, NULL);
         Py_DECREF(request);
-        PyErr_SetRaisedException(exc);
+        if (finished < 0)
+            commlens_raise_over(exc);
+        else
+            PyErr_SetRaisedException(exc);
         return NULL;
     }
-    if (PyContextVar_Reset(bound.current, token) < 0)
-        commlens_hand_over_error(bound.recording_failed, self->recorder);
+    int reset = PyContextVar_Reset(state->current, token);
     Py_DECREF(token);
+    if (reset < 0 && commlens_hand_over_error(state->recording_failed, self->recorder) < 0) {
+        request->done = 1;
+        Py_DECREF(request);
+        Py_DECREF(body);
+        return NULL;
+    }
     PyObject *wrapped;
     if (PyList_CheckExact(body))
-        wrapped = list_body_new(body, request);
+        wrapped = list_body_new(state, body, request);
     else
-        wrapped = PyObject_CallFunctionObjArgs(bound.wrap_iterable, body, request, NULL);
+        wrapped = PyObject_CallFunctionObjArgs(state->wrap_iterable, body, request, NULL);
     Py_DECREF(request);
     Py_DECREF(body);
     return wrapped;
@@ -623,6 +691,17 @@ middleware_init(Middleware *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OUOO:Middleware", keywords,
                                      &app, &service, &recorder, &routes))
         return -1;
+    /* Middleware is subclassed (wsgi.CommlensMiddleware): its module is
+     * found along the MRO. */
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &module_def);
+    if (module == NULL)
+        return -1;
+    WsgiState *state = PyModule_GetState(module);
+    if (state->current == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Middleware: bind() first (wsgi.py does)");
+        return -1;
+    }
+    self->state = state;
     PyObject *memo = PyObject_GetAttrString(routes, "remembered");
     if (memo == NULL)
         return -1;
@@ -651,6 +730,7 @@ middleware_traverse(Middleware *self, visitproc visit, void *arg)
     Py_VISIT(self->routes_memo);
     COMMLENS_RECORDING_VISIT(self->recording);
     Py_VISIT(self->dict);
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -671,10 +751,12 @@ static void
 middleware_dealloc(Middleware *self)
 {
     /* A Python subclass's instance comes here from subtype_dealloc, which
-     * releases the subclass itself. */
+     * leaves the subclass to this: the base is a heap type. */
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     middleware_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 static PyGetSetDef middleware_getset[] = {
@@ -684,28 +766,40 @@ static PyGetSetDef middleware_getset[] = {
     {NULL},
 };
 
-static PyTypeObject MiddlewareType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.middleware._wsgi_request.Middleware",
-    .tp_doc = "Middleware(app, service, recorder, routes): the per-request path of "
-              "wsgi.CommlensMiddleware.",
-    .tp_basicsize = sizeof(Middleware),
-    .tp_dictoffset = offsetof(Middleware, dict),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)middleware_init,
-    .tp_dealloc = (destructor)middleware_dealloc,
-    .tp_traverse = (traverseproc)middleware_traverse,
-    .tp_clear = (inquiry)middleware_clear,
-    .tp_call = (ternaryfunc)middleware_call,
-    .tp_getset = middleware_getset,
+static PyMemberDef middleware_members[] = {
+    /* tp_dictoffset, as a heap type declares it */
+    {"__dictoffset__", Py_T_PYSSIZET, offsetof(Middleware, dict), Py_READONLY, NULL},
+    {NULL},
+};
+
+static PyType_Slot middleware_slots[] = {
+    {Py_tp_doc, (void *)"Middleware(app, service, recorder, routes): the per-request path "
+                        "of wsgi.CommlensMiddleware."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, middleware_init},
+    {Py_tp_dealloc, middleware_dealloc},
+    {Py_tp_traverse, middleware_traverse},
+    {Py_tp_clear, middleware_clear},
+    {Py_tp_call, middleware_call},
+    {Py_tp_getset, middleware_getset},
+    {Py_tp_members, middleware_members},
+    {0, NULL},
+};
+
+static PyType_Spec middleware_spec = {
+    .name = "commlens.middleware._wsgi_request.Middleware",
+    .basicsize = sizeof(Middleware),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC
+        | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = middleware_slots,
 };
 
 /* -- module --------------------------------------------------------------- */
 
 static PyObject *
-bind(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+bind(PyObject *module, PyObject *args, PyObject *kwargs)
 {
+    WsgiState *state = PyModule_GetState(module);
     static char *keywords[] = {
         "trace_context", "child_of_incoming", "baggage_caller", "user_agent_memo",
         "caller_from_user_agent", "status_codes", "status_code", "http_methods",
@@ -719,11 +813,11 @@ bind(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                                      &v[12], &v[13], &v[14]))
         return NULL;
     PyObject **slots[] = {
-        (PyObject **)&bound.trace_context, &bound.child_of_incoming, &bound.baggage_caller,
-        &bound.user_agent_memo, &bound.caller_from_user_agent, &bound.status_codes,
-        &bound.status_code, &bound.http_methods, &bound.other_method, &bound.current,
-        &bound.hop_metric, &bound.error_class, &bound.record_hop, &bound.recording_failed,
-        &bound.wrap_iterable};
+        (PyObject **)&state->trace_context, &state->child_of_incoming, &state->baggage_caller,
+        &state->user_agent_memo, &state->caller_from_user_agent, &state->status_codes,
+        &state->status_code, &state->http_methods, &state->other_method, &state->current,
+        &state->hop_metric, &state->error_class, &state->record_hop, &state->recording_failed,
+        &state->wrap_iterable};
     if (commlens_check_trace_context_type(v[0]) < 0)
         return NULL;
     for (int i = 0; i < 15; i++)
@@ -737,42 +831,87 @@ static PyMethodDef module_methods[] = {
     {NULL},
 };
 
+static int
+wsgi_exec(PyObject *module)
+{
+    WsgiState *state = PyModule_GetState(module);
+#define INTERN(name, text) \
+    if ((state->str_##name = PyUnicode_InternFromString(text)) == NULL) return -1;
+    WSGI_STRINGS(INTERN)
+#undef INTERN
+    struct { PyType_Spec *spec; PyTypeObject **type; PyObject *base; } types[] = {
+        {&middleware_spec, &state->middleware_type, NULL},
+        {&request_spec, &state->request_type, NULL},
+        {&list_body_spec, &state->list_body_type, (PyObject *)&PyList_Type},
+    };
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        *types[i].type = (PyTypeObject *)PyType_FromModuleAndSpec(module, types[i].spec,
+                                                                  types[i].base);
+        if (*types[i].type == NULL || PyModule_AddType(module, *types[i].type) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int
+wsgi_traverse_module(PyObject *module, visitproc visit, void *arg)
+{
+    WsgiState *state = PyModule_GetState(module);
+    Py_VISIT(state->middleware_type);
+    Py_VISIT(state->request_type);
+    Py_VISIT(state->list_body_type);
+#define VISIT(name) Py_VISIT(state->name);
+    WSGI_BOUND(VISIT)
+#undef VISIT
+    return 0;
+}
+
+/* The types and what bind() gave, which may refer to the module, go when
+ * it is collected; the strings, which refer to nothing, when it is freed. */
+static int
+wsgi_clear_module(PyObject *module)
+{
+    WsgiState *state = PyModule_GetState(module);
+    Py_CLEAR(state->middleware_type);
+    Py_CLEAR(state->request_type);
+    Py_CLEAR(state->list_body_type);
+#define CLEAR(name) Py_CLEAR(state->name);
+    WSGI_BOUND(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+wsgi_free_module(void *module)
+{
+    WsgiState *state = PyModule_GetState((PyObject *)module);
+    wsgi_clear_module((PyObject *)module);
+#define CLEAR(name, text) Py_CLEAR(state->str_##name);
+    WSGI_STRINGS(CLEAR)
+#undef CLEAR
+}
+
+static PyModuleDef_Slot wsgi_slots[] = {
+    {Py_mod_exec, wsgi_exec},
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
+    {0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_wsgi_request",
     .m_doc = "The WSGI middleware's per-request path, compiled (see middleware/wsgi.py).",
-    .m_size = -1,
+    .m_size = sizeof(WsgiState),
     .m_methods = module_methods,
+    .m_slots = wsgi_slots,
+    .m_traverse = wsgi_traverse_module,
+    .m_clear = wsgi_clear_module,
+    .m_free = wsgi_free_module,
 };
-
-#define INTERN(var, text) \
-    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
 
 PyMODINIT_FUNC
 PyInit__wsgi_request(void)
 {
-    INTERN(str_HTTP_TRACEPARENT, "HTTP_TRACEPARENT");
-    INTERN(str_HTTP_BAGGAGE, "HTTP_BAGGAGE");
-    INTERN(str_HTTP_USER_AGENT, "HTTP_USER_AGENT");
-    INTERN(str_REQUEST_METHOD, "REQUEST_METHOD");
-    INTERN(str_PATH_INFO, "PATH_INFO");
-    INTERN(str_dropped, "dropped");
-    INTERN(str_bad_context, "bad_context");
-    INTERN(str_500, "500");
-    INTERN(str_000, "000");
-
-    ListBodyType.tp_base = &PyList_Type;
-    if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&RequestType) < 0
-            || PyType_Ready(&ListBodyType) < 0)
-        return NULL;
-    PyObject *module = PyModule_Create(&module_def);
-    if (module == NULL)
-        return NULL;
-    if (PyModule_AddObjectRef(module, "Middleware", (PyObject *)&MiddlewareType) < 0
-            || PyModule_AddObjectRef(module, "Request", (PyObject *)&RequestType) < 0
-            || PyModule_AddObjectRef(module, "ListBody", (PyObject *)&ListBodyType) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
+    return PyModuleDef_Init(&module_def);
 }

@@ -6,10 +6,15 @@ its ids into headers; the service reaches the same object through
 (exit 139) must fail the test, not take pytest down with it.
 """
 
+import ast
 import json
 import os
+import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -296,3 +301,113 @@ def test_compiled_objects_made_without_init_or_given_odd_callbacks_refuse_instea
     assert run_isolated(_OBJECTS_MADE_OR_CHANGED_FROM_PYTHON) == {
         "counter": 2, "on_first_use": "refused", "on_first_use_cleared": True,
         "sampler": "refused"}
+
+
+_MIDDLEWARE_BEFORE_BIND = r'''
+import json
+from commlens.middleware import _wsgi_request  # not wsgi.py, which binds it
+from commlens.tracer import recorder as recorder_mod, routes
+
+class Routes:
+    remembered = {}
+    def __call__(self, path):
+        return path
+
+recorder = recorder_mod.Recorder("c-safety")
+try:
+    middleware = _wsgi_request.Middleware(lambda e, s: [b""], "c-safety", recorder, Routes())
+    middleware({"REQUEST_METHOD": "GET"}, lambda *a: None)
+    outcome = "served"
+except RuntimeError as exc:
+    outcome = "refused: " + str(exc)
+print(json.dumps({"outcome": outcome}))
+'''
+
+
+def test_a_compiled_middleware_made_before_its_module_is_bound_refuses_instead_of_crashing():
+    # Its per-request path reads what wsgi.py's bind() gives (the hop's
+    # class, the ContextVar); made without it, the first request read NULLs.
+    result = run_isolated(_MIDDLEWARE_BEFORE_BIND)
+    assert result["outcome"].startswith("refused: ") and "bind()" in result["outcome"]
+
+
+# -- the build ------------------------------------------------------------------
+
+_SOURCES = [pathlib.Path(__file__).resolve().parent.parent / name
+            for name in ("tracer/_speedups.c", "middleware/_rpc_send.c",
+                         "middleware/_rpc_receive.c", "middleware/_wsgi_request.c")]
+
+
+OLDEST_PYTHON = (3, 10)  # pyproject.toml's requires-python
+
+
+def _python_headers():
+    """The header folder of each supported CPython on this machine: this
+    interpreter's and pyenv's (3.10 to 3.13 in CI's image), by version."""
+    found = {sysconfig.get_python_version(): sysconfig.get_path("include")}
+    root = pathlib.Path(os.environ.get("PYENV_ROOT", pathlib.Path.home() / ".pyenv"))
+    for header in root.glob("versions/3.*/include/python3.*/Python.h"):
+        version = header.parent.name.removeprefix("python")  # 3.12, or 3.7m of old
+        if re.fullmatch(r"\d+\.\d+", version) and _number(version) >= OLDEST_PYTHON:
+            found.setdefault(version, str(header.parent))
+    return sorted(found.items(), key=lambda item: _number(item[0]))
+
+
+def _number(version):
+    return tuple(int(part) for part in version.split("."))
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to compile with")
+@pytest.mark.parametrize("version, include", _python_headers(), ids=lambda v: str(v))
+def test_the_c_compiles_without_a_warning_against_each_pythons_headers(version, include):
+    # The multi-phase init's slots (Py_mod_multiple_interpreters from 3.12,
+    # Py_mod_gil from 3.13) and 3.12's error API on older headers are
+    # chosen by #ifdef: each version must see a clean build (pyproject.toml
+    # builds with -Wall -Wextra).
+    if not pathlib.Path(include, "Python.h").exists():
+        pytest.skip(f"no headers for Python {version} ({include})")
+    for source in _SOURCES:
+        done = subprocess.run(["gcc", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                               "-I", include, str(source)], capture_output=True, text=True)
+        assert done.returncode == 0 and not done.stderr, (version, source.name, done.stderr)
+
+
+_COMPILED_MODULES = ["commlens.tracer._speedups", "commlens.middleware._rpc_send",
+                     "commlens.middleware._rpc_receive", "commlens.middleware._wsgi_request"]
+
+
+def _stubbed(stub):
+    """{public name: set of member names (None for a function)} in a .pyi."""
+    names = {}
+    for node in ast.parse(stub.read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            names[node.name] = {item.name if not isinstance(item, ast.AnnAssign)
+                                else item.target.id for item in node.body
+                                if isinstance(item, (ast.FunctionDef, ast.AnnAssign))}
+        elif isinstance(node, ast.FunctionDef):
+            names[node.name] = None
+    return names
+
+
+@pytest.mark.parametrize("name", _COMPILED_MODULES)
+def test_each_compiled_module_has_a_stub_that_names_what_it_has(name):
+    # Type checkers and editors read the .pyi beside each .c (markupsafe's
+    # _speedups.pyi); one that names a member the C lacks, or misses one,
+    # misleads them. (mypy's stubtest checks them further; it is not a
+    # dependency.)
+    module = pytest.importorskip(name, reason="the compiled paths did not build")
+    stub = pathlib.Path(module.__file__).with_name(name.rsplit(".", 1)[1] + ".pyi")
+    at_runtime = {}
+    for attribute, value in vars(module).items():
+        if attribute.startswith("_"):
+            continue
+        at_runtime[attribute] = None if not isinstance(value, type) else {
+            member for member in vars(value)
+            if not member.startswith("_") or member in ("__init__", "__new__", "__call__")}
+    stubbed = _stubbed(stub)
+    assert stubbed.keys() == at_runtime.keys()
+    for attribute, members in stubbed.items():
+        if members is not None:
+            # __init__/__new__ are the stub's choice of which to spell out
+            runtime = at_runtime[attribute] - {"__init__", "__new__"}
+            assert members - {"__init__", "__new__"} == runtime, attribute

@@ -397,6 +397,22 @@ def _driver(recorder):
     return driver
 
 
+def _sender(module, recorder, inner_send=None):
+    """``module``'s Sender over a driver of ``recorder`` (its callbacks the
+    real ones), sending with ``inner_send`` (by default one that does nothing)."""
+    from commlens.middleware import rpc_driver
+    from commlens.tracer import labels
+
+    driver = _driver(recorder)
+    return module.Sender(
+        service=driver._service, recorder=driver._recorder,
+        sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
+        method_label=labels.method, context_copy=rpc_driver._context_copy,
+        stamp=context.stamp_outgoing, failed=driver._send_failed,
+        add_hop=driver._add_send_hop, recording_failed=driver._send_recording_failed,
+        inner_send=inner_send or (lambda *args, **kwargs: None))
+
+
 class _RequestContext:
     def __init__(self, values):
         self._values = values
@@ -495,20 +511,9 @@ def _senders(recorders, inner_send):
     and sending with inner_send(implementation)."""
     from commlens.middleware import _rpc_send
     from commlens.middleware import _rpc_send_py
-    from commlens.middleware import rpc_driver
-    from commlens.tracer import labels
 
-    senders = {}
-    for name, module in (("compiled", _rpc_send), ("python", _rpc_send_py)):
-        driver = _driver(recorders[name])
-        senders[name] = module.Sender(
-            service=driver._service, recorder=driver._recorder,
-            sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
-            method_label=labels.method, context_copy=rpc_driver._context_copy,
-            stamp=context.stamp_outgoing, failed=driver._send_failed,
-            add_hop=driver._add_send_hop, recording_failed=driver._send_recording_failed,
-            inner_send=inner_send(name))
-    return senders
+    return {name: _sender(module, recorders[name], inner_send(name))
+            for name, module in (("compiled", _rpc_send), ("python", _rpc_send_py))}
 
 
 def _inner_send(name, received, ending):
@@ -552,8 +557,9 @@ class _Listener:
     batch_size, batch_timeout, prefetch_size = 1, None, -1
 
 
-def _listeners(hop_sample_ratio):
-    """A compiled and a Python RPC listener, each with its own recorder."""
+def _listeners(hop_sample_ratio, recorders=None):
+    """A compiled and a Python RPC listener, each with its own recorder
+    (``recorders[name]`` if given)."""
     from oslo_messaging._drivers import base
 
     from commlens.middleware import _rpc_receive
@@ -568,7 +574,7 @@ def _listeners(hop_sample_ratio):
     for name, module, incoming_type in (
             ("compiled", _rpc_receive, rpc_driver._InstrumentedIncoming),
             ("python", _rpc_receive_py, PythonIncoming)):
-        driver = _driver(_recorder(hop_sample_ratio))
+        driver = _driver(recorders[name] if recorders else _recorder(hop_sample_ratio))
         listener = rpc_driver._InstrumentedListener.__new__(rpc_driver._InstrumentedListener)
         listener._inner, listener._driver = _Listener(), driver
         listener._topic, listener._notifications = "conductor", False
@@ -661,9 +667,10 @@ def middlewares(request):
 
     _wsgi_request_py.bind(**wsgi._CALLBACKS)
 
-    def make(app):
-        return {name: module.Middleware(app, "diff-api", _recorder(request.param),
-                                        routes.RouteTemplates(50))
+    def make(app, recorders=None):
+        return {name: module.Middleware(
+                    app, "diff-api", recorders[name] if recorders else _recorder(request.param),
+                    routes.RouteTemplates(50))
                 for name, module in (("compiled", _wsgi_request), ("python", _wsgi_request_py))}
 
     return make
@@ -772,3 +779,156 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
             seen[name] = (response, written, started, context.current())
         assert seen["compiled"] == seen["python"], (step, environ, server)
     assert _snapshot(made["compiled"].recorder) == _snapshot(made["python"].recorder)
+
+
+# -- a signal while recording ------------------------------------------------
+#
+# A KeyboardInterrupt or SystemExit that arrives while commlens records (a
+# signal handler runs inside whatever Python the recording calls) is the
+# service's, not a recording failure: both implementations let it go on
+# unchanged and do not count it. An ordinary exception there is commlens's
+# own: swallowed, counted as dropped "recording_error" (_speedups.h,
+# commlens_hand_over_error).
+
+_RAISED_WHILE_RECORDING = [KeyboardInterrupt, SystemExit, ValueError]
+
+
+class _Interrupting:
+    """A recorder's observe that raises ``error`` while it is set, else
+    observes."""
+
+    def __init__(self, recorder):
+        self._observe = recorder.observe
+        self.error = None
+        recorder.observe = self  # before a path holds recorder.observe
+
+    def __call__(self, *args):
+        if self.error is not None:
+            raise self.error("while recording")
+        return self._observe(*args)
+
+
+def _ending(function, *args):
+    """What ``function(*args)`` did, a BaseException included: ('ok',
+    result) or ('raised', its class, its context's class)."""
+    try:
+        return "ok", function(*args)
+    except BaseException as exc:  # what is compared, a signal included
+        return "raised", type(exc), type(exc.__context__)
+
+
+def _recording_errors(recorder):
+    return sum(value for name, labels, value in recorder.snapshot(1)["counters"]
+               if name == metrics.AGENT_DROPPED.name and labels[-1] == "recording_error")
+
+
+def _expected(error):
+    """What the service sees and the recording errors counted: the signal
+    itself and none, or nothing and one (dropped)."""
+    if issubclass(error, Exception):
+        return ("ok", None), 1
+    return ("raised", error, type(None)), 0
+
+
+raised_while_recording = pytest.mark.parametrize(
+    "error", _RAISED_WHILE_RECORDING, ids=lambda error: error.__name__)
+
+
+@needs_compiled
+@raised_while_recording
+def test_a_signal_while_a_send_is_recorded_goes_on_unchanged_alike(error):
+    import oslo_messaging as om
+
+    from commlens.middleware import _rpc_send
+    from commlens.middleware import _rpc_send_py
+
+    seen = {}
+    for name, module in (("compiled", _rpc_send), ("python", _rpc_send_py)):
+        recorder = _recorder(0.0)
+        interrupting = _Interrupting(recorder)
+        call = _sender(module, recorder).begin(
+            om.Target(topic="conductor"), {}, {"method": "build_instances"}, True)
+        interrupting.error = error
+        ended = _ending(call.end, None)
+        interrupting.error = None
+        seen[name] = (ended, _ending(call.end, None), _recording_errors(recorder),
+                      _snapshot(recorder)[2])
+    assert seen["compiled"] == seen["python"]
+    ended, again, recording_errors, waiting = seen["compiled"]
+    assert (ended, recording_errors) == _expected(error)
+    assert again == ("ok", None)  # recorded once: the end is done
+    assert all(value == 0 for _, _, value in waiting)  # the call no longer waits
+
+
+@needs_compiled
+@raised_while_recording
+def test_a_signal_while_a_received_message_is_recorded_goes_on_unchanged_alike(error):
+    recorders = {"compiled": _recorder(0.0), "python": _recorder(0.0)}
+    interrupting = {name: _Interrupting(recorder) for name, recorder in recorders.items()}
+    seen = {}
+    for name, listener in _listeners(0.0, recorders).items():
+        inner = _Message({"traceparent": VALID})
+        incoming = listener._wrap(inner)
+        incoming.acknowledge()
+        interrupting[name].error = error
+        replied = _ending(incoming.reply, {"done": 1})
+        interrupting[name].error = None
+        seen[name] = (replied, inner.replies, context.current(),
+                      _recording_errors(recorders[name]))
+    assert seen["compiled"] == seen["python"]
+    replied, replies, current, recording_errors = seen["compiled"]
+    assert (replied, recording_errors) == _expected(error)
+    assert replies == [({"done": 1}, None)]  # the reply went out first
+    assert current is None  # the hop is no longer served
+
+
+@needs_compiled
+@raised_while_recording
+@pytest.mark.parametrize("ending", ["close", "application raises", "never closed"])
+def test_a_signal_while_a_request_is_recorded_goes_on_unchanged_alike(middlewares, error,
+                                                                      ending):
+    def app(environ, start_response):
+        if ending == "application raises":
+            raise _Fault("before the response")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    recorders = {"compiled": _recorder(0.0), "python": _recorder(0.0)}
+    interrupting = {name: _Interrupting(recorder) for name, recorder in recorders.items()}
+    seen = {}
+    for name, middleware in middlewares(app, recorders).items():
+        started, unraisable = [], []
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/v2.1/servers"}
+        if ending == "application raises":
+            interrupting[name].error = error
+            ended = _ending(middleware, environ, _server_start_response(started))
+        else:
+            body = middleware(environ, _server_start_response(started))
+            interrupting[name].error = error
+            if ending == "close":
+                ended = _ending(body.close)
+            else:
+                # Let go of without close(): the request ends in the body's
+                # finaliser, where a signal can only be reported.
+                hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+                try:
+                    del body
+                finally:
+                    sys.unraisablehook = hook
+                ended = ("ok", None)
+        interrupting[name].error = None
+        seen[name] = (ended, [u.exc_type for u in unraisable], started, context.current(),
+                      _recording_errors(recorders[name]))
+    assert seen["compiled"] == seen["python"]
+    ended, unraisable, _, current, recording_errors = seen["compiled"]
+    signal = not issubclass(error, Exception)
+    if ending == "application raises":
+        # The application's exception goes on as it is; a signal while the
+        # request is recorded goes on instead, the application's as its context.
+        assert (ended, recording_errors) == (
+            (("raised", error, _Fault), 0) if signal else (("raised", _Fault, type(None)), 1))
+    elif ending == "close":
+        assert (ended, recording_errors) == _expected(error)
+    else:
+        assert (unraisable, recording_errors) == (([error], 0) if signal else ([], 1))
+    assert current is None

@@ -30,14 +30,33 @@
 
 #include "_speedups.h"
 
+/* -- the module's state --------------------------------------------------- */
+
+/* Each interpreter that imports commlens has its own module, and with it its
+ * own types and what context.py binds (multi-phase init, PEP 489): a
+ * mod_wsgi sub-interpreter's bind_stamping never reaches another
+ * interpreter's stamp_outgoing. */
+typedef struct {
+    PyTypeObject *counter_type;
+    PyTypeObject *histogram_type;
+    PyTypeObject *store_type;
+    PyTypeObject *sampler_type;
+    PyTypeObject *trace_context_type;
+    PyObject *str_traceparent;
+    PyObject *str_baggage;
+    /* What context.py binds (bind_stamping), NULL until then. */
+    PyObject *current;        /* ContextVar: the hop being served */
+    PyObject *otel_context;   /* ContextVar of OpenTelemetry's context, or NULL */
+    PyTypeObject *trace_context;  /* context.TraceContext */
+    PyObject *in_python;      /* the general case: context._stamp_outgoing_in_python */
+} SpeedupsState;
+
 /* -- Counter -------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
     PyObject *value;  /* an int, or a float once a float was added */
 } Counter;
-
-static PyObject *one;
 
 static int
 no_keywords(const char *name, PyObject *kwargs)
@@ -68,16 +87,21 @@ counter_init(Counter *self, PyObject *args, PyObject *kwargs)
     return self->value == NULL ? -1 : 0;
 }
 
+/* The types are heap types (PyType_FromModuleAndSpec), one set per
+ * interpreter: an instance holds its type, which holds the module and its
+ * state, so a dealloc releases the type after the instance. */
 static void
 counter_dealloc(Counter *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     Py_XDECREF(self->value);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 /* The amount of inc(): 1 if not given; NULL (an error set) if not an int
  * or a float, whose __add__ could run Python code between a read and a
- * write. Borrowed. */
+ * write. Borrowed; NULL without an error for 1. */
 static PyObject *
 counter_amount(PyObject *const *args, Py_ssize_t nargs)
 {
@@ -86,7 +110,7 @@ counter_amount(PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (nargs == 0)
-        return one;
+        return NULL;
     if (!PyLong_CheckExact(args[0]) && !PyFloat_CheckExact(args[0])) {
         PyErr_Format(PyExc_TypeError, "a counter adds an int or a float, not %.100s",
                      Py_TYPE(args[0])->tp_name);
@@ -95,10 +119,19 @@ counter_amount(PyObject *const *args, Py_ssize_t nargs)
     return args[0];
 }
 
+/* ``amount`` NULL: 1, a small int (no module-level object: those are per
+ * interpreter). */
 static PyObject *
 counter_add(Counter *self, PyObject *amount)
 {
-    PyObject *sum = PyNumber_Add(self->value, amount);
+    PyObject *sum;
+    if (amount != NULL) {
+        sum = PyNumber_Add(self->value, amount);
+    } else {
+        PyObject *one = PyLong_FromLong(1);
+        sum = one == NULL ? NULL : PyNumber_Add(self->value, one);
+        Py_XDECREF(one);
+    }
     if (sum == NULL)
         return NULL;
     Py_SETREF(self->value, sum);
@@ -115,7 +148,7 @@ static PyObject *
 counter_inc(Counter *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *amount = counter_amount(args, nargs);
-    return amount == NULL ? NULL : counter_add(self, amount);
+    return amount == NULL && PyErr_Occurred() ? NULL : counter_add(self, amount);
 }
 
 static PyMethodDef counter_methods[] = {
@@ -129,17 +162,21 @@ static PyGetSetDef counter_getset[] = {
     {NULL},
 };
 
-static PyTypeObject CounterType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.Counter",
-    .tp_doc = "Counter(): a count that only grows.",
-    .tp_basicsize = sizeof(Counter),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = counter_new,
-    .tp_init = (initproc)counter_init,
-    .tp_dealloc = (destructor)counter_dealloc,
-    .tp_methods = counter_methods,
-    .tp_getset = counter_getset,
+static PyType_Slot counter_slots[] = {
+    {Py_tp_doc, (void *)"Counter(): a count that only grows."},
+    {Py_tp_new, counter_new},
+    {Py_tp_init, counter_init},
+    {Py_tp_dealloc, counter_dealloc},
+    {Py_tp_methods, counter_methods},
+    {Py_tp_getset, counter_getset},
+    {0, NULL},
+};
+
+static PyType_Spec counter_spec = {
+    .name = "commlens.tracer._speedups.Counter",
+    .basicsize = sizeof(Counter),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = counter_slots,
 };
 
 /* -- Histogram ------------------------------------------------------------ */
@@ -195,7 +232,9 @@ histogram_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static void
 histogram_dealloc(Histogram *self)
 {
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *type = Py_TYPE(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 /* The value of observe(): a float or an int, as a double; -1.0 with an
@@ -283,17 +322,21 @@ static PyMethodDef histogram_methods[] = {
     {NULL},
 };
 
-static PyTypeObject HistogramType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.Histogram",
-    .tp_doc = "Histogram(bounds): counts per bucket (the upper bounds, then +Inf), "
-              "a sum, the smallest and the largest value.",
-    .tp_basicsize = offsetof(Histogram, counts),
-    .tp_itemsize = sizeof(unsigned long long),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = histogram_new,
-    .tp_dealloc = (destructor)histogram_dealloc,
-    .tp_methods = histogram_methods,
+static PyType_Slot histogram_slots[] = {
+    {Py_tp_doc, (void *)"Histogram(bounds): counts per bucket (the upper bounds, then +Inf), "
+                        "a sum, the smallest and the largest value."},
+    {Py_tp_new, histogram_new},
+    {Py_tp_dealloc, histogram_dealloc},
+    {Py_tp_methods, histogram_methods},
+    {0, NULL},
+};
+
+static PyType_Spec histogram_spec = {
+    .name = "commlens.tracer._speedups.Histogram",
+    .basicsize = offsetof(Histogram, counts),
+    .itemsize = sizeof(unsigned long long),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = histogram_slots,
 };
 
 /* -- Store ---------------------------------------------------------------- */
@@ -305,9 +348,10 @@ typedef struct {
     PyObject *new_counter;     /* (metric name, labels) -> the Counter, stored */
     PyObject *new_histogram;   /* (metric name, labels) -> the Histogram, stored */
     PyObject *on_first_use;    /* called once before the next update, or NULL */
+    PyTypeObject *counter_type;    /* this interpreter's Counter, what new_counter makes */
+    PyTypeObject *histogram_type;  /* and Histogram */
+    PyObject *one;                 /* inc()'s amount when none is given */
 } Store;
-
-static PyObject *str_name;
 
 static PyObject *
 store_reset(Store *self, PyObject *Py_UNUSED(unused))
@@ -331,10 +375,18 @@ store_init(Store *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Store", keywords,
                                      &new_counter, &new_histogram))
         return -1;
+    SpeedupsState *state = PyType_GetModuleState(Py_TYPE(self));
+    if (state == NULL)
+        return -1;
     PyObject *done = store_reset(self, NULL);
     if (done == NULL)
         return -1;
     Py_DECREF(done);
+    Py_XSETREF(self->counter_type, (PyTypeObject *)Py_NewRef(state->counter_type));
+    Py_XSETREF(self->histogram_type, (PyTypeObject *)Py_NewRef(state->histogram_type));
+    Py_XSETREF(self->one, PyLong_FromLong(1));
+    if (self->one == NULL)
+        return -1;
     Py_XSETREF(self->new_counter, Py_NewRef(new_counter));
     Py_XSETREF(self->new_histogram, Py_NewRef(new_histogram));
     return 0;
@@ -348,6 +400,9 @@ store_traverse(Store *self, visitproc visit, void *arg)
     Py_VISIT(self->new_counter);
     Py_VISIT(self->new_histogram);
     Py_VISIT(self->on_first_use);
+    Py_VISIT(self->counter_type);
+    Py_VISIT(self->histogram_type);
+    Py_VISIT(Py_TYPE(self));
     return 0;
 }
 
@@ -359,15 +414,20 @@ store_clear(Store *self)
     Py_CLEAR(self->new_counter);
     Py_CLEAR(self->new_histogram);
     Py_CLEAR(self->on_first_use);
+    Py_CLEAR(self->counter_type);
+    Py_CLEAR(self->histogram_type);
+    Py_CLEAR(self->one);
     return 0;
 }
 
 static void
 store_dealloc(Store *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     store_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 /* The series of (metric, labels) in ``store``: a new reference, made by
@@ -388,8 +448,8 @@ store_series(Store *self, int histogram, PyObject *metric, PyObject *labels)
     /* Read after the callback, which may have reset the store. */
     PyObject *store = histogram ? self->histograms : self->counters;
     PyObject *make = histogram ? self->new_histogram : self->new_counter;
-    PyTypeObject *type = histogram ? &HistogramType : &CounterType;
-    if (store == NULL || make == NULL) {
+    PyTypeObject *type = histogram ? self->histogram_type : self->counter_type;
+    if (store == NULL || make == NULL || type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Store not initialised");
         return NULL;
     }
@@ -397,7 +457,7 @@ store_series(Store *self, int histogram, PyObject *metric, PyObject *labels)
     Py_INCREF(make);
     /* A Metric, or its name from a compiled caller that has it at hand. */
     PyObject *name = PyUnicode_CheckExact(metric) ? Py_NewRef(metric)
-                                                  : PyObject_GetAttr(metric, str_name);
+                                                  : PyObject_GetAttrString(metric, "name");
     if (name == NULL) {
         Py_DECREF(store);
         Py_DECREF(make);
@@ -431,8 +491,8 @@ store_inc(Store *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "inc(metric, labels, amount=1)");
         return NULL;
     }
-    PyObject *amount = counter_amount(args + 2, nargs - 2);
-    if (amount == NULL)
+    PyObject *amount = self->one;  /* NULL only before __init__: no series then */
+    if (nargs > 2 && (amount = counter_amount(args + 2, nargs - 2)) == NULL)
         return NULL;  /* checked first: bad input makes no series */
     PyObject *counter = store_series(self, 0, args[0], args[1]);
     if (counter == NULL)
@@ -497,20 +557,24 @@ static PyGetSetDef store_getset[] = {
     {NULL},
 };
 
-static PyTypeObject StoreType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.Store",
-    .tp_doc = "Store(new_counter, new_histogram): a recorder's counters and histograms "
-              "(tracer/recorder.py).",
-    .tp_basicsize = sizeof(Store),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)store_init,
-    .tp_dealloc = (destructor)store_dealloc,
-    .tp_traverse = (traverseproc)store_traverse,
-    .tp_clear = (inquiry)store_clear,
-    .tp_methods = store_methods,
-    .tp_getset = store_getset,
+static PyType_Slot store_slots[] = {
+    {Py_tp_doc, (void *)"Store(new_counter, new_histogram): a recorder's counters and "
+                        "histograms (tracer/recorder.py)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, store_init},
+    {Py_tp_dealloc, store_dealloc},
+    {Py_tp_traverse, store_traverse},
+    {Py_tp_clear, store_clear},
+    {Py_tp_methods, store_methods},
+    {Py_tp_getset, store_getset},
+    {0, NULL},
+};
+
+static PyType_Spec store_spec = {
+    .name = "commlens.tracer._speedups.Store",
+    .basicsize = sizeof(Store),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = store_slots,
 };
 
 /* -- ids ------------------------------------------------------------------ */
@@ -615,8 +679,10 @@ sampler_init(HopSampler *self, PyObject *args, PyObject *kwargs)
 static void
 sampler_dealloc(HopSampler *self)
 {
+    PyTypeObject *type = Py_TYPE(self);
     Py_XDECREF(self->bound);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 static PyObject *
@@ -663,17 +729,21 @@ static PyMethodDef sampler_methods[] = {
     {NULL},
 };
 
-static PyTypeObject HopSamplerType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.HopSampler",
-    .tp_doc = "HopSampler(ratio, bound, slow_seconds): which hops a recorder "
-              "ships (tracer/recorder.py).",
-    .tp_basicsize = sizeof(HopSampler),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)sampler_init,
-    .tp_dealloc = (destructor)sampler_dealloc,
-    .tp_methods = sampler_methods,
+static PyType_Slot sampler_slots[] = {
+    {Py_tp_doc, (void *)"HopSampler(ratio, bound, slow_seconds): which hops a recorder "
+                        "ships (tracer/recorder.py)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, sampler_init},
+    {Py_tp_dealloc, sampler_dealloc},
+    {Py_tp_methods, sampler_methods},
+    {0, NULL},
+};
+
+static PyType_Spec sampler_spec = {
+    .name = "commlens.tracer._speedups.HopSampler",
+    .basicsize = sizeof(HopSampler),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = sampler_slots,
 };
 
 /* -- TraceContext --------------------------------------------------------- */
@@ -827,9 +897,12 @@ trace_context_dealloc(TraceContext *self)
     Py_XDECREF(self->sampled);
     Py_XDECREF(self->child_failed);
     Py_XDECREF(self->service);
-    /* Instances are of context.TraceContext, a Python subclass: its
-     * subtype_dealloc, which called this, releases the class. */
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    /* Instances are of context.TraceContext, a Python subclass, whose
+     * subtype_dealloc calls this and leaves the class to it: the base is a
+     * heap type. */
+    PyTypeObject *type = Py_TYPE(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
 }
 
 #define TRACE_CONTEXT_FIELD(field, doc) \
@@ -851,32 +924,28 @@ static PyGetSetDef trace_context_getset[] = {
     {NULL},
 };
 
-static PyTypeObject TraceContextType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "commlens.tracer._speedups.TraceContext",
-    .tp_doc = "The fields of context.TraceContext (tracer/context.py).",
-    .tp_basicsize = sizeof(TraceContext),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_new = trace_context_new,
-    .tp_init = (initproc)trace_context_init,
-    .tp_dealloc = (destructor)trace_context_dealloc,
-    .tp_getset = trace_context_getset,
+static PyType_Slot trace_context_slots[] = {
+    {Py_tp_doc, (void *)"The fields of context.TraceContext (tracer/context.py)."},
+    {Py_tp_new, trace_context_new},
+    {Py_tp_init, trace_context_init},
+    {Py_tp_dealloc, trace_context_dealloc},
+    {Py_tp_getset, trace_context_getset},
+    {0, NULL},
+};
+
+static PyType_Spec trace_context_spec = {
+    .name = "commlens.tracer._speedups.TraceContext",
+    .basicsize = sizeof(TraceContext),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = trace_context_slots,
 };
 
 /* -- stamp_outgoing ------------------------------------------------------- */
 
-static struct {
-    PyObject *current;        /* ContextVar: the hop being served */
-    PyObject *otel_context;   /* ContextVar of OpenTelemetry's context, or None */
-    PyTypeObject *trace_context;
-    PyObject *in_python;      /* the general case: context._stamp_outgoing_in_python */
-} stamping;
-
-static PyObject *str_traceparent, *str_baggage;
-
 static PyObject *
-bind_stamping(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+bind_stamping(PyObject *module, PyObject *args, PyObject *kwargs)
 {
+    SpeedupsState *state = PyModule_GetState(module);
     static char *keywords[] = {"current", "otel_context", "trace_context", "in_python",
                                NULL};
     PyObject *current, *otel_context, *trace_context, *in_python;
@@ -888,15 +957,16 @@ bind_stamping(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "otel_context: a ContextVar or None");
         return NULL;
     }
-    if (!commlens_is_trace_context_type((PyTypeObject *)trace_context, &TraceContextType)) {
+    if (!commlens_is_trace_context_type((PyTypeObject *)trace_context,
+                                        state->trace_context_type)) {
         PyErr_SetString(PyExc_TypeError,
                         "trace_context: a subclass of TraceContext with no fields");
         return NULL;
     }
-    Py_XSETREF(stamping.current, Py_NewRef(current));
-    Py_XSETREF(stamping.otel_context, otel_context == Py_None ? NULL : Py_NewRef(otel_context));
-    Py_XSETREF(stamping.trace_context, (PyTypeObject *)Py_NewRef(trace_context));
-    Py_XSETREF(stamping.in_python, Py_NewRef(in_python));
+    Py_XSETREF(state->current, Py_NewRef(current));
+    Py_XSETREF(state->otel_context, otel_context == Py_None ? NULL : Py_NewRef(otel_context));
+    Py_XSETREF(state->trace_context, (PyTypeObject *)Py_NewRef(trace_context));
+    Py_XSETREF(state->in_python, Py_NewRef(in_python));
     Py_RETURN_NONE;
 }
 
@@ -926,23 +996,24 @@ draw_ids(CommlensTraceContext *ctx)
  * baggage to keep members of, and no active OpenTelemetry span to join.
  * -1 on error. */
 static int
-stamp_is_common(PyObject *carrier, PyObject *service, PyObject *kind, PyObject *parent)
+stamp_is_common(SpeedupsState *state, PyObject *carrier, PyObject *service, PyObject *kind,
+                PyObject *parent)
 {
     if (!PyDict_CheckExact(carrier) || !PyUnicode_CheckExact(service)
             || !PyUnicode_CheckExact(kind))
         return 0;
-    PyObject *value = PyDict_GetItemWithError(carrier, str_traceparent);
+    PyObject *value = PyDict_GetItemWithError(carrier, state->str_traceparent);
     if (value != NULL || PyErr_Occurred())
         return PyErr_Occurred() ? -1 : 0;
-    value = PyDict_GetItemWithError(carrier, str_baggage);
+    value = PyDict_GetItemWithError(carrier, state->str_baggage);
     if ((value != NULL && value != Py_None) || PyErr_Occurred())
         return PyErr_Occurred() ? -1 : 0;
     if (parent != Py_None)
-        return Py_TYPE(parent) == stamping.trace_context;
-    if (stamping.otel_context == NULL)
+        return Py_TYPE(parent) == state->trace_context;
+    if (state->otel_context == NULL)
         return 1;
     PyObject *otel;
-    if (PyContextVar_Get(stamping.otel_context, NULL, &otel) < 0)
+    if (PyContextVar_Get(state->otel_context, NULL, &otel) < 0)
         return -1;
     if (otel == NULL)
         return 1;
@@ -997,24 +1068,25 @@ ascii_join(int count, PyObject *const *objects, const char *const *texts)
 }
 
 static PyObject *
-stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+stamp_outgoing(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    SpeedupsState *state = PyModule_GetState(module);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "stamp_outgoing(carrier, service, kind)");
         return NULL;
     }
-    if (stamping.in_python == NULL) {
+    if (state->in_python == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "stamp_outgoing: not bound");
         return NULL;
     }
     PyObject *carrier = args[0], *service = args[1], *kind = args[2];
     PyObject *parent;
-    if (PyContextVar_Get(stamping.current, Py_None, &parent) < 0)
+    if (PyContextVar_Get(state->current, Py_None, &parent) < 0)
         return NULL;
-    int common = stamp_is_common(carrier, service, kind, parent);
+    int common = stamp_is_common(state, carrier, service, kind, parent);
     if (common <= 0) {
         Py_DECREF(parent);
-        return common < 0 ? NULL : PyObject_Vectorcall(stamping.in_python, args, 3, NULL);
+        return common < 0 ? NULL : PyObject_Vectorcall(state->in_python, args, 3, NULL);
     }
     PyObject *trace_id, *parent_id = Py_None, *sampled = Py_True;
     if (parent == Py_None) {
@@ -1035,7 +1107,7 @@ stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     /* Fields set only to what the setters would take (never NULL): a
      * context may outlive this call as the hop of the send. */
     CommlensTraceContext *ctx = trace_id == NULL ? NULL
-        : (CommlensTraceContext *)commlens_trace_context_new(stamping.trace_context);
+        : (CommlensTraceContext *)commlens_trace_context_new(state->trace_context);
     PyObject *span_id = ctx == NULL ? NULL : random_hex(1);
     if (span_id == NULL) {
         Py_XDECREF(trace_id);
@@ -1058,8 +1130,8 @@ stamp_outgoing(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
         NULL, service, NULL, kind, NULL, ctx->span_id},
         (const char *[]){"commlens.service=", NULL, ";kind=", NULL, ";span=", NULL});
     if (baggage == NULL
-            || PyDict_SetItem(carrier, str_traceparent, traceparent) < 0
-            || PyDict_SetItem(carrier, str_baggage, baggage) < 0) {
+            || PyDict_SetItem(carrier, state->str_traceparent, traceparent) < 0
+            || PyDict_SetItem(carrier, state->str_baggage, baggage) < 0) {
         Py_XDECREF(traceparent);
         Py_XDECREF(baggage);
         Py_DECREF(ctx);
@@ -1082,41 +1154,93 @@ static PyMethodDef module_methods[] = {
 
 /* -- module --------------------------------------------------------------- */
 
+/* The ids' generator is one per process (seeded here once, again in every
+ * forked child), not one per interpreter: interpreters importing this share
+ * one GIL (_speedups.h, COMMLENS_SLOT_INTERPRETERS). */
+static int ids_seeded;
+
+static int
+speedups_exec(PyObject *module)
+{
+    SpeedupsState *state = PyModule_GetState(module);
+    if (!ids_seeded) {
+        seed_ids();
+        if (pthread_atfork(NULL, NULL, seed_ids) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return -1;
+        }
+        ids_seeded = 1;
+    }
+    if ((state->str_traceparent = PyUnicode_InternFromString("traceparent")) == NULL
+            || (state->str_baggage = PyUnicode_InternFromString("baggage")) == NULL)
+        return -1;
+    struct { PyType_Spec *spec; PyTypeObject **type; } types[] = {
+        {&counter_spec, &state->counter_type},
+        {&histogram_spec, &state->histogram_type},
+        {&store_spec, &state->store_type},
+        {&sampler_spec, &state->sampler_type},
+        {&trace_context_spec, &state->trace_context_type},
+    };
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        *types[i].type = (PyTypeObject *)PyType_FromModuleAndSpec(module, types[i].spec, NULL);
+        if (*types[i].type == NULL || PyModule_AddType(module, *types[i].type) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+#define SPEEDUPS_STATE_FIELDS(X) \
+    X(counter_type) X(histogram_type) X(store_type) X(sampler_type) \
+    X(trace_context_type) X(str_traceparent) X(str_baggage) X(current) X(otel_context) \
+    X(trace_context) X(in_python)
+
+static int
+speedups_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    SpeedupsState *state = PyModule_GetState(module);
+#define VISIT(field) Py_VISIT(state->field);
+    SPEEDUPS_STATE_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+speedups_clear(PyObject *module)
+{
+    SpeedupsState *state = PyModule_GetState(module);
+#define CLEAR(field) Py_CLEAR(state->field);
+    SPEEDUPS_STATE_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+speedups_free(void *module)
+{
+    speedups_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot speedups_slots[] = {
+    {Py_mod_exec, speedups_exec},
+    COMMLENS_SLOT_INTERPRETERS
+    COMMLENS_SLOT_GIL
+    {0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "_speedups",
     .m_doc = "The tracer's per-hop types, compiled (see tracer/_speedups.c).",
-    .m_size = -1,
+    .m_size = sizeof(SpeedupsState),
     .m_methods = module_methods,
+    .m_slots = speedups_slots,
+    .m_traverse = speedups_traverse,
+    .m_clear = speedups_clear,
+    .m_free = speedups_free,
 };
 
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if ((one = PyLong_FromLong(1)) == NULL
-            || (str_name = PyUnicode_InternFromString("name")) == NULL
-            || (str_traceparent = PyUnicode_InternFromString("traceparent")) == NULL
-            || (str_baggage = PyUnicode_InternFromString("baggage")) == NULL)
-        return NULL;
-    seed_ids();
-    if (pthread_atfork(NULL, NULL, seed_ids) != 0) {
-        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
-        return NULL;
-    }
-    PyTypeObject *types[] = {&CounterType, &HistogramType, &StoreType, &HopSamplerType,
-                             &TraceContextType};
-    const char *names[] = {"Counter", "Histogram", "Store", "HopSampler", "TraceContext"};
-    for (int i = 0; i < 5; i++)
-        if (PyType_Ready(types[i]) < 0)
-            return NULL;
-    PyObject *module = PyModule_Create(&module_def);
-    if (module == NULL)
-        return NULL;
-    for (int i = 0; i < 5; i++) {
-        if (PyModule_AddObjectRef(module, names[i], (PyObject *)types[i]) < 0) {
-            Py_DECREF(module);
-            return NULL;
-        }
-    }
-    return module;
+    return PyModuleDef_Init(&module_def);
 }

@@ -23,7 +23,52 @@
 #if PY_VERSION_HEX < 0x030C0000
 #include <structmember.h>
 #define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_T_PYSSIZET T_PYSSIZET
 #define Py_READONLY READONLY
+#endif
+
+/* What each compiled module declares of its multi-phase init, beside its
+ * Py_mod_exec slot (tracer/_speedups.c says why):
+ * - any number of interpreters, each with its own module state, but only
+ *   interpreters that share the main GIL (mod_wsgi's): the ids' generator
+ *   in tracer/_speedups.c is one per process, changed under that GIL, and the
+ *   middleware's modules read _speedups' objects. In an interpreter with its
+ *   own GIL they refuse to import and commlens runs its Python twins there.
+ * - the GIL: their updates (a counter's, a request's fields, a send ended
+ *   once) are atomic because they run under it; nothing is checked
+ *   free-threaded, so a free-threaded CPython turns the GIL back on. */
+#ifdef Py_mod_multiple_interpreters
+#define COMMLENS_SLOT_INTERPRETERS \
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_SUPPORTED},
+#else
+#define COMMLENS_SLOT_INTERPRETERS
+#endif
+#ifdef Py_mod_gil
+#define COMMLENS_SLOT_GIL {Py_mod_gil, Py_MOD_GIL_USED},
+#else
+#define COMMLENS_SLOT_GIL
+#endif
+
+#if PY_VERSION_HEX < 0x030B0000
+/* The module of the first class along ``type``'s MRO made from ``def``'s
+ * module (3.11's; the middleware's Python subclasses reach their module's
+ * state through it): borrowed, or NULL and a TypeError. */
+static inline PyObject *
+PyType_GetModuleByDef(PyTypeObject *type, PyModuleDef *def)
+{
+    PyObject *mro = type->tp_mro;
+    for (Py_ssize_t i = 0; mro != NULL && i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *super = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!(super->tp_flags & Py_TPFLAGS_HEAPTYPE))
+            continue;
+        PyObject *module = ((PyHeapTypeObject *)super)->ht_module;
+        if (module != NULL && PyModule_GetDef(module) == def)
+            return module;
+    }
+    PyErr_Format(PyExc_TypeError, "PyType_GetModuleByDef: no superclass of '%s' has the "
+                 "given module", type->tp_name);
+    return NULL;
+}
 #endif
 
 typedef struct {
@@ -217,18 +262,48 @@ commlens_method_seen(PyObject *method_label)
 
 /* commlens's own error, pending now, goes to ``hook`` (Python that counts
  * it as dropped and logs it at debug level) and no further: the service
- * never sees it. ``first``, unless NULL, is passed before the exception. */
-static inline void
+ * never sees it. ``first``, unless NULL, is passed before the exception.
+ *
+ * Only an Exception is commlens's own error. Anything else that arrives
+ * while commlens records (a KeyboardInterrupt raised by a signal handler
+ * that ran inside a callback, a SystemExit) is the service's signal, not a
+ * recording failure: it is not counted, stays pending, and the caller
+ * propagates it unchanged, as the Python twins' ``except Exception`` lets it
+ * through (tests/test_differential.py). 0: handed over, nothing pending;
+ * -1: the service's signal is pending. */
+static inline int
 commlens_hand_over_error(PyObject *hook, PyObject *first)
 {
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
     PyObject *error = PyErr_GetRaisedException();
     PyObject *args[] = {NULL, first, error ? error : Py_None};
     PyObject *result = first != NULL
         ? PyObject_Vectorcall(hook, args + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
         : PyObject_Vectorcall(hook, args + 2, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_XDECREF(result);
     Py_XDECREF(error);
-    PyErr_Clear();
+    if (result == NULL) {
+        /* The hook's own failure is dropped too; a signal during it is not. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_Clear();
+    }
+    Py_XDECREF(result);
+    return 0;
+}
+
+/* A service's signal (commlens_hand_over_error: -1) raised while
+ * ``pending``, an exception of the service's own or NULL, was on its way:
+ * the signal goes on, ``pending`` as its context (as a Python ``finally``
+ * that raises chains them). Steals ``pending``. */
+static inline void
+commlens_raise_over(PyObject *pending)
+{
+    if (pending == NULL)
+        return;
+    PyObject *signal = PyErr_GetRaisedException();
+    PyException_SetContext(signal, pending);
+    PyErr_SetRaisedException(signal);
 }
 
 /* _speedups.TraceContext, the type whose instances have this layout; a
