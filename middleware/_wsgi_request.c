@@ -27,7 +27,7 @@
 #define WSGI_STRINGS(X) \
     X(HTTP_TRACEPARENT, "HTTP_TRACEPARENT") X(HTTP_BAGGAGE, "HTTP_BAGGAGE") \
     X(HTTP_USER_AGENT, "HTTP_USER_AGENT") X(REQUEST_METHOD, "REQUEST_METHOD") \
-    X(PATH_INFO, "PATH_INFO") X(dropped, "dropped") X(bad_context, "bad_context") \
+    X(PATH_INFO, "PATH_INFO") X(SCRIPT_NAME, "SCRIPT_NAME") X(dropped, "dropped") X(bad_context, "bad_context") \
     X(500, "500") X(000, "000")
 
 /* What wsgi.py binds (bind()), NULL until then. */
@@ -462,13 +462,8 @@ request_new(Middleware *mw, PyObject *environ, PyObject *start_response)
         goto fail;
     /* The route is of SCRIPT_NAME + PATH_INFO (_wsgi_request_py._route_path
      * says why): a non-empty exact str SCRIPT_NAME goes before an absent or
-     * exact str PATH_INFO. The key is interned here, once, rather than in the
-     * module's init. */
-    static PyObject *str_SCRIPT_NAME = NULL;
-    if (str_SCRIPT_NAME == NULL
-            && (str_SCRIPT_NAME = PyUnicode_InternFromString("SCRIPT_NAME")) == NULL)
-        goto fail;
-    PyObject *script = environ_get(environ, str_SCRIPT_NAME);
+     * exact str PATH_INFO. */
+    PyObject *script = environ_get(environ, state->str_SCRIPT_NAME);
     if (script == NULL)
         goto fail;
     if (PyUnicode_CheckExact(script) && PyUnicode_GET_LENGTH(script) > 0
