@@ -862,6 +862,40 @@ def test_a_signal_while_a_send_is_recorded_goes_on_unchanged_alike(error):
 
 @needs_compiled
 @raised_while_recording
+@pytest.mark.parametrize("inner_raises", [None, ValueError], ids=["answered", "inner-raised"])
+def test_a_signal_while_the_driver_s_send_ends_goes_on_alike(error, inner_raises):
+    """Sender.send (the driver's send itself): a signal while its end is
+    recorded goes on, over the inner driver's exception if there was one."""
+    import oslo_messaging as om
+
+    from commlens.middleware import _rpc_send
+    from commlens.middleware import _rpc_send_py
+
+    def inner_send(*args, **kwargs):
+        if inner_raises is not None:
+            raise inner_raises("from the inner driver")
+        return "reply"
+
+    seen = {}
+    for name, module in (("compiled", _rpc_send), ("python", _rpc_send_py)):
+        recorder = _recorder(0.0)
+        interrupting = _Interrupting(recorder)
+        sender = _sender(module, recorder, inner_send)
+        interrupting.error = error
+        seen[name] = _ending(sender.send, om.Target(topic="conductor"), {},
+                             {"method": "build_instances"}, True)
+        interrupting.error = None
+    assert seen["compiled"] == seen["python"]
+    if issubclass(error, Exception):  # commlens's own failure: the send's own ending
+        assert seen["compiled"] == (("ok", "reply") if inner_raises is None
+                                    else ("raised", inner_raises, type(None)))
+    else:
+        assert seen["compiled"] == ("raised", error,
+                                    type(None) if inner_raises is None else inner_raises)
+
+
+@needs_compiled
+@raised_while_recording
 def test_a_signal_while_a_received_message_is_recorded_goes_on_unchanged_alike(error):
     recorders = {"compiled": _recorder(0.0), "python": _recorder(0.0)}
     interrupting = {name: _Interrupting(recorder) for name, recorder in recorders.items()}
