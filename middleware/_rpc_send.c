@@ -70,6 +70,7 @@ typedef struct {
     PyObject *kind;      /* call, cast or fanout */
     PyObject *topic;
     PyObject *method;
+    PyObject *target;    /* the oslo.messaging Target: its server is read for hops only */
     PyObject *token;     /* a call's waiting-reply token, or None */
     double start;
     char done;
@@ -241,6 +242,7 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
     call->sender = (Sender *)Py_NewRef(self);
     call->ctxt = out;
     call->ctx = call->kind = call->topic = call->method = NULL;
+    call->target = Py_NewRef(target);
     call->token = Py_NewRef(Py_None);
     call->start = 0.0;
     call->done = 0;
@@ -511,6 +513,7 @@ send_traverse(Send *self, visitproc visit, void *arg)
     Py_VISIT(self->kind);
     Py_VISIT(self->topic);
     Py_VISIT(self->method);
+    Py_VISIT(self->target);
     Py_VISIT(self->token);
     Py_VISIT(Py_TYPE(self));
     return 0;
@@ -525,6 +528,7 @@ send_clear(Send *self)
     Py_CLEAR(self->kind);
     Py_CLEAR(self->topic);
     Py_CLEAR(self->method);
+    Py_CLEAR(self->target);
     Py_CLEAR(self->token);
     return 0;
 }
@@ -559,6 +563,7 @@ static PyGetSetDef send_getset[] = {
     COMMLENS_READONLY_FIELD("kind", Send, kind),
     COMMLENS_READONLY_FIELD("topic", Send, topic),
     COMMLENS_READONLY_FIELD("method", Send, method),
+    COMMLENS_READONLY_FIELD("target", Send, target),
     COMMLENS_READONLY_FIELD("token", Send, token),
     {NULL},
 };

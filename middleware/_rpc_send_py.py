@@ -95,6 +95,8 @@ class Sender:
             self._recorder.dropped("bad_context")
             return None
         call = Send(self, out)
+        # Kept whole: its server is read only for the few hops kept.
+        call.target = target
         try:
             if wait_for_reply:
                 call.kind = CALL
@@ -133,7 +135,8 @@ class Sender:
 class Send:
     """One message on its way: made by Sender.begin, ended by end()."""
 
-    __slots__ = ("sender", "ctxt", "ctx", "kind", "topic", "method", "token", "start", "done")
+    __slots__ = ("sender", "ctxt", "ctx", "kind", "topic", "method", "target", "token", "start",
+                 "done")
 
     def __init__(self, sender, ctxt):
         self.sender = sender
@@ -142,6 +145,7 @@ class Send:
         self.kind = None       # call, cast or fanout
         self.topic = None
         self.method = None
+        self.target = None     # the oslo.messaging Target sent to
         self.token = None      # a call's waiting-reply token
         self.start = 0.0
         self.done = False

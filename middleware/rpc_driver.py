@@ -16,6 +16,7 @@ cast or fanout, because the server side cannot tell them apart reliably (the
 RPC server replies to casts too).
 """
 
+import functools
 import logging
 import weakref
 
@@ -211,7 +212,10 @@ class CommlensDriver(base.BaseDriver):
             error=error, start=hops.wall_clock_start(call.start, call.start + duration),
             duration=duration,
             request_id=labels.request_id(call.ctxt.get("request_id")),
-            global_request_id=labels.request_id(call.ctxt.get("global_request_id"))))
+            global_request_id=labels.request_id(call.ctxt.get("global_request_id")),
+            # The host a call was addressed to (``prepare(server=...)``), so
+            # a timeout names the one that did not answer.
+            server=labels.server(getattr(call.target, "server", None))))
 
     def _notification_sent(self, target, ctxt, message):
         out = _context_copy(ctxt)
@@ -229,8 +233,9 @@ class CommlensDriver(base.BaseDriver):
 
     def listen(self, target, batch_size, batch_timeout):
         listener = self._inner.listen(target, batch_size, batch_timeout)
-        listener = _InstrumentedListener(listener, self, labels.dotted(target.topic),
-                                         notifications=False)
+        listener = _InstrumentedListener(
+            listener, self, labels.dotted(target.topic), notifications=False,
+            server=labels.server(getattr(target, "server", None)))
         self._listeners.add(listener)
         return listener
 
@@ -276,7 +281,7 @@ class CommlensDriver(base.BaseDriver):
     # the processing metrics and the graph edge alike (tracer/derived.py),
     # and its hop if it is sampled; a failed one comes here.
 
-    def _processing_failed(self, incoming, failure, duration):
+    def _processing_failed(self, incoming, failure, duration, server=None):
         exc_type = failure[0] if isinstance(failure, tuple) else type(failure)
         error = labels.error_class(getattr(exc_type, "__name__", None))
         rec = self._recorder
@@ -284,9 +289,10 @@ class CommlensDriver(base.BaseDriver):
             self._service, incoming.caller, incoming.topic, incoming.method, error))
         rec.observe(metrics.RPC_SERVER_HOPS, (self._service, incoming.caller, incoming.topic,
                                               incoming.method, metrics.ERROR), duration)
-        self._add_receive_hop(incoming, metrics.ERROR, error, duration)
+        self._add_receive_hop(incoming, metrics.ERROR, error, duration, server)
 
-    def _add_receive_hop(self, incoming, outcome, error, duration):
+    def _add_receive_hop(self, incoming, outcome, error, duration, server=None):
+        """``server``: the listener's own (the host that answered)."""
         self._recorder.add_hop(hops.make_hop(
             incoming.ctx, service=self._service, side=hops.SERVER,
             protocol=hops.RPC, peer=incoming.caller, target=incoming.topic,
@@ -294,7 +300,8 @@ class CommlensDriver(base.BaseDriver):
             error=error, start=hops.wall_clock_start(incoming.start, incoming.start + duration),
             duration=duration,
             request_id=labels.request_id(incoming.ctxt.get("request_id")),
-            global_request_id=labels.request_id(incoming.ctxt.get("global_request_id"))))
+            global_request_id=labels.request_id(incoming.ctxt.get("global_request_id")),
+            server=server))
 
     def _receive_recording_failed(self, exc):
         self._recorder.dropped("recording_error")
@@ -311,17 +318,19 @@ class CommlensDriver(base.BaseDriver):
 class _InstrumentedListener(base.Listener):
     """Wraps the inner driver's listener; wraps each incoming message."""
 
-    def __init__(self, inner, driver, topic, notifications):
+    def __init__(self, inner, driver, topic, notifications, server=None):
         super().__init__(inner.batch_size, inner.batch_timeout, inner.prefetch_size)
         self._inner = inner
         self._driver = driver
         self._topic = topic
         self._notifications = notifications
+        self._server = server
         self._receiver = None if notifications else self._make_receiver()
 
     def _make_receiver(self):
         """The per-message path of RPC listeners (middleware/_rpc_receive_py.py,
-        compiled as _rpc_receive.c)."""
+        compiled as _rpc_receive.c). Its hops name this listener's server
+        (the host an RPC server was started for), bound here."""
         driver = self._driver
         return _rpc_receive.Receiver(
             service=driver._service, topic=self._topic, recorder=driver._recorder,
@@ -329,7 +338,8 @@ class _InstrumentedListener(base.Listener):
             hops_metric=metrics.RPC_SERVER_HOPS.name, method_label=labels.method,
             incoming_type=_InstrumentedIncoming, trace_context=context.TraceContext,
             current=context.current_var, in_python=self._wrap_in_python,
-            failed=driver._processing_failed, add_hop=driver._add_receive_hop,
+            failed=functools.partial(driver._processing_failed, server=self._server),
+            add_hop=functools.partial(driver._add_receive_hop, server=self._server),
             recording_failed=driver._receive_recording_failed)
 
     def __getattr__(self, name):

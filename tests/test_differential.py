@@ -457,7 +457,8 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
                 if begun[0] == "ok" and begun[1] is not None:
                     call = begun[1]
                     shape = ("ok", _shape(call.ctxt, call.ctx, None)[0].keys(), call.kind,
-                             call.topic, call.method, call.token is not None)
+                             call.topic, call.method, call.token is not None,
+                             call.target is target)
                     if not open_calls_taken:
                         assert call.end(ending) is None
                         assert call.end(ending) is None  # recorded once
@@ -467,7 +468,10 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
             seen[name] = (shape, taken, parent and (parent.trace_id == served[0],
                                                     parent.child_failed))
         assert seen["compiled"] == seen["python"], (step, target, ctxt, message, wait, ending)
-    assert _snapshot(recorders["compiled"]) == _snapshot(recorders["python"])
+    compiled = _snapshot(recorders["compiled"])
+    assert compiled == _snapshot(recorders["python"])
+    # The server a call was addressed to is on its hop, in both (issue 18).
+    assert {hop["server"] for hop in compiled[3]} == {None, "host-1"}
 
 
 @needs_compiled

@@ -13,7 +13,8 @@ UNKNOWN = "unknown"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _DOTTED = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+# A value a hop record carries but no label does (a request id, a host).
+_HOP_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
 _MAX_REMEMBERED = 10000
 
 
@@ -56,6 +57,12 @@ def http_method(value):
 
 def request_id(value):
     """An OpenStack request id fit for a hop record, or None."""
-    if isinstance(value, str) and _REQUEST_ID.match(value):
+    if isinstance(value, str) and _HOP_VALUE.match(value):
         return value
     return None
+
+
+def server(value):
+    """An RPC server name (oslo.messaging's ``Target.server``, a host) fit for
+    a hop record, or None. Never a metric label: hosts are unbounded."""
+    return request_id(value)

@@ -43,7 +43,12 @@ HOPS_PROCESS_FIELDS = ("id", "service")
 
 HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol", "peer",
               "target", "operation", "kind", "outcome", "error", "start", "duration",
-              "request_id", "global_request_id")
+              "request_id", "global_request_id", "server")
+# ``server`` is the RPC server (oslo.messaging's ``Target.server``, a host):
+# on a client hop the one the call was addressed to, on a server hop the one
+# that answered; None over HTTP and for calls to a whole topic. Agents before
+# it send hops without it, which collectors read as None; collectors before
+# it take the fields they know: so the format stays version 1.
 # A hop's side and protocol.
 CLIENT = "client"
 SERVER = "server"
