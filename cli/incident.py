@@ -118,6 +118,28 @@ class _Graph:
                 _seconds(edge["p99_seconds"], edge.get("p99_estimated", False)),
                 _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues)
         console.print(table)
+        _show_silent_servers(console, data.get("silent_servers") or [])
+
+
+def _show_silent_servers(console, servers):
+    """Calls addressed to one server (a host) that timed out: which host."""
+    if not servers:
+        return
+    from rich.table import Table
+    table = Table(title="Servers that stopped answering (calls to them timed out)")
+    for column in ("target (server)", "timeouts", "first / last seen", "callers", "methods"):
+        table.add_column(column, justify="right" if column == "timeouts" else "left")
+    for row in servers:
+        table.add_row(f"[red]{_named(row['target'], row['server'])}[/red]",
+                      str(row["timeouts"]),
+                      f"{_when(row['first_seen'])} / {_when(row['last_seen'])}",
+                      ", ".join(row["callers"]), ", ".join(row["operations"]))
+    console.print(table)
+
+
+def _named(service, server):
+    """``compute (os-compute-1)``: a service or topic and the server it ran on, if known."""
+    return f"{service} ({server})" if server else f"{service}"
 
 
 def _count(value):
@@ -145,7 +167,8 @@ class _Chains:
                 path += "\n[yellow]absorbed: the caller succeeded[/yellow]"
             examples = "\n".join(e["request_id"] or e["trace_id"] for e in chain["examples"])
             table.add_row(str(chain["count"]),
-                          f"{origin['service']}\n{origin['operation']}\n{origin['error']}",
+                          f"{_named(origin['service'], origin.get('server'))}\n"
+                          f"{origin['operation']}\n{origin['error']}",
                           path, f"{_when(chain['first_seen'])}\n{_when(chain['last_seen'])}",
                           examples)
         console.print(table)
@@ -177,16 +200,20 @@ class _Trace:
             table.add_column(column)
         for hop in hops:
             at = f"+{(hop['start'] - zero) * 1000:.1f} ms" if hop.get("start") else "-"
-            table.add_row(at, hop["service"], hop["side"], hop["protocol"],
-                          hop.get("operation") or "-",
-                          hop.get("peer") if hop["side"] == "server" else hop.get("target"),
+            # A server hop's server is where it ran; a client hop's, where it was sent.
+            server = hop.get("server")
+            table.add_row(at, _named(hop["service"], server if hop["side"] == "server" else None),
+                          hop["side"], hop["protocol"], hop.get("operation") or "-",
+                          hop.get("peer") if hop["side"] == "server"
+                          else _named(hop.get("target"), server),
                           _seconds(hop.get("duration")),
                           f"[red]{hop['error']}[/red]" if hop.get("error") else "",
                           hop.get("request_id") or "")
         console.print(table)
         for chain in data["chains"]:
             origin = chain["origin"]
-            console.print(f"chain: origin {origin['service']} {origin['operation']} "
+            console.print(f"chain: origin {_named(origin['service'], origin.get('server'))} "
+                          f"{origin['operation']} "
                           f"{origin['error']} -> entry {chain['entry']['service']} "
                           f"{chain['entry']['operation']}"
                           + (" (absorbed)" if chain["absorbed"] else ""))

@@ -11,7 +11,8 @@ A chain is the path an error travelled, from its origin to the entry point:
   the user (or a periodic task) saw.
 
 Two chains have the same shape when their hops have the same service, side,
-protocol, operation and error; they are grouped under one key.
+protocol, operation and error, and their origins the same server (the RPC
+server, a host, that failed or did not answer); they are grouped under one key.
 
 A request an API simply refused (a 4xx at the entry with nothing failing
 below it) is not a chain: nothing propagated.
@@ -77,15 +78,18 @@ def _climb(origin_hop, by_span, children):
 
     origin = _step(origin_hop)
     if origin_hop["side"] == wire.CLIENT:
-        # Nobody answered (or nobody we see did): the callee is the origin.
+        # Nobody answered (or nobody we see did): the callee is the origin,
+        # on the server the call was addressed to if it named one.
         answered = [c for c in children.get(origin_hop["span_id"], ())
                     if c["side"] == wire.SERVER]
         origin["service"] = answered[0]["service"] if answered else origin_hop.get("target")
+        if answered and answered[0].get("server"):
+            origin["server"] = answered[0]["server"]
         origin["unanswered"] = True
     steps = [_step(h) for h in path]
     top = absorbed_by if absorbed_by is not None else entry
     chain = {
-        "origin": {k: origin[k] for k in ("service", "protocol", "operation", "error")},
+        "origin": {k: origin[k] for k in ("service", "server", "protocol", "operation", "error")},
         "entry": {"service": top["service"], "protocol": top["protocol"],
                   "operation": top["operation"],
                   "error": None if absorbed_by is not None else top["error"]},
@@ -100,12 +104,21 @@ def _step(hop):
     return {field: hop.get(field) for field in (
         "service", "side", "protocol", "peer", "target", "operation", "kind", "outcome",
         "error", "start", "duration", "span_id", "parent_id", "request_id",
-        "global_request_id")}
+        "global_request_id", "server")}
 
 
 def shape_key(chain):
-    """The same for chains of the same shape, whatever their timing and ids."""
-    shape = repr([chain["absorbed"], chain["origin"]["service"]] + [
+    """The same for chains of the same shape, whatever their timing and ids.
+
+    The origin's server is part of the shape: a compute host that stopped
+    answering is a chain of its own, beside the same failure on another
+    host. Chains without one keep the keys they had before servers were
+    recorded."""
+    head = [chain["absorbed"], chain["origin"]["service"]]
+    server = chain["origin"].get("server")
+    if server is not None:
+        head.append(server)
+    shape = repr(head + [
         (s["service"], s["side"], s["protocol"], s["operation"], s["error"])
         for s in chain["hops"]])
     return hashlib.sha1(shape.encode()).hexdigest()[:16]

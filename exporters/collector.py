@@ -41,6 +41,7 @@ import time
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
+from commlens.exporters import silent
 from commlens.exporters import traces
 from commlens.tracer import aggregate
 from commlens.tracer import metrics
@@ -159,6 +160,8 @@ class Collector:
         self.window = window if window is not None else traces.TraceWindow()
         self.history = history if history is not None else history_mod.History()
         self.chain_counter = chain_counter or chains.ChainCounter()
+        # Calls to a named server (a host) that timed out: hosts are never labels.
+        self.silent_servers = silent.SilentServers()
         self.graph_samples = graph.GraphSamples()
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
@@ -467,8 +470,13 @@ class Collector:
                 known_keys = set()
                 if earlier:
                     spans = {h.get("span_id") for h in hops}
+                    earlier_spans = {h.get("span_id") for h in earlier}
                     hops.extend(h for h in earlier if h.get("span_id") not in spans)
                     known_keys = {c["key"] for c in chains.derive(earlier)}
+                # Each hop once, even one replayed after its trace was stored.
+                for hop in trace.hops.values():
+                    if not earlier or hop.get("span_id") not in earlier_spans:
+                        self.silent_servers.add(hop)
                 found = chains.derive(hops)
                 for chain in found:
                     if chain["key"] not in known_keys:
@@ -535,6 +543,7 @@ class Collector:
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
                              method_baseline)
+        result["silent_servers"] = self.silent_servers.top(window_seconds)
         return result
 
     def edge_details(self, client, server, protocol, window_seconds=300):

@@ -10,6 +10,7 @@ from werkzeug import serving
 
 from commlens.exporters import durations
 from commlens.exporters import prometheus
+from commlens.exporters import silent
 
 
 def create_app(collector, intake=None, dashboard=None):
@@ -60,6 +61,13 @@ def create_app(collector, intake=None, dashboard=None):
         absorbed = {"true": True, "false": False}.get(flask.request.args.get("absorbed", ""))
         return {"since_seconds": since,
                 "chains": collector.history.chains(since, limit, absorbed)}
+
+    @app.get("/api/silent-servers")
+    def silent_servers():
+        since = _duration_arg("since", 900)
+        limit = _limit_arg("limit", silent.DEFAULT_LIMIT, silent.MAX_LIMIT)
+        return {"since_seconds": since,
+                "servers": collector.silent_servers.top(since, limit)}
 
     @app.get("/api/traces/<trace_or_request_id>")
     def trace(trace_or_request_id):

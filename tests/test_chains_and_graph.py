@@ -82,7 +82,7 @@ def test_chain_names_the_network_service_as_origin_and_the_request_id_finds_it(
     trace = collector.trace(_request_id(response))
 
     (chain,) = trace["chains"]
-    assert chain["origin"] == {"service": "neutron-server", "protocol": "http",
+    assert chain["origin"] == {"service": "neutron-server", "server": None, "protocol": "http",
                                "operation": "PUT /v2.0/ports/{id}/binding",
                                "error": "409 PortBindingFailed"}
     assert chain["entry"]["service"] == "nova-api"
@@ -127,8 +127,8 @@ def test_a_call_that_times_out_has_the_unanswering_conductor_as_origin(collector
     (chain,) = trace["chains"]
     # The conductor is still busy (it will never answer in time): the callee
     # is the origin, named by the topic the caller waited on.
-    assert chain["origin"] == {"service": topic, "protocol": "rpc", "operation": "hang",
-                               "error": "MessagingTimeout"}
+    assert chain["origin"] == {"service": topic, "server": None, "protocol": "rpc",
+                               "operation": "hang", "error": "MessagingTimeout"}
     assert _steps(chain) == [
         ("nova-api", "client", "rpc", "MessagingTimeout"),
         ("nova-api", "server", "http", "500"),

@@ -88,14 +88,27 @@ def test_conductor_down_gives_a_timeout_chain(demo):
         demo.fault("conductor-down", on=False)
 
 
-def test_compute_down_times_out_calls_to_its_host(demo):
+def test_compute_down_times_out_calls_to_its_host_and_names_it(demo):
     demo.fault("compute-down")
     try:
         wait_for(lambda: demo.metrics().value("commlens_rpc_call_errors_total",
                                               target="compute", outcome="timeout") >= 1,
                  timeout=40, message="timeouts calling the compute that went away")
+        # The stopped compute is compute-1 (emulator/controlplane.py): the
+        # list of servers that stopped answering and the chain name it.
+        silent = wait_for(lambda: [s for s in demo.json("/api/silent-servers")["servers"]
+                                   if s["target"] == "compute"],
+                          timeout=30, message="the compute that went away, listed")
+        chain = wait_for(lambda: _chain(demo, "compute", "MessagingTimeout",
+                                        entry_service="nova-api"),
+                         timeout=30, message="a timeout chain from the compute")
     finally:
         demo.fault("compute-down", on=False)
+    assert {s["server"] for s in silent} == {"compute-1"}
+    assert silent[0]["timeouts"] >= 1
+    assert chain["origin"]["server"] == "compute-1"
+    # Hosts are never metric labels.
+    assert "compute-1" not in demo.get("/metrics")
 
 
 def test_unknown_fault_is_a_clear_error(demo):

@@ -145,6 +145,29 @@ def test_an_injected_error_appears_in_the_chains_without_a_reload(page, demo):
     assert "nova-api POST /v2.1/servers" in page.inner_text("#trace-hops")
 
 
+def test_a_stopped_compute_is_named_in_the_chains_and_the_silent_servers(page, demo):
+    demo.fault("compute-down")
+    try:
+        # The page refreshes itself; compute-1 is the one the fault stops.
+        wait_for(lambda: "compute (compute-1)" in page.inner_text("#silent-servers tbody"),
+                 timeout=90, interval=1, message="compute-1 among the silent servers")
+        assert page.is_visible("#silent-servers")
+        page.screenshot(path=SHOTS / "silent-servers.png", full_page=True)
+        page.click("button[data-tab=chains-tab]")
+
+        def paths():
+            return page.eval_on_selector_all("#chains .chain-path", "els => els.map("
+                                             "e => e.innerText.replace(/\\s+/g, ' '))")
+        # The origin that did not answer comes first, as in ``commlens chains``.
+        wait_for(lambda: any(p.startswith("compute (compute-1) build_and_run_instance "
+                                          "(MessagingTimeout)") for p in paths()),
+                 timeout=60, interval=1, message="the compute's chain, named, first")
+    finally:
+        demo.fault("compute-down", on=False)
+    page.screenshot(path=SHOTS / "chains-compute-down.png", full_page=True)
+    assert page.console_errors == []
+
+
 def test_request_id_search_opens_the_trace_timeline(page, demo):
     demo.fault("neutron-error")
     try:

@@ -62,6 +62,8 @@ function percentile(row, name) {
   return element("td", { class: "num", title }, ms(row[name + "_seconds"], row[name + "_estimated"]));
 }
 function when(epoch) { return new Date(epoch * 1000).toLocaleTimeString(); }
+// "compute (os-compute-1)": a service or topic and the RPC server (host) it ran on.
+function named(service, server) { return server ? `${service} (${server})` : `${service}`; }
 
 // -- graph ------------------------------------------------------------------
 
@@ -107,6 +109,7 @@ function fitGraph() {
 async function refreshServices() {
   const graph = await getJSON("/api/graph?window=" + windowArg());
   state.nodes = Object.fromEntries(graph.nodes.map((node) => [node.service, node]));
+  renderSilentServers(graph.silent_servers || []);
   const services = graph.nodes.map((node) => node.service);
   if (services.join() === state.services.join()) { return; }
   state.services = services;
@@ -124,6 +127,16 @@ async function refreshServices() {
 function nodeName(node) {
   if (!node || node.instrumented !== false) { return node ? node.service : ""; }
   return node.user_agent ? `unknown caller (${node.user_agent})` : `${node.service} (not instrumented)`;
+}
+
+// Calls addressed to one server (a host) that timed out: which host.
+function renderSilentServers(servers) {
+  $("silent-servers").hidden = servers.length === 0;
+  $("silent-servers").querySelector("tbody").replaceChildren(...servers.map((row) =>
+    element("tr", {}, element("td", { class: "err" }, named(row.target, row.server)),
+      element("td", { class: "num" }, row.timeouts),
+      element("td", {}, when(row.last_seen)), element("td", {}, row.callers.join(", ")),
+      element("td", {}, row.operations.join(", ")))));
 }
 
 function select(id, refresh = true) {
@@ -200,9 +213,19 @@ async function refreshChains() {
   const body = await getJSON(`/api/chains?since=${windowArg()}&limit=25`);
   $("chains").tBodies[0].replaceChildren(...body.chains.map((chain) => {
     const path = element("td", { class: "chain-path" });
+    const origin = chain.origin;
+    // A callee that did not answer has no hop of its own: named first, with
+    // the server the call was addressed to, as the CLI does.
+    if (chain.hops.length && origin.service !== chain.hops[0].service) {
+      path.append(element("span", { class: "hop origin" },
+        `${named(origin.service, origin.server)} ${origin.operation} `,
+        element("span", { class: "err" }, origin.error ? `(${origin.error})` : "")),
+        element("span", { class: "arrow" }, "→"));
+    }
     chain.hops.forEach((hop, index) => {
       if (index) { path.append(element("span", { class: "arrow" }, "→")); }
-      path.append(element("span", { class: "hop" }, `${hop.service} ${hop.operation} `,
+      const service = hop.side === "server" ? named(hop.service, hop.server) : hop.service;
+      path.append(element("span", { class: "hop" }, `${service} ${hop.operation} `,
         element("span", { class: "err" }, hop.error ? `(${hop.error})` : "")));
     });
     const examples = element("td", {}, ...chain.examples.map((example) => {
@@ -246,7 +269,8 @@ function renderTrace(trace) {
     `${ms(total)}${requestIds.length ? " · " + requestIds.join(", ") : ""}`;
   $("trace-hops").replaceChildren(...hops.map((hop) => {
     const failed = hop.error || (hop.outcome && hop.outcome !== "ok");
-    const text = `${hop.service} ${hop.side === "client" ? "→ " + hop.target + " " : ""}` +
+    const text = (hop.side === "client" ? `${hop.service} → ${named(hop.target, hop.server)} `
+      : `${named(hop.service, hop.server)} `) +
       `${hop.operation} ${hop.error ? "(" + hop.error + ")" : ""} ${ms(hop.duration)}`;
     const label = element("div", { class: "label", title: `${text} ${hop.request_id || ""}` },
       "\u00a0\u00a0".repeat(depth(hop)) + text);
