@@ -92,7 +92,11 @@ def run_emulate(args):
         if not args.without_commlens:
             collector = _start([sys.executable, "-m", "commlens.cli.main", "collector",
                                 "--listen", f"{host}:{port}", "--export-url", export_url,
-                                "--history", ":memory:"], env, ready=False)
+                                "--history", ":memory:",
+                                # A collector of this run alone: nothing to warm up
+                                # after (README, "A collector restart is not a burst of traffic"), and the
+                                # series are counted from its first snapshots.
+                                "--metrics-warm-up", "0"], env, ready=False)
             _wait_http(f"http://{host}:{port}/readyz", collector)
         common = ["--transport", args.transport, "--agents", str(args.agents),
                   "--interval", str(args.interval)]

@@ -111,8 +111,12 @@ if pid == 0:
         body = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/v2.1/servers"},
                           lambda status, headers, exc_info=None: None)
         body.close()
-    # No final snapshot: only the worker's own shipper can report these.
-    time.sleep(2)
+    # No final snapshot: only the worker's own shipper can report these
+    # (os._exit); it is given time to, on a loaded machine too.
+    from commlens.tracer import recorder
+    deadline = time.monotonic() + 30
+    while recorder.get_recorder().shipper.shipped < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     os._exit(0)
 os.waitpid(pid, 0)
 """
