@@ -93,9 +93,10 @@ def run_emulate(args):
             collector = _start([sys.executable, "-m", "commlens.cli.main", "collector",
                                 "--listen", f"{host}:{port}", "--export-url", export_url,
                                 "--history", ":memory:",
-                                # A collector of this run alone: nothing to warm up
-                                # after (README, "A collector restart is not a burst of traffic"), and the
-                                # series are counted from its first snapshots.
+                                # A collector of this run alone: nothing to warm
+                                # up after (README, "A collector restart is not
+                                # a burst of traffic"); series are counted from
+                                # its first snapshots.
                                 "--metrics-warm-up", "0"], env, ready=False)
             _wait_http(f"http://{host}:{port}/readyz", collector)
         common = ["--transport", args.transport, "--agents", str(args.agents),
