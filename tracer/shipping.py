@@ -11,6 +11,12 @@ Transports, chosen by the export URL:
 - ``memory://``   hands snapshots to a collector in the same process.
 """
 
+# Imported here, before any fork: pika resolves the broker's host in a thread
+# of its own, and getaddrinfo imports the idna codec on first use. A worker
+# forked (gunicorn --preload, uwsgi) while its master's shipper was resolving
+# inherits that module's import lock held by a thread it does not have, and
+# its own shipper then waits on it for ever (seen: about one fork in two).
+import encodings.idna  # noqa: F401
 import json
 import logging
 import threading
@@ -207,6 +213,19 @@ def _close_quietly(connection):
         pass
 
 
+def _join(thread, timeout):
+    """``thread.join(timeout)``, which returns at the deadline, except under
+    eventlet's monkey-patching on Python 3.13 (eventlet 0.40, nova and
+    neutron's 2026.1): its green thread handle raises eventlet's Timeout
+    there, which would reach the service's listener cleanup or exit. Either
+    way, a join that timed out."""
+    try:
+        thread.join(timeout)
+    except BaseException as exc:
+        if type(exc).__module__ != "eventlet.timeout":
+            raise
+
+
 class Shipper:
     """Ships the recorder's snapshots from a thread of its own.
 
@@ -246,7 +265,7 @@ class Shipper:
         self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout)  # its loop ships the final snapshot on the way out
+            _join(thread, timeout)  # its loop ships the final snapshot on the way out
             done = not thread.is_alive()
         else:
             done = self._ship_within(timeout, final=True)
@@ -262,7 +281,7 @@ class Shipper:
         worker = threading.Thread(target=lambda: shipped.append(self.ship_once(final=final)),
                                   name="commlens-flush", daemon=True)
         worker.start()
-        worker.join(timeout)
+        _join(worker, timeout)
         return bool(shipped and shipped[0])
 
     def after_fork_in_child(self):
