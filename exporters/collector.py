@@ -359,12 +359,14 @@ class Collector:
                     self._counters[key] -= moved
                     self._counters[new_key] = self._counters.get(new_key, 0.0) + moved
                 elif key in self._histograms:
-                    counts, total = self._histograms[key]
+                    # The old series' extremes hold every value moved: the
+                    # new one's may only widen by them.
+                    counts, total, low, high = self._histograms[key]
                     moved = [min(a, b) for a, b in zip(value[0], counts, strict=True)]
                     self._histograms[key] = [[a - b for a, b in zip(counts, moved, strict=True)],
-                                             total - min(value[1], total)]
+                                             total - min(value[1], total), low, high]
                     aggregate.add_histogram(self._histograms, new_key, moved,
-                                            min(value[1], total))
+                                            min(value[1], total), low, high)
                 else:
                     continue  # a gauge: only its place moves
                 self._drop_if_empty(key)

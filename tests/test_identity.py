@@ -8,6 +8,7 @@ name, what was recorded before is shipped under it, and the collector keeps no
 node for the provisional name.
 """
 
+import bisect
 import json
 import sys
 
@@ -155,14 +156,20 @@ def test_what_was_recorded_under_the_provisional_name_ships_under_the_new_one():
     recorder.call_finished(token)
 
 
-def _shipped(process_id, seq, service, sent):
+def _shipped(process_id, seq, service, sent, waits=()):
+    """A snapshot of ``sent`` calls; ``waits``: the seconds each answered one waited."""
+    counts = [0] * (len(metrics.LATENCY_BUCKETS) + 1)
+    for wait in waits:
+        counts[bisect.bisect_left(metrics.LATENCY_BUCKETS, wait)] += 1
+    histograms = [[metrics.RPC_REPLY_WAIT.name, [service, "conductor", "m", metrics.OK], counts,
+                   sum(waits), min(waits), max(waits)]] if waits else []
     return json.dumps({
         "format": wire.SNAPSHOT_FORMAT, "seq": seq, "interval": 1.0, "final": False,
         "process": {"id": process_id, "service": service, "pid": 1},
         "counters": [[SENT, [service, "conductor", "m", "call"], sent],
                      [metrics.SERVICE_GRAPH_REQUESTS.name, [service, "nova-conductor",
                                                             metrics.MESSAGING_SYSTEM], sent]],
-        "histograms": [], "gauges": []})
+        "histograms": histograms, "gauges": []})
 
 
 def test_the_collector_moves_a_renamed_process_s_series_and_keeps_no_node_for_the_old_name():
@@ -177,6 +184,18 @@ def test_the_collector_moves_a_renamed_process_s_series_and_keeps_no_node_for_th
     assert not [key for key in counters if "gunicorn" in key[1]]
     assert "gunicorn" not in {n["service"] for n in collector.graph()["nodes"]}
     assert "gunicorn" not in {p["service"] for p in collector.processes()}
+
+
+def test_a_renamed_process_s_histograms_move_with_their_extremes():
+    collector = collector_mod.Collector()
+    assert collector.ingest(_shipped("p1", 1, "gunicorn", 2, waits=(0.02, 0.3))) == "accepted"
+    assert collector.ingest(_shipped("p1", 2, "nova-api", 3, waits=(0.02, 0.3, 0.04))) \
+        == "accepted"
+    histograms = collector.merged()[1]
+    wait = metrics.RPC_REPLY_WAIT.name
+    assert not [key for key in histograms if "gunicorn" in key[1]]
+    counts, total, low, high = histograms[(wait, ("nova-api", "conductor", "m", metrics.OK))]
+    assert (sum(counts), round(total, 6), low, high) == (3, 0.36, 0.02, 0.3)
 
 
 def test_a_provisional_name_shared_with_another_process_keeps_only_that_process_s_counts():
