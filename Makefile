@@ -26,7 +26,7 @@ test-releases: setup
 	@scripts/test-releases
 
 ## commlens on a real Nova 34 control plane from PyPI (OpenStack 2026.2), its services
-## in .venv-openstack: tests/openstack_plane/ (README: "On a real Nova").
+## in .venv-openstack: tests/openstack_plane/ (docs/testing.md: "On a real Nova").
 test-openstack: setup
 	@scripts/ensure-rabbitmq
 	@scripts/test-openstack
@@ -43,7 +43,7 @@ test-fast: setup
 ## The main job: the emulated control plane with its collector on 127.0.0.1:9780
 ## (embedded: no broker needed).
 run: setup
-	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780
+	$(VENV)/bin/commlens demo --listen 127.0.0.1:9780 $(ARGS)
 
 ## The benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk), compiled and pure
 ## Python side by side, each also counted by callgrind, the agent's installed size and

@@ -47,7 +47,7 @@ then the envelope holding it as a string). Also found with it: the
 compiled stamping's PyUnicode_FromFormat was half of a stamp (2,500
 instructions), since replaced; and the traceparent alone costs
 oslo.messaging 9,400 client and 14,100 server instructions per cast, more
-than the 0.99 target leaves (README, "Counted instead of timed").
+than the 0.99 target leaves (docs/benchmarks.md, "Counted instead of timed").
 
 ``--keep DIR`` keeps the callgrind files (DIR/<run>-<variant>-<side>/
 callgrind.out.<dump>, the windows in dumps 2, 4, 6, 8) for callgrind_annotate.
@@ -71,7 +71,7 @@ VARIANTS = ("plain", "commlens", "commlens-python", "oslo.metrics", "otel-oslo-m
 OPTIONAL = {"oslo.metrics": "oslo_metrics",
             "otel-oslo-messaging": "opentelemetry.instrumentation.oslo_messaging"}
 SIDES = ("client", "server")
-TARGET = 0.99  # commlens compiled, instructions, every figure (README)
+TARGET = 0.99  # commlens compiled, instructions, every figure (docs/benchmarks.md)
 KINDS = ("call", "cast")
 WARM_UP = 50  # calls and casts before the first window
 # Heartbeats run by the clock, and a process under callgrind runs ~50x

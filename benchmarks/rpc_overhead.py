@@ -48,7 +48,7 @@ import common  # noqa: E402  (benchmarks/ is the script's own folder)
 HERE = os.path.abspath(__file__)
 RUN = uuid.uuid4().hex[:8]
 VARIANTS = ("plain", "commlens", "commlens-python", "oslo.metrics", "otel-oslo-messaging")
-# The README's targets: commlens's calls and casts at these ratios of plain's.
+# The targets (docs/benchmarks.md): commlens's calls and casts at these ratios of plain's.
 TARGETS = {"commlens": 0.97, "commlens-python": 0.95}
 SHIP_INTERVAL = 1.0
 WARM_UP_SECONDS = 2.5 * SHIP_INTERVAL

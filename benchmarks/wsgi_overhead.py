@@ -46,7 +46,7 @@ import common  # noqa: E402  (benchmarks/ is the script's own folder)
 
 VARIANTS = ("plain", "passthrough", "commlens", "commlens-python", "otel-wsgi",
             "ceilometermiddleware")
-# The README's targets, requests/s as a ratio of plain's.
+# The targets (docs/benchmarks.md), requests/s as a ratio of plain's.
 TARGETS = {"commlens": 0.95, "commlens-python": 0.95}
 RABBIT = "guest:guest@127.0.0.1:5672/"
 SHIP_INTERVAL = 1.0

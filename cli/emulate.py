@@ -94,7 +94,7 @@ def run_emulate(args):
                                 "--listen", f"{host}:{port}", "--export-url", export_url,
                                 "--history", ":memory:",
                                 # A collector of this run alone: nothing to warm
-                                # up after (README, "A collector restart is not
+                                # up after (docs/architecture.md, "A collector restart is not
                                 # a burst of traffic"); series are counted from
                                 # its first snapshots.
                                 "--metrics-warm-up", "0"], env, ready=False)

@@ -10,7 +10,7 @@
  * Why C: between the driver's socket reads, the same path in Python cost a
  * service about 20 µs per cast, ten times its cost in a loop, most of it in
  * touching Python objects that the driver's own work had pushed out of the
- * CPU's caches (README, "Benchmark").
+ * CPU's caches (docs/benchmarks.md).
  *
  * Every function called with the GIL held, as CPython calls them; nothing
  * here releases it.

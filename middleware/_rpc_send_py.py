@@ -59,7 +59,7 @@ class Sender:
 
         The inner driver's exception is re-raised as it was. Compiled, the
         inner driver is called from C and no commlens frame is in its
-        traceback; here one frame is, this one (README, "Tracebacks"):
+        traceback; here one frame is, this one (docs/architecture.md, "Tracebacks"):
         Python adds the frame of every function an exception passes
         through, and only code that sees the exception can record it.
         """

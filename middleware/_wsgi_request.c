@@ -7,7 +7,7 @@
  * bind() once at import.
  *
  * Why C: on a minimal app under a fast server the same path in Python cost
- * about 8 % of the request (README, "Benchmark"), most of it in making and
+ * about 8 % of the request (docs/benchmarks.md), most of it in making and
  * calling Python objects: the request, its start_response, the list body's
  * close() and finaliser. Here those are C structs and C calls.
  *

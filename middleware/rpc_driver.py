@@ -95,7 +95,7 @@ class CommlensDriver(base.BaseDriver):
             service=explicit or (names.wsgi_service_name(conf) if provisional else None),
             provisional=provisional)
         # A name given in the URL is this transport's own; otherwise the
-        # process's (README: several services in one process), which it
+        # process's (docs/architecture.md: "Who ships where"), which it
         # follows when a WSGI application names the process later.
         self._service = explicit or self._recorder.service
         self._listeners = weakref.WeakSet()
@@ -126,7 +126,7 @@ class CommlensDriver(base.BaseDriver):
     def _use_sender(self, sender):
         """A send goes straight to the per-send path: compiled, no commlens
         frame is then in the traceback of an exception the inner driver
-        raises (README, "Tracebacks"). The ``send`` method below is the
+        raises (docs/architecture.md, "Tracebacks"). The ``send`` method below is the
         contract's; the instance's own shadows it. A send in progress keeps
         the sender that began it."""
         self._sends = sender

@@ -85,7 +85,7 @@ class CommlensMiddleware(_wsgi_request.Middleware):
         recorder.adopt(identity)
         self._routes = routes.RouteTemplates(settings.http_max_routes)
         # A name given to this filter is its own; otherwise the process's
-        # (README: several services in one process).
+        # (docs/architecture.md: "Who ships where").
         super().__init__(app, explicit or recorder.service, recorder, self._routes)
         if settings.http_outbound:
             http_client.instrument(settings.http_endpoints, service_names=settings.service_names)

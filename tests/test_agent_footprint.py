@@ -60,7 +60,7 @@ def test_the_rpc_driver_and_the_wsgi_filter_import_no_collector_package():
 
 
 def test_agent_import_time_is_reported():
-    """Not a limit: the figure for the README (``python -X importtime``)."""
+    """Not a limit: the figure for docs/benchmarks.md (``python -X importtime``)."""
     result = _run_python("import commlens.middleware.rpc_driver, commlens.middleware.wsgi",
                          None, "-X", "importtime")
     assert result.returncode == 0, result.stderr

@@ -68,7 +68,7 @@ def test_every_alert_is_tested_firing_and_quiet_and_has_a_runbook():
     tests = [yaml.safe_load(path.read_text()) for path in RULE_TESTS]
     cases = [case for document in tests for group in document["tests"]
              for case in group.get("alert_rule_test", [])]
-    readme = (ROOT / "README.md").read_text()
+    runbooks = (ROOT / "docs" / "runbooks.md").read_text()
     for rule in _alerts():
         name = rule["alert"]
         mine = [case for case in cases if case["alertname"] == name]
@@ -76,9 +76,9 @@ def test_every_alert_is_tested_firing_and_quiet_and_has_a_runbook():
         assert any(not case["exp_alerts"] for case in mine), f"{name}: no quiet case"
         for key in ("summary", "description", "runbook"):
             assert rule["annotations"].get(key), f"{name}: no {key}"
-        assert rule["annotations"]["runbook"] == f"README.md#{name.lower()}"
-        assert re.search(rf"^#### {name}$", readme, re.MULTILINE), \
-            f"README has no runbook section for {name}"
+        assert rule["annotations"]["runbook"] == f"docs/runbooks.md#{name.lower()}"
+        assert re.search(rf"^### {name}$", runbooks, re.MULTILINE), \
+            f"docs/runbooks.md has no runbook section for {name}"
 
 
 @pytest.mark.slow

@@ -218,7 +218,7 @@ def test_graph_and_tempo_service_graph_metrics_show_both_kinds_of_edge(
         collector, watching_collector, scenario):
     api_url, topic = scenario
     # The services ran before this collector: what they had done when it first
-    # heard from them is carried in and left out of its rates (README, "A
+    # heard from them is carried in and left out of its rates (docs/architecture.md, "A
     # collector restart is not a burst of traffic"); the requests below come after.
     wait_for(lambda: {"nova-api", "nova-conductor", "neutron-server"} <= {
         p["service"] for p in watching_collector.json("/api/processes")["processes"]} or None,

@@ -4,7 +4,7 @@ RabbitMQ, real oslo.messaging rabbit driver, with and without commlens.
 Compiled, the inner driver is called from C (middleware/_rpc_send.c) and no
 commlens frame is in the traceback: it is the one plain ``rabbit://`` gives.
 Over the Python twin, one frame is, and only that one:
-``middleware/_rpc_send_py.py, in send`` (README, "Tracebacks").
+``middleware/_rpc_send_py.py, in send`` (docs/architecture.md, "Tracebacks").
 """
 
 import pathlib

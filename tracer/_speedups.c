@@ -1,6 +1,6 @@
 /* The tracer's per-hop types, compiled: what every request and message
  * goes through, where a Python frame more is a measurable share of a fast
- * request (README, "Benchmark").
+ * request (docs/benchmarks.md).
  *
  * - Counter, Histogram: one series of the recorder (tracer/recorder.py),
  *   updated without a lock. Each update is one C call that runs no Python

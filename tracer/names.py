@@ -29,7 +29,7 @@ _SERVICES = (
     ("manila", "manila-api", ("shared-file-system", "sharev2")),
 )
 
-# Catalog service type -> service name (README: "Outbound calls").
+# Catalog service type -> service name (docs/operator-guide.md: "Outbound calls").
 CATALOG_SERVICES = {kind: name for _, name, kinds in _SERVICES for kind in kinds}
 # oslo.config project of a WSGI application -> the name of its API service.
 PROJECT_API_SERVICES = {project: name for project, name, _ in _SERVICES}

@@ -27,7 +27,7 @@ commlens. The work runs with the hop that was current when it was handed
 over (or with none): a pool's worker thread never keeps a hop between
 items, and the pools' threads themselves are started outside any hop.
 
-Long-lived work (README "Traces across threads and greenthreads"): a thread
+Long-lived work (docs/architecture.md, "Traces across threads and greenthreads"): a thread
 or greenthread continues the trace of the request that spawned it for its
 whole life; one-shot work (a boot) can take minutes and is still that
 request's. Repeating work is different: the runs of an oslo.service looping

@@ -359,9 +359,10 @@ def install(settings, shipper_factory=None, service=None, provisional=False):
 
     ``shipper_factory(recorder)`` builds the shipper; it runs only for the
     first call, so the first instrumented component of a process decides its
-    service name, where it ships to and which hops it keeps (README); a name
-    that is only the program's, or ``provisional``, is replaced by the
-    first WSGI application's (Recorder.adopt).
+    service name, where it ships to and which hops it keeps
+    (docs/architecture.md, "Who ships where"); a name that is only the
+    program's, or ``provisional``, is replaced by the first WSGI
+    application's (Recorder.adopt).
     """
     global _RECORDER
     with _RECORDER_LOCK:

@@ -63,7 +63,7 @@ _OPTS = [
                      "defaults (identity=keystone, compute=nova-api, "
                      "image=glance-api, network=neutron-server, "
                      "placement=placement-api, block-storage=cinder-api, ...; "
-                     "README) (env COMMLENS_SERVICE_NAMES)."),
+                     "docs/operator-guide.md) (env COMMLENS_SERVICE_NAMES)."),
 ]
 
 DEFAULTS = {

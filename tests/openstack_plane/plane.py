@@ -290,7 +290,7 @@ enforce_scope = false
 """)
 
     def _write_api_paste(self):
-        """nova's own api-paste.ini, edited as the README tells an operator:
+        """nova's own api-paste.ini, edited as docs/operator-guide.md tells an operator:
         commlens after compute_req_id; and no keystone here, so authtoken and
         keystonecontext give way to services/token_context.py."""
         shipped = (self.venv / "etc" / "nova" / "api-paste.ini").read_text()

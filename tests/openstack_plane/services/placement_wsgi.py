@@ -1,5 +1,5 @@
 """Placement's WSGI file for gunicorn, wrapped with commlens's class middleware
-(README: "Code that wraps a WSGI app itself"). Placement has no RPC transport,
+(docs/operator-guide.md: "Code that wraps a WSGI app itself"). Placement has no RPC transport,
 so commlens takes its settings from the environment (COMMLENS_EXPORT_URL, ...);
 placement.conf comes from OS_PLACEMENT_CONFIG_DIR."""
 
