@@ -168,3 +168,31 @@ def test_a_peer_that_never_answers_costs_the_deadline_and_is_named():
 def test_a_latency_a_peer_sends_that_does_not_fit_counts_as_none():
     assert graph.latency_from_json({"counts": [1, 2]}).counts == [0] * _N
     assert graph.latency_from_json(None).low is None
+
+
+def test_peer_addresses_are_checked_and_never_echo_a_password(monkeypatch):
+    import pytest
+
+    from commlens.cli import main
+
+    monkeypatch.delenv("COMMLENS_PEERS", raising=False)
+    args = main.build_parser().parse_args(
+        ["collector", "--replica", "1", "--peer", "http://a:9780/", "--peer", "http://b:9780"])
+    assert main._peers(args) == ["http://a:9780", "http://b:9780"]
+    monkeypatch.setenv("COMMLENS_PEERS", "http://c:9780, http://d:9780")
+    assert main._peers(main.build_parser().parse_args(["collector"])) == [
+        "http://c:9780", "http://d:9780"]
+    bad = main.build_parser().parse_args(["collector", "--peer", "http://u:secret@e:9780/x"])
+    with pytest.raises(SystemExit) as exc:
+        main._peers(bad)
+    assert "secret" not in str(exc.value) and "expected http://host:port" in str(exc.value)
+
+
+def test_peers_without_a_replica_name_are_refused(tmp_path, capsys):
+    from commlens.cli import main
+
+    code = main.main(["collector", "--peer", "http://127.0.0.1:1", "--history",
+                      str(tmp_path / "h.sqlite"), "--export-url",
+                      "amqp://guest:guest@127.0.0.1:5672/"])
+    assert code == 2
+    assert "--peer needs --replica" in capsys.readouterr().err

@@ -7,8 +7,11 @@ catches up on what waited in its queue, and nothing is counted twice or lost.
 
 import contextlib
 import json
+import subprocess
+import sys
 import time
 import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -145,6 +148,24 @@ def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_
         assert partial["replicas"]["partial"] is True
         assert [m["peer"] for m in partial["replicas"]["missing"]] == [stopped.base_url]
         assert sum(c["count"] for c in partial["chains"]) < 36
+        graph = replicas[2].json("/api/graph?window=5m")
+        assert graph["replicas"]["missing"][0]["error"] == "Connection refused"
+        # The incident commands say so on stderr; their output is the answer.
+        command = subprocess.run(
+            [sys.executable, "-m", "commlens.cli.main", "chains", "--since", "1h",
+             "--collector", replicas[0].base_url, "--json"],
+            capture_output=True, text=True, timeout=60)
+        assert command.returncode == 0, command.stderr
+        assert "partial answer: replicas 0, 2 answered" in command.stderr
+        assert stopped.base_url in command.stderr
+        assert json.loads(command.stdout)["replicas"]["partial"] is True
+        # The dashboard's picture says how many replicas are missing.
+        request = urllib.request.Request(replicas[0].base_url + "/dashboard/graph.svg")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.headers["X-Commlens-Missing-Replicas"] == "1"
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503  # no Graphviz: the page says so instead
 
         # What agents ship meanwhile waits in the stopped replica's queue.
         later = _add_traces(recorders, 30)
