@@ -146,6 +146,7 @@ def run_collector(args):
     from commlens.exporters import history as history_mod
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
+    from commlens.exporters import journal as journal_mod
     from commlens.exporters import traces
     from commlens.tracer import shipping
     from commlens.tracer import urls
@@ -164,12 +165,15 @@ def run_collector(args):
                                       max_open_traces=args.max_open_traces),
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
                                         max_traces=args.history_max_traces),
-            metrics_warm_up=args.metrics_warm_up)
+            metrics_warm_up=args.metrics_warm_up,
+            # The hops of open traces beside a history on disk; none in memory.
+            journal=(journal_mod.Journal(args.history + ".journal")
+                     if args.history != ":memory:" else None))
         intake = intake_mod.make_intake(export_url, collector, replica=args.replica,
                                         queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:
             collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
-    except (shipping.ExportUrlError, history_mod.HistoryError,
+    except (shipping.ExportUrlError, history_mod.HistoryError, journal_mod.JournalError,
             broker.BrokerUrlError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
@@ -193,6 +197,10 @@ def run_collector(args):
         print(f"commlens collector: cannot listen on {host}:{port}: {exc.strerror}",
               file=sys.stderr)
         return 2
+    reloaded = collector.reload()
+    if reloaded:
+        LOG.info("commlens collector: %d hop messages of traces left open (the collector "
+                 "before was killed) read back from %s.journal", reloaded, args.history)
     intake.start()
     collector.start_sweeper()
     if collector.queue_watcher is not None:
