@@ -1,8 +1,11 @@
 """Collector ingest: hops per second assembled into traces and chains, on one core.
 
 The whole path a shipped hop takes in the collector, in this one process:
-JSON decoding, checking, the trace window, closing quiet traces, deriving
-chains and writing the SQLite history (a real file, pruned as it would be).
+JSON decoding, checking, the trace window, writing each message to the
+journal before it would be acknowledged (the intake commits at
+least every read from the broker; here every message, its worst case),
+closing quiet traces, deriving chains and writing the SQLite history (a real
+file, pruned as it would be).
 Messages are built beforehand in batches and not timed. One in ten traces
 is an error trace of five hops (a chain), the rest sampled successes of
 three. Peak memory (RSS) is printed beside the window's configured bound:
@@ -30,6 +33,7 @@ import time
 
 from commlens.exporters import collector as collector_mod
 from commlens.exporters import history as history_mod
+from commlens.exporters import journal as journal_mod
 from commlens.exporters import traces
 from commlens.tracer import wire
 
@@ -95,7 +99,9 @@ def main():
         window = traces.TraceWindow(quiet_seconds=1.0, max_open_traces=args.max_open_traces)
         history = history_mod.History(os.path.join(tmp, "history.sqlite"),
                                       max_traces=args.history_max_traces)
-        collector = collector_mod.Collector(window=window, history=history)
+        collector = collector_mod.Collector(
+            window=window, history=history,
+            journal=journal_mod.Journal(os.path.join(tmp, "history.sqlite.journal")))
         start_rss = rss_mib()
         busy = cpu = 0.0
         hops = 0
@@ -105,6 +111,7 @@ def main():
             started, cpu_started = time.perf_counter(), time.process_time()
             for body in batch:
                 collector.ingest(body)
+                collector.commit()
             collector.sweep()
             if time.monotonic() - last_prune > 10:
                 history.prune()
@@ -175,11 +182,14 @@ def _replica_share(index, replicas, total, barrier, results):
     with tempfile.TemporaryDirectory() as tmp:
         window = traces.TraceWindow(quiet_seconds=1.0)
         history = history_mod.History(os.path.join(tmp, "history.sqlite"))
-        collector = collector_mod.Collector(window=window, history=history)
+        collector = collector_mod.Collector(
+            window=window, history=history,
+            journal=journal_mod.Journal(os.path.join(tmp, "history.sqlite.journal")))
         barrier.wait()
         started, cpu = time.perf_counter(), time.process_time()
         for i, body in enumerate(batch):
             collector.ingest(body)
+            collector.commit()
             if i % 50 == 0:
                 collector.sweep()
         collector.sweep(force=True)
