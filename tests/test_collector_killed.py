@@ -37,13 +37,22 @@ def _start(stack, export_url, tmp_path, port):
     return collector
 
 
-def _kill_with_open_traces(collector, count):
-    """SIGKILL once ``count`` traces are open in its window, none stored."""
+def _killed_with_open_traces(stack, tmp_path, count):
+    """A collector that took ``count`` traces from three processes and was
+    killed with SIGKILL with them open in its window, none stored. Returns
+    (export URL, queue, port, the processes' recorders, the trace ids)."""
+    export_url, queue = _export_url()
+    port = free_port()
+    recorders = [recorder_mod.Recorder(f"svc-{i}") for i in range(3)]
+    collector = _start(stack, export_url, tmp_path, port)
+    trace_ids = add_error_traces(recorders, count)
+    ship_recorders(export_url, recorders)
     wait_for(lambda: collector.metrics().value("commlens_collector_open_traces") == count,
              timeout=30, interval=0.05, message=f"{count} open traces")
     assert collector.json("/api/chains?since=1h")["chains"] == []
     collector.process.kill()
     collector.process.wait(30)
+    return export_url, queue, port, recorders, trace_ids
 
 
 def _chains_counted(collector):
@@ -59,14 +68,9 @@ def _assert_complete(collector, trace_ids):
 
 def test_a_collector_killed_with_open_traces_loses_nothing_and_counts_nothing_twice(
         rabbitmq, tmp_path):
-    export_url, _queue = _export_url()
-    port = free_port()
-    recorders = [recorder_mod.Recorder(f"svc-{i}") for i in range(3)]
     with contextlib.ExitStack() as stack:
-        first = _start(stack, export_url, tmp_path, port)
-        open_traces = add_error_traces(recorders, 20)
-        ship_recorders(export_url, recorders)
-        _kill_with_open_traces(first, 20)
+        export_url, _queue, port, recorders, open_traces = _killed_with_open_traces(
+            stack, tmp_path, 20)
         # Shipped while no collector runs: waits in the queue.
         meanwhile = add_error_traces(recorders, 10)
         ship_recorders(export_url, recorders)
@@ -92,14 +96,9 @@ def test_a_message_journalled_and_then_delivered_again_counts_once(rabbitmq, tmp
     """Killed after the journal was written and before the broker had the
     acknowledgement: the next start reads the message back from the journal
     and the broker delivers it again, marked as redelivered."""
-    export_url, queue = _export_url()
-    port = free_port()
-    recorders = [recorder_mod.Recorder(f"svc-{i}") for i in range(3)]
     with contextlib.ExitStack() as stack:
-        first = _start(stack, export_url, tmp_path, port)
-        trace_ids = add_error_traces(recorders, 5)
-        ship_recorders(export_url, recorders)
-        _kill_with_open_traces(first, 5)
+        export_url, queue, port, _recorders, trace_ids = _killed_with_open_traces(
+            stack, tmp_path, 5)
         journalled = [body for _number, body in journal_mod.Journal(
             str(tmp_path / f"history-{port}.sqlite.journal")).read()]
         assert journalled
