@@ -67,7 +67,9 @@ def create_app(collector, intake=None, dashboard=None):
         since = _duration_arg("since", 900)
         limit = _limit_arg("limit", silent.DEFAULT_LIMIT, silent.MAX_LIMIT)
         return {"since_seconds": since,
-                "servers": collector.silent_servers.top(since, limit)}
+                "servers": collector.silent_servers.top(since, limit),
+                # Not windowed: silent now, for up to an hour (exporters/reporters.py).
+                "reporters": collector.silent_reporters.top(limit)}
 
     @app.get("/api/traces/<trace_or_request_id>")
     def trace(trace_or_request_id):
