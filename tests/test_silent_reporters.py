@@ -8,7 +8,10 @@ names compute-1; on real RabbitMQ, a stopped reporter's host is named and
 one that merely slows a little is not; the rules hold on exact timings.
 """
 
+import os
 import random
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -214,11 +217,22 @@ def test_demo_compute_down_names_compute_1_among_silent_reporters(tmp_path):
         try:
             rows = wait_for(compute_reporters, timeout=40,
                             message="compute-1 among the silent reporters")
+            assert {(r["host"], r["method"]) for r in rows} == {
+                ("compute-1", "compute_node_update")}
+            assert rows[0]["interval_seconds"] == pytest.approx(2.0, abs=0.6)
+            assert "compute-1" not in demo.get("/metrics")
+            # Beside the graph, and in ``commlens graph``.
+            assert [r["host"] for r in demo.json("/api/graph")["silent_reporters"]
+                    if r["service"] == "nova-compute"] == ["compute-1"]
+            shown = subprocess.run(
+                [sys.executable, "-m", "commlens.cli.main", "graph", "--collector", demo.base],
+                capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="200"))
+            assert shown.returncode == 0, shown.stderr
+            assert "Periodic reporters that went silent" in shown.stdout
+            (line,) = [x for x in shown.stdout.splitlines() if "compute_node_update" in x]
+            assert "compute-1" in line
         finally:
             demo.fault("compute-down", on=False)
-        assert {(r["host"], r["method"]) for r in rows} == {("compute-1", "compute_node_update")}
-        assert rows[0]["interval_seconds"] == pytest.approx(2.0, abs=0.6)
-        assert "compute-1" not in demo.get("/metrics")
         # Back: its reports resume and it leaves the list.
         wait_for(lambda: compute_reporters() == [], timeout=30,
                  message="compute-1 reporting again")
