@@ -239,3 +239,27 @@ def test_demo_compute_down_names_compute_1_among_silent_reporters(tmp_path):
     finally:
         demo.process.kill()
         demo.process.wait()
+
+
+@pytest.mark.parametrize("query, host", [
+    ("commlens_service_name=svc-hosted&commlens_host=compute-9", "compute-9"),
+    ("commlens_host=compute-9", None),  # no service name of its own: the process's
+    ("commlens_service_name=svc-hosted&commlens_host=bad%20host", None),
+])
+def test_a_transport_speaks_for_a_host_only_with_a_valid_name_and_a_service(conf, query,
+                                                                           host):
+    from commlens.tracer import recorder as recorder_mod
+
+    transport = om.get_rpc_transport(conf, url="commlens+fake://?" + query)
+    try:
+        recorder = transport._driver._recorder
+        assert recorder.host == host
+        assert (recorder is recorder_mod.get_recorder()) == (host is None)
+        if host:
+            assert recorder.snapshot(1.0, max_hops=0)["process"]["host"] == host
+            # One recorder per host and service.
+            again = om.get_rpc_transport(conf, url="commlens+fake://?" + query)
+            assert again._driver._recorder is recorder
+            again.cleanup()
+    finally:
+        transport.cleanup()
