@@ -11,7 +11,6 @@ that are huge, binary, not UTF-8, malformed or carry a token name nothing
 and break nothing; streamed bodies reach the client whole and at once.
 """
 
-import contextlib
 import json
 import threading
 import uuid
@@ -21,12 +20,11 @@ import pytest
 import requests
 import webob
 import webob.exc
-from werkzeug import serving
 
 from commlens.middleware import faults
 from commlens.middleware import http_client
 from commlens.middleware import wsgi
-from support import wait_for
+from support import serve_wsgi, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -150,18 +148,6 @@ def _app(streams):
     return app
 
 
-@contextlib.contextmanager
-def _server(app):
-    server = serving.make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.shutdown()
-        thread.join(5)
-
-
 @pytest.fixture
 def api(collector, conf):
     """(service, base URL, streams): a server with commlens's filter, and the
@@ -170,7 +156,7 @@ def api(collector, conf):
     streams = {"/stream-ok": _Stream("200 OK"), "/stream-error": _Stream("503 Service Unavailable")}
     middleware = wsgi.CommlensMiddleware(_app(streams), conf=conf, service_name=service,
                                          http_outbound="false")
-    with _server(middleware) as base:
+    with serve_wsgi(middleware) as base:
         http_client.instrument([f"{service}={base}"], conf=conf)
         try:
             yield service, base, streams
