@@ -66,7 +66,9 @@ _ONE_WAY = frozenset(("cast", "fanout", "notification"))
 def span_fields(hop):
     """(name, kind, attributes, error) of a clean hop's span: attributes a
     list of (key, str or int); error None, or the error type the span's
-    status names."""
+    status names. All of it comes from the hop's label-like fields
+    (``_SHAPE``), so encoders may keep it per shape; what is unique to a
+    request is ``request_attributes``."""
     protocol, side = hop["protocol"], hop["side"]
     operation, target, kind = hop["operation"] or "", hop["target"] or "", hop["kind"]
     error = hop["error"]
@@ -111,10 +113,6 @@ def span_fields(hop):
     peer = hop["peer"]
     if peer and side == wire.SERVER:
         add(("commlens.caller", peer))
-    if hop["request_id"]:
-        add(("openstack.request_id", hop["request_id"]))
-    if hop["global_request_id"]:
-        add(("openstack.global_request_id", hop["global_request_id"]))
     error_type = None
     if error:
         # "409 PortBindingFailed": the class; "500": the status code.
@@ -124,6 +122,21 @@ def span_fields(hop):
         add(("commlens.outcome", hop["outcome"]))
     return name or kind or protocol, span_kind, attributes, (error_type or hop["outcome"]
                                                               if failed else None)
+
+
+# The hop fields span_fields and _flags read: a hop's shape.
+_SHAPE = ("protocol", "side", "kind", "target", "operation", "outcome", "error", "server",
+          "peer")
+
+
+def request_attributes(hop):
+    """The span's attributes unique to its request (after span_fields')."""
+    attributes = []
+    if hop["request_id"]:
+        attributes.append(("openstack.request_id", hop["request_id"]))
+    if hop["global_request_id"]:
+        attributes.append(("openstack.global_request_id", hop["global_request_id"]))
+    return attributes
 
 
 def _status_code(error):
@@ -196,25 +209,17 @@ def _key_value(key, value):
 class Encoder:
     """The protobuf of an ExportTraceServiceRequest, written directly.
 
-    What repeats (an attribute's key and value, a service's resource) is
-    encoded once and kept, up to a bound: hops' values are label-like
-    (services, topics, methods, routes) but request ids are not, and are
-    encoded each time."""
+    What repeats is encoded once and kept, up to a bound: a service's
+    resource, and a shape's (``_SHAPE``) name, kind, attributes, status and
+    flags; hops' shapes are label-like (services, topics, methods, routes,
+    error classes). Request ids are encoded each time."""
 
     MAX_CACHED = 50000
 
     def __init__(self):
-        self._attributes = {}
+        self._shapes = {}
         self._resources = {}
         self._scope = _field(1, _field(1, SCOPE_NAME.encode()) + _field(2, SCOPE_VERSION.encode()))
-
-    def _attribute(self, pair):
-        cached = self._attributes.get(pair)
-        if cached is None:
-            cached = _field(9, _key_value(*pair))
-            if pair[0] not in _UNCACHED and len(self._attributes) < self.MAX_CACHED:
-                self._attributes[pair] = cached
-        return cached
 
     def _resource(self, service):
         cached = self._resources.get(service)
@@ -224,32 +229,51 @@ class Encoder:
                 self._resources[service] = cached
         return cached
 
-    def span(self, hop, received):
+    def _shape(self, hop, key):
         name, kind, attributes, error = span_fields(hop)
-        start, end = _times(hop, received)
-        attribute = self._attribute
-        parts = [b"\x0a\x10", bytes.fromhex(hop["trace_id"]),
-                 b"\x12\x08", bytes.fromhex(hop["span_id"])]
-        if hop["parent_id"]:
-            parts += (b"\x22\x08", bytes.fromhex(hop["parent_id"]))
-        parts += (_field(5, name.encode("utf-8", "replace")), b"\x30", _varint(kind),
-                  b"\x39", _pack_fixed64(start), b"\x41", _pack_fixed64(end))
-        parts += map(attribute, attributes)
+        parts = [_field(5, name.encode("utf-8", "replace")), b"\x30", _varint(kind)]
+        parts += (_field(9, _key_value(*pair)) for pair in attributes)
         if error is not None:
             parts.append(_field(15, _field(2, error.encode("utf-8", "replace"))
                                 + _varint(3 << 3) + _varint(STATUS_ERROR)))
         else:
             parts.append(_STATUS_UNSET)
         parts += (b"\x85\x01", _pack_fixed32(_flags(hop)))
-        return _field(2, b"".join(parts))
+        shape = b"".join(parts)
+        if len(self._shapes) < self.MAX_CACHED:
+            self._shapes[key] = shape
+        return shape
+
+    def span(self, hop, received):
+        """A Span, as field 2 of ScopeSpans."""
+        key = (hop["protocol"], hop["side"], hop["kind"], hop["target"], hop["operation"],
+               hop["outcome"], hop["error"], hop["server"], hop["peer"],
+               hop["parent_id"] is None)
+        shape = self._shapes.get(key) or self._shape(hop, key)
+        parent = hop["parent_id"]
+        # Field 1 (trace id), 2 (span id) and 4 (parent), with their tags, in one go.
+        ids = bytes.fromhex("0a10" + hop["trace_id"] + "1208" + hop["span_id"]
+                            + ("2208" + parent if parent else ""))
+        duration = hop["duration"] or 0.0
+        start = hop["start"]
+        start_ns = int((received - duration if start is None else start) * 1e9)
+        body = ids + _pack_times(0x39, start_ns, 0x41, start_ns + int(duration * 1e9)) + shape
+        if hop["request_id"] or hop["global_request_id"]:
+            body += b"".join(_field(9, _key_value(*pair)) for pair in request_attributes(hop))
+        size = len(body)
+        return (b"\x12" + (_VARINTS[size] if size < _SMALL else _varint(size))) + body
 
     def request(self, hops, received):
         """The serialized request carrying ``hops`` (clean hops), one
         ResourceSpans per service."""
-        by_service = collections.defaultdict(list)
+        by_service = {}
         span = self.span
         for hop in hops:
-            by_service[hop["service"]].append(span(hop, received))
+            service = hop["service"]
+            spans = by_service.get(service)
+            if spans is None:
+                spans = by_service[service] = []
+            spans.append(span(hop, received))
         return b"".join(
             _field(1, self._resource(service)
                    + _field(2, self._scope + b"".join(spans)))
@@ -258,8 +282,9 @@ class Encoder:
 
 # An empty Status (code UNSET), as the SDK's encoder writes it.
 _STATUS_UNSET = b"\x7a\x00"
-# Values unique to a request: never worth keeping.
-_UNCACHED = frozenset(("openstack.request_id", "openstack.global_request_id"))
+_pack_times = struct.Struct("<BQBQ").pack
+_SMALL = 4096
+_VARINTS = [_varint(n) for n in range(_SMALL)]
 
 
 # -- the reference: opentelemetry-sdk and the OTLP exporter's encoder ---------
@@ -313,7 +338,8 @@ class SdkEncoder:
             name=name, context=trace.SpanContext(trace_id, int(hop["span_id"], 16),
                                                  is_remote=False, trace_flags=flags),
             parent=parent, resource=self._resource(hop["service"]),
-            attributes=dict(attributes), kind=self._kinds[kind], start_time=start,
+            attributes=dict(attributes + request_attributes(hop)), kind=self._kinds[kind],
+            start_time=start,
             end_time=end, status=status, instrumentation_scope=self._scope)
 
     def request(self, hops, received):
@@ -397,7 +423,9 @@ class SpanExport:
         self.interval = interval
         self.timeout = timeout
         self._encoder = encoder or make_encoder()
+        # Lists of hops as offered; _queued counts their hops.
         self._queue = collections.deque()
+        self._queued = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -422,22 +450,23 @@ class SpanExport:
     # -- the intake's side: never waits --------------------------------------
 
     def offer(self, hops):
-        """Queue clean hops for export; drops (and counts) what does not fit."""
-        queue = self._queue
+        """Queue a list of clean hops for export; drops (and counts) what
+        does not fit. The list is kept as it is: the caller gives it up."""
         with self._lock:
-            room = self.max_queue - len(queue)
-            if room >= len(hops):
-                queue.extend(hops)
-            else:
-                room = max(0, room)
-                queue.extend(hops[:room])
-                self.dropped[QUEUE_FULL] += len(hops) - room
-            full = len(queue) >= self.batch
+            room = self.max_queue - self._queued
+            if room < len(hops):
+                self.dropped[QUEUE_FULL] += len(hops) - max(0, room)
+                if room <= 0:
+                    return
+                hops = hops[:room]
+            self._queue.append(hops)
+            self._queued += len(hops)
+            full = self._queued >= self.batch
         if full:
             self._wake.set()
 
     def queued(self):
-        return len(self._queue)
+        return self._queued
 
     def counts(self):
         """(exported, {reason: dropped})"""
@@ -469,27 +498,32 @@ class SpanExport:
                     break
                 if self._export(batch):
                     delay = 1.0
-                elif not self._stopping.is_set():
+                    continue
+                if not self._stopping.is_set():
                     # Down or slow: what arrives meanwhile waits in the queue,
                     # within its bound.
                     self._stopping.wait(delay)
                     delay = min(BACKOFF_MAX, delay * 2)
-                    break
-            if self._stopping.is_set() and not self._queue:
-                return
+                break
             if self._stopping.is_set():
                 # Stopping with a backend that fails: what is left is dropped.
-                with self._lock:
-                    self.dropped[EXPORT_FAILED] += len(self._queue)
-                    self._queue.clear()
+                self._drop_queued()
                 return
 
     def _take(self):
+        """About ``batch`` hops (whole lists as offered), oldest first."""
         queue, batch = self._queue, []
         with self._lock:
-            for _ in range(min(self.batch, len(queue))):
-                batch.append(queue.popleft())
+            while queue and len(batch) < self.batch:
+                batch.extend(queue.popleft())
+            self._queued -= len(batch)
         return batch
+
+    def _drop_queued(self):
+        with self._lock:
+            self.dropped[EXPORT_FAILED] += self._queued
+            self._queue.clear()
+            self._queued = 0
 
     def _export(self, batch):
         """Encode and post one batch; True if the backend took it."""

@@ -41,6 +41,8 @@ def _hop(**fields):
 
 HOPS = [
     _hop(request_id="req-1", global_request_id="req-g"),
+    # The same shape again (the encoder keeps its bytes), another request.
+    _hop(request_id="req-2"),
     _hop(side="server", service="nova-conductor", peer="nova-api",
          parent_id=context.new_span_id(), outcome="error", error="PortBindingFailed",
          server="host-1"),
@@ -83,8 +85,10 @@ def test_the_fast_encoder_writes_what_the_sdk_and_the_otlp_exporter_encode():
 
 def test_spans_follow_the_messaging_rpc_and_http_conventions():
     spans = {s["span_id"]: s for s in decode(otlp.Encoder().request(HOPS, time.time()))}
-    call, served, cast, fanout, timeout, put, post, client_409, get = (
+    call, again, served, cast, fanout, timeout, put, post, client_409, get = (
         spans[h["span_id"]] for h in HOPS)
+    assert again["attributes"]["openstack.request_id"] == "req-2"
+    assert "openstack.global_request_id" not in again["attributes"]
     assert (call["kind"], served["kind"], cast["kind"], fanout["kind"]) == (
         CLIENT, SERVER, PRODUCER, CONSUMER)
     assert call["attributes"]["messaging.system"] == "rabbitmq"
@@ -139,8 +143,12 @@ def _stop(process):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["direct", "sdk"])
 def test_every_hop_of_real_agents_reaches_the_backend_as_a_span_with_its_ids(
-        rabbitmq, tmp_path):
+        rabbitmq, tmp_path, monkeypatch, encoder):
+    if encoder == "sdk":
+        # The reference: opentelemetry-sdk's spans through the OTLP exporter's encoder.
+        monkeypatch.setenv(otlp.ENCODER_ENV, "sdk")
     run = uuid.uuid4().hex[:8]
     export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-otlp-{run}"
                   f"&queue=commlens.otlp-{run}")
