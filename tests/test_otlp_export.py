@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from otlp_receiver import Receiver, decode
-from support import (PEERS, collector_ready, free_port, run_collector, wait_for)
+from support import (PEERS, Demo, collector_ready, free_port, run_collector, wait_for)
 
 from commlens.exporters import otlp
 from commlens.tracer import context
@@ -258,3 +258,35 @@ def test_a_backend_that_hangs_or_refuses_never_stalls_the_intake(rabbitmq, tmp_p
             assert metrics.value("commlens_collector_otlp_queue_spans") <= 50
             assert metrics.value("commlens_collector_otlp_spans_dropped_total",
                                  reason="queue_full") > 0
+
+
+@pytest.mark.slow
+def test_the_demo_exports_rest_spans_that_join_its_rpc_spans(tmp_path):
+    """``commlens demo --otlp-endpoint``: the emulated plane's real WSGI
+    middleware and outbound hook give HTTP spans, its failures ERROR."""
+    with Receiver() as receiver:
+        demo = Demo(tmp_path, "--otlp-endpoint", receiver.endpoint, "--fault", "neutron-error")
+        try:
+            wait_for(demo.up, timeout=60, message="demo up")
+
+            def failed_port_binding():
+                spans = receiver.by_span_id()
+                return next((s for s in spans.values()
+                             if s["service"] == "neutron-server" and s["kind"] == SERVER
+                             and s["attributes"].get("http.response.status_code") == 409
+                             and s["parent_id"] in spans), None)
+            bound = wait_for(failed_port_binding, timeout=60,
+                             message="neutron's 409 under its caller's span")
+        finally:
+            demo.process.terminate()
+            demo.process.wait(30)
+        spans = receiver.by_span_id()
+        assert bound["attributes"]["http.route"].startswith("/v2.0/ports")
+        assert bound["attributes"]["error.type"] == "PortBindingFailed"
+        caller = spans[bound["parent_id"]]
+        assert caller["kind"] == CLIENT and caller["trace_id"] == bound["trace_id"]
+        assert caller["attributes"]["peer.service"] == "neutron-server"
+        assert caller["status_code"] == STATUS_ERROR
+        kinds = {(s["attributes"].get("rpc.system") is not None, s["kind"])
+                 for s in spans.values()}
+        assert {(True, CLIENT), (True, SERVER), (False, CLIENT), (False, SERVER)} <= kinds
