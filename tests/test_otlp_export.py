@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from otlp_receiver import Receiver, decode
-from support import (PEERS, Demo, collector_ready, free_port, run_collector, wait_for)
+from support import (PEERS, Demo, Peer, collector_ready, free_port, run_collector, wait_for)
 
 from commlens.exporters import otlp
 from commlens.tracer import context
@@ -132,16 +132,6 @@ def _spawn(script, export_url, service, *args):
     return process
 
 
-def _stop(process):
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["direct", "sdk"])
 def test_every_hop_of_real_agents_reaches_the_backend_as_a_span_with_its_ids(
@@ -177,7 +167,7 @@ def test_every_hop_of_real_agents_reaches_the_backend_as_a_span_with_its_ids(
                 receiver.by_span_id()), timeout=30, message="the backend's spans")
         finally:
             for process in (caller, server):
-                _stop(process)
+                Peer(process, None).stop()
         assert receiver.paths == {"/v1/traces"}
         for hop in hops:
             span = spans[hop["span_id"]]
