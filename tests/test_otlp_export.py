@@ -280,3 +280,16 @@ def test_the_demo_exports_rest_spans_that_join_its_rpc_spans(tmp_path):
         kinds = {(s["attributes"].get("rpc.system") is not None, s["kind"])
                  for s in spans.values()}
         assert {(True, CLIENT), (True, SERVER), (False, CLIENT), (False, SERVER)} <= kinds
+
+
+def test_the_endpoint_comes_from_the_flag_or_the_environment(monkeypatch):
+    from commlens.cli import main
+
+    monkeypatch.setenv(otlp.ENDPOINT_ENV, "http://tempo:4318")
+    for command in ("collector", "demo"):
+        args = main.build_parser().parse_args([command])
+        assert otlp.from_arguments(args).url == "http://tempo:4318/v1/traces"
+        args = main.build_parser().parse_args([command, "--otlp-endpoint", "http://otel:4318"])
+        assert otlp.from_arguments(args).url == "http://otel:4318/v1/traces"
+    monkeypatch.delenv(otlp.ENDPOINT_ENV)
+    assert otlp.from_arguments(main.build_parser().parse_args(["collector"])) is None
