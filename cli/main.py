@@ -15,6 +15,7 @@ from commlens.cli import emulate
 from commlens.cli import grafana
 from commlens.cli import incident
 from commlens.exporters import durations
+from commlens.exporters import otlp
 
 LOG = logging.getLogger("commlens.collector")
 DEFAULT_LISTEN = "127.0.0.1:9780"
@@ -100,6 +101,7 @@ def build_parser():
                                 "error ratio (default 0.01)")
     collector.add_argument("--failing-error-ratio", type=float, default=0.05,
                            help="... and failing from this one (default 0.05)")
+    otlp.add_arguments(collector)
     collector.set_defaults(run=run_collector)
 
     incident.add_commands(commands)
@@ -169,8 +171,9 @@ def run_collector(args):
                                         queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:
             collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
+        collector.span_export = otlp.from_arguments(args)
     except (shipping.ExportUrlError, history_mod.HistoryError,
-            broker.BrokerUrlError) as exc:
+            broker.BrokerUrlError, otlp.EndpointError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
     peers = _peers(args)
@@ -193,14 +196,18 @@ def run_collector(args):
         print(f"commlens collector: cannot listen on {host}:{port}: {exc.strerror}",
               file=sys.stderr)
         return 2
+    if collector.span_export is not None:
+        collector.span_export.start()
     intake.start()
     collector.start_sweeper()
     if collector.queue_watcher is not None:
         collector.queue_watcher.start()
+    exporting = collector.span_export
     print(f"commlens collector: consuming {urls.redact(export_url)}"
           f"{' as replica ' + args.replica if args.replica else ''}; "
           f"dashboard on http://{host}:{server.port}/dashboard/, "
-          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}",
+          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}"
+          f"{'; spans to ' + exporting.description if exporting else ''}",
           flush=True)
     if not dashboard.token and not _loopback(host):
         LOG.warning("commlens collector: the dashboard and JSON API on %s are open to anyone "

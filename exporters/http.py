@@ -47,7 +47,8 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
 
     @app.get("/metrics")
     def metrics():
-        body, content_type = prometheus.render(collector, intake)
+        body, content_type = prometheus.render(collector, intake,
+                                               flask.request.headers.get("Accept"))
         return flask.Response(body, content_type=content_type)
 
     @app.get("/healthz")
