@@ -163,6 +163,25 @@ class SilentReporters:
                              "missed": int(silent_for // period),
                              "reports": reporter.sends, "last_seen": reporter.last_wall,
                              "ended": reporter.ended})
-        rows.sort(key=lambda r: (-r["missed"], r["host"], r["service"], r["target"],
-                                 r["method"]))
-        return rows[:limit]
+        return _sorted(rows)[:limit]
+
+
+def merge(groups):
+    """Silent reporters of several replicas (exporters/fleet.py) as one list.
+    A process's snapshots reach one replica, so a reporter is listed by one;
+    if by several (its process restarted and hashed to another replica, which
+    then saw it sent and lists nothing), the row seen sending last is kept."""
+    merged = {}
+    for rows in groups:
+        for row in rows:
+            key = tuple(row.get(f) for f in ("host", "service", "target", "method", "kind"))
+            before = merged.get(key)
+            if before is None or (row.get("last_seen") or 0) > (before.get("last_seen") or 0):
+                merged[key] = row
+    return _sorted(list(merged.values()))
+
+
+def _sorted(rows):
+    rows.sort(key=lambda r: (-r["missed"], r["host"], r["service"], r["target"],
+                             r["method"], r["kind"]))
+    return rows

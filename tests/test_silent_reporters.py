@@ -263,3 +263,15 @@ def test_a_transport_speaks_for_a_host_only_with_a_valid_name_and_a_service(conf
             again.cleanup()
     finally:
         transport.cleanup()
+
+
+def test_replicas_lists_merge_by_reporter_keeping_the_last_seen():
+    def row(host, last_seen, missed):
+        return {"host": host, "service": "nova-compute", "target": "conductor",
+                "method": "compute_node_update", "kind": "call", "interval_seconds": 10.0,
+                "silent_seconds": 40.0, "missed": missed, "reports": 5,
+                "last_seen": last_seen, "ended": False}
+    merged = reporters.merge([[row("compute-1", 100.0, 4), row("compute-2", 50.0, 9)],
+                              [row("compute-1", 120.0, 3)], []])
+    assert [(r["host"], r["last_seen"]) for r in merged] == [("compute-2", 50.0),
+                                                             ("compute-1", 120.0)]
