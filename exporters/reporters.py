@@ -21,8 +21,9 @@ growths), on the collector's clock (no clock sync with the agents):
   rhythm cannot be seen), and every growth came when the interval said it
   would, within a snapshot (``1.5 x`` the ship interval, an observation is
   late by up to one) or a quarter of the interval, and within ``0.6 x``
-  the ship interval plus a tenth of the interval on average: traffic that
-  follows users (a Poisson stream) is that regular only by chance;
+  the ship interval plus a tenth of the interval on average, each plus
+  ``DELIVERY_JITTER`` for the snapshots' trip: traffic that follows users
+  (a Poisson stream) is that regular only by chance;
 - it is silent when nothing grew for more than ``SILENT_INTERVALS`` times
   its interval. One that slows a little is not: its gaps grow, but stay
   well under three intervals.
@@ -47,6 +48,9 @@ MAX_LIMIT = 1000
 MIN_GAPS = 6
 MIN_SHIP_INTERVALS = 2.0
 SILENT_INTERVALS = 3.0
+# Snapshots reach the collector through the broker and its intake thread:
+# their arrival, which times a growth, wobbles by up to this much (seconds).
+DELIVERY_JITTER = 0.25
 _GAPS = 8
 _PROCESSES = 4  # processes remembered per reporter (restarts)
 _SENT = metrics.RPC_SENT.name
@@ -76,10 +80,10 @@ class _Reporter:
         if period < max(1.0, MIN_SHIP_INTERVALS * ship):
             return None
         deviations = [gap - n * period for gap, n in self.gaps]
-        if any(abs(d) > max(1.5 * ship, 0.25 * period) for d in deviations):
+        if any(abs(d) > max(1.5 * ship, 0.25 * period) + DELIVERY_JITTER for d in deviations):
             return None
         rms = math.sqrt(sum(d * d for d in deviations) / len(deviations))
-        if rms > 0.6 * ship + 0.1 * period:
+        if rms > 0.6 * ship + 0.1 * period + DELIVERY_JITTER:
             return None
         return period
 

@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import oslo_messaging as om
@@ -133,12 +134,13 @@ def test_reporters_are_bounded_and_hosts_are_checked():
 @pytest.mark.slow
 def test_on_rabbitmq_the_stopped_host_is_named_and_the_slowed_one_is_not(collector, conf,
                                                                        topic):
-    # Three emulated hosts report every second over real RabbitMQ, each
-    # transport speaking for its host (commlens_host): one stops, one slows
-    # by a fifth, one goes on.
+    # Three emulated hosts report every 1.5 s over real RabbitMQ, on a fixed
+    # schedule as oslo.service's FixedIntervalLoopingCall runs state reports,
+    # each transport speaking for its host (commlens_host): one stops, one
+    # slows by a fifth, one goes on.
     service = f"reporter-{uuid.uuid4().hex[:6]}"
     target = om.Target(topic=topic)
-    periods = {"host-stops": 1.0, "host-slows": 1.0, "host-steady": 1.0}
+    periods = {"host-stops": 1.5, "host-slows": 1.5, "host-steady": 1.5}
     stop = threading.Event()
     stopped = threading.Event()
     transports = []
@@ -158,11 +160,13 @@ def test_on_rabbitmq_the_stopped_host_is_named_and_the_slowed_one_is_not(collect
             conf, url=f"{COMMLENS_URL}?commlens_service_name={service}&commlens_host={host}")
         transports.append(transport)
         client = om.get_rpc_client(transport, target, timeout=10)
+        due = time.monotonic()
         while not stop.is_set():
             if host == "host-stops" and stopped.is_set():
                 break
             client.call({}, "report_state", host=host)
-            stop.wait(periods[host])
+            due += periods[host]
+            stop.wait(max(0.0, due - time.monotonic()))
 
     threads = [threading.Thread(target=report, args=(host,), daemon=True) for host in periods]
     for thread in threads:
@@ -171,16 +175,16 @@ def test_on_rabbitmq_the_stopped_host_is_named_and_the_slowed_one_is_not(collect
         def learned():
             rows = collector.json("/api/silent-servers")["reporters"]
             return [r for r in rows if r["service"] == service]
-        # Learned over a few reports; then host-stops stops and host-slows slows.
+        # Learned over ten reports; then host-stops stops and host-slows slows.
         wait_for(lambda: collector.metrics().value(
             "commlens_rpc_sent_total", service=service, target=topic,
             method="report_state", kind="call") >= 3 * 10, timeout=60,
             message="ten reports from each host")
-        periods["host-slows"] = 1.2
+        periods["host-slows"] = 1.8
         stopped.set()
         rows = wait_for(learned, timeout=30, message="a silent reporter")
         # Several intervals more: the slowed host is still not flagged.
-        stop.wait(4)
+        stop.wait(6)
         rows = learned()
     finally:
         stop.set()
@@ -192,7 +196,7 @@ def test_on_rabbitmq_the_stopped_host_is_named_and_the_slowed_one_is_not(collect
             transport.cleanup()
     assert [(r["host"], r["method"], r["target"]) for r in rows] == [
         ("host-stops", "report_state", topic)]
-    assert rows[0]["interval_seconds"] == pytest.approx(1.0, abs=0.3)
+    assert rows[0]["interval_seconds"] == pytest.approx(1.5, abs=0.3)
     assert "host-stops" not in collector.get("/metrics")[1]
     beside_graph = collector.json("/api/graph")["silent_reporters"]
     assert any(r["host"] == "host-stops" for r in beside_graph)
