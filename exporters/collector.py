@@ -41,6 +41,7 @@ import time
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
+from commlens.exporters import lost
 from commlens.exporters import silent
 from commlens.exporters import traces
 from commlens.tracer import aggregate
@@ -121,7 +122,8 @@ class Collector:
                  max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
-                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0):
+                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
+                 lost_grace=None):
         self._clock = clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
@@ -162,6 +164,9 @@ class Collector:
         self.chain_counter = chain_counter or chains.ChainCounter()
         # Calls to a named server (a host) that timed out: hosts are never labels.
         self.silent_servers = silent.SilentServers()
+        # Casts, fanouts and notifications nobody received (``lost_grace``
+        # None: from the processes' ship intervals).
+        self.lost = lost.LostMessages(grace=lost_grace, clock=clock)
         self.graph_samples = graph.GraphSamples()
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
@@ -479,6 +484,7 @@ class Collector:
                 for hop in trace.hops.values():
                     if not earlier or hop.get("span_id") not in earlier_spans:
                         self.silent_servers.add(hop)
+                self.lost.add_trace(hops)
                 found = chains.derive(hops)
                 for chain in found:
                     if chain["key"] not in known_keys:
@@ -523,9 +529,14 @@ class Collector:
         # The sweeper runs every second; a sample is kept every few seconds:
         # merge only when one is due.
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
-        if not (edges_due or methods_due):
+        lost_due = self.lost.due()
+        if not (edges_due or methods_due or lost_due):
             return
         merged = self.merged(rates=True)
+        if lost_due:
+            self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
+        if not (edges_due or methods_due):
+            return
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
@@ -547,6 +558,14 @@ class Collector:
                              method_baseline)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         return result
+
+    def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
+        """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
+        of casts, fanouts and notifications nobody received (exporters/lost.py)."""
+        counters = self.merged(rates=True)[0]
+        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
+                                    window_seconds, queues, limit)
 
     def edge_details(self, client, server, protocol, window_seconds=300):
         """The methods table of one edge and its last 15 minutes of waiting
