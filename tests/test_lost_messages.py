@@ -2,13 +2,16 @@
 but never received are counted once the grace period has passed, exactly,
 per topic, method and kind; a message in flight never is.
 
-The counting is checked here on snapshots whose numbers are known, with the
-collector's own clock; tests/test_lost_messages_rabbit.py checks it against
-real RabbitMQ and the embedded demo.
+The counting is checked on snapshots whose numbers are known, with the
+collector's own clock; then against real RabbitMQ (what the peer really ran)
+and the embedded demo's conductor-down.
 """
 
+import contextlib
 import json
 
+import oslo_messaging as om
+import pika
 import pytest
 
 from commlens.exporters import collector as collector_mod
@@ -17,6 +20,7 @@ from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.tracer import metrics
 from commlens.tracer import wire
+from support import COMMLENS_URL, Demo, wait_for
 
 GRACE = 20.0
 
@@ -35,7 +39,7 @@ def clock():
 
 
 @pytest.fixture
-def collector(clock):
+def clocked(clock):
     return collector_mod.Collector(clock=clock, lost_grace=GRACE)
 
 
@@ -95,26 +99,26 @@ def _rows(collector, window=300):
             for r in collector.lost_messages(window)[0]["messages"]}
 
 
-def test_casts_to_a_topic_nobody_reads_are_counted_after_the_grace_period(collector, clock):
-    plane = Plane(collector, clock)
+def test_casts_to_a_topic_nobody_reads_are_counted_after_the_grace_period(clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("nova-api", "conductor", "build_instances", "cast", 7)
     plane.tick(5)
     # In flight: not lost yet.
-    assert _rows(collector) == {}
+    assert _rows(clocked) == {}
     plane.tick(GRACE + 5)
-    row = _rows(collector)[("conductor", "build_instances", "cast")]
+    row = _rows(clocked)[("conductor", "build_instances", "cast")]
     assert (row["sent"], row["received"], row["unreceived"]) == (7, 0, 7)
     assert row["callers"] == ["nova-api"]
     # Past the window, forgotten: the gauge reads 0 while it was sent in it,
     # then the series goes.
     plane.tick(300)
-    assert _rows(collector) == {}
+    assert _rows(clocked) == {}
 
 
 def test_only_what_was_not_received_is_counted_and_receipts_after_the_grace_count(
-        collector, clock):
-    plane = Plane(collector, clock)
+        clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("nova-api", "compute", "terminate_instance", "cast", 57)
     plane.tick(5)
@@ -123,15 +127,15 @@ def test_only_what_was_not_received_is_counted_and_receipts_after_the_grace_coun
     # Late, but within the grace period: received.
     plane.receive("nova-compute", "nova-api", "compute", "terminate_instance", "cast", 4)
     plane.tick(GRACE + 5)
-    row = _rows(collector)[("compute", "terminate_instance", "cast")]
+    row = _rows(clocked)[("compute", "terminate_instance", "cast")]
     assert (row["sent"], row["received"], row["unreceived"]) == (57, 54, 3)
     # /metrics says the same, by target, method and kind.
-    assert _scrape(collector)[("compute", "terminate_instance", "cast")] == 3
+    assert _scrape(clocked)[("compute", "terminate_instance", "cast")] == 3
 
 
 def test_a_fanout_received_by_several_consumers_is_not_lost_and_one_nobody_got_is(
-        collector, clock):
-    plane = Plane(collector, clock)
+        clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("neutron-server", "q-agent-notifier-port-update", "port_update", "fanout", 10)
     # Three agents each get every fanout: 30 receipts of 10 sends.
@@ -141,62 +145,62 @@ def test_a_fanout_received_by_several_consumers_is_not_lost_and_one_nobody_got_i
     plane.send("neutron-server", "q-agent-notifier-network-delete", "network_delete",
                "fanout", 4)
     plane.tick(GRACE + 10)
-    rows = _rows(collector)
+    rows = _rows(clocked)
     assert ("q-agent-notifier-port-update", "port_update", "fanout") not in rows
     assert rows[("q-agent-notifier-network-delete", "network_delete", "fanout")][
         "unreceived"] == 4
-    assert _scrape(collector)[("q-agent-notifier-port-update", "port_update", "fanout")] == 0
+    assert _scrape(clocked)[("q-agent-notifier-port-update", "port_update", "fanout")] == 0
 
 
-def test_receipts_from_another_caller_do_not_hide_a_loss(collector, clock):
-    plane = Plane(collector, clock)
+def test_receipts_from_another_caller_do_not_hide_a_loss(clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("nova-api", "conductor", "rebuild_instance", "cast", 5)
     # An uninstrumented or other caller's casts were received; not nova-api's.
     plane.receive("nova-conductor", "unknown", "conductor", "rebuild_instance", "cast", 5)
     plane.tick(GRACE + 10)
-    assert _rows(collector)[("conductor", "rebuild_instance", "cast")]["unreceived"] == 5
+    assert _rows(clocked)[("conductor", "rebuild_instance", "cast")]["unreceived"] == 5
 
 
-def test_calls_are_not_lost_messages(collector, clock):
-    plane = Plane(collector, clock)
+def test_calls_are_not_lost_messages(clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("nova-api", "conductor", "build_instances", "call", 5)
     plane.tick(GRACE + 10)
-    assert _rows(collector) == {}
-    assert ("conductor", "build_instances", "call") not in _scrape(collector)
+    assert _rows(clocked) == {}
+    assert ("conductor", "build_instances", "call") not in _scrape(clocked)
 
 
-def test_notifications_nobody_received_are_counted_by_event_type(collector, clock):
-    plane = Plane(collector, clock)
+def test_notifications_nobody_received_are_counted_by_event_type(clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.notify("nova-compute", "notifications.info", "compute.instance.create.end", 6)
     plane.receive_notification("ceilometer", "nova-compute", "notifications.info",
                                "compute.instance.create.end", 2)
     plane.tick(GRACE + 10)
-    row = _rows(collector)[("notifications.info", "compute.instance.create.end",
+    row = _rows(clocked)[("notifications.info", "compute.instance.create.end",
                             "notification")]
     assert (row["sent"], row["received"], row["unreceived"]) == (6, 2, 4)
 
 
-def test_sends_before_the_window_and_their_late_receipts_do_not_count(collector, clock):
-    plane = Plane(collector, clock)
+def test_sends_before_the_window_and_their_late_receipts_do_not_count(clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("nova-api", "conductor", "build_instances", "cast", 3)
     plane.tick(200)
     # Consumed late, long after they were sent: not lost any more.
     plane.receive("nova-conductor", "nova-api", "conductor", "build_instances", "cast", 3)
     plane.tick(GRACE + 10)
-    assert _rows(collector, window=60) == {}
-    assert _rows(collector, window=300) == {}
+    assert _rows(clocked, window=60) == {}
+    assert _rows(clocked, window=300) == {}
 
 
-def test_the_api_answers_with_its_window_and_grace_and_refuses_a_bad_window(collector, clock):
-    plane = Plane(collector, clock)
+def test_the_api_answers_with_its_window_and_grace_and_refuses_a_bad_window(clocked, clock):
+    plane = Plane(clocked, clock)
     plane.tick(10)
     plane.send("nova-api", "conductor", "build_instances", "cast", 2)
     plane.tick(GRACE + 10)
-    client = http.create_app(collector).test_client()
+    client = http.create_app(clocked).test_client()
     body = client.get("/api/lost-messages?window=2m").get_json()
     assert body["window_seconds"] == 120 and body["grace_seconds"] == GRACE
     assert body["covered_seconds"] > 0
@@ -252,3 +256,130 @@ def _scrape(collector):
     return {(s.labels["target"], s.labels["method"], s.labels["kind"]): s.value
             for family in text_string_to_metric_families(text)
             if family.name == "commlens_rpc_unreceived_messages" for s in family.samples}
+
+
+# -- against real RabbitMQ and the demo ---------------------------------------
+
+def _lost_row(source, target, method, kind, window="15m"):
+    for row in source.json(f"/api/lost-messages?window={window}")["messages"]:
+        if (row["target"], row["method"], row["kind"]) == (target, method, kind):
+            return row
+    return None
+
+
+@contextlib.contextmanager
+def _queues_deleted(*names):
+    try:
+        yield
+    finally:
+        connection = pika.BlockingConnection(
+            pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/"))
+        try:
+            channel = connection.channel()
+            for name in names:
+                channel.queue_delete(queue=name)
+        finally:
+            connection.close()
+
+
+@pytest.mark.slow
+def test_casts_and_notifications_nobody_received_on_rabbitmq_are_counted_exactly(
+        collector, start_peer, rpc_client, conf, topic):
+    start_peer(COMMLENS_URL, topic, args=("--server", "host-a"), notifications=True)
+    received = rpc_client(COMMLENS_URL, topic)
+    for _ in range(5):
+        received.cast({}, "count_cast")
+    # Nobody serves host-b: RabbitMQ has no queue to route these to.
+    for _ in range(4):
+        rpc_client(COMMLENS_URL, topic, server="host-b").cast({}, "count_cast")
+    # One fanout reaches the one server: received.
+    for _ in range(3):
+        rpc_client(COMMLENS_URL, topic, fanout=True).cast({}, "count_cast")
+    nobody = topic + "-nobody"
+    transport = om.get_notification_transport(conf, url=COMMLENS_URL)
+    with _queues_deleted(nobody + ".info"):
+        try:
+            notifier = om.Notifier(transport, publisher_id="compute.host-1",
+                                   driver="messaging", topics=[topic + "-notifications"])
+            for _ in range(2):
+                notifier.info({}, "compute.instance.create.end", {"id": 1})
+            unread = om.Notifier(transport, publisher_id="compute.host-1",
+                                 driver="messaging", topics=[nobody])
+            for _ in range(3):
+                unread.info({}, "compute.instance.delete.end", {"id": 2})
+        finally:
+            transport.cleanup()
+        # What the server really ran: every cast it was sent but host-b's.
+        assert wait_for(lambda: received.call({}, "casts_seen") == 8, timeout=30,
+                        message="the peer ran the casts sent to it")
+
+        row = wait_for(lambda: _lost_row(collector, topic, "count_cast", "cast"),
+                       timeout=60, message="lost casts listed")
+        assert (row["sent"], row["received"], row["unreceived"]) == (9, 5, 4)
+        assert row["callers"] == ["test-client"]
+        # Every hop is sampled in the tests: the host is named.
+        wait_for(lambda: _lost_row(collector, topic, "count_cast", "cast")["servers"],
+                 timeout=30, message="the server named")
+        assert _lost_row(collector, topic, "count_cast", "cast")["servers"] == [
+            {"server": "host-b", "sampled": 4, "unreceived": 4}]
+        assert _lost_row(collector, topic, "count_cast", "fanout") is None
+        assert _lost_row(collector, topic + "-notifications.info",
+                         "compute.instance.create.end", "notification") is None
+        unread_row = wait_for(lambda: _lost_row(collector, nobody + ".info",
+                                                "compute.instance.delete.end",
+                                                "notification"),
+                              timeout=30, message="unread notifications listed")
+        assert (unread_row["sent"], unread_row["unreceived"]) == (3, 3)
+        # /metrics says the same; no host in it.
+        scrape = collector.metrics()
+        assert scrape.value("commlens_rpc_unreceived_messages", target=topic,
+                            method="count_cast", kind="cast") == 4
+        assert scrape.value("commlens_rpc_unreceived_messages", target=topic,
+                            method="count_cast", kind="fanout") == 0
+        assert "host-b" not in collector.get("/metrics")[1]
+
+
+@pytest.mark.slow
+def test_the_demo_conductor_down_shows_casts_nobody_received_until_it_is_back(tmp_path):
+    demo = Demo(tmp_path)
+    try:
+        wait_for(demo.up, timeout=30, message="demo serving")
+
+        def sent():
+            return demo.metrics().value("commlens_rpc_sent_total", service="nova-api",
+                                        target="conductor", method="rebuild_instance",
+                                        kind="cast")
+
+        wait_for(lambda: sent() >= 1, timeout=60, message="rebuilds cast to the conductor")
+        demo.fault("conductor-down")
+
+        sent_before = sent()
+
+        def listed():
+            # Once what was sent by the fault is past the grace period.
+            row = _lost_row(demo, "conductor", "rebuild_instance", "cast")
+            return row if row and row["unreceived"] >= 1 and row["sent"] >= sent_before else None
+
+        row = wait_for(listed, timeout=120, message="casts to the conductor listed as lost")
+        sent_after = sent()
+        received = demo.metrics().value("commlens_rpc_received_total",
+                                        service="nova-conductor", caller="nova-api",
+                                        target="conductor", method="rebuild_instance")
+        # Nothing received since the conductor went: what it had received
+        # is all there is; what was sent until a grace period ago is between
+        # two readings of the counter.
+        assert row["received"] == received
+        assert row["unreceived"] == row["sent"] - row["received"]
+        assert row["unreceived"] <= sent_after - received
+        assert row["callers"] == ["nova-api"]
+        # The computes' notifications have their reader (as ceilometer's).
+        assert _lost_row(demo, "notifications.info", "compute.instance.create.end",
+                         "notification") is None
+
+        # Back: the queue is read, nothing is lost any more.
+        demo.fault("conductor-down", on=False)
+        wait_for(lambda: _lost_row(demo, "conductor", "rebuild_instance", "cast") is None,
+                 timeout=60, message="the queued casts received")
+    finally:
+        demo.process.terminate()
+        demo.process.wait(30)
