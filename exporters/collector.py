@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 
+from commlens.exporters import change
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
@@ -167,11 +168,13 @@ class Collector:
         # Casts, fanouts and notifications nobody received (``lost_grace``
         # None: from the processes' ship intervals).
         self.lost = lost.LostMessages(grace=lost_grace, clock=clock)
-        self.graph_samples = graph.GraphSamples()
+        self.graph_samples = graph.GraphSamples(clock=clock)
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
-        self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+        self.method_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
+        # Edge and method totals every minute, for the baseline of ``change``.
+        self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
@@ -529,19 +532,23 @@ class Collector:
         # The sweeper runs every second; a sample is kept every few seconds:
         # merge only when one is due.
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
-        lost_due = self.lost.due()
-        if not (edges_due or methods_due or lost_due):
+        lost_due, baseline_due = self.lost.due(), self.baseline_samples.due()
+        if not (edges_due or methods_due or lost_due or baseline_due):
             return
         merged = self.merged(rates=True)
         if lost_due:
             self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
-        if not (edges_due or methods_due):
+        if not (edges_due or methods_due or baseline_due):
             return
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
-        if methods_due:
-            self.method_samples.add(graph.method_totals(*merged, consumers))
+        if methods_due or baseline_due:
+            methods = graph.method_totals(*merged, consumers)
+            if methods_due:
+                self.method_samples.add(methods)
+            if baseline_due:
+                self.baseline_samples.add((totals, methods))
 
     def graph(self, window_seconds=300):
         merged = self.merged(rates=True)
@@ -557,7 +564,27 @@ class Collector:
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
                              method_baseline)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
+        description, start, end = self.baseline(window_seconds)
+        result["baseline"] = description
+        if description is None:
+            for edge in result["edges"]:
+                edge["change"] = None
+        else:
+            change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
         return result
+
+    def baseline(self, window_seconds):
+        """(description, totals at its start, at its end) of the baseline
+        window that ``change`` compares with (exporters/change.py)."""
+        try:
+            groups = self.history.chains(
+                window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS, limit=1000)
+        except Exception:
+            LOG.exception("collector: reading the history failed")
+            self.history_errors += 1
+            groups = []
+        incident = change.incident_age(groups, window_seconds, self.history.now())
+        return change.find(self.baseline_samples, window_seconds, incident)
 
     def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
         """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
@@ -571,26 +598,33 @@ class Collector:
         """The methods table of one edge and its last 15 minutes of waiting
         replies and errors."""
         edge = (client, server, protocol)
-        rows = self._method_rows(window_seconds, lambda key: key == edge)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key == edge)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
-                "methods": [row for _edge, row in rows],
+                "methods": [row for _edge, row in rows], "baseline": baseline,
                 "series": self._series(lambda key: key == edge)}
 
     def node_details(self, service, window_seconds=300):
         """What ``service`` serves, by caller and method or route, and the
         waiting replies and errors of its inbound edges over 15 minutes."""
-        rows = self._method_rows(window_seconds, lambda key: key[1] == service)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key[1] == service)
         return {"node": {"service": service},
                 "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
-                "series": self._series(lambda key: key[1] == service)}
+                "baseline": baseline, "series": self._series(lambda key: key[1] == service)}
 
     def _method_rows(self, window_seconds, wanted):
         counters, histograms, gauges = self.merged(rates=True)
         current = graph.method_totals(counters, histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
-        return [(edge, row) for edge in sorted(current) if wanted(edge)
+        rows = [(edge, row) for edge in sorted(current) if wanted(edge)
                 for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]
+        description, start, end = self.baseline(window_seconds)
+        for edge, row in rows:
+            if description is None:
+                row["change"] = None
+            else:
+                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
+        return rows, description
 
     def _series(self, wanted):
         points, previous = [], None
