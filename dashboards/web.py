@@ -50,7 +50,7 @@ def create_blueprint(collector, settings, duration_arg):
         tolerances = settings.tolerances
         return flask.render_template(
             "dashboard.html", degraded=tolerances.degraded, failing=tolerances.failing,
-            colours=health.COLOURS)
+            colours=health.COLOURS, origin_colour=graph_view.ORIGIN_COLOUR)
 
     @blueprint.get("/dashboard/graph.svg")
     def graph_svg():

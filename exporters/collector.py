@@ -111,6 +111,8 @@ class _Process:
 
 # The dashboard's time series and methods tables look back this far at most.
 SERIES_SECONDS = 900
+# Chain shapes read for the graph's origins and the baseline's incident.
+MAX_CHAIN_GROUPS = 1000
 METHOD_SAMPLE_SECONDS = 15.0
 
 
@@ -564,6 +566,7 @@ class Collector:
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
                              method_baseline)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
+        graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
         description, start, end = self.baseline(window_seconds)
         result["baseline"] = description
         if description is None:
@@ -573,16 +576,20 @@ class Collector:
             change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
         return result
 
-    def baseline(self, window_seconds):
-        """(description, totals at its start, at its end) of the baseline
-        window that ``change`` compares with (exporters/change.py)."""
+    def _chain_groups(self, since_seconds):
+        """The history's chains of the last ``since_seconds``; none if it
+        cannot be read (counted)."""
         try:
-            groups = self.history.chains(
-                window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS, limit=1000)
+            return self.history.chains(since_seconds, limit=MAX_CHAIN_GROUPS)
         except Exception:
             LOG.exception("collector: reading the history failed")
             self.history_errors += 1
-            groups = []
+            return []
+
+    def baseline(self, window_seconds):
+        """(description, totals at its start, at its end) of the baseline
+        window that ``change`` compares with (exporters/change.py)."""
+        groups = self._chain_groups(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS)
         incident = change.incident_age(groups, window_seconds, self.history.now())
         return change.find(self.baseline_samples, window_seconds, incident)
 

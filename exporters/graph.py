@@ -579,6 +579,54 @@ def edge_window(now, then, protocol):
     return requests, failed, latency, from_client
 
 
+def mark_origins(nodes, chain_groups, consumers):
+    """Set ``origin`` on graph nodes where error chains started, apart from
+    the nodes they only passed through.
+
+    ``chain_groups``: ``History.chains`` of the window. A chain's origin is
+    a service, or a topic nobody answered (``conductor``); such a topic is
+    its own node when nobody consumes it, else the origin is marked on the
+    services that consume it, with the server the calls were addressed to
+    (``compute`` on nova-compute, server compute-1). ``origin``: {chains,
+    absorbed, errors, servers, topics} or None; ``passes_errors_on``: the
+    node failed requests but no chain started there."""
+    by_name = {node["service"]: node for node in nodes}
+    serving = collections.defaultdict(list)  # topic -> services that consume it
+    for name in by_name:
+        for topic in consumers.topics(name):
+            serving[topic].append(name)
+    marks = {}
+    for group in chain_groups:
+        origin = group["origin"]
+        name = origin.get("service")
+        if name in by_name:
+            targets, topic = [name], None
+        elif serving.get(name):
+            targets, topic = serving[name], name
+        else:
+            continue
+        for target in targets:
+            mark = marks.setdefault(target, {"chains": 0, "absorbed": 0, "errors": set(),
+                                             "servers": set(), "topics": set()})
+            mark["chains"] += group.get("count", 1)
+            mark["absorbed"] += group.get("count", 1) if group.get("absorbed") else 0
+            if origin.get("error"):
+                mark["errors"].add(str(origin["error"]))
+            if origin.get("server"):
+                mark["servers"].add(origin["server"])
+            if topic:
+                mark["topics"].add(topic)
+    for name, node in by_name.items():
+        mark = marks.get(name)
+        node["origin"] = None if mark is None else {
+            key: sorted(value)[:_MAX_ORIGIN_NAMES] if isinstance(value, set) else value
+            for key, value in mark.items()}
+        node["passes_errors_on"] = mark is None and node["failed_in"] > 0
+
+
+_MAX_ORIGIN_NAMES = 5
+
+
 def _node(nodes, service):
     node = nodes.get(service)
     if node is None:
