@@ -383,3 +383,44 @@ def test_the_demo_conductor_down_shows_casts_nobody_received_until_it_is_back(tm
     finally:
         demo.process.terminate()
         demo.process.wait(30)
+
+
+def test_the_graph_and_lost_commands_list_messages_nobody_received_and_name_the_origin():
+    from rich.console import Console
+
+    from commlens.cli import incident
+    lost_body = {"window_seconds": 300, "grace_seconds": 15, "covered_seconds": 300,
+                 "messages": [{"target": "compute", "method": "terminate_instance",
+                               "kind": "cast", "sent": 57, "received": 54, "unreceived": 3,
+                               "callers": ["nova-api"],
+                               "servers": [{"server": "compute-1", "sampled": 3,
+                                            "unreceived": 3}],
+                               "queues": {"compute.compute-1": {"ready": 3, "unacked": 0,
+                                                                "consumers": 0}}}]}
+    edge = {"client": "nova-conductor", "server": "nova-compute", "protocol": "rpc",
+            "rate": 1.0, "error_ratio": 0.1, "p50_seconds": 0.1, "p99_seconds": 0.2,
+            "waiting_replies": 1, "timeouts": 2,
+            "change": {"rate": {"baseline": 0.5, "ratio": 2.0},
+                       "error_ratio": {"baseline": 0.0, "difference": 0.1},
+                       "p99_seconds": {"baseline": 0.1, "ratio": 2.0},
+                       "baseline_requests": 3000, "confident": True}}
+    console = Console(record=True, width=250)
+    incident._Graph.show(console, {
+        "window_seconds": 300, "baseline": {"seconds": 3600}, "edges": [edge],
+        "silent_servers": [], "lost_messages": lost_body,
+        "nodes": [{"service": "nova-compute", "origin": {
+            "chains": 4, "absorbed": 0, "errors": ["MessagingTimeout"],
+            "servers": ["compute-1"], "topics": ["compute"]}}]})
+    text = console.export_text()
+    assert "nova-compute [origin of 4 chains on compute-1]" in text
+    assert "rate x2, err +10.0%, p99 x2" in text
+    assert "terminate_instance" in text and "compute-1 (3 of 3)" in text
+    assert "queue compute.compute-1: 3 ready, no consumer" in text
+    console = Console(record=True, width=250)
+    incident._Lost.show(console, dict(lost_body, messages=[]))
+    assert "No cast, fanout or notification went unreceived" in console.export_text()
+    # No baseline yet: said so, and '-' on the edge.
+    console = Console(record=True, width=250)
+    incident._Graph.show(console, {"window_seconds": 300, "baseline": None, "nodes": [],
+                                   "edges": [dict(edge, change=None)], "silent_servers": []})
+    assert "vs baseline: none yet" in console.export_text()
