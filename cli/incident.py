@@ -132,7 +132,7 @@ class _Graph:
                 _seconds(edge["p50_seconds"], edge.get("p50_estimated", False)),
                 _seconds(edge["p99_seconds"], edge.get("p99_estimated", False)),
                 _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues,
-                _change(edge.get("change")))
+                formatting.change(edge.get("change")))
         console.print(table)
         if data.get("baseline") is None and "baseline" in data:
             console.print("vs baseline: none yet (the collector has not heard long enough)")
@@ -151,23 +151,6 @@ def _with_origin(service, origins):
             f"{' on ' + where if where else ''}][/magenta]")
 
 
-def _change(change):
-    """``rate x3.0, err +10%, p99 x12`` against the baseline; ``-`` if none."""
-    if change is None:
-        return "-"
-    parts = []
-    if change["rate"]["ratio"] is not None:
-        parts.append(f"rate x{formatting.number(change['rate']['ratio'])}")
-    elif not change["rate"]["baseline"]:
-        parts.append("new")
-    if change["error_ratio"]["difference"]:
-        parts.append(f"err {change['error_ratio']['difference'] * 100:+.1f}%")
-    if change["p99_seconds"]["ratio"] is not None:
-        parts.append(f"p99 x{formatting.number(change['p99_seconds']['ratio'])}")
-    text = ", ".join(parts) or "same"
-    return text if change["confident"] else text + " (short baseline)"
-
-
 class _Lost:
     @staticmethod
     def fetch(args):
@@ -176,6 +159,10 @@ class _Lost:
     @staticmethod
     def show(console, data, quiet=False):
         from rich.table import Table
+        if data.get("unavailable"):
+            if not quiet:
+                console.print(f"Lost messages are not counted here: {data['unavailable']}.")
+            return
         if not data["messages"]:
             if not quiet:
                 console.print(f"No cast, fanout or notification went unreceived over the "

@@ -160,7 +160,8 @@ def run_collector(args):
                                       max_open_traces=args.max_open_traces),
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
                                         max_traces=args.history_max_traces),
-            metrics_warm_up=args.metrics_warm_up, lost_grace=args.lost_grace)
+            metrics_warm_up=args.metrics_warm_up, lost_grace=args.lost_grace,
+            lost_messages=args.replica is None)
         intake = intake_mod.make_intake(export_url, collector, replica=args.replica,
                                         queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:

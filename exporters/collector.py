@@ -126,7 +126,7 @@ class Collector:
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
                  series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
-                 lost_grace=None):
+                 lost_grace=None, lost_messages=True):
         self._clock = clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
@@ -170,6 +170,9 @@ class Collector:
         # Casts, fanouts and notifications nobody received (``lost_grace``
         # None: from the processes' ship intervals).
         self.lost = lost.LostMessages(grace=lost_grace, clock=clock)
+        # A replica sees the senders and the receivers of a topic only in
+        # part (processes are spread over replicas): it counts no lost message.
+        self.lost_messages_counted = lost_messages
         self.graph_samples = graph.GraphSamples(clock=clock)
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
@@ -596,6 +599,11 @@ class Collector:
     def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
         """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
         of casts, fanouts and notifications nobody received (exporters/lost.py)."""
+        if not self.lost_messages_counted:
+            return {"window_seconds": window_seconds, "grace_seconds": None,
+                    "covered_seconds": 0.0, "messages": [],
+                    "unavailable": "this collector is a replica: it sees the senders and "
+                                   "receivers of a topic only in part"}, {}
         counters = self.merged(rates=True)[0]
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
         return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
