@@ -191,7 +191,8 @@ def _edge_tooltip(edge, state):
     return (f"{edge['client']} -> {edge['server']} ({edge['protocol'].upper()}, {state}): "
             f"{_rate(edge['rate'])}, {_percent(edge['error_ratio'])} errors, "
             f"p50 {_latency(edge, 'p50')}, p99 {_latency(edge, 'p99')} "
-            f"(successful calls{by_client}; ~ marks an estimate)")
+            f"(successful calls{by_client}; ~ marks an estimate)"
+            + (f"; vs baseline: {formatting.change(edge['change'])}" if "change" in edge else ""))
 
 
 def _outside_note(node):
