@@ -15,6 +15,7 @@ from commlens.cli import emulate
 from commlens.cli import grafana
 from commlens.cli import incident
 from commlens.exporters import durations
+from commlens.exporters import otlp
 
 LOG = logging.getLogger("commlens.collector")
 DEFAULT_LISTEN = "127.0.0.1:9780"
@@ -53,6 +54,15 @@ def build_parser():
     collector.add_argument("--replica", type=_replica_name, default=None,
                            help="run as one of several collectors sharing the load "
                                 "(a name unique among them, e.g. 1, 2)")
+    collector.add_argument("--peer", action="append", default=None, metavar="URL",
+                           help="another replica's address (http://host:9780), once per "
+                                "replica: the API and dashboard then answer for them all. A "
+                                "list of every replica, this one included, works too "
+                                "(default: COMMLENS_PEERS, comma-separated)")
+    collector.add_argument("--peer-timeout", type=_duration,
+                           default=os.environ.get("COMMLENS_PEER_TIMEOUT", "2s"),
+                           help="how long an answer waits for a peer; one that is later "
+                                "is named as missing in a partial answer (default 2s)")
     collector.add_argument("--queue-ttl", type=_queue_ttl,
                            default=os.environ.get("COMMLENS_QUEUE_TTL", "120"),
                            help="seconds a shipped message waits for a collector in its "
@@ -96,6 +106,7 @@ def build_parser():
                                 "error ratio (default 0.01)")
     collector.add_argument("--failing-error-ratio", type=float, default=0.05,
                            help="... and failing from this one (default 0.05)")
+    otlp.add_arguments(collector)
     collector.set_defaults(run=run_collector)
 
     incident.add_commands(commands)
@@ -166,35 +177,70 @@ def run_collector(args):
                                         queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:
             collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
+        collector.span_export = otlp.from_arguments(args)
     except (shipping.ExportUrlError, history_mod.HistoryError,
-            broker.BrokerUrlError) as exc:
+            broker.BrokerUrlError, otlp.EndpointError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
+    peers = _peers(args)
+    fleet = None
+    if peers:
+        from commlens.exporters import fleet as fleet_mod
+
+        if args.replica is None:
+            print("commlens collector: --peer needs --replica (a name for this one)",
+                  file=sys.stderr)
+            return 2
+        fleet = fleet_mod.Fleet(collector, args.replica, peers, timeout=args.peer_timeout,
+                                token=dashboard.token)
     host, port = args.listen
     try:
-        server = serving.make_server(host, port, http.create_app(collector, intake, dashboard),
+        server = serving.make_server(host, port,
+                                     http.create_app(collector, intake, dashboard, fleet),
                                      threaded=True, request_handler=http.RequestHandler)
     except OSError as exc:
         print(f"commlens collector: cannot listen on {host}:{port}: {exc.strerror}",
               file=sys.stderr)
         return 2
+    if collector.span_export is not None:
+        collector.span_export.start()
     intake.start()
     collector.start_sweeper()
     if collector.queue_watcher is not None:
         collector.queue_watcher.start()
+    exporting = collector.span_export
     print(f"commlens collector: consuming {urls.redact(export_url)}"
           f"{' as replica ' + args.replica if args.replica else ''}; "
           f"dashboard on http://{host}:{server.port}/dashboard/, "
-          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}",
+          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}"
+          f"{'; spans to ' + exporting.description if exporting else ''}",
           flush=True)
     if not dashboard.token and not _loopback(host):
         LOG.warning("commlens collector: the dashboard and JSON API on %s are open to anyone "
                     "who can reach it; set --dashboard-token", host)
     _serve_until_signalled(server)
+    if fleet is not None:
+        fleet.close()
     intake.stop()
     collector.stop()
     collector.history.close()
     return 0
+
+
+def _peers(args):
+    """The peer URLs of --peer (or COMMLENS_PEERS); SystemExit on a bad one."""
+    given = args.peer if args.peer is not None else [
+        p for p in os.environ.get("COMMLENS_PEERS", "").split(",") if p.strip()]
+    peers = []
+    for peer in given:
+        peer = peer.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+$", peer):
+            from commlens.tracer import urls
+
+            raise SystemExit(f"commlens collector: --peer {urls.redact(peer)!r}: expected "
+                             "http://host:port")
+        peers.append(peer)
+    return peers
 
 
 def _loopback(host):

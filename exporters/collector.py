@@ -40,6 +40,7 @@ import time
 
 from commlens.exporters import change
 from commlens.exporters import chains
+from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
 from commlens.exporters import lost
@@ -158,6 +159,10 @@ class Collector:
         # Totals no process holds any more, oldest first: {(name, labels): since}.
         self._unheld = collections.OrderedDict()
         self.hops = collections.deque(maxlen=max_hops)
+        # Hops taken into ``hops`` since the start: the exemplars read only
+        # what came after their last look (exemplars.py).
+        self.hops_received = 0
+        self.exemplars = exemplars_mod.Exemplars()
         self.messages = collections.Counter()
         self.invalid_series = 0
         self.refused_series = collections.Counter()
@@ -181,6 +186,8 @@ class Collector:
         # Edge and method totals every minute, for the baseline of ``change``.
         self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
+        # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
+        self.span_export = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
         self._sweeper = None
@@ -453,9 +460,12 @@ class Collector:
         with self._lock:
             self.hops.extend(cleaned)
             self.invalid_hops += len(hops) - len(cleaned)
+            self.hops_received += len(cleaned)
             add = self.window.add
             for hop in cleaned:
                 add(hop)
+        if self.span_export is not None and cleaned:
+            self.span_export.offer(cleaned)
         return ACCEPTED
 
     # -- traces and chains -------------------------------------------------
@@ -529,6 +539,8 @@ class Collector:
             self._sweeper.join(10)
         if self.queue_watcher is not None:
             self.queue_watcher.stop()
+        if self.span_export is not None:
+            self.span_export.stop()
         self.sweep(force=True)
 
     # -- the graph -----------------------------------------------------------
@@ -555,19 +567,22 @@ class Collector:
             if baseline_due:
                 self.baseline_samples.add((totals, methods))
 
-    def graph(self, window_seconds=300):
+    def graph(self, window_seconds=300, histograms=False):
+        """The graph JSON (graph.build); ``histograms``: with each edge's
+        latency buckets, for a peer replica to merge (exporters/fleet.py)."""
         merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
         processes = self.processes()
         result = graph.build(current, baseline, age, consumers, queues, processes,
-                             reporting=graph.reporting_services(merged[0], merged[1], processes))
+                             reporting=graph.reporting_services(merged[0], merged[1], processes),
+                             histograms=histograms)
         # Successful calls' latency comes from the per-method samples, which
         # look back 15 minutes at most.
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
-                             method_baseline)
+                             method_baseline, histograms=histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
         description, start, end = self.baseline(window_seconds)
@@ -609,30 +624,34 @@ class Collector:
         return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
                                     window_seconds, queues, limit)
 
-    def edge_details(self, client, server, protocol, window_seconds=300):
+    def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge and its last 15 minutes of waiting
         replies and errors."""
         edge = (client, server, protocol)
-        rows, baseline = self._method_rows(window_seconds, lambda key: key == edge)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key == edge, histograms)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
                 "methods": [row for _edge, row in rows], "baseline": baseline,
                 "series": self._series(lambda key: key == edge)}
 
-    def node_details(self, service, window_seconds=300):
+    def node_details(self, service, window_seconds=300, histograms=False):
         """What ``service`` serves, by caller and method or route, and the
         waiting replies and errors of its inbound edges over 15 minutes."""
-        rows, baseline = self._method_rows(window_seconds, lambda key: key[1] == service)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key[1] == service,
+                                           histograms)
         return {"node": {"service": service},
                 "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
                 "baseline": baseline, "series": self._series(lambda key: key[1] == service)}
 
-    def _method_rows(self, window_seconds, wanted):
-        counters, histograms, gauges = self.merged(rates=True)
-        current = graph.method_totals(counters, histograms, gauges,
+    def _method_rows(self, window_seconds, wanted, histograms=False):
+        """[(edge, row)] and the baseline's description; ``histograms``: each
+        row with its latency buckets, for a peer replica to merge."""
+        counters, merged_histograms, gauges = self.merged(rates=True)
+        current = graph.method_totals(counters, merged_histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         rows = [(edge, row) for edge in sorted(current) if wanted(edge)
-                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]
+                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
+                                             histograms)]
         description, start, end = self.baseline(window_seconds)
         for edge, row in rows:
             if description is None:
