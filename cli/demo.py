@@ -81,7 +81,6 @@ def _queue_ttl(value):
 
 
 def run_demo(args):
-    from werkzeug import serving
 
     from commlens.emulator import controlplane
     from commlens.emulator import faults as faults_mod
@@ -135,10 +134,10 @@ def run_demo(args):
     _add_fault_control(app, faults, plane)
     host, port = args.listen
     try:
-        server = serving.make_server(host, port, app, threaded=True,
-                                     request_handler=http.RequestHandler)
+        server = http.make_server(host, port, app)
     except OSError as exc:
-        print(f"commlens demo: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        print(f"commlens demo: cannot listen on {host}:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
 
     if collector.span_export is not None:

@@ -2,6 +2,7 @@
 web dashboard (commlens.dashboards.web)."""
 
 import re
+import socket
 import urllib.parse
 
 import flask
@@ -13,6 +14,24 @@ from commlens.exporters import fleet as _fleet
 from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.exporters import silent
+
+
+def make_server(host, port, app):
+    """The threaded server for ``app`` on ``host:port``; OSError (with its
+    strerror) when the address cannot be had. werkzeug's own bind prints the
+    reason and exits with status 1 itself; binding here lets the commands
+    say it in their one line and exit 2."""
+    family = serving.select_address_family(host, port)
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(serving.get_sockaddr(host, port, family))
+        listening.listen(serving.LISTEN_QUEUE)
+        # The server takes a duplicate of the listening socket's descriptor.
+        return serving.make_server(host, port, app, threaded=True,
+                                   request_handler=RequestHandler, fd=listening.fileno())
+    finally:
+        listening.close()
 
 
 def create_app(collector, intake=None, dashboard=None, fleet=None):
