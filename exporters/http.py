@@ -2,6 +2,7 @@
 web dashboard (commlens.dashboards.web)."""
 
 import re
+import socket
 import urllib.parse
 
 import flask
@@ -10,8 +11,27 @@ from werkzeug import serving
 
 from commlens.exporters import durations
 from commlens.exporters import fleet as _fleet
+from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.exporters import silent
+
+
+def make_server(host, port, app):
+    """The threaded server for ``app`` on ``host:port``; OSError (with its
+    strerror) when the address cannot be had. werkzeug's own bind prints the
+    reason and exits with status 1 itself; binding here lets the commands
+    say it in their one line and exit 2."""
+    family = serving.select_address_family(host, port)
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(serving.get_sockaddr(host, port, family))
+        listening.listen(serving.LISTEN_QUEUE)
+        # The server takes a duplicate of the listening socket's descriptor.
+        return serving.make_server(host, port, app, threaded=True,
+                                   request_handler=RequestHandler, fd=listening.fileno())
+    finally:
+        listening.close()
 
 
 def create_app(collector, intake=None, dashboard=None, fleet=None):
@@ -47,7 +67,8 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
 
     @app.get("/metrics")
     def metrics():
-        body, content_type = prometheus.render(collector, intake)
+        body, content_type = prometheus.render(collector, intake,
+                                               flask.request.headers.get("Accept"))
         return flask.Response(body, content_type=content_type)
 
     @app.get("/healthz")
@@ -95,7 +116,17 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
         if asked_fleet():
             return fleet.silent_servers(since, limit)
         return {"since_seconds": since,
-                "servers": collector.silent_servers.top(since, limit)}
+                "servers": collector.silent_servers.top(since, limit),
+                # Not windowed: silent now, for up to an hour (exporters/reporters.py).
+                "reporters": collector.silent_reporters.top(limit)}
+
+    @app.get("/api/lost-messages")
+    def lost_messages():
+        window = _duration_arg("window", lost.DEFAULT_WINDOW_SECONDS)
+        if window > lost.MAX_WINDOW_SECONDS:
+            raise BadArgument(f"window: at most {lost.MAX_WINDOW_SECONDS:g}s")
+        limit = _limit_arg("limit", lost.DEFAULT_LIMIT, lost.MAX_LIMIT)
+        return collector.lost_messages(window, limit)[0]
 
     @app.get("/api/traces/<trace_or_request_id>")
     def trace(trace_or_request_id):

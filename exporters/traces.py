@@ -97,6 +97,11 @@ class TraceWindow:
                 return True
         return False
 
+    def holds(self, hop):
+        """Whether ``hop``'s span is already in its open trace."""
+        trace = self._open.get(hop["trace_id"])
+        return trace is not None and (hop.get("span_id") or "") in trace.hops
+
     def take_closed(self, force=False):
         """The traces that closed since the last call (all of them if ``force``)."""
         closed, self._closed_early = self._closed_early, []
