@@ -224,3 +224,33 @@ def test_segments_rotate_and_one_with_nothing_needed_left_is_deleted(tmp_path):
     assert len(os.listdir(directory)) == 2
     journal.forget([3, 1])
     assert os.listdir(directory) == [] and len(journal) == 0
+
+
+class _Offered:
+    """Where the collector offers hops to export as spans (exporters/otlp.py's
+    SpanExport.offer): what it was offered, in order."""
+
+    def __init__(self):
+        self.hops = []
+
+    def offer(self, hops):
+        self.hops += hops
+
+
+def test_a_hop_delivered_again_is_exported_as_a_span_once_and_one_read_back_again(tmp_path):
+    trace_id = context.new_trace_id()
+    hops = error_trace(trace_id)
+    collector = make_collector()
+    collector.span_export = _Offered()
+    collector.ingest(hops_message(*hops[:3]))
+    # Delivered again with two hops this process has not seen.
+    collector.ingest(hops_message(*hops), redelivered=True)
+    assert [h["span_id"] for h in collector.span_export.hops] == [
+        h["span_id"] for h in hops]
+    # Read back after a kill: the killed process may have died with them
+    # queued for export, so they are offered again (backends key spans by id).
+    _killed_after_commit(tmp_path, [hops_message(*hops)])
+    again = _collector(tmp_path)
+    again.span_export = _Offered()
+    again.reload()
+    assert len(again.span_export.hops) == 5
