@@ -404,8 +404,9 @@ def percentiles(latency, prefix=""):
     return fields
 
 
-def quantile(q, latency):
-    """(estimate, low, high) of the q-quantile of a Latency, or None if it is empty.
+def quantile(q, latency, bounds=_BOUNDS):
+    """(estimate, low, high) of the q-quantile of a Latency in buckets of
+    ``bounds`` (then +Inf), or None if it is empty.
 
     The rank falls in one bucket; the true value lies in that bucket's
     bounds, narrowed to the smallest and largest value observed: [low,
@@ -421,8 +422,8 @@ def quantile(q, latency):
     rank = q * total
     i, running = _bucket_of(counts, rank)
     count = counts[i]
-    low = _BOUNDS[i - 1] if i > 0 else 0.0
-    high = _BOUNDS[i] if i < len(_BOUNDS) else None
+    low = bounds[i - 1] if i > 0 else 0.0
+    high = bounds[i] if i < len(bounds) else None
     if latency.low is not None:
         low = max(low, latency.low)
         high = latency.high if high is None else min(high, latency.high)

@@ -7,7 +7,14 @@ from prometheus_client import registry as prom_registry
 from commlens.exporters import graph
 from commlens.tracer import metrics
 
-_BOUNDS = [repr(float(b)) for b in metrics.LATENCY_BUCKETS] + ["+Inf"]
+
+def _bounds(metric):
+    """The ``le`` values of a histogram's buckets, as exposed."""
+    return [repr(float(b)) for b in metric.buckets] + ["+Inf"]
+
+
+_BOUNDS = {m.name: _bounds(m) for m in metrics.SHIPPED.values() if m.kind == "histogram"}
+
 
 COLLECTOR_MESSAGES = metrics.Metric(
     "commlens_collector_messages_total", "counter", ("outcome",),
@@ -86,7 +93,7 @@ class CollectorExposition:
             families[name].add_metric(list(labels), value)
         for (name, labels), (counts, total, _low, _high) in histograms.items():
             cumulative, running = [], 0
-            for bound, count in zip(_BOUNDS, counts, strict=True):
+            for bound, count in zip(_BOUNDS[name], counts, strict=True):
                 running += count
                 cumulative.append((bound, running))
             families[name].add_metric(list(labels), cumulative, total)

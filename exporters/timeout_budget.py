@@ -1,0 +1,98 @@
+"""How close RPC calls run to their timeout, per edge of the graph.
+
+Callers record each finished call's reply wait as a fraction of its timeout
+(``commlens_rpc_timeout_budget_used``, tracer/metrics.py) and count the calls
+past half of it (``commlens_rpc_calls_over_half_timeout_total``). Here those
+series, recorded by topic and method, go onto the edges the graph draws,
+paired with the services that answered them as graph.Consumers pairs every
+caller series, so ``/api/graph`` edges carry a ``timeout_budget``
+(docs/operator-guide.md): percentiles of the fraction, calls over half
+per second, and the timeout the calls ran against.
+
+The timeout itself is no label (its values are the operator's), so it is
+read back from the sums: reply waits divided by the fractions they were,
+over the same calls. That is the timeout exactly when the calls of an edge
+share one (``rpc_response_timeout``, or one ``prepare(timeout=)``), and
+their average weighted by wait when they do not.
+"""
+
+import collections
+
+from commlens.exporters import graph
+from commlens.tracer import metrics
+
+_BOUNDS = metrics.BUDGET_BUCKETS
+_CALL = "call"
+
+
+class BudgetTotals:
+    """Cumulative figures of one edge's calls at one moment: the fractions
+    of their timeouts (a graph.Latency in the budget's buckets, with its
+    sum), the calls over half, and the sum of their reply waits."""
+
+    __slots__ = ("used", "used_sum", "over_half", "wait_sum")
+
+    def __init__(self):
+        self.used = graph.Latency([0] * (len(_BOUNDS) + 1))
+        self.used_sum = 0.0
+        self.over_half = 0.0
+        self.wait_sum = 0.0
+
+
+def budget_totals(counters, histograms, consumers):
+    """{(client, server, "rpc"): BudgetTotals} from merged series, each
+    caller series on the services ``consumers`` pairs it with."""
+    edges = collections.defaultdict(BudgetTotals)
+
+    def shares(labels):
+        service, topic, method = labels[:3]
+        return [(edges[(service, server, graph.RPC)], share)
+                for server, share in consumers.servers(service, topic, method, _CALL)]
+
+    for (name, labels), (counts, total, low, high) in histograms.items():
+        if name == metrics.RPC_TIMEOUT_BUDGET.name:
+            for totals, share in shares(labels):
+                totals.used.add(counts, low, high, share)
+                totals.used_sum += total * share
+        elif name == metrics.RPC_REPLY_WAIT.name:
+            for totals, share in shares(labels):
+                totals.wait_sum += total * share
+    for (name, labels), value in counters.items():
+        if name == metrics.RPC_OVER_HALF_TIMEOUT.name:
+            for totals, share in shares(labels):
+                totals.over_half += value * share
+    return dict(edges)
+
+
+def add_timeout_budget(edges, current, baseline, seconds):
+    """Set ``timeout_budget`` on the RPC edges of a graph (None where no
+    call with a timeout ended in the window), from two ``budget_totals``
+    maps ``seconds`` apart."""
+    seconds = max(seconds, 1e-3)
+    for edge in edges:
+        if edge["protocol"] != graph.RPC:
+            continue
+        key = (edge["client"], edge["server"], edge["protocol"])
+        edge["timeout_budget"] = _window(current.get(key), baseline.get(key), seconds)
+
+
+def _window(now, then, seconds):
+    if now is None:
+        return None
+    then = then or BudgetTotals()
+    used = now.used.since(then.used)
+    calls = sum(used.counts)
+    if calls <= 0:
+        return None
+    over_half = max(0.0, now.over_half - then.over_half)
+    used_sum = now.used_sum - then.used_sum
+    wait_sum = now.wait_sum - then.wait_sum
+    budget = {"calls": calls, "over_half": over_half,
+              "over_half_per_second": over_half / seconds,
+              "over_half_ratio": min(1.0, over_half / calls),
+              "timeout_seconds": wait_sum / used_sum if used_sum > 0 and wait_sum > 0 else None}
+    for name, q in graph.PERCENTILES:
+        value, low, high = graph.quantile(q, used, bounds=_BOUNDS)
+        budget[name] = value
+        budget[f"{name}_range"] = [low, high]
+    return budget
