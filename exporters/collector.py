@@ -562,7 +562,18 @@ class Collector:
         rows = self._method_rows(window_seconds, lambda key: key == edge)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
                 "methods": [row for _edge, row in rows],
-                "series": self._series(lambda key: key == edge)}
+                "series": self._series(lambda key: key == edge),
+                "timeout_budget": self._edge_timeout_budget(edge, window_seconds)}
+
+    def _edge_timeout_budget(self, edge, window_seconds):
+        """An RPC edge's ``timeout_budget`` over the window, as on /api/graph."""
+        if edge[2] != graph.RPC:
+            return None
+        counters, histograms, _gauges = self.merged(rates=True)
+        current = timeout_budget.budget_totals(counters, histograms,
+                                               graph.topic_consumers(counters))
+        age, baseline = self.budget_samples.baseline(window_seconds)
+        return timeout_budget.edge_budget(current.get(edge), baseline.get(edge), age)
 
     def node_details(self, service, window_seconds=300):
         """What ``service`` serves, by caller and method or route, and the

@@ -73,10 +73,13 @@ def add_timeout_budget(edges, current, baseline, seconds):
         if edge["protocol"] != graph.RPC:
             continue
         key = (edge["client"], edge["server"], edge["protocol"])
-        edge["timeout_budget"] = _window(current.get(key), baseline.get(key), seconds)
+        edge["timeout_budget"] = edge_budget(current.get(key), baseline.get(key), seconds)
 
 
-def _window(now, then, seconds):
+def edge_budget(now, then, seconds):
+    """One edge's ``timeout_budget`` from its BudgetTotals now and ``seconds``
+    earlier (None: before any); None when no call with a timeout ended."""
+    seconds = max(seconds, 1e-3)
     if now is None:
         return None
     then = then or BudgetTotals()
