@@ -2,7 +2,7 @@
 
 promtool's unit tests (dashboards/alerts/tests/) give every alert input series
 that fire it and series that must not, hand-written and generated noise
-(dashboards/alerts/noise.py); the end-to-end test runs Debian's Prometheus
+(dashboards/alerts/tests/noise.py); the end-to-end test runs Debian's Prometheus
 against a real collector while a slow RPC endpoint makes replies wait.
 """
 
@@ -25,7 +25,7 @@ from support import COMMLENS_URL, free_port, wait_for
 ROOT = pathlib.Path(__file__).parent.parent
 RULES = ROOT / "dashboards" / "alerts" / "commlens.rules.yml"
 RULE_TESTS = sorted((ROOT / "dashboards" / "alerts" / "tests").glob("*.test.yml"))
-NOISE = ROOT / "dashboards" / "alerts" / "noise.py"
+NOISE = ROOT / "dashboards" / "alerts" / "tests" / "noise.py"
 # Where every alert's runbook_url points (the chart's prometheusRule.runbookBaseUrl
 # moves them): docs/runbooks.md, a section per alert.
 RUNBOOK_BASE = "https://github.com/commlens/commlens/blob/main/docs/runbooks.md"
