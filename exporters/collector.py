@@ -38,9 +38,13 @@ import logging
 import threading
 import time
 
+from commlens.exporters import change
 from commlens.exporters import chains
+from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
+from commlens.exporters import reporters
+from commlens.exporters import lost
 from commlens.exporters import silent
 from commlens.exporters import timeout_budget
 from commlens.exporters import traces
@@ -109,6 +113,8 @@ class _Process:
 
 # The dashboard's time series and methods tables look back this far at most.
 SERIES_SECONDS = 900
+# Chain shapes read for the graph's origins and the baseline's incident.
+MAX_CHAIN_GROUPS = 1000
 METHOD_SAMPLE_SECONDS = 15.0
 
 
@@ -121,7 +127,8 @@ class Collector:
                  max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
-                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0):
+                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
+                 lost_grace=None, lost_messages=True):
         self._clock = clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
@@ -153,6 +160,10 @@ class Collector:
         # Totals no process holds any more, oldest first: {(name, labels): since}.
         self._unheld = collections.OrderedDict()
         self.hops = collections.deque(maxlen=max_hops)
+        # Hops taken into ``hops`` since the start: the exemplars read only
+        # what came after their last look (exemplars.py).
+        self.hops_received = 0
+        self.exemplars = exemplars_mod.Exemplars()
         self.messages = collections.Counter()
         self.invalid_series = 0
         self.refused_series = collections.Counter()
@@ -162,14 +173,26 @@ class Collector:
         self.chain_counter = chain_counter or chains.ChainCounter()
         # Calls to a named server (a host) that timed out: hosts are never labels.
         self.silent_servers = silent.SilentServers()
-        self.graph_samples = graph.GraphSamples()
+        # Periodic reporters (state reports) that stopped sending, per host.
+        self.silent_reporters = reporters.SilentReporters(clock=clock, wall_clock=wall_clock)
+        # Casts, fanouts and notifications nobody received (``lost_grace``
+        # None: from the processes' ship intervals).
+        self.lost = lost.LostMessages(grace=lost_grace, clock=clock)
+        # A replica sees the senders and the receivers of a topic only in
+        # part (processes are spread over replicas): it counts no lost message.
+        self.lost_messages_counted = lost_messages
+        self.graph_samples = graph.GraphSamples(clock=clock)
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
-        self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+        self.method_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
         # How close calls run to their timeout, per edge (exporters/timeout_budget.py).
         self.budget_samples = graph.GraphSamples()
+        # Edge and method totals every minute, for the baseline of ``change``.
+        self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
+        # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
+        self.span_export = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
         self._sweeper = None
@@ -271,6 +294,7 @@ class Collector:
         if self._first_snapshot_at is None:
             self._first_snapshot_at = now
         self._add_counters(entry, counters, rebaseline, carried)
+        self.silent_reporters.observe(process_id, entry.host, counters, interval, final)
         self._add_histograms(entry, histograms, rebaseline, carried)
         self._set_gauges(entry, gauges)
         if final:
@@ -442,9 +466,12 @@ class Collector:
         with self._lock:
             self.hops.extend(cleaned)
             self.invalid_hops += len(hops) - len(cleaned)
+            self.hops_received += len(cleaned)
             add = self.window.add
             for hop in cleaned:
                 add(hop)
+        if self.span_export is not None and cleaned:
+            self.span_export.offer(cleaned)
         return ACCEPTED
 
     # -- traces and chains -------------------------------------------------
@@ -481,6 +508,7 @@ class Collector:
                 for hop in trace.hops.values():
                     if not earlier or hop.get("span_id") not in earlier_spans:
                         self.silent_servers.add(hop)
+                self.lost.add_trace(hops)
                 found = chains.derive(hops)
                 for chain in found:
                     if chain["key"] not in known_keys:
@@ -517,6 +545,8 @@ class Collector:
             self._sweeper.join(10)
         if self.queue_watcher is not None:
             self.queue_watcher.stop()
+        if self.span_export is not None:
+            self.span_export.stop()
         self.sweep(force=True)
 
     # -- the graph -----------------------------------------------------------
@@ -525,47 +555,98 @@ class Collector:
         # The sweeper runs every second; a sample is kept every few seconds:
         # merge only when one is due.
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
-        if not (edges_due or methods_due):
+        lost_due, baseline_due = self.lost.due(), self.baseline_samples.due()
+        if not (edges_due or methods_due or lost_due or baseline_due):
             return
         merged = self.merged(rates=True)
+        if lost_due:
+            self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
+        if not (edges_due or methods_due or baseline_due):
+            return
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
             self.budget_samples.add(timeout_budget.budget_totals(*merged[:2], consumers))
-        if methods_due:
-            self.method_samples.add(graph.method_totals(*merged, consumers))
+        if methods_due or baseline_due:
+            methods = graph.method_totals(*merged, consumers)
+            if methods_due:
+                self.method_samples.add(methods)
+            if baseline_due:
+                self.baseline_samples.add((totals, methods))
 
-    def graph(self, window_seconds=300):
+    def graph(self, window_seconds=300, histograms=False):
+        """The graph JSON (graph.build); ``histograms``: with each edge's
+        latency buckets, for a peer replica to merge (exporters/fleet.py)."""
         merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
         processes = self.processes()
         result = graph.build(current, baseline, age, consumers, queues, processes,
-                             reporting=graph.reporting_services(merged[0], merged[1], processes))
+                             reporting=graph.reporting_services(merged[0], merged[1], processes),
+                             histograms=histograms)
         # Successful calls' latency comes from the per-method samples, which
         # look back 15 minutes at most.
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
-                             method_baseline)
+                             method_baseline, histograms=histograms)
         budget_age, budget_baseline = self.budget_samples.baseline(window_seconds)
         timeout_budget.add_timeout_budget(
             result["edges"], timeout_budget.budget_totals(*merged[:2], consumers),
-            budget_baseline, budget_age)
+            budget_baseline, budget_age, histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
+        result["silent_reporters"] = self.silent_reporters.top()
+        graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
+        description, start, end = self.baseline(window_seconds)
+        result["baseline"] = description
+        if description is None:
+            for edge in result["edges"]:
+                edge["change"] = None
+        else:
+            change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
         return result
 
-    def edge_details(self, client, server, protocol, window_seconds=300):
+    def _chain_groups(self, since_seconds):
+        """The history's chains of the last ``since_seconds``; none if it
+        cannot be read (counted)."""
+        try:
+            return self.history.chains(since_seconds, limit=MAX_CHAIN_GROUPS)
+        except Exception:
+            LOG.exception("collector: reading the history failed")
+            self.history_errors += 1
+            return []
+
+    def baseline(self, window_seconds):
+        """(description, totals at its start, at its end) of the baseline
+        window that ``change`` compares with (exporters/change.py)."""
+        groups = self._chain_groups(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS)
+        incident = change.incident_age(groups, window_seconds, self.history.now())
+        return change.find(self.baseline_samples, window_seconds, incident)
+
+    def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
+        """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
+        of casts, fanouts and notifications nobody received (exporters/lost.py)."""
+        if not self.lost_messages_counted:
+            return {"window_seconds": window_seconds, "grace_seconds": None,
+                    "covered_seconds": 0.0, "messages": [],
+                    "unavailable": "this collector is a replica: it sees the senders and "
+                                   "receivers of a topic only in part"}, {}
+        counters = self.merged(rates=True)[0]
+        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
+                                    window_seconds, queues, limit)
+
+    def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge and its last 15 minutes of waiting
         replies and errors."""
         edge = (client, server, protocol)
-        rows = self._method_rows(window_seconds, lambda key: key == edge)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key == edge, histograms)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
-                "methods": [row for _edge, row in rows],
+                "methods": [row for _edge, row in rows], "baseline": baseline,
                 "series": self._series(lambda key: key == edge),
-                "timeout_budget": self._edge_timeout_budget(edge, window_seconds)}
+                "timeout_budget": self._edge_timeout_budget(edge, window_seconds, histograms)}
 
-    def _edge_timeout_budget(self, edge, window_seconds):
+    def _edge_timeout_budget(self, edge, window_seconds, histograms):
         """An RPC edge's ``timeout_budget`` over the window, as on /api/graph."""
         if edge[2] != graph.RPC:
             return None
@@ -573,23 +654,34 @@ class Collector:
         current = timeout_budget.budget_totals(counters, histograms,
                                                graph.topic_consumers(counters))
         age, baseline = self.budget_samples.baseline(window_seconds)
-        return timeout_budget.edge_budget(current.get(edge), baseline.get(edge), age)
+        return timeout_budget.edge_budget(current.get(edge), baseline.get(edge), age, histograms)
 
-    def node_details(self, service, window_seconds=300):
+    def node_details(self, service, window_seconds=300, histograms=False):
         """What ``service`` serves, by caller and method or route, and the
         waiting replies and errors of its inbound edges over 15 minutes."""
-        rows = self._method_rows(window_seconds, lambda key: key[1] == service)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key[1] == service,
+                                           histograms)
         return {"node": {"service": service},
                 "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
-                "series": self._series(lambda key: key[1] == service)}
+                "baseline": baseline, "series": self._series(lambda key: key[1] == service)}
 
-    def _method_rows(self, window_seconds, wanted):
-        counters, histograms, gauges = self.merged(rates=True)
-        current = graph.method_totals(counters, histograms, gauges,
+    def _method_rows(self, window_seconds, wanted, histograms=False):
+        """[(edge, row)] and the baseline's description; ``histograms``: each
+        row with its latency buckets, for a peer replica to merge."""
+        counters, merged_histograms, gauges = self.merged(rates=True)
+        current = graph.method_totals(counters, merged_histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
-        return [(edge, row) for edge in sorted(current) if wanted(edge)
-                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]
+        rows = [(edge, row) for edge in sorted(current) if wanted(edge)
+                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
+                                             histograms)]
+        description, start, end = self.baseline(window_seconds)
+        for edge, row in rows:
+            if description is None:
+                row["change"] = None
+            else:
+                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
+        return rows, description
 
     def _series(self, wanted):
         points, previous = [], None

@@ -15,6 +15,8 @@ import sqlite3
 import threading
 import time
 
+from commlens.exporters import chains as chains_mod
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE_SECONDS = 24 * 3600
@@ -200,29 +202,25 @@ class History:
                     "SELECT trace_id, chain_key FROM trace_chains WHERE trace_id IN (%s)"
                     % marks, trace_ids):
                 keys.setdefault(k, []).append(t)
-            chains = {k: json.loads(c) for k, c in self._db.execute(
+            stored = {k: json.loads(c) for k, c in self._db.execute(
                 "SELECT chain_key, chain FROM chains WHERE chain_key IN (%s)"
                 % ",".join("?" * len(keys)), list(keys))}
-        hops = [h for _, _, encoded in rows for h in json.loads(encoded)]
-        entry = _entry_hop(hops)
-        hops.sort(key=lambda h: (h is not entry, _number(h.get("start")),
-                                 str(h.get("trace_id")), str(h.get("span_id"))))
-        order = []  # trace ids, in the order their first hop comes
-        for hop in hops:
-            if hop.get("trace_id") not in order:
-                order.append(hop.get("trace_id"))
-        order += sorted(t for t, _, _ in rows if t not in order)
-        rank = {t: i for i, t in enumerate(order)}
-        starts = [h["start"] for h in hops if isinstance(h.get("start"), (int, float))]
-        ends = [h["start"] + _number(h.get("duration")) for h in hops
-                if isinstance(h.get("start"), (int, float))]
-        found = {"trace_id": order[0], "trace_ids": order,
-                 "seen": max(seen for _, seen, _ in rows),
-                 "start": min(starts) if starts else None,
-                 "duration": (max(ends) - min(starts)) if starts else None,
-                 "hops": hops,
-                 "chains": [_shape(chains[k]) for k in sorted(
-                     chains, key=lambda k: (min(rank.get(t, len(rank)) for t in keys[k]), k))]}
+        # Each trace's chains with its own hops (the stored shape holds the
+        # hops of the first trace that had it: another request's).
+        by_trace = {t: json.loads(encoded) for t, _, encoded in rows}
+        chains = {}
+        for t, trace_hops in sorted(by_trace.items()):
+            for chain in chains_mod.derive(trace_hops):
+                if t in keys.get(chain["key"], ()):
+                    chains.setdefault(chain["key"], chain)
+        for key, chain in stored.items():
+            # Stored by an earlier release whose shapes differ: as stored.
+            chains.setdefault(key, chain)
+        hops = [h for trace_hops in by_trace.values() for h in trace_hops]
+        found = join(hops, max(seen for _, seen, _ in rows), [t for t, _, _ in rows])
+        rank = {t: i for i, t in enumerate(found["trace_ids"])}
+        found["chains"] = [shape(chains[k]) for k in sorted(
+            chains, key=lambda k: (min(rank.get(t, len(rank)) for t in keys[k]), k))]
         if request_id is not None:
             found["request_id"] = request_id
         return found
@@ -245,7 +243,7 @@ class History:
                 (since,)).fetchall()
             groups = []
             for key, count, first, last, chain in rows:
-                chain = _shape(json.loads(chain))
+                chain = shape(json.loads(chain))
                 if absorbed is not None and chain["absorbed"] != absorbed:
                     continue
                 examples = self._db.execute(
@@ -259,6 +257,10 @@ class History:
                     break
         return groups
 
+    def now(self):
+        """The history's clock: chains' times are on it."""
+        return self._clock()
+
     def size(self):
         with self._lock:
             return self._db.execute("SELECT count(*) FROM traces").fetchone()[0]
@@ -269,6 +271,31 @@ _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 def _number(value):
     return value if isinstance(value, (int, float)) else 0.0
+
+
+def join(hops, seen, trace_ids):
+    """The answer for hops of one or more traces (``History.trace``, and
+    replicas' answers joined, exporters/fleet.py), without its chains:
+    hops entry first, then by start time, ties broken by ids; ``trace_ids``
+    in the order their first hop comes, then those with no hop."""
+    entry = _entry_hop(hops)
+    hops = sorted(hops, key=lambda h: (h is not entry, _number(h.get("start")),
+                                       str(h.get("trace_id")), str(h.get("span_id"))))
+    order = []  # trace ids, in the order their first hop comes
+    for hop in hops:
+        if hop.get("trace_id") not in order:
+            order.append(hop.get("trace_id"))
+    order += sorted(t for t in trace_ids if t not in order)
+    starts = [h["start"] for h in hops if isinstance(h.get("start"), (int, float))]
+    ends = [h["start"] + _number(h.get("duration")) for h in hops
+            if isinstance(h.get("start"), (int, float))]
+    return {"trace_id": order[0], "trace_ids": order, "seen": seen,
+            # The request the entry served: what the trace is about.
+            "entry_request_id": (entry.get("request_id") or entry.get("global_request_id")
+                                 if entry else None),
+            "start": min(starts) if starts else None,
+            "duration": (max(ends) - min(starts)) if starts else None,
+            "hops": hops, "chains": []}
 
 
 def _entry_hop(hops):
@@ -304,7 +331,7 @@ def _entry_request_id(chain):
     return None
 
 
-def _shape(chain):
+def shape(chain):
     """A chain as stored: its shape, and the hops (durations, request ids) of
     the first trace that had it; every trace keeps its own in ``trace()``."""
     return {"key": chain["key"], "origin": chain["origin"], "entry": chain["entry"],

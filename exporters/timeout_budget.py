@@ -64,38 +64,64 @@ def budget_totals(counters, histograms, consumers):
     return dict(edges)
 
 
-def add_timeout_budget(edges, current, baseline, seconds):
+def add_timeout_budget(edges, current, baseline, seconds, histograms=False):
     """Set ``timeout_budget`` on the RPC edges of a graph (None where no
     call with a timeout ended in the window), from two ``budget_totals``
-    maps ``seconds`` apart."""
-    seconds = max(seconds, 1e-3)
+    maps ``seconds`` apart; ``histograms``: with what a peer replica merges
+    (exporters/fleet.py)."""
     for edge in edges:
         if edge["protocol"] != graph.RPC:
             continue
         key = (edge["client"], edge["server"], edge["protocol"])
-        edge["timeout_budget"] = edge_budget(current.get(key), baseline.get(key), seconds)
+        edge["timeout_budget"] = edge_budget(current.get(key), baseline.get(key), seconds,
+                                             histograms)
 
 
-def edge_budget(now, then, seconds):
+def edge_budget(now, then, seconds, histograms=False):
     """One edge's ``timeout_budget`` from its BudgetTotals now and ``seconds``
     earlier (None: before any); None when no call with a timeout ended."""
-    seconds = max(seconds, 1e-3)
     if now is None:
         return None
     then = then or BudgetTotals()
-    used = now.used.since(then.used)
+    over_half = max(0.0, now.over_half - then.over_half)
+    return _figures(now.used.since(then.used), over_half, over_half / max(seconds, 1e-3),
+                    now.used_sum - then.used_sum, now.wait_sum - then.wait_sum, histograms)
+
+
+def merge(budgets):
+    """One ``timeout_budget`` from replicas' (each with its buckets and sums:
+    ``histograms``), or None if none has one: counts and rates added,
+    percentiles from the added buckets."""
+    budgets = [b for b in budgets if isinstance(b, dict)]
+    if not budgets:
+        return None
+    used = graph.Latency([0] * (len(_BOUNDS) + 1))
+    over_half = per_second = used_sum = wait_sum = 0.0
+    for budget in budgets:
+        part = graph.latency_from_json(budget.get("used"), len(_BOUNDS) + 1)
+        used.add(part.counts, part.low, part.high)
+        over_half += _number(budget.get("over_half"))
+        per_second += _number(budget.get("over_half_per_second"))
+        used_sum += _number(budget.get("used_sum"))
+        wait_sum += _number(budget.get("wait_sum"))
+    return _figures(used, over_half, per_second, used_sum, wait_sum, histograms=False)
+
+
+def _figures(used, over_half, per_second, used_sum, wait_sum, histograms):
     calls = sum(used.counts)
     if calls <= 0:
         return None
-    over_half = max(0.0, now.over_half - then.over_half)
-    used_sum = now.used_sum - then.used_sum
-    wait_sum = now.wait_sum - then.wait_sum
-    budget = {"calls": calls, "over_half": over_half,
-              "over_half_per_second": over_half / seconds,
+    budget = {"calls": calls, "over_half": over_half, "over_half_per_second": per_second,
               "over_half_ratio": min(1.0, over_half / calls),
               "timeout_seconds": wait_sum / used_sum if used_sum > 0 and wait_sum > 0 else None}
     for name, q in graph.PERCENTILES:
         value, low, high = graph.quantile(q, used, bounds=_BOUNDS)
         budget[name] = value
         budget[f"{name}_range"] = [low, high]
+    if histograms:
+        budget.update(used=graph.latency_json(used), used_sum=used_sum, wait_sum=wait_sum)
     return budget
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
