@@ -104,7 +104,7 @@ def _step(hop):
     return {field: hop.get(field) for field in (
         "service", "side", "protocol", "peer", "target", "operation", "kind", "outcome",
         "error", "start", "duration", "span_id", "parent_id", "request_id",
-        "global_request_id", "server")}
+        "global_request_id", "server", "timeout")}
 
 
 def shape_key(chain):

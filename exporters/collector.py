@@ -46,6 +46,7 @@ from commlens.exporters import history as history_mod
 from commlens.exporters import reporters
 from commlens.exporters import lost
 from commlens.exporters import silent
+from commlens.exporters import timeout_budget
 from commlens.exporters import traces
 from commlens.tracer import aggregate
 from commlens.tracer import metrics
@@ -73,7 +74,6 @@ MAX_INTERVAL_SECONDS = 86400.0
 # Beyond 2**53 a float no longer counts by one: no honest counter gets there,
 # and sums of values below it stay finite.
 _MAX_VALUE = float(2 ** 53)
-_N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
 
 # Outcomes of one received message, as counted on /metrics. REBASELINED: a
 # process resumed after it was forgotten; its values became its baseline
@@ -188,6 +188,8 @@ class Collector:
         # and kept for the dashboard's 15 minutes only.
         self.method_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
+        # How close calls run to their timeout, per edge (exporters/timeout_budget.py).
+        self.budget_samples = graph.GraphSamples()
         # Edge and method totals every minute, for the baseline of ``change``.
         self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
@@ -680,6 +682,7 @@ class Collector:
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
+            self.budget_samples.add(timeout_budget.budget_totals(*merged[:2], consumers))
         if methods_due or baseline_due:
             methods = graph.method_totals(*merged, consumers)
             if methods_due:
@@ -703,6 +706,10 @@ class Collector:
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
                              method_baseline, histograms=histograms)
+        budget_age, budget_baseline = self.budget_samples.baseline(window_seconds)
+        timeout_budget.add_timeout_budget(
+            result["edges"], timeout_budget.budget_totals(*merged[:2], consumers),
+            budget_baseline, budget_age, histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         result["silent_reporters"] = self.silent_reporters.top()
         graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
@@ -752,7 +759,18 @@ class Collector:
         rows, baseline = self._method_rows(window_seconds, lambda key: key == edge, histograms)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
                 "methods": [row for _edge, row in rows], "baseline": baseline,
-                "series": self._series(lambda key: key == edge)}
+                "series": self._series(lambda key: key == edge),
+                "timeout_budget": self._edge_timeout_budget(edge, window_seconds, histograms)}
+
+    def _edge_timeout_budget(self, edge, window_seconds, histograms):
+        """An RPC edge's ``timeout_budget`` over the window, as on /api/graph."""
+        if edge[2] != graph.RPC:
+            return None
+        counters, histograms, _gauges = self.merged(rates=True)
+        current = timeout_budget.budget_totals(counters, histograms,
+                                               graph.topic_consumers(counters))
+        age, baseline = self.budget_samples.baseline(window_seconds)
+        return timeout_budget.edge_budget(current.get(edge), baseline.get(edge), age, histograms)
 
     def node_details(self, service, window_seconds=300, histograms=False):
         """What ``service`` serves, by caller and method or route, and the
@@ -898,7 +916,7 @@ _MAX_CLOCK_SKEW = 86400.0
 
 
 _HOP_FIELD_SET = frozenset(wire.HOP_FIELDS)
-_STRING_FIELDS = tuple(f for f in wire.HOP_FIELDS if f not in ("start", "duration"))
+_STRING_FIELDS = tuple(f for f in wire.HOP_FIELDS if f not in wire.HOP_NUMBER_FIELDS)
 
 
 def _clean_hop(hop):
@@ -934,6 +952,10 @@ def _clean_hop(hop):
     if (type(duration) is not float and type(duration) is not int
             or not 0 <= duration <= _MAX_DURATION):
         clean["duration"] = None
+    timeout = clean["timeout"]
+    if timeout is not None and (type(timeout) is not float and type(timeout) is not int
+                                or not 0 < timeout <= _MAX_DURATION):
+        clean["timeout"] = None
     return clean
 
 
@@ -964,9 +986,7 @@ def _parse_series(data):
                 continue
             target[(name, tuple(labels))] = float(value)
     previous = data.get("format") == wire.SNAPSHOT_FORMAT_1
-    n_fields, n_buckets = ((len(wire.SNAPSHOT_1_HISTOGRAM_FIELDS),
-                            len(wire.SNAPSHOT_1_LATENCY_BUCKETS) + 1) if previous
-                           else (len(wire.HISTOGRAM_FIELDS), _N_BUCKETS))
+    n_fields = len(wire.SNAPSHOT_1_HISTOGRAM_FIELDS if previous else wire.HISTOGRAM_FIELDS)
     for item in data.get("histograms") or ():
         try:
             if len(item) != n_fields:
@@ -976,7 +996,11 @@ def _parse_series(data):
         except (TypeError, ValueError, KeyError):
             invalid += 1
             continue
+        # The previous format had only duration histograms, in its own buckets.
+        n_buckets = (len(wire.SNAPSHOT_1_LATENCY_BUCKETS) + 1 if previous
+                     else len(metric.buckets or ()) + 1)
         if (metric.kind != "histogram" or not _valid_labels(metric, labels)
+                or (previous and metric.buckets != metrics.LATENCY_BUCKETS)
                 or not isinstance(counts, list) or len(counts) != n_buckets
                 or not all(_number(c) for c in counts) or not _number(total)
                 or not _extremes(low, high)):

@@ -9,7 +9,8 @@ with a deadline, and merges the answers with its own:
 
 - graph: rates, requests, failures, waiting replies and timeouts add up;
   percentiles come from the added bucket counts (each replica gives its
-  edges' buckets), never from averaged percentiles;
+  edges' buckets), never from averaged percentiles; an RPC edge's timeout
+  budget the same way (exporters/timeout_budget.py, merge);
 - chains: grouped by key, counts added, first seen the earliest, last seen
   the latest;
 - a trace or a request: the hops of every replica that holds some, joined
@@ -24,6 +25,7 @@ waits longer than the deadline. Why asking peers rather than a shared store:
 docs/architecture.md ("Replicas that answer as one").
 """
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -36,6 +38,7 @@ from commlens.exporters import chains as chains_mod
 from commlens.exporters import graph as graph_mod
 from commlens.exporters import history
 from commlens.exporters import reporters
+from commlens.exporters import timeout_budget
 from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
@@ -188,8 +191,11 @@ class Fleet:
                                            histograms=True)
         answers, status = self.ask("/api/graph/edge", client=client, server=server,
                                    protocol=protocol, window=f"{window_seconds:g}s")
-        merged = merge_details([mine] + [a for a in answers if a is not None], ("operation",))
-        return dict(merged, edge=mine["edge"], replicas=status)
+        answered = [mine] + [a for a in answers if a is not None]
+        merged = merge_details(answered, ("operation",))
+        return dict(merged, edge=mine["edge"], replicas=status,
+                    timeout_budget=timeout_budget.merge(
+                        [a.get("timeout_budget") for a in answered]))
 
 
 # The response header naming the replica that answered.
@@ -218,7 +224,7 @@ def merge_graphs(graphs):
     """One graph from replicas' graphs (each with its edges' ``latency`` and
     ``ok_latency`` buckets): counts and rates added, percentiles from the
     added buckets, error ratios from the added counts."""
-    edges, latencies, nodes = {}, {}, {}
+    edges, latencies, nodes, budgets = {}, {}, {}, collections.defaultdict(list)
     for answer in graphs:
         for edge in answer.get("edges", []):
             key = (edge["client"], edge["server"], edge["protocol"])
@@ -234,6 +240,8 @@ def merge_graphs(graphs):
                 merged["measured_by"] = "server"
             if edge.get("queues"):
                 merged.setdefault("queues", {}).update(edge["queues"])
+            if "timeout_budget" in edge:
+                budgets[key].append(edge["timeout_budget"])
             for latency, field in zip(latencies[key], ("latency", "ok_latency"), strict=True):
                 part = graph_mod.latency_from_json(edge.get(field))
                 latency.add(part.counts, part.low, part.high)
@@ -252,6 +260,8 @@ def merge_graphs(graphs):
         latency, ok_latency = latencies[key]
         edge.update(graph_mod.percentiles(latency))
         edge.update(graph_mod.percentiles(ok_latency, prefix="ok_"))
+        if key[2] == graph_mod.RPC:
+            edge["timeout_budget"] = timeout_budget.merge(budgets[key])
         result_edges.append(edge)
     for node in nodes.values():
         node["error_ratio"] = (node["failed_in"] / node["rate_in"]) if node["rate_in"] else 0.0

@@ -398,12 +398,13 @@ def latency_json(latency):
     return {"counts": list(latency.counts), "low": latency.low, "high": latency.high}
 
 
-def latency_from_json(data):
-    """The Latency of ``latency_json``; an empty one for anything else."""
+def latency_from_json(data, n_buckets=_N_BUCKETS):
+    """The Latency of ``latency_json`` (of ``n_buckets`` buckets, +Inf
+    included); an empty one for anything else."""
     if (not isinstance(data, dict) or not isinstance(data.get("counts"), list)
-            or len(data["counts"]) != _N_BUCKETS
+            or len(data["counts"]) != n_buckets
             or not all(isinstance(c, (int, float)) and c >= 0 for c in data["counts"])):
-        return Latency()
+        return Latency([0] * n_buckets)
     low, high = data.get("low"), data.get("high")
     if not (isinstance(low, (int, float)) and isinstance(high, (int, float))):
         low = high = None
@@ -428,8 +429,9 @@ def percentiles(latency, prefix=""):
     return fields
 
 
-def quantile(q, latency):
-    """(estimate, low, high) of the q-quantile of a Latency, or None if it is empty.
+def quantile(q, latency, bounds=_BOUNDS):
+    """(estimate, low, high) of the q-quantile of a Latency in buckets of
+    ``bounds`` (then +Inf), or None if it is empty.
 
     The rank falls in one bucket; the true value lies in that bucket's
     bounds, narrowed to the smallest and largest value observed: [low,
@@ -445,8 +447,8 @@ def quantile(q, latency):
     rank = q * total
     i, running = _bucket_of(counts, rank)
     count = counts[i]
-    low = _BOUNDS[i - 1] if i > 0 else 0.0
-    high = _BOUNDS[i] if i < len(_BOUNDS) else None
+    low = bounds[i - 1] if i > 0 else 0.0
+    high = bounds[i] if i < len(bounds) else None
     if latency.low is not None:
         low = max(low, latency.low)
         high = latency.high if high is None else min(high, latency.high)

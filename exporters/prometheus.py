@@ -11,7 +11,14 @@ from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.tracer import metrics
 
-_BOUNDS = [repr(float(b)) for b in metrics.LATENCY_BUCKETS] + ["+Inf"]
+
+def _bounds(metric):
+    """The ``le`` values of a histogram's buckets, as exposed."""
+    return [repr(float(b)) for b in metric.buckets] + ["+Inf"]
+
+
+_BOUNDS = {m.name: _bounds(m) for m in metrics.SHIPPED.values() if m.kind == "histogram"}
+
 
 COLLECTOR_MESSAGES = metrics.Metric(
     "commlens_collector_messages_total", "counter", ("outcome",),
@@ -112,7 +119,7 @@ class CollectorExposition:
         for key, (counts, total, _low, _high) in histograms.items():
             cumulative, running = [], 0
             bucket_exemplars = found.get(key, {})
-            for index, (bound, count) in enumerate(zip(_BOUNDS, counts, strict=True)):
+            for index, (bound, count) in enumerate(zip(_BOUNDS[key[0]], counts, strict=True)):
                 running += count
                 exemplar = bucket_exemplars.get(index)
                 if exemplar is not None and count:

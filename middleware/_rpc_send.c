@@ -51,6 +51,8 @@ typedef struct {
     PyObject *open_calls;      /* set of the tokens of calls waiting for a reply */
     PyObject *sent_metric;     /* metrics.RPC_SENT.name */
     PyObject *reply_wait_metric;  /* metrics.RPC_REPLY_WAIT.name */
+    PyObject *budget_metric;   /* metrics.RPC_TIMEOUT_BUDGET.name */
+    PyObject *over_half_metric;  /* metrics.RPC_OVER_HALF_TIMEOUT.name */
     PyObject *method_seen;     /* labels.method.seen */
     PyObject *method_label;    /* labels.method */
     PyObject *context_copy;    /* rpc_driver._context_copy */
@@ -73,8 +75,12 @@ typedef struct {
     PyObject *target;    /* the oslo.messaging Target: its server is read for hops only */
     PyObject *token;     /* a call's waiting-reply token, or None */
     double start;
+    double timeout;      /* a call's timeout in seconds, or 0: none (budget_timeout) */
     char done;
 } Send;
+
+/* metrics.BUDGET_OVER: a call is close to its timeout past this fraction. */
+#define BUDGET_OVER 0.5
 
 static PyObject *send_end(Send *self, PyObject *exc);
 
@@ -82,14 +88,15 @@ static int
 sender_init(Sender *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {
-        "service", "recorder", "sent_metric", "reply_wait_metric", "method_label",
-        "context_copy", "stamp", "failed", "add_hop", "recording_failed", "inner_send", NULL};
-    PyObject *service, *recorder, *sent, *reply_wait, *method_label, *context_copy, *stamp,
-        *failed, *add_hop, *recording_failed, *inner_send;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$UOUUOOOOOOO:Sender", keywords,
-                                     &service, &recorder, &sent, &reply_wait, &method_label,
-                                     &context_copy, &stamp, &failed, &add_hop,
-                                     &recording_failed, &inner_send))
+        "service", "recorder", "sent_metric", "reply_wait_metric", "budget_metric",
+        "over_half_metric", "method_label", "context_copy", "stamp", "failed", "add_hop",
+        "recording_failed", "inner_send", NULL};
+    PyObject *service, *recorder, *sent, *reply_wait, *budget, *over_half, *method_label,
+        *context_copy, *stamp, *failed, *add_hop, *recording_failed, *inner_send;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$UOUUUUOOOOOOO:Sender", keywords,
+                                     &service, &recorder, &sent, &reply_wait, &budget,
+                                     &over_half, &method_label, &context_copy, &stamp, &failed,
+                                     &add_hop, &recording_failed, &inner_send))
         return -1;
     SendState *state = PyType_GetModuleState(Py_TYPE(self));
     if (state == NULL)
@@ -113,6 +120,8 @@ sender_init(Sender *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->recorder, Py_NewRef(recorder));
     Py_XSETREF(self->sent_metric, Py_NewRef(sent));
     Py_XSETREF(self->reply_wait_metric, Py_NewRef(reply_wait));
+    Py_XSETREF(self->budget_metric, Py_NewRef(budget));
+    Py_XSETREF(self->over_half_metric, Py_NewRef(over_half));
     Py_XSETREF(self->method_label, Py_NewRef(method_label));
     Py_XSETREF(self->context_copy, Py_NewRef(context_copy));
     Py_XSETREF(self->stamp, Py_NewRef(stamp));
@@ -132,6 +141,8 @@ sender_traverse(Sender *self, visitproc visit, void *arg)
     Py_VISIT(self->open_calls);
     Py_VISIT(self->sent_metric);
     Py_VISIT(self->reply_wait_metric);
+    Py_VISIT(self->budget_metric);
+    Py_VISIT(self->over_half_metric);
     Py_VISIT(self->method_seen);
     Py_VISIT(self->method_label);
     Py_VISIT(self->context_copy);
@@ -154,6 +165,8 @@ sender_clear(Sender *self)
     Py_CLEAR(self->open_calls);
     Py_CLEAR(self->sent_metric);
     Py_CLEAR(self->reply_wait_metric);
+    Py_CLEAR(self->budget_metric);
+    Py_CLEAR(self->over_half_metric);
     Py_CLEAR(self->method_seen);
     Py_CLEAR(self->method_label);
     Py_CLEAR(self->context_copy);
@@ -204,15 +217,37 @@ call_method(PyObject *callable, PyObject *arg)
     return PyObject_Vectorcall(callable, args + 1, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
-/* begin(target, ctxt, message, wait_for_reply) -> Send, or None when the
- * context cannot carry ours (counted as dropped "bad_context"): the send
- * then goes on unrecorded. Raises only on commlens's own errors, which the
- * driver counts and sends on without recording. */
+/* A call's timeout as the seconds its budget is measured against: a
+ * positive, finite int or float (exactly), else 0, no budget. Never raises. */
+static double
+budget_timeout(PyObject *timeout)
+{
+    double seconds;
+    if (PyFloat_CheckExact(timeout)) {
+        seconds = PyFloat_AS_DOUBLE(timeout);
+    } else if (PyLong_CheckExact(timeout)) {
+        seconds = PyLong_AsDouble(timeout);
+        if (seconds == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();  /* too large for a double: no budget, as in Python */
+            return 0.0;
+        }
+    } else {
+        return 0.0;
+    }
+    return (seconds > 0.0 && seconds < Py_HUGE_VAL) ? seconds : 0.0;
+}
+
+/* begin(target, ctxt, message, wait_for_reply, timeout=None) -> Send, or
+ * None when the context cannot carry ours (counted as dropped
+ * "bad_context"): the send then goes on unrecorded. Raises only on
+ * commlens's own errors, which the driver counts and sends on without
+ * recording. */
 static PyObject *
 sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "begin(target, ctxt, message, wait_for_reply)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "begin(target, ctxt, message, wait_for_reply, timeout=None)");
         return NULL;
     }
     PyObject *target = args[0], *ctxt = args[1], *message = args[2];
@@ -245,6 +280,7 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
     call->target = Py_NewRef(target);
     call->token = Py_NewRef(Py_None);
     call->start = 0.0;
+    call->timeout = 0.0;
     call->done = 0;
     PyObject_GC_Track(call);
 
@@ -253,6 +289,7 @@ sender_begin(Sender *self, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     if (wait) {
         call->kind = Py_NewRef(state->str_call);
+        call->timeout = nargs == 5 ? budget_timeout(args[4]) : 0.0;
     } else {
         PyObject *fanout = PyObject_GetAttr(target, state->str_fanout_attr);
         int is_fanout = fanout ? PyObject_IsTrue(fanout) : -1;
@@ -355,11 +392,13 @@ sender_send(Sender *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     PyObject *ctxt = send_argument(args, nargs, kwnames, 1, "ctxt", &ctxt_at);
     PyObject *message = send_argument(args, nargs, kwnames, 2, "message", &unused);
     PyObject *wait = send_argument(args, nargs, kwnames, 3, "wait_for_reply", &unused);
+    PyObject *timeout = send_argument(args, nargs, kwnames, 4, "timeout", &unused);
     if (target == NULL || ctxt == NULL || message == NULL || total > SEND_MAX_ARGS)
         /* Not a send we can read: the inner driver says what is wrong. */
         return PyObject_Vectorcall(self->inner_send, args, nargs, kwnames);
-    PyObject *begin_args[] = {target, ctxt, message, wait ? wait : Py_None};
-    PyObject *call = sender_begin(self, begin_args, 4);
+    PyObject *begin_args[] = {target, ctxt, message, wait ? wait : Py_None,
+                              timeout ? timeout : Py_None};
+    PyObject *call = sender_begin(self, begin_args, 5);
     if (call == NULL) {
         /* commlens's own error: counted, and the send goes on unrecorded. */
         if (!PyErr_ExceptionMatches(PyExc_Exception))
@@ -441,6 +480,31 @@ static PyType_Spec sender_spec = {
 
 /* -- Send: one message on its way ----------------------------------------- */
 
+/* How much of its timeout a call that got its reply used (the error path is
+ * rpc_driver.py's _record_budget). */
+static int
+record_budget(Send *self, double used)
+{
+    Sender *sender = self->sender;
+    PyObject *labels = PyTuple_Pack(3, sender->service, self->topic, self->method);
+    if (labels == NULL)
+        return -1;
+    PyObject *used_obj = PyFloat_FromDouble(used);
+    if (used_obj == NULL) {
+        Py_DECREF(labels);
+        return -1;
+    }
+    /* commlens_record takes (steals) its labels: one reference each. */
+    int result = commlens_record(sender->recording.observe, sender->budget_metric,
+                                 Py_NewRef(labels), used_obj);
+    Py_DECREF(used_obj);
+    if (result == 0 && used > BUDGET_OVER)
+        result = commlens_record(sender->recording.inc, sender->over_half_metric,
+                                 Py_NewRef(labels), NULL);
+    Py_DECREF(labels);
+    return result;
+}
+
 static int
 send_record_end(Send *self, PyObject *exc)
 {
@@ -469,6 +533,9 @@ send_record_end(Send *self, PyObject *exc)
             sender->recording.observe, sender->reply_wait_metric,
             PyTuple_Pack(4, sender->service, self->topic, self->method, state->str_ok),
             duration_obj) < 0)
+        goto fail;
+    if (self->kind == state->str_call && self->timeout > 0.0
+            && record_budget(self, duration / self->timeout) < 0)
         goto fail;
     int keep = commlens_keeps_hop(&sender->recording,
                                   ((CommlensTraceContext *)self->ctx)->trace_id,
@@ -549,6 +616,14 @@ send_get_start(Send *self, void *Py_UNUSED(closure))
     return PyFloat_FromDouble(self->start);
 }
 
+static PyObject *
+send_get_timeout(Send *self, void *Py_UNUSED(closure))
+{
+    if (self->timeout > 0.0)
+        return PyFloat_FromDouble(self->timeout);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef send_methods[] = {
     {"end", (PyCFunction)send_end, METH_O,
      "end(exception or None): record the end of the send, once; raises only a "
@@ -558,6 +633,7 @@ static PyMethodDef send_methods[] = {
 
 static PyGetSetDef send_getset[] = {
     {"start", (getter)send_get_start, NULL, NULL, NULL},
+    {"timeout", (getter)send_get_timeout, NULL, NULL, NULL},
     COMMLENS_READONLY_FIELD("ctxt", Send, ctxt),
     COMMLENS_READONLY_FIELD("ctx", Send, ctx),
     COMMLENS_READONLY_FIELD("kind", Send, kind),

@@ -7,7 +7,8 @@ from commlens.tracer._speedups import TraceContext
 @final
 class Sender:
     def __init__(self, *, service: str, recorder: Any, sent_metric: str,
-                 reply_wait_metric: str, method_label: Callable[[Any], str],
+                 reply_wait_metric: str, budget_metric: str, over_half_metric: str,
+                 method_label: Callable[[Any], str],
                  context_copy: Callable[[Any], Any],
                  stamp: Callable[[dict[str, Any], str, str], TraceContext],
                  failed: Callable[[Send, BaseException, float], object],
@@ -18,7 +19,7 @@ class Sender:
              timeout: Optional[float] = None, call_monitor_timeout: Optional[float] = None,
              retry: Optional[int] = None, transport_options: Any = None) -> Any: ...
     def begin(self, target: Any, ctxt: Any, message: Any, wait_for_reply: object,
-              /) -> Optional[Send]: ...
+              timeout: object = None, /) -> Optional[Send]: ...
     def take_open_calls(self) -> set[Any]: ...
 
 @final
@@ -26,6 +27,8 @@ class Send:
     """Made by Sender.begin only."""
     @property
     def start(self) -> float: ...
+    @property
+    def timeout(self) -> Optional[float]: ...
     @property
     def ctxt(self) -> dict[str, Any]: ...
     @property

@@ -9,7 +9,7 @@ begins a Send for each message:
 
 which is:
 
-    call = sender.begin(target, ctxt, message, wait_for_reply)  # None: unrecorded
+    call = sender.begin(target, ctxt, message, wait_for_reply, timeout)  # None: unrecorded
     ... the inner driver sends call.ctxt ...
     call.end(None)   # or call.end(exception) if the send raised
 
@@ -24,6 +24,8 @@ from commlens.tracer import implementation
 
 CALL, CAST, FANOUT = "call", "cast", "fanout"
 OK = "ok"  # metrics.OK
+BUDGET_OVER = 0.5  # metrics.BUDGET_OVER
+_INF = float("inf")
 
 _clock = time.perf_counter  # CLOCK_MONOTONIC, as the compiled path reads it
 _speedups = implementation.module("speedups")
@@ -33,8 +35,9 @@ class Sender:
     """Sender(*, service, recorder, ...): the per-send path of one
     rpc_driver.CommlensDriver."""
 
-    def __init__(self, *, service, recorder, sent_metric, reply_wait_metric, method_label,
-                 context_copy, stamp, failed, add_hop, recording_failed, inner_send):
+    def __init__(self, *, service, recorder, sent_metric, reply_wait_metric, budget_metric,
+                 over_half_metric, method_label, context_copy, stamp, failed, add_hop,
+                 recording_failed, inner_send):
         self._service = service
         self._recorder = recorder
         self._inc = recorder.inc
@@ -42,6 +45,8 @@ class Sender:
         self._keeps_hop = recorder.keeps_hop
         self._sent_metric = sent_metric
         self._reply_wait_metric = reply_wait_metric
+        self._budget_metric = budget_metric        # metrics.RPC_TIMEOUT_BUDGET.name
+        self._over_half_metric = over_half_metric  # metrics.RPC_OVER_HALF_TIMEOUT.name
         self._method_label = method_label     # labels.method
         self._context_copy = context_copy     # rpc_driver._context_copy
         self._stamp = stamp                   # context.stamp_outgoing
@@ -64,7 +69,7 @@ class Sender:
         through, and only code that sees the exception can record it.
         """
         try:
-            call = self.begin(target, ctxt, message, wait_for_reply)
+            call = self.begin(target, ctxt, message, wait_for_reply, timeout)
         except Exception as exc:
             self._recording_failed(exc)
             call = None
@@ -84,11 +89,13 @@ class Sender:
         call.end(None)
         return result
 
-    def begin(self, target, ctxt, message, wait_for_reply):
+    def begin(self, target, ctxt, message, wait_for_reply, timeout=None, /):
         """A Send, or None when the context cannot carry ours (counted as
         dropped "bad_context"): the send then goes on unrecorded. Raises
         only on commlens's own errors, which the driver counts and sends
-        on without recording."""
+        on without recording. ``timeout``: the send's, as oslo.messaging's
+        RPC client passes it (``prepare(timeout=)``, else
+        ``rpc_response_timeout``; None for casts)."""
         # A copy of the context, which we add our keys to.
         out = dict(ctxt) if type(ctxt) is dict else self._context_copy(ctxt)
         if not isinstance(out, dict):
@@ -100,6 +107,7 @@ class Sender:
         try:
             if wait_for_reply:
                 call.kind = CALL
+                call.timeout = budget_timeout(timeout)
             else:
                 call.kind = FANOUT if target.fanout else CAST
             call.method = self._method_label(message.get("method"))
@@ -136,7 +144,7 @@ class Send:
     """One message on its way: made by Sender.begin, ended by end()."""
 
     __slots__ = ("sender", "ctxt", "ctx", "kind", "topic", "method", "target", "token", "start",
-                 "done")
+                 "timeout", "done")
 
     def __init__(self, sender, ctxt):
         self.sender = sender
@@ -148,6 +156,7 @@ class Send:
         self.target = None     # the oslo.messaging Target sent to
         self.token = None      # a call's waiting-reply token
         self.start = 0.0
+        self.timeout = None    # a call's timeout in seconds (budget_timeout), or None
         self.done = False
 
     def end(self, exc):
@@ -174,5 +183,26 @@ class Send:
             # The service graph's client side is its sum (tracer/derived.py).
             sender._observe(sender._reply_wait_metric,
                             (sender._service, self.topic, self.method, OK), duration)
+            if self.timeout is not None:
+                # How much of its timeout the call used (the reply wait's
+                # error path is rpc_driver.py's _record_budget).
+                used = duration / self.timeout
+                labels = (sender._service, self.topic, self.method)
+                sender._observe(sender._budget_metric, labels, used)
+                if used > BUDGET_OVER:
+                    sender._inc(sender._over_half_metric, labels)
         if sender._keeps_hop(self.ctx.trace_id, duration, False):
             sender._add_hop(self, OK, None, duration)
+
+
+def budget_timeout(timeout):
+    """A call's timeout as the seconds its budget is measured against: a
+    positive, finite int or float, else None (no budget: a call that waits
+    forever, or a value that is not a number)."""
+    if type(timeout) is not float and type(timeout) is not int:
+        return None
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        return None
+    return seconds if 0 < seconds < _INF else None

@@ -129,6 +129,8 @@ class CommlensDriver(base.BaseDriver):
         return _rpc_send.Sender(
             service=self._service, recorder=self._recorder,
             sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
+            budget_metric=metrics.RPC_TIMEOUT_BUDGET.name,
+            over_half_metric=metrics.RPC_OVER_HALF_TIMEOUT.name,
             method_label=labels.method, context_copy=_context_copy,
             stamp=context.stamp_outgoing, failed=self._send_failed,
             add_hop=self._add_send_hop, recording_failed=self._send_recording_failed,
@@ -204,12 +206,27 @@ class CommlensDriver(base.BaseDriver):
             # The service graph's client side is its sum (tracer/derived.py).
             rec.observe(metrics.RPC_REPLY_WAIT,
                         (self._service, call.topic, call.method, outcome), duration)
+            self._record_budget(call, duration, outcome == metrics.TIMEOUT)
         if outcome in _UNANSWERED:
             edge = (self._service, call.topic, metrics.MESSAGING_SYSTEM)
             rec.inc(metrics.SERVICE_GRAPH_REQUESTS, edge)
             rec.inc(metrics.SERVICE_GRAPH_FAILED, edge)
         context.mark_child_failed()
         self._add_send_hop(call, outcome, error, duration)
+
+    def _record_budget(self, call, duration, timed_out):
+        """How much of its timeout a failed call used (a successful call's
+        is recorded by the per-send path). A call that timed out used all
+        of it: 1.0 or above, whatever the clocks' rounding."""
+        if call.timeout is None:
+            return
+        used = duration / call.timeout
+        if timed_out:
+            used = max(used, 1.0)
+        labels = (self._service, call.topic, call.method)
+        self._recorder.observe(metrics.RPC_TIMEOUT_BUDGET, labels, used)
+        if used > metrics.BUDGET_OVER:
+            self._recorder.inc(metrics.RPC_OVER_HALF_TIMEOUT, labels)
 
     def _send_recording_failed(self, exc):
         self._recorder.dropped("recording_error")
@@ -226,7 +243,9 @@ class CommlensDriver(base.BaseDriver):
             global_request_id=labels.request_id(call.ctxt.get("global_request_id")),
             # The host a call was addressed to (``prepare(server=...)``), so
             # a timeout names the one that did not answer.
-            server=labels.server(getattr(call.target, "server", None))))
+            server=labels.server(getattr(call.target, "server", None)),
+            # A call's timeout, so a trace shows how close it came.
+            timeout=call.timeout))
 
     def _notification_sent(self, target, ctxt, message):
         out = _context_copy(ctxt)

@@ -243,7 +243,9 @@ recorder = recorder_mod.Recorder("c-safety")
 failures = []
 sender = _rpc_send.Sender(
     service="c-safety", recorder=recorder, sent_metric=metrics.RPC_SENT.name,
-    reply_wait_metric=metrics.RPC_REPLY_WAIT.name, method_label=labels.method,
+    reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
+    budget_metric=metrics.RPC_TIMEOUT_BUDGET.name,
+    over_half_metric=metrics.RPC_OVER_HALF_TIMEOUT.name, method_label=labels.method,
     context_copy=dict, stamp=lambda carrier, service, kind: 12345,
     failed=lambda *args: None, add_hop=lambda *args: None,
     recording_failed=failures.append, inner_send=lambda *args, **kwargs: None)

@@ -232,6 +232,10 @@ def test_hop_samplers_accept_and_refuse_the_same_settings():
 
 # -- trace context ---------------------------------------------------------
 
+class _Float(float):
+    """A float of a subclass: not a timeout either implementation reads."""
+
+
 class _Text(str):
     pass
 
@@ -407,7 +411,9 @@ def _sender(module, recorder, inner_send=None):
     return module.Sender(
         service=driver._service, recorder=driver._recorder,
         sent_metric=metrics.RPC_SENT.name, reply_wait_metric=metrics.RPC_REPLY_WAIT.name,
-        method_label=labels.method, context_copy=rpc_driver._context_copy,
+        budget_metric=metrics.RPC_TIMEOUT_BUDGET.name,
+        over_half_metric=metrics.RPC_OVER_HALF_TIMEOUT.name, method_label=labels.method,
+        context_copy=rpc_driver._context_copy,
         stamp=context.stamp_outgoing, failed=driver._send_failed,
         add_hop=driver._add_send_hop, recording_failed=driver._send_recording_failed,
         inner_send=inner_send or (lambda *args, **kwargs: None))
@@ -437,6 +443,10 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
                 {}, {"args": {}}]
     endings = [None, None, None, om.MessagingTimeout("late"), ValueError("remote"),
                OSError("broker gone"), om.MessagingException("transport")]
+    # A call's timeout (issue 18): one no call comes near, one every call
+    # overruns (its budget past half, in +Inf), and what is no budget.
+    timeouts = [60, 30.0, 1e-9, None, 0, -1, float("nan"), float("inf"), True, "30",
+                10 ** 400, decimal.Decimal("30"), _Float(30.0)]
     recorders = {"compiled": _recorder(hop_sample_ratio),
                  "python": _recorder(hop_sample_ratio)}
     senders = _senders(recorders, lambda name: lambda *args, **kwargs: None)
@@ -444,6 +454,7 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
         target, ctxt = rng.choice(targets), rng.choice(contexts)
         message, wait = rng.choice(messages), rng.choice([True, False, None, 1, 0])
         ending, served = rng.choice(endings), rng.choice([None, (None, None), ("a" * 32, None)])
+        timeout = rng.choice(timeouts)
         open_calls_taken = step % 500 == 499
         seen = {}
         for name, sender in senders.items():
@@ -452,13 +463,13 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
             parent = None if served is None else context.TraceContext(served[0])
             token = context.set_current(parent)
             try:
-                begun = outcome(sender.begin, target, ctxt, message, wait)
+                begun = outcome(sender.begin, target, ctxt, message, wait, timeout)
                 shape = begun
                 if begun[0] == "ok" and begun[1] is not None:
                     call = begun[1]
                     shape = ("ok", _shape(call.ctxt, call.ctx, None)[0].keys(), call.kind,
                              call.topic, call.method, call.token is not None,
-                             call.target is target)
+                             call.target is target, call.timeout)
                     if not open_calls_taken:
                         assert call.end(ending) is None
                         assert call.end(ending) is None  # recorded once
@@ -472,6 +483,44 @@ def test_sends_are_recorded_alike(hop_sample_ratio):
     assert compiled == _snapshot(recorders["python"])
     # The server a call was addressed to is on its hop, in both (issue 18).
     assert {hop["server"] for hop in compiled[3]} == {None, "host-1"}
+    # A call's timeout is on its hop as seconds, none on casts (issue 18).
+    assert {hop["timeout"] for hop in compiled[3] if hop["kind"] == "call"} == {
+        60.0, 30.0, 1e-9, None}
+    assert {hop["timeout"] for hop in compiled[3] if hop["kind"] != "call"} == {None}
+    # Every call with a budget was measured against it; those of 1e-9 s
+    # (and only they: the others ended within microseconds) used over half.
+    budget = {tuple(labels): count for name, labels, count in compiled[1]
+              if name == metrics.RPC_TIMEOUT_BUDGET.name}
+    over_half = {tuple(labels): count for name, labels, count in compiled[0]
+                 if name == metrics.RPC_OVER_HALF_TIMEOUT.name}
+    assert budget and over_half and all(
+        0 < over_half[labels] < budget[labels] for labels in over_half)
+
+
+@needs_compiled
+def test_a_call_s_budget_lands_in_the_same_bucket_alike():
+    # The budget's own buckets (metrics.BUDGET_BUCKETS, not the durations'):
+    # a call that overran its timeout (1e-9 s) is past 1.0, one that used
+    # nothing of a day's is in the first bucket; over half counted once.
+    from commlens.middleware import _rpc_send
+    from commlens.middleware import _rpc_send_py
+    import oslo_messaging as om
+
+    target = om.Target(topic="conductor")
+    for module in (_rpc_send, _rpc_send_py):
+        recorder = _recorder(0.0)
+        sender = _sender(module, recorder)
+        for timeout in (1e-9, 86400, 86400.0):
+            sender.send(target, {}, {"method": "build"}, wait_for_reply=True,
+                        timeout=timeout)
+        snapshot = recorder.snapshot(1)
+        [(_name, labels, counts, *_rest)] = [
+            h for h in snapshot["histograms"] if h[0] == metrics.RPC_TIMEOUT_BUDGET.name]
+        assert labels == ["diff-svc", "conductor", "build"]
+        assert counts == [2, 0, 0, 0, 0, 0, 1], module
+        assert [c for c in snapshot["counters"]
+                if c[0] == metrics.RPC_OVER_HALF_TIMEOUT.name] == [
+            [metrics.RPC_OVER_HALF_TIMEOUT.name, labels, 1]], module
 
 
 @needs_compiled
@@ -499,6 +548,8 @@ def test_sends_pass_on_the_same_arguments_and_exceptions_alike():
     recorders = {"compiled": _recorder(1.0), "python": _recorder(1.0)}
     received = {}
     senders = _senders(recorders, lambda name: _inner_send(name, received, lambda: ending))
+    # The timeout oslo.messaging passes (keyword or sixth positional) is read.
+    calls.append(lambda send, ctxt: send(target, ctxt, {"method": "build"}, True, 7))
     for step in range(300):
         ending, call = rng.choice(endings), rng.choice(calls)
         ctxt = rng.choice([{"request_id": "req-1"}, {"traceparent": VALID}, object()])
@@ -507,7 +558,9 @@ def test_sends_pass_on_the_same_arguments_and_exceptions_alike():
             received.pop(name, None)
             seen[name] = (outcome(call, sender.send, ctxt), received.get(name))
         assert seen["compiled"] == seen["python"], (step, ending)
-    assert _snapshot(recorders["compiled"]) == _snapshot(recorders["python"])
+    compiled = _snapshot(recorders["compiled"])
+    assert compiled == _snapshot(recorders["python"])
+    assert {hop["timeout"] for hop in compiled[3]} == {30.0, 7.0, None}
 
 
 def _senders(recorders, inner_send):

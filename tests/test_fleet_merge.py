@@ -59,6 +59,39 @@ def test_graph_rates_add_and_percentiles_come_from_the_added_buckets():
     assert nodes["nova-api"]["processes"] == 3
 
 
+def _budget(bucket, calls, over_half, seconds_used, wait_sum):
+    counts = [0] * (len(metrics.BUDGET_BUCKETS) + 1)
+    counts[bucket] = calls
+    return {"used": {"counts": counts, "low": None, "high": None}, "calls": calls,
+            "over_half": over_half, "over_half_per_second": over_half / 300,
+            "used_sum": seconds_used, "wait_sum": wait_sum}
+
+
+def test_an_edge_s_timeout_budget_merges_from_the_added_buckets_and_sums():
+    # Replica one: 90 calls using under a tenth of their 60 s; replica two:
+    # 10 using three quarters of it (45 s each). The fleet's p99 is in the
+    # three-quarters bucket, 10 calls are over half, and the timeout read
+    # back from the added sums is still 60 s.
+    one = _edge(9.0, 90, 0, _latency(0, 90, 0.01))
+    one["timeout_budget"] = _budget(0, 90, 0, 90 * 0.05, 90 * 3.0)
+    two = _edge(1.0, 10, 0, _latency(0, 10, 0.01))
+    two["timeout_budget"] = _budget(metrics.BUDGET_BUCKETS.index(0.75), 10, 10,
+                                    10 * 0.75, 10 * 45.0)
+    (edge,) = fleet.merge_graphs([{"edges": [one]}, {"edges": [two]}])["edges"]
+    budget = edge["timeout_budget"]
+    assert budget["calls"] == 100 and budget["over_half"] == 10
+    assert budget["over_half_ratio"] == 0.1 and budget["over_half_per_second"] == 10 / 300
+    assert 0.5 < budget["p99"] <= 0.75 and budget["p50"] <= 0.1
+    assert abs(budget["timeout_seconds"] - 60.0) < 1e-9
+    # A replica whose edge had no call with a timeout adds nothing.
+    three = _edge(1.0, 10, 0, _latency(0, 10, 0.01))
+    three["timeout_budget"] = None
+    (edge,) = fleet.merge_graphs([{"edges": [one]}, {"edges": [three]}])["edges"]
+    assert edge["timeout_budget"]["calls"] == 90
+    (edge,) = fleet.merge_graphs([{"edges": [three]}])["edges"]
+    assert edge["timeout_budget"] is None
+
+
 def test_chains_merge_by_key_with_counts_added_and_first_and_last_seen_widened():
     def row(count, first, last, trace):
         return {"key": "k1", "origin": {"service": "a"}, "entry": {"service": "b"},

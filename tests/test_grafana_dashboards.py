@@ -113,13 +113,26 @@ def test_schema_check_catches_a_broken_dashboard(tmp_path, damage, schema):
 
 def test_dashboards_cover_what_operators_look_at():
     dashboards = load_dashboards()
-    text = json.dumps(dashboards)
-    for metric in ("traces_service_graph_request_total", "commlens_rpc_waiting_replies",
-                   "commlens_rpc_received_total", "commlens_rpc_sent_total",
-                   "commlens_rpc_reply_wait_seconds_bucket", "commlens_rpc_call_errors_total",
-                   "commlens_http_requests_total", "commlens_http_request_duration_seconds",
-                   "commlens_error_chain_total"):
-        assert metric in text, metric
+    # Every dashboard together; and the RPC dashboard on its own answers slow
+    # vs starved vs backed up and how close calls run to their timeout (issue
+    # 18): processing, the wait split, pool saturation, the timeout budget.
+    wanted = {
+        "all": ("traces_service_graph_request_total", "commlens_rpc_waiting_replies",
+                "commlens_rpc_received_total", "commlens_rpc_sent_total",
+                "commlens_rpc_reply_wait_seconds_bucket", "commlens_rpc_call_errors_total",
+                "commlens_http_requests_total", "commlens_http_request_duration_seconds",
+                "commlens_error_chain_total"),
+        "commlens-rpc.json": (
+            "commlens_rpc_processing_seconds_bucket", "commlens_rpc_pool_wait_seconds_sum",
+            "commlens_rpc_processing_seconds_sum", "commlens_rpc_reply_wait_seconds_sum",
+            "commlens_rpc_pool_saturation_peak", "commlens_rpc_handlers_in_flight",
+            "commlens_rpc_executor_pool_size", "commlens_rpc_timeout_budget_used_bucket",
+            "commlens_rpc_calls_over_half_timeout_total"),
+    }
+    for where, names in wanted.items():
+        text = json.dumps(dashboards if where == "all" else dashboards[where])
+        missing = [name for name in names if name not in text]
+        assert not missing, (where, missing)
     panel_types = {panel["type"] for d in dashboards.values() for panel in d["panels"]}
     assert {"nodeGraph", "heatmap", "table", "timeseries"} <= panel_types
     for name, dashboard in dashboards.items():

@@ -189,6 +189,24 @@ def test_prometheus_rule_is_exactly_the_tested_rules_file():
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
 
 
+def test_runbook_urls_can_point_at_another_copy_of_the_runbooks():
+    base = "https://wiki.example.com/openstack/commlens-runbooks"
+    rule = render(dict(EXISTING_SECRET, prometheusRule={"runbookBaseUrl": base}))[
+        ("PrometheusRule", "commlens")]
+    tested = yaml.safe_load(RULES.read_text())
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r]
+    assert alerts and all(r["annotations"]["runbook_url"] == f"{base}#{r['alert'].lower()}"
+                          for r in alerts)
+    # Nothing else changed.
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            r["annotations"].pop("runbook_url", None)
+    for group in tested["groups"]:
+        for r in group["rules"]:
+            r["annotations"].pop("runbook_url", None)
+    assert rule["spec"] == tested
+
+
 def test_dashboards_config_map_is_labelled_for_the_grafana_sidecar():
     config_map = render(EXISTING_SECRET)[("ConfigMap", "commlens-dashboards")]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -208,6 +226,8 @@ def test_optional_objects_can_be_turned_off():
 
 @pytest.mark.parametrize("values, message", [
     ({}, "set broker.existingSecret"),
+    (dict(EXISTING_SECRET, prometheusRule={"runbookBaseUrl": "wiki.example/runbooks#x"}),
+     "prometheusRule.runbookBaseUrl: the full http(s) URL of the runbooks page"),
 ])
 def test_bad_values_get_a_clear_error(values, message):
     result = _run("render", json.dumps(values))

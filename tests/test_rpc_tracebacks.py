@@ -101,7 +101,10 @@ def inner_send(target, ctxt, message, wait_for_reply=None, timeout=None,
 
 sender = _rpc_send.Sender(
     service="leak-check", recorder=driver._recorder, sent_metric="commlens_rpc_sent_total",
-    reply_wait_metric="commlens_rpc_reply_wait_seconds", method_label=rpc_driver.labels.method,
+    reply_wait_metric="commlens_rpc_reply_wait_seconds",
+    budget_metric="commlens_rpc_timeout_budget_used",
+    over_half_metric="commlens_rpc_calls_over_half_timeout_total",
+    method_label=rpc_driver.labels.method,
     context_copy=rpc_driver._context_copy, stamp=rpc_driver.context.stamp_outgoing,
     failed=driver._send_failed, add_hop=driver._add_send_hop,
     recording_failed=driver._send_recording_failed, inner_send=inner_send)

@@ -102,6 +102,27 @@ def test_clicking_a_node_and_an_edge_shows_methods_and_fifteen_minutes(page):
     assert "/v3/" in page.inner_text("#methods tbody")
 
 
+def test_an_rpc_edge_shows_how_close_its_calls_run_to_their_timeout(page):
+    # The demo's RPC clients call with a 5 s timeout (emulator/controlplane.py):
+    # the edge detail says so, with the share of it the calls used.
+    edge = "#graph g.edge[id='edge:nova-api->nova-conductor:rpc'] text"
+    page.wait_for_selector(edge, timeout=30000)
+    page.click(edge)
+    page.wait_for_selector("#timeout-budget:not([hidden])", timeout=30000)
+    budget = page.locator("#timeout-budget dd")
+    assert page.inner_text("#timeout-budget dd[data-budget='timeout']") == "5 s"
+    assert page.inner_text("#timeout-budget dd[data-budget='used, p99']").endswith("%")
+    assert " of " in page.inner_text("#timeout-budget dd[data-budget='calls over half']")
+    assert budget.count() == 4
+    page.screenshot(path=SHOTS / "edge-timeout-budget.png", full_page=True)
+    # A REST edge has no timeout budget of oslo.messaging's.
+    page.click("#graph g.edge[id='edge:nova-api->keystone:http'] text")
+    wait_for(lambda: "(HTTP)" in page.inner_text("#details-title"), timeout=10)
+    wait_for(lambda: page.locator("#timeout-budget").is_hidden(), timeout=10,
+             message="the budget hidden for a REST edge")
+    assert page.console_errors == []
+
+
 def test_find_hide_and_focus(page):
     page.wait_for_selector("#graph g.node[id='node:nova-conductor']", timeout=30000)
     page.fill("#find", "service = nova-conductor")

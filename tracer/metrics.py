@@ -16,6 +16,12 @@ class Metric:
     kind: str  # counter, gauge, histogram
     labels: tuple
     help: str
+    # A histogram's bucket bounds (then +Inf): durations unless it says.
+    buckets: tuple = None
+
+    def __post_init__(self):
+        if self.kind == "histogram" and self.buckets is None:
+            object.__setattr__(self, "buckets", LATENCY_BUCKETS)
 
 
 # Seconds. Covers a fast local RPC (ms) up to OpenStack's long timeouts,
@@ -29,6 +35,13 @@ class Metric:
 # and largest value observed (exporters/graph.py).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+# Fractions of a call's timeout its reply wait used (the timeout budget):
+# dense where a call starts to matter (past half), with 1.0 the timeout
+# itself, so a call that timed out lands in +Inf or on 1.0, never below.
+BUDGET_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# A call is close to its timeout past this fraction of it.
+BUDGET_OVER = 0.5
 
 # Outcomes of an RPC call, seen by the caller.
 OK = "ok"
@@ -57,6 +70,17 @@ RPC_REPLY_WAIT = Metric(
     ("service", "target", "method", "outcome"),
     "Time a caller waited for an RPC reply (outcome: ok, remote_error, "
     "timeout, transport_error).")
+RPC_TIMEOUT_BUDGET = Metric(
+    "commlens_rpc_timeout_budget_used", "histogram",
+    ("service", "target", "method"),
+    "Each finished RPC call's reply wait as a fraction of its timeout "
+    "(prepare(timeout=) or rpc_response_timeout); a timed-out call is 1.0 or above.",
+    BUDGET_BUCKETS)
+RPC_OVER_HALF_TIMEOUT = Metric(
+    "commlens_rpc_calls_over_half_timeout_total", "counter",
+    ("service", "target", "method"),
+    "RPC calls whose reply wait used more than half of their timeout "
+    "(timed-out calls included).")
 RPC_CALL_ERRORS = Metric(
     "commlens_rpc_call_errors_total", "counter",
     ("service", "target", "method", "outcome", "error"),
@@ -151,7 +175,8 @@ RPC_SERVER_HOPS = Metric(
 # Everything a process ships, in one table.
 SHIPPED = {m.name: m for m in (
     RPC_SENT, RPC_RECEIVED, RPC_WAITING_REPLIES, RPC_REPLY_WAIT,
-    RPC_CALL_ERRORS, RPC_PROCESSING, RPC_PROCESSING_ERRORS,
+    RPC_TIMEOUT_BUDGET, RPC_OVER_HALF_TIMEOUT, RPC_CALL_ERRORS,
+    RPC_PROCESSING, RPC_PROCESSING_ERRORS,
     NOTIFICATIONS_SENT, NOTIFICATIONS_RECEIVED,
     HTTP_REQUESTS, HTTP_DURATION, HTTP_CLIENT_REQUESTS, HTTP_CLIENT_DURATION,
     AGENT_DROPPED, AGENT_SHIP_FAILURES, AGENT_QUEUE_DEPTH,
@@ -176,3 +201,9 @@ def renamed_labels(name, labels, renamed):
         return labels
     return ((first or labels[0],) + ((second or labels[1],) if name in _CALLER_SECOND else ())
             + tuple(labels[(2 if name in _CALLER_SECOND else 1):]))
+
+
+def buckets_of(name):
+    """The bucket bounds of histogram ``name`` (durations for the internal ones)."""
+    metric = SHIPPED.get(name)
+    return metric.buckets if metric is not None and metric.buckets else LATENCY_BUCKETS

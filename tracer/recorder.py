@@ -54,8 +54,10 @@ MAX_PENDING_HOPS = 10000
 OVERFLOW = "other"
 
 
-def _new_latency_histogram():
-    return _speedups.Histogram(metrics.LATENCY_BUCKETS)
+def _histogram_maker(name):
+    """A maker of empty histograms of metric ``name``, in its buckets."""
+    bounds = metrics.buckets_of(name)
+    return lambda: _speedups.Histogram(bounds)
 
 
 class Recorder:
@@ -116,7 +118,7 @@ class Recorder:
         return self._new_series(self._counters, name, labels, _speedups.Counter)
 
     def _new_histogram(self, name, labels):
-        return self._new_series(self._histograms, name, labels, _new_latency_histogram)
+        return self._new_series(self._histograms, name, labels, _histogram_maker(name))
 
     def _new_series(self, store, name, labels, make):
         """The series of ``labels`` (or the overflow's, past the cap), made

@@ -162,7 +162,7 @@ def rpc():
                     .datasource(DATASOURCE).span(12).height(8)
                     .with_target(query(buckets(), "{{le}}", heatmap_format=True))
                     .calculate(False).y_axis(heatmap.YAxisConfig().unit("s")))
-    return (variables(base("commlens-rpc", "commlens / RPC",
+    dashboard = (variables(base("commlens-rpc", "commlens / RPC",
                            "oslo.messaging RPC seen by commlens: what each service sends "
                            "and receives, the replies it waits for and how calls fail."),
                       "commlens_rpc_sent_total")
@@ -185,6 +185,13 @@ def rpc():
                 query(f"histogram_quantile(0.99, {buckets('target, ')})",
                       "p99 {{target}}", ref_id="B", exemplar=True),
                 unit="s", width=24))
+            .with_row(gd.Row("Where the wait goes")))
+    for panel in _wait_split_panels():
+        dashboard = dashboard.with_panel(panel)
+    dashboard = dashboard.with_row(gd.Row("Timeout budget"))
+    for panel in _timeout_budget_panels():
+        dashboard = dashboard.with_panel(panel)
+    return (dashboard
             .with_row(gd.Row("Failures"))
             .with_panel(graph_panel(
                 "Timeouts per second",
@@ -196,6 +203,105 @@ def rpc():
                 query(f"sum by (target, method, error) (rate(commlens_rpc_call_errors_total"
                       f'{{{RPC_SERVICES}, outcome="remote_error"}}[$__rate_interval]))',
                       "{{target}}.{{method}}: {{error}}"), unit="reqps")))
+
+
+# The server's side of a call is recorded under the server's own service, so
+# the caller's variable ($service) does not select it: the topic does.
+RPC_SERVERS = 'target=~"$target"'
+
+
+def _mean(metric, by, selector):
+    """Mean of a histogram over the rate interval: its sum's rate over its count's."""
+    return (f"sum by ({by}) (rate({metric}_sum{{{selector}}}[$__rate_interval])) / "
+            f"sum by ({by}) (rate({metric}_count{{{selector}}}[$__rate_interval]))")
+
+
+def _server_quantile(q, metric):
+    return (f"histogram_quantile({q}, sum by (target, le) "
+            f"(rate({metric}_bucket{{{RPC_SERVERS}}}[$__rate_interval])))")
+
+
+def _wait_split_panels():
+    """Server processing time, the reply wait split into what the server
+    spent (waiting for a worker, processing) and the rest (the broker's queue
+    and transit), and how full the servers' executor pools run: slow vs
+    starved vs backed up (issue 18)."""
+    answered = f'{RPC_SERVICES}, outcome=~"ok|remote_error"'
+    pool_wait = _mean("commlens_rpc_pool_wait_seconds", "target", RPC_SERVERS)
+    processing = _mean("commlens_rpc_processing_seconds", "target", RPC_SERVERS)
+    return [
+        graph_panel(
+            "Server processing time p50 / p99, by topic",
+            query(_server_quantile(0.5, "commlens_rpc_processing_seconds"), "p50 {{target}}"),
+            query(_server_quantile(0.99, "commlens_rpc_processing_seconds"), "p99 {{target}}",
+                  ref_id="B"),
+            unit="s",
+            description="Time the servers of a topic spent on an RPC, from dispatch to "
+                        "reply (commlens_rpc_processing_seconds), all outcomes."),
+        graph_panel(
+            "Reply wait and where it goes (mean), by topic",
+            query(_mean("commlens_rpc_reply_wait_seconds", "target", answered),
+                  "reply wait {{target}}"),
+            query(f"{pool_wait} + {processing}", "server: pool wait + processing {{target}}",
+                  ref_id="B"),
+            query(processing, "server: processing {{target}}", ref_id="C"),
+            unit="s",
+            description="Means add up where percentiles do not: the caller's reply wait "
+                        "(answered calls) = time in the broker's queue and in transit + "
+                        "time waiting for a free worker (commlens_rpc_pool_wait_seconds) + "
+                        "processing. Reply wait far above the server's lines: backed up in "
+                        "the broker. Pool wait + processing far above processing: the "
+                        "server is starved of workers. Processing close to the reply wait: "
+                        "the server is slow."),
+        graph_panel(
+            "Executor pool saturation (peak), by service and topic",
+            query(f"max by (service, target) (commlens_rpc_pool_saturation_peak"
+                  f"{{{RPC_SERVERS}}})", "{{service}} {{target}}"),
+            unit="percentunit",
+            description="The highest share of a process's executor pool "
+                        "(executor_thread_pool_size) busy with RPCs during its last ship "
+                        "interval, the busiest process. At 100 %, messages wait for a "
+                        "worker."),
+        graph_panel(
+            "Handlers in flight vs executor pool size, by service and topic",
+            query(f"sum by (service, target) (commlens_rpc_handlers_in_flight"
+                  f"{{{RPC_SERVERS}}})", "in flight {{service}} {{target}}"),
+            query(f"sum by (service, target) (commlens_rpc_executor_pool_size"
+                  f"{{{RPC_SERVERS}}})", "pool size {{service}} {{target}}", ref_id="B"),
+            description="RPCs dispatched and not yet replied, against the executor pools' "
+                        "size, both summed over the processes of the service."),
+    ]
+
+
+def _timeout_budget_panels():
+    """How close calls run to their timeout (prepare(timeout=) or
+    rpc_response_timeout): the early warning before MessagingTimeout."""
+    budget = (f"sum by (target, method, le) (rate(commlens_rpc_timeout_budget_used_bucket"
+              f"{{{RPC_SERVICES}}}[$__rate_interval]))")
+    over_half = (f"sum by (service, target, method) (rate("
+                 f"commlens_rpc_calls_over_half_timeout_total{{{RPC_SERVICES}}}"
+                 f"[$__rate_interval]))")
+    calls = (f"sum by (service, target, method) (rate("
+             f"commlens_rpc_timeout_budget_used_count{{{RPC_SERVICES}}}[$__rate_interval]))")
+    return [
+        graph_panel(
+            "Timeout used p50 / p99, by topic and method",
+            query(f"histogram_quantile(0.5, {budget})", "p50 {{target}}.{{method}}"),
+            query(f"histogram_quantile(0.99, {budget})", "p99 {{target}}.{{method}}",
+                  ref_id="B"),
+            unit="percentunit",
+            description="Each call's reply wait as a share of its timeout "
+                        "(commlens_rpc_timeout_budget_used): 100 % is a timeout. "
+                        "Past 50 %, CommlensRpcCallsNearTimeout watches."),
+        graph_panel(
+            "Calls over half their timeout",
+            query(over_half, "{{service}} -> {{target}}.{{method}} per second"),
+            query(f"{over_half} / {calls}", "{{service}} -> {{target}}.{{method}} share",
+                  ref_id="B"),
+            description="Calls whose reply wait used more than half of their timeout "
+                        "(timed-out calls included), per second and as a share of the "
+                        "calls (0 to 1)."),
+    ]
 
 
 def rest():

@@ -212,10 +212,41 @@ async function refreshDetails() {
     percentile(row, "p99"),
     element("td", { class: "num" }, row.waiting_replies.toFixed(0)),
     changeCell(row.change))));
+  renderTimeoutBudget(details.timeout_budget);
   sparkline($("spark-waiting"), details.series.map((p) => [p.seconds_ago, p.waiting_replies]));
   sparkline($("spark-errors"), details.series.map((p) => [p.seconds_ago, p.errors_per_second]));
   $("details").hidden = false;
   fitGraph();
+}
+
+// -- timeout budget (an RPC edge's detail) ------------------------------------
+
+// How close the edge's calls ran to their timeout: the API's timeout_budget
+// (docs/operator-guide.md); hidden for REST edges, nodes, and RPC edges with
+// no call that ended in the window.
+function renderTimeoutBudget(budget) {
+  const box = $("timeout-budget");
+  box.hidden = !budget;
+  if (!budget) { return; }
+  const over = budget.over_half_ratio >= 0.5 ? "failing" : budget.over_half ? "degraded" : "";
+  box.querySelector("dl").replaceChildren(
+    ...timeoutBudgetRow("timeout", budget.timeout_seconds == null ? "–" : ms(budget.timeout_seconds)),
+    ...timeoutBudgetRow("used, p50", budgetFraction(budget, "p50")),
+    ...timeoutBudgetRow("used, p99", budgetFraction(budget, "p99")),
+    ...timeoutBudgetRow("calls over half", `${number(budget.over_half)} of ${number(budget.calls)}` +
+      ` (${percent(budget.over_half_ratio)}, ${rate(budget.over_half_per_second)})`, over));
+}
+
+function timeoutBudgetRow(name, value, cls = "") {
+  return [element("dt", {}, name), element("dd", { class: cls, "data-budget": name }, value)];
+}
+
+// A fraction of the timeout as a percentage; "~" marks an estimate (a range).
+function budgetFraction(budget, name) {
+  const range = budget[name + "_range"];
+  const exact = !range || range[0] === range[1];
+  if (budget[name] >= 1 && range && range[1] == null) { return "≥ 100% (timed out)"; }
+  return (exact ? "" : "~") + percent(budget[name]);
 }
 
 function sparkline(svg, points) {
