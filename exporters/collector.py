@@ -628,7 +628,9 @@ class Collector:
         histogram's value is [counts, sum, min, max] (aggregate.py).
 
         A silent process's gauges are left out, so a dead worker cannot
-        leave waiting replies stuck; they come back if it resumes.
+        leave waiting replies stuck; they come back if it resumes. Gauges
+        are summed over processes, except those whose ``Metric.merge`` is
+        "max" (the pool saturation peak: a ratio), which take the largest.
         ``rates``: for rates over time, without what processes older than
         this collector carried in (the counts; a histogram's sum keeps it).
         """
@@ -648,7 +650,10 @@ class Collector:
                 if entry.silent(now):
                     continue
                 for key, value in entry.gauges.items():
-                    gauges[key] += value
+                    if key[0] in _MAX_GAUGES:
+                        gauges[key] = max(gauges[key], value)
+                    else:
+                        gauges[key] += value
         return counters, histograms, gauges
 
     def metrics_warmed_up(self):
@@ -689,8 +694,10 @@ _MAX_DURATION = 86400.0
 _MAX_CLOCK_SKEW = 86400.0
 
 
+_MAX_GAUGES = frozenset(m.name for m in metrics.SHIPPED.values() if m.merge == "max")
 _HOP_FIELD_SET = frozenset(wire.HOP_FIELDS)
-_STRING_FIELDS = tuple(f for f in wire.HOP_FIELDS if f not in ("start", "duration"))
+_NUMBER_FIELDS = ("start", "duration", "pool_wait")
+_STRING_FIELDS = tuple(f for f in wire.HOP_FIELDS if f not in _NUMBER_FIELDS)
 
 
 def _clean_hop(hop):
@@ -726,6 +733,10 @@ def _clean_hop(hop):
     if (type(duration) is not float and type(duration) is not int
             or not 0 <= duration <= _MAX_DURATION):
         clean["duration"] = None
+    pool_wait = clean["pool_wait"]
+    if pool_wait is not None and (type(pool_wait) is not float and type(pool_wait) is not int
+                                  or not 0 <= pool_wait <= _MAX_DURATION):
+        clean["pool_wait"] = None
     return clean
 
 

@@ -28,7 +28,7 @@ def sample_bound(ratio):
 
 def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
              outcome, error, start, duration, request_id=None,
-             global_request_id=None, server=None):
+             global_request_id=None, server=None, pool_wait=None):
     """A JSON-ready hop record (its keys are wire.HOP_FIELDS). ``start`` is
     a wall-clock timestamp."""
     ctx.ensure_ids()
@@ -50,6 +50,7 @@ def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
         "request_id": request_id,
         "global_request_id": global_request_id,
         "server": server,
+        "pool_wait": pool_wait,
     }
 
 

@@ -43,12 +43,15 @@ HOPS_PROCESS_FIELDS = ("id", "service")
 
 HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol", "peer",
               "target", "operation", "kind", "outcome", "error", "start", "duration",
-              "request_id", "global_request_id", "server")
+              "request_id", "global_request_id", "server", "pool_wait")
 # ``server`` is the RPC server (oslo.messaging's ``Target.server``, a host):
 # on a client hop the one the call was addressed to, on a server hop the one
 # that answered; None over HTTP and for calls to a whole topic. Agents before
 # it send hops without it, which collectors read as None; collectors before
 # it take the fields they know: so the format stays version 1.
+# ``pool_wait`` (seconds) is on RPC server hops only: the time the message
+# waited for a free worker of the server's executor pool; None elsewhere
+# and from agents before it (read the same way as ``server``).
 # A hop's side and protocol.
 CLIENT = "client"
 SERVER = "server"
