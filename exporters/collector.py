@@ -43,6 +43,7 @@ from commlens.exporters import graph
 from commlens.exporters import history as history_mod
 from commlens.exporters import silent
 from commlens.exporters import traces
+from commlens.exporters import wait_split
 from commlens.tracer import aggregate
 from commlens.tracer import metrics
 from commlens.tracer import settings
@@ -167,6 +168,9 @@ class Collector:
         # and kept for the dashboard's 15 minutes only.
         self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
+        # Where RPC edges' waits go (exporters/wait_split.py), sampled with them.
+        self.split_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+                                                max_window=SERIES_SECONDS)
         self.queue_watcher = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
@@ -523,7 +527,7 @@ class Collector:
         # The sweeper runs every second; a sample is kept every few seconds:
         # merge only when one is due.
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
-        if not (edges_due or methods_due):
+        if not (edges_due or methods_due or self.split_samples.due()):
             return
         merged = self.merged(rates=True)
         totals, consumers = graph.edge_totals(*merged)
@@ -531,6 +535,8 @@ class Collector:
             self.graph_samples.add(totals)
         if methods_due:
             self.method_samples.add(graph.method_totals(*merged, consumers))
+        if self.split_samples.due():
+            self.split_samples.add(wait_split.edge_parts(merged[0], merged[1], consumers))
 
     def graph(self, window_seconds=300):
         merged = self.merged(rates=True)
@@ -545,17 +551,32 @@ class Collector:
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
                              method_baseline)
+        self._add_wait_split(result["edges"], merged, consumers, window_seconds)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         return result
 
+    def _add_wait_split(self, edges, merged, consumers, window_seconds):
+        """``wait_split`` on RPC edges, over the window (15 minutes at most,
+        as the methods tables)."""
+        _age, baseline = self.split_samples.baseline(min(window_seconds, SERIES_SECONDS))
+        wait_split.add_to_edges(edges, wait_split.edge_parts(merged[0], merged[1], consumers),
+                                baseline, wait_split.edge_pools(merged[0], merged[2]))
+
     def edge_details(self, client, server, protocol, window_seconds=300):
-        """The methods table of one edge and its last 15 minutes of waiting
-        replies and errors."""
+        """The methods table of one edge, its last 15 minutes of waiting
+        replies and errors, and (RPC) where its calls' wait goes."""
         edge = (client, server, protocol)
         rows = self._method_rows(window_seconds, lambda key: key == edge)
-        return {"edge": {"client": client, "server": server, "protocol": protocol},
-                "methods": [row for _edge, row in rows],
-                "series": self._series(lambda key: key == edge)}
+        details = {"edge": {"client": client, "server": server, "protocol": protocol},
+                   "methods": [row for _edge, row in rows],
+                   "series": self._series(lambda key: key == edge)}
+        if protocol == graph.RPC:
+            merged = self.merged(rates=True)
+            shown = [dict(details["edge"])]
+            self._add_wait_split(shown, merged, graph.topic_consumers(merged[0]),
+                                 window_seconds)
+            details["wait_split"] = shown[0]["wait_split"]
+        return details
 
     def node_details(self, service, window_seconds=300):
         """What ``service`` serves, by caller and method or route, and the

@@ -15,6 +15,8 @@ import sqlite3
 import threading
 import time
 
+from commlens.exporters import wait_split
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE_SECONDS = 24 * 3600
@@ -221,6 +223,8 @@ class History:
                  "start": min(starts) if starts else None,
                  "duration": (max(ends) - min(starts)) if starts else None,
                  "hops": hops,
+                 # Where each answered call's wait went (exporters/wait_split.py).
+                 "wait_splits": wait_split.of_trace(hops),
                  "chains": [_shape(chains[k]) for k in sorted(
                      chains, key=lambda k: (min(rank.get(t, len(rank)) for t in keys[k]), k))]}
         if request_id is not None:
