@@ -330,6 +330,7 @@ class _InstrumentedListener(base.Listener):
         self._server = server
         # The RPC server's executor pool: its size is known at start().
         self._pool = None if notifications else _rpc_receive.Pool()
+        self._cleaned_up = False
         self._receiver = None if notifications else self._make_receiver()
 
     def _make_receiver(self):
@@ -373,6 +374,8 @@ class _InstrumentedListener(base.Listener):
         """The pool's gauges at snapshot time (Recorder.add_gauges): handlers
         in flight, pool size, and the peak ratio since the last snapshot."""
         pool = self._pool
+        if self._cleaned_up:
+            return []  # its server stopped: a new one on the topic has its own pool
         key = (self._driver._service, self._topic)
         peak = pool.take_peak()
         return [(metrics.RPC_HANDLERS_IN_FLIGHT, key, pool.in_flight),
@@ -403,6 +406,7 @@ class _InstrumentedListener(base.Listener):
         super().stop()
 
     def cleanup(self):
+        self._cleaned_up = True
         self._inner.cleanup()
         # An RPC server stops here (MessageHandlingServer.wait), and an
         # oslo.service worker then leaves with os._exit, past atexit.
