@@ -473,8 +473,8 @@ class ControlPlane:
                 self.unserve("nova-conductor", "conductor-1")
             else:
                 self._serve_conductor()
-        elif (name == "starved-conductor" and "nova-control" in self.groups
-              and "conductor-down" not in self.faults):
+        elif (name == "starved-conductor"
+              and ("nova-conductor", "conductor-1") in self._servers):
             # The pool's size is the server's: it starts again with the other one.
             self.unserve("nova-conductor", "conductor-1")
             self._serve_conductor()

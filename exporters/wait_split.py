@@ -174,7 +174,9 @@ def split_of(parts, pools=()):
         return None
     result = {name: _percentile_split(q, parts) for name, q in graph.PERCENTILES}
     result["calls"] = sum(parts.wait.counts)
-    result["dominant"] = dominant(result["p99"])
+    # Named from the answered calls' p99: with none, the server's parts alone
+    # say nothing of where callers waited.
+    result["dominant"] = dominant(result["p99"]) if result["p99"]["wait"] is not None else None
     result["pools"] = list(pools)
     result["saturation_peak"] = max((p["saturation_peak"] for p in pools), default=None)
     return result

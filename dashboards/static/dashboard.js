@@ -297,8 +297,10 @@ const SPLIT_VERDICTS = {
   queue_transit: ["backed_up", "Backed up: calls wait in the broker's queue or on the way."],
 };
 
-// Segments of one split ({part: seconds}) in proportion to ``total`` seconds.
+// Segments of one split ({part: seconds}) in proportion to ``total`` seconds
+// (or to the parts' sum, when percentiles of parts add up past the wait's).
 function splitSegments(split, total) {
+  total = Math.max(total || 0, SPLIT_PARTS.reduce((sum, [part]) => sum + Math.max(0, split[part] || 0), 0));
   return SPLIT_PARTS.map(([part, css, name]) => {
     const segment = element("span", { class: css, title: `${name} ${ms(split[part])}` });
     segment.style.width = `${(100 * Math.max(0, split[part] || 0) / Math.max(total, 1e-9)).toFixed(2)}%`;
