@@ -561,6 +561,9 @@ class _Message:
 class _Listener:
     batch_size, batch_timeout, prefetch_size = 1, None, -1
 
+    def cleanup(self):
+        pass
+
 
 def _listeners(hop_sample_ratio, recorders=None):
     """A compiled and a Python RPC listener, each with its own recorder
@@ -583,7 +586,7 @@ def _listeners(hop_sample_ratio, recorders=None):
         listener = rpc_driver._InstrumentedListener.__new__(rpc_driver._InstrumentedListener)
         listener._inner, listener._driver = _Listener(), driver
         listener._topic, listener._notifications = "conductor", False
-        listener._pool = module.Pool(4)
+        listener._pool, listener._cleaned_up = module.Pool(4), False
         driver._recorder.add_gauges(listener._pool_gauges)
         listener._receiver = module.Receiver(
             service=driver._service, topic="conductor", recorder=driver._recorder,
@@ -720,6 +723,11 @@ def test_pools_wait_and_peak_alike_with_messages_overlapping():
         snapshot = listener._driver._recorder.snapshot(1)
         assert [v for n, _l, v in snapshot["gauges"]
                 if n == metrics.RPC_POOL_SATURATION_PEAK.name] == [0.0]
+        # Its server stopped (MessageHandlingServer.wait cleans the listener
+        # up): a new one on the topic has its own pool, this one says nothing.
+        listener.cleanup()
+        assert not [n for n, _l, _v in listener._driver._recorder.snapshot(1)["gauges"]
+                    if n.startswith("commlens_rpc_")]
     assert peaks["compiled"] == peaks["python"] == (0, 4, 0.75)
 
 
