@@ -39,6 +39,7 @@ import threading
 import time
 
 from commlens.exporters import chains
+from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
 from commlens.exporters import silent
@@ -154,6 +155,10 @@ class Collector:
         # Totals no process holds any more, oldest first: {(name, labels): since}.
         self._unheld = collections.OrderedDict()
         self.hops = collections.deque(maxlen=max_hops)
+        # Hops taken into ``hops`` since the start: the exemplars read only
+        # what came after their last look (exemplars.py).
+        self.hops_received = 0
+        self.exemplars = exemplars_mod.Exemplars()
         self.messages = collections.Counter()
         self.invalid_series = 0
         self.refused_series = collections.Counter()
@@ -172,6 +177,8 @@ class Collector:
         self.split_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
                                                 max_window=SERIES_SECONDS)
         self.queue_watcher = None
+        # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
+        self.span_export = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
         self._sweeper = None
@@ -444,9 +451,12 @@ class Collector:
         with self._lock:
             self.hops.extend(cleaned)
             self.invalid_hops += len(hops) - len(cleaned)
+            self.hops_received += len(cleaned)
             add = self.window.add
             for hop in cleaned:
                 add(hop)
+        if self.span_export is not None and cleaned:
+            self.span_export.offer(cleaned)
         return ACCEPTED
 
     # -- traces and chains -------------------------------------------------
@@ -519,6 +529,8 @@ class Collector:
             self._sweeper.join(10)
         if self.queue_watcher is not None:
             self.queue_watcher.stop()
+        if self.span_export is not None:
+            self.span_export.stop()
         self.sweep(force=True)
 
     # -- the graph -----------------------------------------------------------
@@ -538,35 +550,40 @@ class Collector:
         if self.split_samples.due():
             self.split_samples.add(wait_split.edge_parts(merged[0], merged[1], consumers))
 
-    def graph(self, window_seconds=300):
+    def graph(self, window_seconds=300, histograms=False):
+        """The graph JSON (graph.build); ``histograms``: with each edge's
+        latency buckets, for a peer replica to merge (exporters/fleet.py)."""
         merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
         processes = self.processes()
         result = graph.build(current, baseline, age, consumers, queues, processes,
-                             reporting=graph.reporting_services(merged[0], merged[1], processes))
+                             reporting=graph.reporting_services(merged[0], merged[1], processes),
+                             histograms=histograms)
         # Successful calls' latency comes from the per-method samples, which
         # look back 15 minutes at most.
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
-                             method_baseline)
-        self._add_wait_split(result["edges"], merged, consumers, window_seconds)
+                             method_baseline, histograms=histograms)
+        self._add_wait_split(result["edges"], merged, consumers, window_seconds, histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         return result
 
-    def _add_wait_split(self, edges, merged, consumers, window_seconds):
+    def _add_wait_split(self, edges, merged, consumers, window_seconds, histograms=False):
         """``wait_split`` on RPC edges, over the window (15 minutes at most,
-        as the methods tables)."""
+        as the methods tables); ``histograms``: with the parts' buckets, for
+        a peer replica to merge (exporters/fleet.py)."""
         _age, baseline = self.split_samples.baseline(min(window_seconds, SERIES_SECONDS))
         wait_split.add_to_edges(edges, wait_split.edge_parts(merged[0], merged[1], consumers),
-                                baseline, wait_split.edge_pools(merged[0], merged[2]))
+                                baseline, wait_split.edge_pools(merged[0], merged[2]),
+                                histograms=histograms)
 
-    def edge_details(self, client, server, protocol, window_seconds=300):
+    def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge, its last 15 minutes of waiting
         replies and errors, and (RPC) where its calls' wait goes."""
         edge = (client, server, protocol)
-        rows = self._method_rows(window_seconds, lambda key: key == edge)
+        rows = self._method_rows(window_seconds, lambda key: key == edge, histograms)
         details = {"edge": {"client": client, "server": server, "protocol": protocol},
                    "methods": [row for _edge, row in rows],
                    "series": self._series(lambda key: key == edge)}
@@ -574,25 +591,28 @@ class Collector:
             merged = self.merged(rates=True)
             shown = [dict(details["edge"])]
             self._add_wait_split(shown, merged, graph.topic_consumers(merged[0]),
-                                 window_seconds)
+                                 window_seconds, histograms)
             details["wait_split"] = shown[0]["wait_split"]
+            if histograms:
+                details["wait_split_parts"] = shown[0]["wait_split_parts"]
         return details
 
-    def node_details(self, service, window_seconds=300):
+    def node_details(self, service, window_seconds=300, histograms=False):
         """What ``service`` serves, by caller and method or route, and the
         waiting replies and errors of its inbound edges over 15 minutes."""
-        rows = self._method_rows(window_seconds, lambda key: key[1] == service)
+        rows = self._method_rows(window_seconds, lambda key: key[1] == service, histograms)
         return {"node": {"service": service},
                 "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
                 "series": self._series(lambda key: key[1] == service)}
 
-    def _method_rows(self, window_seconds, wanted):
+    def _method_rows(self, window_seconds, wanted, histograms=False):
         counters, histograms, gauges = self.merged(rates=True)
         current = graph.method_totals(counters, histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         return [(edge, row) for edge in sorted(current) if wanted(edge)
-                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]
+                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
+                                             histograms)]
 
     def _series(self, wanted):
         points, previous = [], None

@@ -2,6 +2,7 @@
 web dashboard (commlens.dashboards.web)."""
 
 import re
+import socket
 import urllib.parse
 
 import flask
@@ -9,11 +10,33 @@ from werkzeug import exceptions
 from werkzeug import serving
 
 from commlens.exporters import durations
+from commlens.exporters import fleet as _fleet
 from commlens.exporters import prometheus
 from commlens.exporters import silent
 
 
-def create_app(collector, intake=None, dashboard=None):
+def make_server(host, port, app):
+    """The threaded server for ``app`` on ``host:port``; OSError (with its
+    strerror) when the address cannot be had. werkzeug's own bind prints the
+    reason and exits with status 1 itself; binding here lets the commands
+    say it in their one line and exit 2."""
+    family = serving.select_address_family(host, port)
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(serving.get_sockaddr(host, port, family))
+        listening.listen(serving.LISTEN_QUEUE)
+        # The server takes a duplicate of the listening socket's descriptor.
+        return serving.make_server(host, port, app, threaded=True,
+                                   request_handler=RequestHandler, fd=listening.fileno())
+    finally:
+        listening.close()
+
+
+def create_app(collector, intake=None, dashboard=None, fleet=None):
+    """``fleet``: this replica's peers (exporters/fleet.py); the graph, chains,
+    traces and silent servers are then the whole fleet's, unless a request
+    asks for this replica's own share (``?scope=replica``, what peers ask)."""
     from commlens.dashboards import web
 
     dashboard = dashboard or web.DashboardSettings()
@@ -21,11 +44,30 @@ def create_app(collector, intake=None, dashboard=None):
     app.config["COMMLENS_COLLECTOR"] = collector
     if dashboard.token:
         web.require_token(app, dashboard.token)
-    app.register_blueprint(web.create_blueprint(collector, dashboard, _duration_arg))
+
+    def asked_fleet():
+        """The Fleet to answer with, or None for this replica's own share."""
+        if fleet is None or flask.request.args.get(_fleet.SCOPE) == _fleet.REPLICA_SCOPE:
+            return None
+        return fleet
+
+    def own_share():
+        return fleet is not None and asked_fleet() is None
+
+    app.register_blueprint(web.create_blueprint(collector, dashboard, _duration_arg,
+                                                asked_fleet, own_share))
+
+    if fleet is not None:
+        @app.after_request
+        def name_the_replica(response):
+            # Peers learn who answered (and a peer URL that is this replica).
+            response.headers[_fleet.REPLICA_HEADER] = fleet.replica
+            return response
 
     @app.get("/metrics")
     def metrics():
-        body, content_type = prometheus.render(collector, intake)
+        body, content_type = prometheus.render(collector, intake,
+                                               flask.request.headers.get("Accept"))
         return flask.Response(body, content_type=content_type)
 
     @app.get("/healthz")
@@ -52,13 +94,17 @@ def create_app(collector, intake=None, dashboard=None):
     @app.get("/api/graph")
     def graph():
         window = _duration_arg("window", 300)
-        return collector.graph(window)
+        if asked_fleet():
+            return fleet.graph(window)
+        return collector.graph(window, histograms=own_share())
 
     @app.get("/api/chains")
     def chains():
         since = _duration_arg("since", 900)
         limit = _limit_arg("limit", 50, MAX_CHAINS_LIMIT)
         absorbed = {"true": True, "false": False}.get(flask.request.args.get("absorbed", ""))
+        if asked_fleet():
+            return fleet.chains(since, limit, absorbed)
         return {"since_seconds": since,
                 "chains": collector.history.chains(since, limit, absorbed)}
 
@@ -66,6 +112,8 @@ def create_app(collector, intake=None, dashboard=None):
     def silent_servers():
         since = _duration_arg("since", 900)
         limit = _limit_arg("limit", silent.DEFAULT_LIMIT, silent.MAX_LIMIT)
+        if asked_fleet():
+            return fleet.silent_servers(since, limit)
         return {"since_seconds": since,
                 "servers": collector.silent_servers.top(since, limit)}
 
@@ -73,12 +121,19 @@ def create_app(collector, intake=None, dashboard=None):
     def trace(trace_or_request_id):
         if len(trace_or_request_id) > 128:
             flask.abort(404)
-        found = collector.history.trace(trace_or_request_id)
+        status = None
+        if asked_fleet():
+            found, status = fleet.trace(trace_or_request_id)
+        else:
+            found = collector.history.trace(trace_or_request_id)
         if found is None:
-            return {"error": f"no trace or request id {trace_or_request_id!r} in the "
-                             "history (it may still be open: traces close after "
-                             f"{collector.window.quiet_seconds:g}s without new hops)"}, 404
-        return found
+            answer = {"error": f"no trace or request id {trace_or_request_id!r} in the "
+                               "history (it may still be open: traces close after "
+                               f"{collector.window.quiet_seconds:g}s without new hops)"}
+            if status is not None:
+                answer["replicas"] = status
+            return answer, 404
+        return found if status is None else dict(found, replicas=status)
 
     @app.errorhandler(BadArgument)
     def bad_argument(exc):

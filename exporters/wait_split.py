@@ -182,9 +182,11 @@ def split_of(parts, pools=()):
     return result
 
 
-def add_to_edges(edges, current, baseline, pools):
+def add_to_edges(edges, current, baseline, pools, histograms=False):
     """Set ``wait_split`` on the RPC edges of a graph: ``current`` and
-    ``baseline`` from two ``edge_parts``, ``pools`` from ``edge_pools``."""
+    ``baseline`` from two ``edge_parts``, ``pools`` from ``edge_pools``.
+    ``histograms``: the parts' buckets too (``wait_split_parts``), for a peer
+    replica to merge (exporters/fleet.py ``merge_wait_splits``)."""
     for edge in edges:
         if edge["protocol"] != graph.RPC:
             continue
@@ -192,3 +194,33 @@ def add_to_edges(edges, current, baseline, pools):
         now = current.get(key)
         window = now.since(baseline.get(key) or Parts()) if now is not None else Parts()
         edge["wait_split"] = split_of(window, pools.get(key, ()))
+        if histograms:
+            edge["wait_split_parts"] = {name: graph.latency_json(getattr(window, name))
+                                        for name in Parts.__slots__}
+
+
+def merge(answers):
+    """One ``wait_split`` from several replicas' edges (each with its
+    ``wait_split_parts``, and its share of the processes' pools): the
+    parts' buckets added, the pools' handlers and sizes added, their peaks
+    the largest. None if none of them has one."""
+    parts, pools, seen = Parts(), {}, False
+    for edge in answers:
+        if not edge or not (edge.get("wait_split") or edge.get("wait_split_parts")):
+            continue
+        seen = True
+        for name, data in (edge.get("wait_split_parts") or {}).items():
+            if name in Parts.__slots__:
+                part = graph.latency_from_json(data)
+                getattr(parts, name).add(part.counts, part.low, part.high)
+        for pool in (edge.get("wait_split") or {}).get("pools", []):
+            merged = pools.setdefault(pool["target"], dict(
+                target=pool["target"], handlers_in_flight=0.0, pool_size=0.0,
+                saturation_peak=0.0))
+            merged["handlers_in_flight"] += pool.get("handlers_in_flight") or 0.0
+            merged["pool_size"] += pool.get("pool_size") or 0.0
+            merged["saturation_peak"] = max(merged["saturation_peak"],
+                                            pool.get("saturation_peak") or 0.0)
+    if not seen:
+        return None
+    return split_of(parts, [pools[t] for t in sorted(pools)])

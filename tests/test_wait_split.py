@@ -232,3 +232,43 @@ def test_hops_with_a_bad_pool_wait_keep_the_hop_and_lose_the_figure():
         assert clean is not None and clean["pool_wait"] is None, bad
     assert collector_mod._clean_hop(_hop("2" * 16, "server", 0.5, pool_wait=0.125))[
         "pool_wait"] == 0.125
+
+
+def test_replicas_wait_splits_merge_from_their_buckets_and_pools():
+    """Two replicas, each with its share of the processes: the fleet's split
+    comes from the added buckets (not averaged percentiles); pools' handlers
+    and sizes add up, their peaks take the largest (exporters/fleet.py)."""
+    from commlens.exporters import fleet
+    from commlens.exporters import graph as graph_mod
+
+    def latency(seconds, calls):
+        counts = [0.0] * (len(metrics.LATENCY_BUCKETS) + 1)
+        counts[next(i for i, bound in enumerate(metrics.LATENCY_BUCKETS)
+                    if seconds <= bound)] = calls
+        return graph_mod.latency_json(graph_mod.Latency(counts, seconds, seconds))
+
+    def replica(wait, pool_wait, processing, calls, pool):
+        edge = {"client": "nova-api", "server": "nova-conductor", "protocol": "rpc",
+                "requests": calls, "rate": 1.0, "failed": 0.0,
+                "wait_split_parts": {"wait": latency(wait, calls),
+                                     "pool_wait": latency(pool_wait, calls),
+                                     "processing": latency(processing, calls)}}
+        edge["wait_split"] = {"pools": [pool]}
+        return {"edges": [edge], "nodes": []}
+
+    merged = fleet.merge_graphs([
+        replica(2.0, 1.5, 0.4, 90, {"target": "conductor", "handlers_in_flight": 2,
+                                     "pool_size": 2, "saturation_peak": 1.0}),
+        replica(0.05, 0.001, 0.04, 10, {"target": "conductor", "handlers_in_flight": 1,
+                                         "pool_size": 64, "saturation_peak": 0.25})])
+    (edge,) = merged["edges"]
+    split = edge["wait_split"]
+    assert split["calls"] == 100
+    # 90 of the 100 calls waited 2 s: the fleet's p50 is in their bucket
+    # (1 to 2.5 s, up to the largest seen), not an average with the other's.
+    assert 1.0 <= split["p50"]["wait"] <= 2.0
+    assert 1.0 <= split["p50"]["pool_wait"] <= 1.5
+    assert split["dominant"] == wait_split.POOL_WAIT
+    assert split["pools"] == [{"target": "conductor", "handlers_in_flight": 3.0,
+                               "pool_size": 66.0, "saturation_peak": 1.0}]
+    assert split["saturation_peak"] == 1.0
