@@ -49,11 +49,16 @@ class NeutronServerError(Exception):
     pass
 
 
-def instrumented_url(transport_url, service):
+def instrumented_url(transport_url, service, host=None):
     """What an operator writes to turn commlens on for ``service``:
-    ``rabbit://...`` -> ``commlens+rabbit://...?commlens_service_name=SERVICE``."""
+    ``rabbit://...`` -> ``commlens+rabbit://...?commlens_service_name=SERVICE``;
+    ``host``: the emulated host the transport speaks for (``commlens_host``),
+    which then ships as a process of its own, as it would on its own machine."""
+    ours = {"commlens_service_name": service}
+    if host is not None:
+        ours["commlens_host"] = host
     return ("commlens+" + transport_url + ("&" if "?" in transport_url else "?")
-            + urllib.parse.urlencode({"commlens_service_name": service}))
+            + urllib.parse.urlencode(ours))
 
 
 class _Wsgi:
@@ -127,6 +132,7 @@ class ControlPlane:
         self._threads = []
         self._computes = {}  # host -> endpoint, to serve again after compute-down
         self._notifications = None
+        self._listeners = []  # (notification listener, its transport)
         self.instances = {}  # nova-api's view: instance -> host
         self._instances_lock = threading.Lock()
         self.compute_hosts = [f"compute-{i + 1}" for i in range(computes)]
@@ -135,21 +141,23 @@ class ControlPlane:
 
     # -- transports and RPC -----------------------------------------------
 
-    def transport(self, service):
+    def transport(self, service, host=None):
         import oslo_messaging as om
         from oslo_config import cfg
 
-        if service not in self._transports:
-            self._transports[service] = om.get_rpc_transport(
-                cfg.CONF, url=instrumented_url(self.transport_url, service),
+        if (service, host) not in self._transports:
+            self._transports[(service, host)] = om.get_rpc_transport(
+                cfg.CONF, url=instrumented_url(self.transport_url, service, host),
                 allowed_remote_exmods=[__name__])
-        return self._transports[service]
+        return self._transports[(service, host)]
 
-    def client(self, service, topic, fanout=False):
+    def client(self, service, topic, fanout=False, host=None):
+        """``host``: an emulated host whose own process sends (its state
+        reports), so commlens knows which host went silent."""
         import oslo_messaging as om
 
         return self.truth.client(om.get_rpc_client(
-            self.transport(service), om.Target(topic=topic, fanout=fanout),
+            self.transport(service, host), om.Target(topic=topic, fanout=fanout),
             serializer=om.NoOpSerializer(), timeout=self.rpc_timeout), service, topic, fanout)
 
     def serve(self, service, topic, endpoint, server, pool_size=None):
@@ -203,6 +211,7 @@ class ControlPlane:
         if "nova-control" in self.groups:
             self._start_scheduler()
             self._start_conductor()
+            self._start_notification_consumer()
         if "nova-compute" in self.groups:
             for host in self.compute_hosts:
                 self._start_compute(host)
@@ -284,7 +293,7 @@ class ControlPlane:
                 return None
 
         self.serve(service, PORT_UPDATE, Agent(), host)
-        plugin = self.client(service, PLUGIN)
+        plugin = self.client(service, PLUGIN, host=host)
         self.every(STATE_REPORT_SECONDS,
                    lambda: plugin.call({}, "report_state", agent=host))
 
@@ -296,6 +305,23 @@ class ControlPlane:
                 return random.choice(plane.compute_hosts)
 
         self.serve("nova-scheduler", SCHEDULER, Scheduler(), "scheduler-1")
+
+    def _start_notification_consumer(self):
+        """What reads the computes' notifications, as ceilometer's notification
+        agent does: without it they wait in a queue nobody reads."""
+        import oslo_messaging as om
+        from oslo_config import cfg
+
+        class Endpoint:
+            def info(self, ctxt, publisher_id, event_type, payload, metadata):
+                return None
+
+        transport = om.get_notification_transport(
+            cfg.CONF, url=instrumented_url(self.transport_url, "ceilometer-agent-notification"))
+        listener = om.get_notification_listener(
+            transport, [om.Target(topic="notifications")], [Endpoint()], executor="threading")
+        listener.start()
+        self._listeners.append((listener, transport))
 
     def _start_conductor(self):
         plane = self
@@ -327,6 +353,10 @@ class ControlPlane:
                 self._maybe_slow()
                 return "ok"
 
+            def rebuild_instance(self, ctxt, instance, host):
+                # Cast on to the instance's host, as nova's conductor does.
+                computes.prepare(server=host).cast(ctxt, "rebuild_instance", instance=instance)
+
         self._conductor = Conductor()
         if "conductor-down" not in self.faults:
             self._serve_conductor()
@@ -343,7 +373,6 @@ class ControlPlane:
         neutron = self.urls["neutron-server"]
         headers = {"X-Auth-Token": "service-token"}
         notifier = self._notifier()
-        conductor = self.client("nova-compute", CONDUCTOR)
         ports = {}  # this compute's view: instance -> its ports
         ports_lock = threading.Lock()
 
@@ -372,6 +401,9 @@ class ControlPlane:
                     ports.setdefault(instance, []).append(port_id)
                 return port_id
 
+            def rebuild_instance(self, ctxt, instance):
+                return None
+
             def terminate_instance(self, ctxt, instance):
                 with ports_lock:
                     instance_ports = ports.pop(instance, [])
@@ -382,8 +414,9 @@ class ControlPlane:
         self._computes[host] = Compute()
         if not (host == self.compute_hosts[0] and "compute-down" in self.faults):
             self.serve("nova-compute", COMPUTE, self._computes[host], host)
+        reporter = self.client("nova-compute", CONDUCTOR, host=host)
         self.every(STATE_REPORT_SECONDS,
-                   lambda: conductor.call({}, "compute_node_update", host=host),
+                   lambda: reporter.call({}, "compute_node_update", host=host),
                    alive=lambda: not (host == self.compute_hosts[0]
                                       and "compute-down" in self.faults))
 
@@ -440,10 +473,16 @@ class ControlPlane:
             return {"servers": conductor.call(ctxt(), "instance_list")}
 
         @app.post("/v2.1/servers/<instance>/action")
-        def attach(instance):
+        def action(instance):
             host = plane.host_of(instance)
             if host is None:
                 return {"itemNotFound": {"code": 404}}, 404
+            if "rebuild" in (flask.request.get_json(silent=True) or {}):
+                # Real nova casts a rebuild to the conductor and answers at
+                # once: with the conductor down, the casts wait in a queue
+                # nobody reads (exporters/lost.py).
+                conductor.cast(ctxt(), "rebuild_instance", instance=instance, host=host)
+                return "", 202
             return {"port": computes.prepare(server=host).call(
                 ctxt(), "attach_interface", instance=instance)}, 202
 
@@ -491,6 +530,10 @@ class ControlPlane:
             self.unserve(service, server)
         for server in self._wsgi.values():
             server.stop()
+        for listener, transport in self._listeners:
+            listener.stop()
+            listener.wait()
+            transport.cleanup()
         for thread in self._threads:
             thread.join(STATE_REPORT_SECONDS + 1)
         for transport in self._transports.values():
