@@ -33,6 +33,9 @@ LOG = logging.getLogger(__name__)
 TOKEN = "gAAAAAB-demo-secret-token"  # sent by the workload: must never leak
 STATE_REPORT_SECONDS = 2.0
 SLOW_CONDUCTOR_SECONDS = 3.0
+# starved-conductor: a pool too small for the calls it gets.
+STARVED_CONDUCTOR_WORKERS = 2
+STARVED_CONDUCTOR_SECONDS = 0.3
 
 CONDUCTOR, SCHEDULER, COMPUTE = "conductor", "scheduler", "compute"
 PLUGIN, PORT_UPDATE = "q-plugin", "q-agent-notifier-port-update"
@@ -157,14 +160,15 @@ class ControlPlane:
             self.transport(service, host), om.Target(topic=topic, fanout=fanout),
             serializer=om.NoOpSerializer(), timeout=self.rpc_timeout), service, topic, fanout)
 
-    def serve(self, service, topic, endpoint, server):
+    def serve(self, service, topic, endpoint, server, pool_size=None):
+        """``pool_size``: the executor's workers (None: executor_thread_pool_size)."""
         import oslo_messaging as om
 
         rpc = om.get_rpc_server(self.transport(service), om.Target(topic=topic, server=server),
                                 [self.truth.endpoint(endpoint, service, topic)],
                                 executor="threading",
                                 serializer=om.NoOpSerializer())
-        rpc.start()
+        rpc.start(override_pool_size=pool_size)
         self._servers[(service, server)] = rpc
         return rpc
 
@@ -329,6 +333,8 @@ class ControlPlane:
             def _maybe_slow(self):
                 if "slow-conductor" in plane.faults:
                     time.sleep(SLOW_CONDUCTOR_SECONDS)
+                elif "starved-conductor" in plane.faults:
+                    time.sleep(STARVED_CONDUCTOR_SECONDS)
 
             def build_instances(self, ctxt, instance):
                 self._maybe_slow()
@@ -353,7 +359,12 @@ class ControlPlane:
 
         self._conductor = Conductor()
         if "conductor-down" not in self.faults:
-            self.serve("nova-conductor", CONDUCTOR, self._conductor, "conductor-1")
+            self._serve_conductor()
+
+    def _serve_conductor(self):
+        self.serve("nova-conductor", CONDUCTOR, self._conductor, "conductor-1",
+                   pool_size=(STARVED_CONDUCTOR_WORKERS if "starved-conductor" in self.faults
+                              else None))
 
     def _start_compute(self, host):
         import requests
@@ -500,7 +511,12 @@ class ControlPlane:
             if on:
                 self.unserve("nova-conductor", "conductor-1")
             else:
-                self.serve("nova-conductor", CONDUCTOR, self._conductor, "conductor-1")
+                self._serve_conductor()
+        elif (name == "starved-conductor"
+              and ("nova-conductor", "conductor-1") in self._servers):
+            # The pool's size is the server's: it starts again with the other one.
+            self.unserve("nova-conductor", "conductor-1")
+            self._serve_conductor()
         elif name == "compute-down" and "nova-compute" in self.groups:
             host = self.compute_hosts[0]
             if on:

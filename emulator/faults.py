@@ -4,6 +4,9 @@ import threading
 
 FAULTS = {
     "slow-conductor": "nova-conductor takes 3 s per call: waiting replies grow",
+    "starved-conductor": "nova-conductor's RPC server runs with 2 workers "
+                         "(executor_thread_pool_size) and each call takes 0.3 s: calls "
+                         "wait for a free worker (pool wait, saturation 100 %)",
     "conductor-down": "nova-conductor stops consuming: callers time out, the rebuilds cast "
                       "to it wait in a queue nobody reads",
     "neutron-error": "neutron-server fails port bindings (409 PortBindingFailed, some 500): "

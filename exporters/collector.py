@@ -48,6 +48,7 @@ from commlens.exporters import lost
 from commlens.exporters import silent
 from commlens.exporters import timeout_budget
 from commlens.exporters import traces
+from commlens.exporters import wait_split
 from commlens.tracer import aggregate
 from commlens.tracer import metrics
 from commlens.tracer import settings
@@ -190,6 +191,9 @@ class Collector:
                                                  max_window=SERIES_SECONDS)
         # How close calls run to their timeout, per edge (exporters/timeout_budget.py).
         self.budget_samples = graph.GraphSamples()
+        # Where RPC edges' waits go (exporters/wait_split.py), sampled with them.
+        self.split_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+                                                max_window=SERIES_SECONDS)
         # Edge and method totals every minute, for the baseline of ``change``.
         self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
@@ -672,12 +676,13 @@ class Collector:
         # merge only when one is due.
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
         lost_due, baseline_due = self.lost.due(), self.baseline_samples.due()
-        if not (edges_due or methods_due or lost_due or baseline_due):
+        split_due = self.split_samples.due()
+        if not (edges_due or methods_due or lost_due or baseline_due or split_due):
             return
         merged = self.merged(rates=True)
         if lost_due:
             self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
-        if not (edges_due or methods_due or baseline_due):
+        if not (edges_due or methods_due or baseline_due or split_due):
             return
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
@@ -689,6 +694,8 @@ class Collector:
                 self.method_samples.add(methods)
             if baseline_due:
                 self.baseline_samples.add((totals, methods))
+        if split_due:
+            self.split_samples.add(wait_split.edge_parts(merged[0], merged[1], consumers))
 
     def graph(self, window_seconds=300, histograms=False):
         """The graph JSON (graph.build); ``histograms``: with each edge's
@@ -710,6 +717,7 @@ class Collector:
         timeout_budget.add_timeout_budget(
             result["edges"], timeout_budget.budget_totals(*merged[:2], consumers),
             budget_baseline, budget_age, histograms)
+        self._add_wait_split(result["edges"], merged, consumers, window_seconds, histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         result["silent_reporters"] = self.silent_reporters.top()
         graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
@@ -721,6 +729,15 @@ class Collector:
         else:
             change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
         return result
+
+    def _add_wait_split(self, edges, merged, consumers, window_seconds, histograms=False):
+        """``wait_split`` on RPC edges, over the window (15 minutes at most,
+        as the methods tables); ``histograms``: with the parts' buckets, for
+        a peer replica to merge (exporters/fleet.py)."""
+        _age, baseline = self.split_samples.baseline(min(window_seconds, SERIES_SECONDS))
+        wait_split.add_to_edges(edges, wait_split.edge_parts(merged[0], merged[1], consumers),
+                                baseline, wait_split.edge_pools(merged[0], merged[2]),
+                                histograms=histograms)
 
     def _chain_groups(self, since_seconds):
         """The history's chains of the last ``since_seconds``; none if it
@@ -753,14 +770,24 @@ class Collector:
                                     window_seconds, queues, limit)
 
     def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
-        """The methods table of one edge and its last 15 minutes of waiting
-        replies and errors."""
+        """The methods table of one edge, its last 15 minutes of waiting
+        replies and errors, and (RPC) where its calls' wait goes."""
         edge = (client, server, protocol)
         rows, baseline = self._method_rows(window_seconds, lambda key: key == edge, histograms)
-        return {"edge": {"client": client, "server": server, "protocol": protocol},
-                "methods": [row for _edge, row in rows], "baseline": baseline,
-                "series": self._series(lambda key: key == edge),
-                "timeout_budget": self._edge_timeout_budget(edge, window_seconds, histograms)}
+        details = {"edge": {"client": client, "server": server, "protocol": protocol},
+                   "methods": [row for _edge, row in rows], "baseline": baseline,
+                   "series": self._series(lambda key: key == edge),
+                   "timeout_budget": self._edge_timeout_budget(edge, window_seconds,
+                                                               histograms)}
+        if protocol == graph.RPC:
+            merged = self.merged(rates=True)
+            shown = [dict(details["edge"])]
+            self._add_wait_split(shown, merged, graph.topic_consumers(merged[0]),
+                                 window_seconds, histograms)
+            details["wait_split"] = shown[0]["wait_split"]
+            if histograms:
+                details["wait_split_parts"] = shown[0]["wait_split_parts"]
+        return details
 
     def _edge_timeout_budget(self, edge, window_seconds, histograms):
         """An RPC edge's ``timeout_budget`` over the window, as on /api/graph."""
@@ -854,7 +881,9 @@ class Collector:
         histogram's value is [counts, sum, min, max] (aggregate.py).
 
         A silent process's gauges are left out, so a dead worker cannot
-        leave waiting replies stuck; they come back if it resumes.
+        leave waiting replies stuck; they come back if it resumes. Gauges
+        are summed over processes, except those whose ``Metric.merge`` is
+        "max" (the pool saturation peak: a ratio), which take the largest.
         ``rates``: for rates over time, without what processes older than
         this collector carried in (the counts; a histogram's sum keeps it).
         """
@@ -874,7 +903,10 @@ class Collector:
                 if entry.silent(now):
                     continue
                 for key, value in entry.gauges.items():
-                    gauges[key] += value
+                    if key[0] in _MAX_GAUGES:
+                        gauges[key] = max(gauges[key], value)
+                    else:
+                        gauges[key] += value
         return counters, histograms, gauges
 
     def metrics_warmed_up(self):
@@ -915,6 +947,7 @@ _MAX_DURATION = 86400.0
 _MAX_CLOCK_SKEW = 86400.0
 
 
+_MAX_GAUGES = frozenset(m.name for m in metrics.SHIPPED.values() if m.merge == "max")
 _HOP_FIELD_SET = frozenset(wire.HOP_FIELDS)
 _STRING_FIELDS = tuple(f for f in wire.HOP_FIELDS if f not in wire.HOP_NUMBER_FIELDS)
 
@@ -956,6 +989,10 @@ def _clean_hop(hop):
     if timeout is not None and (type(timeout) is not float and type(timeout) is not int
                                 or not 0 < timeout <= _MAX_DURATION):
         clean["timeout"] = None
+    pool_wait = clean["pool_wait"]
+    if pool_wait is not None and (type(pool_wait) is not float and type(pool_wait) is not int
+                                  or not 0 <= pool_wait <= _MAX_DURATION):
+        clean["pool_wait"] = None
     return clean
 
 

@@ -39,6 +39,7 @@ from commlens.exporters import graph as graph_mod
 from commlens.exporters import history
 from commlens.exporters import reporters
 from commlens.exporters import timeout_budget
+from commlens.exporters import wait_split
 from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
@@ -193,6 +194,8 @@ class Fleet:
                                    protocol=protocol, window=f"{window_seconds:g}s")
         answered = [mine] + [a for a in answers if a is not None]
         merged = merge_details(answered, ("operation",))
+        if protocol == graph_mod.RPC:
+            merged["wait_split"] = wait_split.merge(answered)
         return dict(merged, edge=mine["edge"], replicas=status,
                     timeout_budget=timeout_budget.merge(
                         [a.get("timeout_budget") for a in answered]))
@@ -225,9 +228,12 @@ def merge_graphs(graphs):
     ``ok_latency`` buckets): counts and rates added, percentiles from the
     added buckets, error ratios from the added counts."""
     edges, latencies, nodes, budgets = {}, {}, {}, collections.defaultdict(list)
+    splits = {}  # RPC edges' replicas' wait splits, merged below
     for answer in graphs:
         for edge in answer.get("edges", []):
             key = (edge["client"], edge["server"], edge["protocol"])
+            if "wait_split" in edge:
+                splits.setdefault(key, []).append(edge)
             merged = edges.get(key)
             if merged is None:
                 merged = edges[key] = {k: edge[k] for k in ("client", "server", "protocol")}
@@ -262,6 +268,8 @@ def merge_graphs(graphs):
         edge.update(graph_mod.percentiles(ok_latency, prefix="ok_"))
         if key[2] == graph_mod.RPC:
             edge["timeout_budget"] = timeout_budget.merge(budgets[key])
+        if key in splits:
+            edge["wait_split"] = wait_split.merge(splits[key])
         result_edges.append(edge)
     for node in nodes.values():
         node["error_ratio"] = (node["failed_in"] / node["rate_in"]) if node["rate_in"] else 0.0

@@ -16,6 +16,7 @@ import threading
 import time
 
 from commlens.exporters import chains as chains_mod
+from commlens.exporters import wait_split
 
 LOG = logging.getLogger(__name__)
 
@@ -295,7 +296,10 @@ def join(hops, seen, trace_ids):
                                  if entry else None),
             "start": min(starts) if starts else None,
             "duration": (max(ends) - min(starts)) if starts else None,
-            "hops": hops, "chains": []}
+            "hops": hops,
+            # Where each answered call's wait went (exporters/wait_split.py).
+            "wait_splits": wait_split.of_trace(hops),
+            "chains": []}
 
 
 def _entry_hop(hops):

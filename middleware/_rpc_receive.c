@@ -5,7 +5,9 @@
  * reply, and rpc_driver.py says what is recorded and why. A Receiver (one
  * per listener) reads the message context and counts the message; the
  * Incoming it returns is what the RPC server acknowledges, replies to or
- * requeues, and times the processing in between.
+ * requeues, and times the processing in between. From the receipt to the
+ * acknowledgement (dispatch) is the message's pool wait; from there to the
+ * reply it is one of the handlers in flight of its listener's Pool.
  *
  * The message context's common case is read here: no traceparent or a
  * version-00 one, no baggage or exactly our member. Anything else (and a
@@ -37,6 +39,7 @@
 typedef struct {
     PyTypeObject *receiver_type;
     PyTypeObject *incoming_type;
+    PyTypeObject *pool_type;
 #define FIELD(name) PyObject *str_##name;
     RECEIVE_STRINGS(FIELD)
 #undef FIELD
@@ -134,6 +137,143 @@ parse_sender_member(PyObject *value, PyObject **service, PyObject **kind, PyObje
     return 1;
 }
 
+/* -- Pool: the handlers in flight of one RPC server's executor pool ------- */
+
+/* Shared by the Receivers one listener makes (a renamed listener makes a new
+ * one and keeps counting the messages in flight). Only ever changed with the
+ * GIL held, so the counts need no lock. */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t size;       /* executor_thread_pool_size; 0 while unknown */
+    Py_ssize_t in_flight;  /* dispatched, not replied */
+    Py_ssize_t peak;       /* the most in flight since the last take_peak() */
+} Pool;
+
+static int pool_set_size(Pool *self, PyObject *value, void *closure);
+
+static int
+pool_init(Pool *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"size", NULL};
+    PyObject *size = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:Pool", keywords, &size))
+        return -1;
+    return size == NULL ? 0 : pool_set_size(self, size, NULL);
+}
+
+static void
+pool_dealloc(Pool *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static void
+pool_dispatched(Pool *self)
+{
+    self->in_flight++;
+    if (self->in_flight > self->peak)
+        self->peak = self->in_flight;
+}
+
+static void
+pool_done(Pool *self)
+{
+    if (self->in_flight > 0)
+        self->in_flight--;
+}
+
+static PyObject *
+pool_dispatched_method(Pool *self, PyObject *Py_UNUSED(unused))
+{
+    pool_dispatched(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pool_done_method(Pool *self, PyObject *Py_UNUSED(unused))
+{
+    pool_done(self);
+    Py_RETURN_NONE;
+}
+
+/* The most handlers in flight at once since the last call; the next
+ * interval's peak starts from those in flight now. */
+static PyObject *
+pool_take_peak(Pool *self, PyObject *Py_UNUSED(unused))
+{
+    Py_ssize_t peak = self->peak;
+    self->peak = self->in_flight;
+    return PyLong_FromSsize_t(peak);
+}
+
+static PyObject *
+pool_get_size(Pool *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->size);
+}
+
+static int
+pool_set_size(Pool *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a pool's size cannot be deleted");
+        return -1;
+    }
+    PyObject *index = PyNumber_Index(value);
+    if (index == NULL)
+        return -1;
+    Py_ssize_t size = PyNumber_AsSsize_t(index, PyExc_OverflowError);
+    Py_DECREF(index);
+    if (size == -1 && PyErr_Occurred())
+        return -1;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "pool size: not negative");
+        return -1;
+    }
+    self->size = size;
+    return 0;
+}
+
+static PyObject *
+pool_get_in_flight(Pool *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->in_flight);
+}
+
+static PyMethodDef pool_methods[] = {
+    {"dispatched", (PyCFunction)pool_dispatched_method, METH_NOARGS, NULL},
+    {"done", (PyCFunction)pool_done_method, METH_NOARGS, NULL},
+    {"take_peak", (PyCFunction)pool_take_peak, METH_NOARGS,
+     "take_peak() -> the most handlers in flight at once since the last call."},
+    {NULL},
+};
+
+static PyGetSetDef pool_getset[] = {
+    {"size", (getter)pool_get_size, (setter)pool_set_size, NULL, NULL},
+    {"in_flight", (getter)pool_get_in_flight, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyType_Slot pool_slots[] = {
+    {Py_tp_doc, (void *)"Pool(size=0): the handlers in flight of one RPC server's "
+                        "executor pool."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, pool_init},
+    {Py_tp_dealloc, pool_dealloc},
+    {Py_tp_methods, pool_methods},
+    {Py_tp_getset, pool_getset},
+    {0, NULL},
+};
+
+static PyType_Spec pool_spec = {
+    .name = "commlens.middleware._rpc_receive.Pool",
+    .basicsize = sizeof(Pool),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = pool_slots,
+};
+
 /* -- Receiver: one per listener ------------------------------------------- */
 
 typedef struct {
@@ -146,6 +286,8 @@ typedef struct {
     CommlensRecording recording;
     PyObject *received_metric;   /* metrics.RPC_RECEIVED.name */
     PyObject *hops_metric;       /* metrics.RPC_SERVER_HOPS.name */
+    PyObject *pool_wait_metric;  /* metrics.RPC_POOL_WAIT.name */
+    PyObject *pool;              /* the listener's Pool */
     PyObject *method_seen;       /* labels.method.seen */
     PyObject *method_label;      /* labels.method */
     PyTypeObject *incoming_type; /* rpc_driver._InstrumentedIncoming */
@@ -170,13 +312,15 @@ typedef struct {
     PyObject *method;
     PyObject *kind;
     PyObject *context_token;
-    double start;
+    double received;        /* handed to the RPC server */
+    double start;           /* dispatched (acknowledged) */
     double end;
+    char dispatched;
     char done;
 } Incoming;
 
 #define RECEIVER_FIELDS(X) \
-    X(service) X(topic) X(received_metric) X(hops_metric) \
+    X(service) X(topic) X(received_metric) X(hops_metric) X(pool_wait_metric) X(pool) \
     X(method_seen) X(method_label) X(current) X(in_python) X(failed) X(add_hop) \
     X(recording_failed)
 
@@ -219,16 +363,17 @@ static int
 receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {
-        "service", "topic", "recorder", "received_metric", "hops_metric", "method_label",
-        "incoming_type", "trace_context", "current", "in_python", "failed", "add_hop",
-        "recording_failed", NULL};
-    PyObject *service, *topic, *recorder, *received, *hops, *method_label, *incoming_type,
-        *trace_context, *current, *in_python, *failed, *add_hop, *recording_failed;
+        "service", "topic", "recorder", "received_metric", "hops_metric",
+        "pool_wait_metric", "pool", "method_label", "incoming_type", "trace_context",
+        "current", "in_python", "failed", "add_hop", "recording_failed", NULL};
+    PyObject *service, *topic, *recorder, *received, *hops, *pool_wait, *pool, *method_label,
+        *incoming_type, *trace_context, *current, *in_python, *failed, *add_hop,
+        *recording_failed;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "$UUOUUOO!O!O!OOOO:Receiver", keywords, &service, &topic,
-            &recorder, &received, &hops, &method_label, &PyType_Type, &incoming_type,
-            &PyType_Type, &trace_context, &PyContextVar_Type, &current, &in_python, &failed,
-            &add_hop, &recording_failed))
+            args, kwargs, "$UUOUUUOOO!O!O!OOOO:Receiver", keywords, &service, &topic,
+            &recorder, &received, &hops, &pool_wait, &pool, &method_label, &PyType_Type,
+            &incoming_type, &PyType_Type, &trace_context, &PyContextVar_Type, &current,
+            &in_python, &failed, &add_hop, &recording_failed))
         return -1;
     ReceiveState *state = PyType_GetModuleState(Py_TYPE(self));
     if (state == NULL)
@@ -236,6 +381,11 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
     self->state = state;
     if (!PyType_IsSubtype((PyTypeObject *)incoming_type, state->incoming_type)) {
         PyErr_SetString(PyExc_TypeError, "incoming_type: a subclass of Incoming");
+        return -1;
+    }
+    /* Exactly this module's Pool: its counts are changed here directly. */
+    if (Py_TYPE(pool) != state->pool_type) {
+        PyErr_SetString(PyExc_TypeError, "pool: a Pool");
         return -1;
     }
     if (commlens_check_trace_context_type(trace_context) < 0
@@ -249,6 +399,8 @@ receiver_init(Receiver *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->topic, Py_NewRef(topic));
     Py_XSETREF(self->received_metric, Py_NewRef(received));
     Py_XSETREF(self->hops_metric, Py_NewRef(hops));
+    Py_XSETREF(self->pool_wait_metric, Py_NewRef(pool_wait));
+    Py_XSETREF(self->pool, Py_NewRef(pool));
     Py_XSETREF(self->method_label, Py_NewRef(method_label));
     Py_XSETREF(self->incoming_type, (PyTypeObject *)Py_NewRef(incoming_type));
     Py_XSETREF(self->trace_context, (PyTypeObject *)Py_NewRef(trace_context));
@@ -295,7 +447,7 @@ make_incoming(Receiver *self, PyObject *inner, PyObject *ctxt, PyObject *ctx,
     incoming->caller = caller;
     incoming->method = method;
     incoming->kind = kind;
-    incoming->start = incoming->end = commlens_monotonic();
+    incoming->received = incoming->start = incoming->end = commlens_monotonic();
     /* What the RPC server reads of a message, as the inner one has it. */
     ReceiveState *state = self->state;
     if ((incoming->message = PyObject_GetAttr(inner, state->str_message)) == NULL
@@ -576,6 +728,8 @@ incoming_finish(Incoming *self, PyObject *failure)
     if (self->done)
         return 0;
     self->done = 1;
+    if (self->dispatched)
+        pool_done((Pool *)self->receiver->pool);
     PyObject *pending = PyErr_GetRaisedException();  /* the inner call's, if any */
     if (incoming_record(self, failure) < 0
             && commlens_hand_over_error(self->receiver->recording_failed, NULL) < 0) {
@@ -596,9 +750,25 @@ incoming_acknowledge(Incoming *self, PyObject *Py_UNUSED(unused))
     /* Dispatch starts: the hop is the one served until the reply, so the
      * calls its endpoint makes are its children. */
     self->start = commlens_monotonic();
-    PyObject *token = PyContextVar_Set(self->receiver->current, self->ctx);
+    Receiver *receiver = self->receiver;
+    if (!self->dispatched) {
+        self->dispatched = 1;
+        pool_dispatched((Pool *)receiver->pool);
+        PyObject *waited = PyFloat_FromDouble(self->start - self->received);
+        if ((waited == NULL
+                || commlens_record(receiver->recording.observe, receiver->pool_wait_metric,
+                                   PyTuple_Pack(3, receiver->service, receiver->topic,
+                                                self->method), waited) < 0)
+                && commlens_hand_over_error(receiver->recording_failed, NULL) < 0) {
+            Py_XDECREF(waited);
+            Py_DECREF(result);
+            return NULL;
+        }
+        Py_XDECREF(waited);
+    }
+    PyObject *token = PyContextVar_Set(receiver->current, self->ctx);
     if (token == NULL
-            && commlens_hand_over_error(self->receiver->recording_failed, NULL) < 0) {
+            && commlens_hand_over_error(receiver->recording_failed, NULL) < 0) {
         Py_DECREF(result);
         return NULL;
     }
@@ -649,6 +819,21 @@ incoming_get_start(Incoming *self, void *Py_UNUSED(closure))
     return PyFloat_FromDouble(self->start);
 }
 
+/* Seconds from receipt to dispatch; None until dispatched. */
+static PyObject *
+incoming_get_pool_wait(Incoming *self, void *Py_UNUSED(closure))
+{
+    if (!self->dispatched)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->start - self->received);
+}
+
+static PyObject *
+incoming_get_received(Incoming *self, void *Py_UNUSED(closure))
+{
+    return PyFloat_FromDouble(self->received);
+}
+
 static PyObject *
 incoming_get_topic(Incoming *self, void *Py_UNUSED(closure))
 {
@@ -684,6 +869,8 @@ incoming_set_field(PyObject *self, PyObject *value, void *closure)
 
 static PyGetSetDef incoming_getset[] = {
     {"start", (getter)incoming_get_start, NULL, NULL, NULL},
+    {"received", (getter)incoming_get_received, NULL, NULL, NULL},
+    {"pool_wait", (getter)incoming_get_pool_wait, NULL, NULL, NULL},
     {"topic", (getter)incoming_get_topic, NULL, NULL, NULL},
     COMMLENS_READONLY_FIELD("inner", Incoming, inner),
     INCOMING_WRITABLE_FIELD(ctxt),
@@ -738,6 +925,9 @@ receive_exec(PyObject *module)
         (PyTypeObject *)PyType_FromModuleAndSpec(module, &incoming_spec, NULL);
     if (state->incoming_type == NULL || PyModule_AddType(module, state->incoming_type) < 0)
         return -1;
+    state->pool_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &pool_spec, NULL);
+    if (state->pool_type == NULL || PyModule_AddType(module, state->pool_type) < 0)
+        return -1;
     return 0;
 }
 
@@ -747,6 +937,7 @@ receive_traverse_module(PyObject *module, visitproc visit, void *arg)
     ReceiveState *state = PyModule_GetState(module);
     Py_VISIT(state->receiver_type);
     Py_VISIT(state->incoming_type);
+    Py_VISIT(state->pool_type);
     return 0;
 }
 
@@ -758,6 +949,7 @@ receive_clear_module(PyObject *module)
     ReceiveState *state = PyModule_GetState(module);
     Py_CLEAR(state->receiver_type);
     Py_CLEAR(state->incoming_type);
+    Py_CLEAR(state->pool_type);
     return 0;
 }
 

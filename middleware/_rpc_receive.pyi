@@ -6,9 +6,20 @@ from typing import Any, Callable, final, Optional
 from commlens.tracer._speedups import TraceContext
 
 @final
+class Pool:
+    size: int
+    def __init__(self, size: int = 0) -> None: ...
+    @property
+    def in_flight(self) -> int: ...
+    def dispatched(self) -> None: ...
+    def done(self) -> None: ...
+    def take_peak(self) -> int: ...
+
+@final
 class Receiver:
     def __init__(self, *, service: str, topic: str, recorder: Any, received_metric: str,
-                 hops_metric: str, method_label: Callable[[Any], str],
+                 hops_metric: str, pool_wait_metric: str, pool: Pool,
+                 method_label: Callable[[Any], str],
                  incoming_type: type[Incoming], trace_context: type[TraceContext],
                  current: ContextVar[Optional[TraceContext]], in_python: Callable[[Any], Any],
                  failed: Callable[[Incoming, Any, float], object],
@@ -25,7 +36,11 @@ class Incoming:
     msg_id: Any
     client_timeout: Any
     @property
+    def received(self) -> float: ...
+    @property
     def start(self) -> float: ...
+    @property
+    def pool_wait(self) -> Optional[float]: ...
     @property
     def topic(self) -> str: ...
     @property

@@ -7,9 +7,14 @@ listener) reads the message context and counts the message; the Incoming
 it returns is what the RPC server acknowledges, replies to or requeues,
 timing the processing in between:
 
-    incoming = receiver.wrap(message)   # read and counted
+    incoming = receiver.wrap(message)   # read and counted; waits for a worker
     incoming.acknowledge()              # dispatch: the hop is the current one
     incoming.reply(result)              # or reply(failure=...), requeue()
+
+From ``wrap`` (the listener handing the message to the RPC server, which
+queues it for its executor) to ``acknowledge`` (a worker took it) is the
+message's pool wait; from there to the reply, its processing, during which
+it is one of the handlers in flight of the listener's ``Pool``.
 
 Reading the context is rpc_driver.py's own Python (``in_python``, that is
 CommlensDriver._received): the compiled module reads the common contexts
@@ -17,11 +22,63 @@ itself and hands it the rest. tracer/implementation.py picks this module
 or the compiled one.
 """
 
+import operator
+import sys
+import threading
 import time
 
 OK = "ok"  # metrics.OK
 
 _clock = time.perf_counter  # CLOCK_MONOTONIC, as the compiled path reads it
+_SSIZE_LIMIT = sys.maxsize + 1
+
+
+class Pool:
+    """Pool(size): the handlers in flight of one RPC server's executor pool
+    of ``size`` workers (0 while unknown), and the most there were at once
+    since the last ``take_peak()``. Shared by the Receivers its listener
+    makes, so a renamed listener keeps counting the messages in flight."""
+
+    __slots__ = ("_size", "in_flight", "_peak", "_lock")
+
+    def __init__(self, size=0):
+        self.size = size
+        self.in_flight = 0
+        self._peak = 0
+        # Worker threads dispatch and reply concurrently: ``+=`` on an
+        # attribute is not atomic in Python (the compiled Pool holds the GIL).
+        self._lock = threading.Lock()
+
+    @property
+    def size(self):
+        return self._size
+
+    @size.setter
+    def size(self, value):
+        value = operator.index(value)  # an int, as the compiled Pool's Py_ssize_t
+        if not -_SSIZE_LIMIT <= value < _SSIZE_LIMIT:
+            raise OverflowError("pool size out of range")
+        if value < 0:
+            raise ValueError("pool size: not negative")
+        self._size = value
+
+    def dispatched(self):
+        with self._lock:
+            self.in_flight += 1
+            if self.in_flight > self._peak:
+                self._peak = self.in_flight
+
+    def done(self):
+        with self._lock:
+            if self.in_flight > 0:
+                self.in_flight -= 1
+
+    def take_peak(self):
+        """The most handlers in flight at once since the last call; the
+        next interval's peak starts from those in flight now."""
+        with self._lock:
+            peak, self._peak = self._peak, self.in_flight
+            return peak
 
 
 class Receiver:
@@ -29,10 +86,12 @@ class Receiver:
     one rpc_driver._InstrumentedListener."""
 
     def __init__(self, *, service, topic, recorder, received_metric, hops_metric,
-                 method_label, incoming_type, trace_context, current, in_python, failed,
-                 add_hop, recording_failed):
+                 pool_wait_metric, pool, method_label, incoming_type, trace_context, current,
+                 in_python, failed, add_hop, recording_failed):
         if not (isinstance(incoming_type, type) and issubclass(incoming_type, Incoming)):
             raise TypeError("incoming_type: a subclass of Incoming")
+        if type(pool) is not Pool:
+            raise TypeError("pool: a Pool")
         self.service = service
         self.topic = topic
         self._inc = recorder.inc
@@ -40,6 +99,8 @@ class Receiver:
         self._keeps_hop = recorder.keeps_hop
         self._received_metric = received_metric
         self._hops_metric = hops_metric
+        self._pool_wait_metric = pool_wait_metric
+        self._pool = pool
         self._incoming_type = incoming_type  # rpc_driver._InstrumentedIncoming
         self._trace_context = trace_context  # context.TraceContext
         self._current = current              # ContextVar of the hop being served
@@ -71,7 +132,8 @@ class Incoming:
     """
 
     __slots__ = ("_receiver", "inner", "ctxt", "message", "msg_id", "client_timeout", "ctx",
-                 "caller", "method", "kind", "start", "end", "_context_token", "_done")
+                 "caller", "method", "kind", "received", "start", "end", "_context_token",
+                 "_dispatched", "_done")
 
     def __init__(self, receiver, inner, ctxt, ctx, caller, method, kind):
         self._receiver = receiver
@@ -81,8 +143,9 @@ class Incoming:
         self.caller = caller
         self.method = method
         self.kind = kind
-        self.start = self.end = _clock()
+        self.received = self.start = self.end = _clock()
         self._context_token = None
+        self._dispatched = False
         self._done = False
         # What the RPC server reads of a message, as the inner one has it.
         self.message = inner.message
@@ -93,12 +156,27 @@ class Incoming:
     def topic(self):
         return self._receiver.topic
 
+    @property
+    def pool_wait(self):
+        """Seconds from receipt to dispatch; None until dispatched."""
+        return self.start - self.received if self._dispatched else None
+
     def acknowledge(self):
         result = self.inner.acknowledge()
         # Dispatch starts: the hop is the one served until the reply, so the
         # calls its endpoint makes are its children.
         self.start = _clock()
-        self._context_token = self._receiver._current.set(self.ctx)
+        receiver = self._receiver
+        try:
+            if not self._dispatched:
+                self._dispatched = True
+                receiver._pool.dispatched()
+                receiver._observe(receiver._pool_wait_metric,
+                                  (receiver.service, receiver.topic, self.method),
+                                  self.start - self.received)
+            self._context_token = receiver._current.set(self.ctx)
+        except Exception as exc:
+            receiver._recording_failed(exc)
         return result
 
     def reply(self, reply=None, failure=None):
@@ -126,6 +204,8 @@ class Incoming:
         if self._done:
             return
         self._done = True
+        if self._dispatched:
+            self._receiver._pool.done()
         try:
             self._record(failure)
         except Exception as exc:

@@ -52,6 +52,9 @@ _KINDS = frozenset((CALL, CAST, FANOUT))
 _UNANSWERED = frozenset((metrics.TIMEOUT, metrics.TRANSPORT_ERROR))
 _URL_PREFIX = "commlens_"  # query parameters for us, removed before the inner driver
 _AMQP_DRIVERS = frozenset(("rabbit", "kombu", "amqp"))
+# oslo.messaging's default executor_thread_pool_size (the threading and
+# eventlet executors alike), for a server whose pool size cannot be read.
+DEFAULT_POOL_SIZE = 64
 
 
 class CommlensDriver(base.BaseDriver):
@@ -331,7 +334,7 @@ class CommlensDriver(base.BaseDriver):
             duration=duration,
             request_id=labels.request_id(incoming.ctxt.get("request_id")),
             global_request_id=labels.request_id(incoming.ctxt.get("global_request_id")),
-            server=server))
+            server=server, pool_wait=incoming.pool_wait))
 
     def _receive_recording_failed(self, exc):
         self._recorder.dropped("recording_error")
@@ -355,6 +358,9 @@ class _InstrumentedListener(base.Listener):
         self._topic = topic
         self._notifications = notifications
         self._server = server
+        # The RPC server's executor pool: its size is known at start().
+        self._pool = None if notifications else _rpc_receive.Pool()
+        self._cleaned_up = False
         self._receiver = None if notifications else self._make_receiver()
 
     def _make_receiver(self):
@@ -365,7 +371,9 @@ class _InstrumentedListener(base.Listener):
         return _rpc_receive.Receiver(
             service=driver._service, topic=self._topic, recorder=driver._recorder,
             received_metric=metrics.RPC_RECEIVED.name,
-            hops_metric=metrics.RPC_SERVER_HOPS.name, method_label=labels.method,
+            hops_metric=metrics.RPC_SERVER_HOPS.name,
+            pool_wait_metric=metrics.RPC_POOL_WAIT.name, pool=self._pool,
+            method_label=labels.method,
             incoming_type=_InstrumentedIncoming, trace_context=context.TraceContext,
             current=context.current_var, in_python=self._wrap_in_python,
             failed=functools.partial(driver._processing_failed, server=self._server),
@@ -379,11 +387,31 @@ class _InstrumentedListener(base.Listener):
 
     def start(self, on_incoming_callback):
         super().start(on_incoming_callback)
+        if self._pool is not None:
+            try:
+                self._pool.size = executor_pool_size(on_incoming_callback, self._driver.conf)
+                self._driver._recorder.add_gauges(self._pool_gauges)
+            except Exception:
+                self._driver._recorder.dropped("recording_error")
+                LOG.debug("commlens: reading the executor's pool size failed", exc_info=True)
 
         def on_incoming(incoming):
             return on_incoming_callback([self._wrap(m) for m in incoming])
 
         self._inner.start(on_incoming)
+
+    def _pool_gauges(self):
+        """The pool's gauges at snapshot time (Recorder.add_gauges): handlers
+        in flight, pool size, and the peak ratio since the last snapshot."""
+        pool = self._pool
+        if self._cleaned_up:
+            return []  # its server stopped: a new one on the topic has its own pool
+        key = (self._driver._service, self._topic)
+        peak = pool.take_peak()
+        return [(metrics.RPC_HANDLERS_IN_FLIGHT, key, pool.in_flight),
+                (metrics.RPC_EXECUTOR_POOL_SIZE, key, pool.size),
+                (metrics.RPC_POOL_SATURATION_PEAK, key,
+                 min(1.0, peak / pool.size) if pool.size > 0 else 0.0)]
 
     def _wrap(self, message):
         try:
@@ -408,6 +436,7 @@ class _InstrumentedListener(base.Listener):
         super().stop()
 
     def cleanup(self):
+        self._cleaned_up = True
         self._inner.cleanup()
         # An RPC server stops here (MessageHandlingServer.wait), and an
         # oslo.service worker then leaves with os._exit, past atexit.
@@ -427,6 +456,29 @@ class _InstrumentedIncoming(_rpc_receive.Incoming, base.RpcIncomingMessage):
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def executor_pool_size(on_incoming, conf):
+    """The size of the executor pool an RPC server dispatches to.
+
+    The listener is started with the server's own ``_on_incoming``: its
+    executor (futurist's ThreadPoolExecutor for ``threading``,
+    GreenThreadPoolExecutor for ``eventlet``) says its ``_max_workers``,
+    which counts ``start(override_pool_size=...)`` too. Otherwise (a server
+    of another shape) the transport's ``executor_thread_pool_size``, which
+    both executors take as their size; otherwise oslo.messaging's default.
+    """
+    executor = getattr(getattr(on_incoming, "__self__", None), "_work_executor", None)
+    size = getattr(executor, "_max_workers", None)
+    if type(size) is int and size > 0:
+        return size
+    try:
+        size = conf.executor_thread_pool_size
+    except Exception:  # not registered: no MessageHandlingServer made it
+        size = None
+    if type(size) is int and size > 0:
+        return size
+    return DEFAULT_POOL_SIZE
 
 
 def _context_copy(ctxt):

@@ -58,8 +58,51 @@ def test_slow_conductor_makes_waiting_replies_grow(demo):
         wait_for(lambda: sum(v for _, v in demo.metrics().series(
             "commlens_rpc_waiting_replies", target="conductor")) >= 2,
             timeout=15, message="waiting replies on the conductor")
+        # Where the wait goes: processing (3 s a call), in a pool far from full.
+        split = wait_for(lambda: _conductor_split(
+            demo, "processing", lambda split: split["p50"]["processing"] >= 2.5),
+            timeout=90, message="the conductor's calls dominated by 3 s of processing")
+        assert split["p50"]["pool_wait"] < 0.5
+        labels = {"service": "nova-conductor", "target": "conductor"}
+        metrics = demo.metrics()
+        assert metrics.value("commlens_rpc_executor_pool_size", **labels) == 64
+        assert 0 < metrics.value("commlens_rpc_pool_saturation_peak", **labels) < 1
     finally:
         demo.fault("slow-conductor", on=False)
+
+
+def _conductor_split(demo, dominant, also=lambda split: True):
+    """nova-api -> nova-conductor's wait split over the last 30 s, if its
+    largest part is ``dominant`` (and ``also`` holds): the window passes
+    the calls from before the fault by within 45 s (sampled every 15 s)."""
+    for edge in demo.json("/api/graph?window=30s")["edges"]:
+        if (edge["client"], edge["server"], edge["protocol"]) == (
+                "nova-api", "nova-conductor", "rpc"):
+            split = edge.get("wait_split")
+            if split and split["calls"] >= 3 and split["dominant"] == dominant \
+                    and also(split):
+                return split
+    return None
+
+
+def test_starved_conductor_shows_pool_wait_and_a_full_pool(demo):
+    labels = {"service": "nova-conductor", "target": "conductor"}
+    demo.fault("starved-conductor")
+    try:
+        wait_for(lambda: demo.metrics().value("commlens_rpc_executor_pool_size",
+                                              **labels) == 2,
+                 timeout=20, message="the conductor's pool of 2 (the old one gone)")
+        wait_for(lambda: demo.metrics().value("commlens_rpc_pool_saturation_peak",
+                                              **labels) == 1.0,
+                 timeout=20, message="the conductor's pool full")
+        split = wait_for(lambda: _conductor_split(demo, "pool_wait"), timeout=90,
+                         message="the conductor's calls dominated by pool wait")
+        assert split["p99"]["pool_wait"] > split["p99"]["processing"] >= 0.25
+        assert split["saturation_peak"] == 1.0
+    finally:
+        demo.fault("starved-conductor", on=False)
+    wait_for(lambda: demo.metrics().value("commlens_rpc_executor_pool_size", **labels) == 64,
+             timeout=20, message="the conductor's pool back to 64")
 
 
 def test_neutron_error_shows_a_chain_from_neutron_to_nova_api(demo):

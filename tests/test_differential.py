@@ -376,7 +376,8 @@ def _snapshot(recorder):
     histograms = sorted(([name, labels, sum(counts)]
                          for name, labels, counts, *_ in snapshot["histograms"]), key=repr)
     gauges = sorted(snapshot["gauges"], key=repr)
-    hops = sorted(({key: value for key, value in hop.items()
+    hops = sorted(({key: (value if key != "pool_wait" else value is None)
+                    for key, value in hop.items()
                     if key not in ("trace_id", "span_id", "parent_id", "start", "duration")}
                    for hop in snapshot["hops"]), key=repr)
     return counters, histograms, gauges, hops
@@ -613,6 +614,9 @@ class _Message:
 class _Listener:
     batch_size, batch_timeout, prefetch_size = 1, None, -1
 
+    def cleanup(self):
+        pass
+
 
 def _listeners(hop_sample_ratio, recorders=None):
     """A compiled and a Python RPC listener, each with its own recorder
@@ -635,10 +639,14 @@ def _listeners(hop_sample_ratio, recorders=None):
         listener = rpc_driver._InstrumentedListener.__new__(rpc_driver._InstrumentedListener)
         listener._inner, listener._driver = _Listener(), driver
         listener._topic, listener._notifications = "conductor", False
+        listener._pool, listener._cleaned_up = module.Pool(4), False
+        driver._recorder.add_gauges(listener._pool_gauges)
         listener._receiver = module.Receiver(
             service=driver._service, topic="conductor", recorder=driver._recorder,
             received_metric=metrics.RPC_RECEIVED.name,
-            hops_metric=metrics.RPC_SERVER_HOPS.name, method_label=labels.method,
+            hops_metric=metrics.RPC_SERVER_HOPS.name,
+            pool_wait_metric=metrics.RPC_POOL_WAIT.name, pool=listener._pool,
+            method_label=labels.method,
             incoming_type=incoming_type, trace_context=context.TraceContext,
             current=context.current_var, in_python=listener._wrap_in_python,
             failed=driver._processing_failed, add_hop=driver._add_receive_hop,
@@ -679,9 +687,12 @@ def test_received_messages_are_read_and_recorded_alike(hop_sample_ratio):
                     incoming.method, incoming.kind, incoming.topic, incoming.msg_id,
                     incoming.client_timeout, incoming.orig_msg_id, incoming.heartbeat())
             acknowledged = None
+            assert incoming.pool_wait is None  # not dispatched yet
             if ending != "never":
                 acknowledged = incoming.acknowledge()
                 assert context.current() is incoming.ctx
+                assert 0 <= incoming.pool_wait == incoming.start - incoming.received
+                assert listener._pool.in_flight == 1
                 if child_failed:  # a call the endpoint made failed
                     context.mark_child_failed()
             if ending == "ok":
@@ -705,11 +716,72 @@ def test_received_messages_are_read_and_recorded_alike(hop_sample_ratio):
                 context.set_current(None)
             incoming.reply({"again": 1})  # passed on, recorded once
             assert context.current() is None
+            assert listener._pool.in_flight == 0  # replied (or never dispatched)
             seen[name] = (read, acknowledged, [r if isinstance(r, str) else (r[0], type(r[1]))
                                                for r in inner.replies])
         assert seen["compiled"] == seen["python"], (ctxt, method, orig_msg_id, ending)
     assert _snapshot(listeners["compiled"]._driver._recorder) == _snapshot(
         listeners["python"]._driver._recorder)
+
+
+@needs_compiled
+def test_pools_count_handlers_in_flight_and_peaks_alike():
+    from commlens.middleware import _rpc_receive
+    from commlens.middleware import _rpc_receive_py
+
+    rng = random.Random(44)
+    pools = {"compiled": _rpc_receive.Pool(3), "python": _rpc_receive_py.Pool(3)}
+    for _ in range(2000):
+        step = rng.choice(["dispatched", "dispatched", "done", "take_peak"])
+        seen = {name: (getattr(pool, step)(), pool.in_flight, pool.size)
+                for name, pool in pools.items()}
+        assert seen["compiled"] == seen["python"], step
+    for size in (0, 7, -1, "4", 2.5, None, 2 ** 70):
+        seen = {}
+        for name, pool in pools.items():
+            seen[name] = outcome(setattr, pool, "size", size), pool.size
+        assert seen["compiled"] == seen["python"], size
+
+
+@needs_compiled
+def test_pools_wait_and_peak_alike_with_messages_overlapping():
+    """Three messages dispatched before any reply: in flight 3, peak 3/4 on
+    both; a pool wait observed per dispatch, once, on both."""
+    listeners = _listeners(1.0)
+    member = "commlens.service=nova-api;kind=call;span=" + VALID[36:52]
+    peaks = {}
+    for name, listener in listeners.items():
+        incomings = [listener._wrap(_Message({"traceparent": VALID, "baggage": member}))
+                     for _ in range(3)]
+        for incoming in incomings:
+            incoming.acknowledge()
+            incoming.acknowledge()  # once more: still one dispatch
+        context.set_current(None)
+        assert listener._pool.in_flight == 3
+        for incoming in incomings:
+            incoming.reply({"done": 1})
+        context.set_current(None)
+        snapshot = listener._driver._recorder.snapshot(1)
+        gauges = {(n, tuple(labels)): value for n, labels, value in snapshot["gauges"]}
+        key = ("diff-svc", "conductor")
+        peaks[name] = (gauges[(metrics.RPC_HANDLERS_IN_FLIGHT.name, key)],
+                       gauges[(metrics.RPC_EXECUTOR_POOL_SIZE.name, key)],
+                       gauges[(metrics.RPC_POOL_SATURATION_PEAK.name, key)])
+        (waits,) = [sum(counts) for n, _labels, counts, *_ in snapshot["histograms"]
+                    if n == metrics.RPC_POOL_WAIT.name]
+        assert waits == 3
+        assert all(hop["pool_wait"] is not None and hop["pool_wait"] >= 0
+                   for hop in snapshot["hops"])
+        # The next interval starts from what is in flight now: none.
+        snapshot = listener._driver._recorder.snapshot(1)
+        assert [v for n, _l, v in snapshot["gauges"]
+                if n == metrics.RPC_POOL_SATURATION_PEAK.name] == [0.0]
+        # Its server stopped (MessageHandlingServer.wait cleans the listener
+        # up): a new one on the topic has its own pool, this one says nothing.
+        listener.cleanup()
+        assert not [n for n, _l, _v in listener._driver._recorder.snapshot(1)["gauges"]
+                    if n.startswith("commlens_rpc_")]
+    assert peaks["compiled"] == peaks["python"] == (0, 4, 0.75)
 
 
 # -- the WSGI path -------------------------------------------------------------

@@ -28,7 +28,7 @@ def sample_bound(ratio):
 
 def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
              outcome, error, start, duration, request_id=None,
-             global_request_id=None, server=None, timeout=None):
+             global_request_id=None, server=None, timeout=None, pool_wait=None):
     """A JSON-ready hop record (its keys are wire.HOP_FIELDS). ``start`` is
     a wall-clock timestamp."""
     ctx.ensure_ids()
@@ -51,6 +51,7 @@ def make_hop(ctx, *, service, side, protocol, peer, target, operation, kind,
         "global_request_id": global_request_id,
         "server": server,
         "timeout": timeout,
+        "pool_wait": pool_wait,
     }
 
 

@@ -18,6 +18,10 @@ class Metric:
     help: str
     # A histogram's bucket bounds (then +Inf): durations unless it says.
     buckets: tuple = None
+    # How the collector combines a gauge's values from several processes:
+    # "sum" (waiting replies, handlers in flight) or "max" (a peak ratio,
+    # which added up over processes would mean nothing).
+    merge: str = "sum"
 
     def __post_init__(self):
         if self.kind == "histogram" and self.buckets is None:
@@ -89,6 +93,30 @@ RPC_PROCESSING = Metric(
     "commlens_rpc_processing_seconds", "histogram",
     ("service", "target", "method", "outcome"),
     "Time the server spent on an RPC, from dispatch to reply (outcome: ok, error).")
+# Where a call's wait goes, server side (docs/architecture.md, "Where the
+# wait goes"): the time a message waited for a free worker of the RPC
+# server's executor pool (from the listener handing it over to dispatch),
+# and the pool's load. The caller's reply wait minus this and the
+# processing is the time queued in the broker and in transit.
+RPC_POOL_WAIT = Metric(
+    "commlens_rpc_pool_wait_seconds", "histogram",
+    ("service", "target", "method"),
+    "Time an RPC waited for a free worker of the server's executor pool, from the "
+    "listener handing it over to its dispatch.")
+RPC_HANDLERS_IN_FLIGHT = Metric(
+    "commlens_rpc_handlers_in_flight", "gauge",
+    ("service", "target"),
+    "RPCs dispatched to the server's endpoints and not yet replied, summed over processes.")
+RPC_EXECUTOR_POOL_SIZE = Metric(
+    "commlens_rpc_executor_pool_size", "gauge",
+    ("service", "target"),
+    "Size of the RPC server's executor pool (executor_thread_pool_size), summed over "
+    "processes.")
+RPC_POOL_SATURATION_PEAK = Metric(
+    "commlens_rpc_pool_saturation_peak", "gauge",
+    ("service", "target"),
+    "Highest ratio of handlers in flight to pool size in one process during its last "
+    "ship interval (0..1; the maximum over processes).", merge="max")
 RPC_PROCESSING_ERRORS = Metric(
     "commlens_rpc_processing_errors_total", "counter",
     ("service", "caller", "target", "method", "error"),
@@ -177,6 +205,7 @@ SHIPPED = {m.name: m for m in (
     RPC_SENT, RPC_RECEIVED, RPC_WAITING_REPLIES, RPC_REPLY_WAIT,
     RPC_TIMEOUT_BUDGET, RPC_OVER_HALF_TIMEOUT, RPC_CALL_ERRORS,
     RPC_PROCESSING, RPC_PROCESSING_ERRORS,
+    RPC_POOL_WAIT, RPC_HANDLERS_IN_FLIGHT, RPC_EXECUTOR_POOL_SIZE, RPC_POOL_SATURATION_PEAK,
     NOTIFICATIONS_SENT, NOTIFICATIONS_RECEIVED,
     HTTP_REQUESTS, HTTP_DURATION, HTTP_CLIENT_REQUESTS, HTTP_CLIENT_DURATION,
     AGENT_DROPPED, AGENT_SHIP_FAILURES, AGENT_QUEUE_DEPTH,

@@ -76,6 +76,8 @@ class Recorder:
         # under the first are shipped under the second.
         self._renamed = {}
         self._identity_followers = []
+        # Components that say some gauges at snapshot time (add_gauges).
+        self._gauge_sources = []
         self._max_pending_hops = max_pending_hops
         # keeps_hop(trace_id, duration, failed): ship this hop? Failed and
         # slow ones always; others by trace sample (hops.sample_bound), so
@@ -202,6 +204,37 @@ class Recorder:
     # what was recorded under the old name is shipped under the new one from
     # the next snapshot on (_renamed), so the old name never stays a node.
 
+    def add_gauges(self, method):
+        """Call ``method()`` at every snapshot for gauges: [(Metric, labels,
+        value)] (held weakly, as follow_identity's). Gauges of one process
+        with the same labels are combined the way the collector combines
+        processes (``Metric.merge``)."""
+        with self._lock:
+            self._gauge_sources.append(weakref.WeakMethod(method))
+
+    def _source_gauges(self):
+        """{(name, labels): value} from the gauge sources; never raises."""
+        with self._lock:
+            self._gauge_sources = [ref for ref in self._gauge_sources if ref() is not None]
+            sources = [ref() for ref in self._gauge_sources]
+        gauges = {}
+        for source in sources:
+            if source is None:
+                continue
+            try:
+                said = source()
+            except Exception:
+                LOG.debug("commlens: a gauge source failed", exc_info=True)
+                self.dropped("recording_error")
+                continue
+            for metric, labels, value in said:
+                key = (metric.name, tuple(labels))
+                if key in gauges:
+                    value = (max(gauges[key], value) if metric.merge == "max"
+                             else gauges[key] + value)
+                gauges[key] = value
+        return gauges
+
     def follow_identity(self, method):
         """Call ``method(new_name)`` when the process is renamed (held weakly:
         a transport that is gone is not kept alive)."""
@@ -254,6 +287,7 @@ class Recorder:
             self._seq += 1
             seq = self._seq
             renamed = dict(self._renamed)
+        sourced = self._source_gauges()
         if renamed:
             counters, histograms, waiting, hops = _renamed(
                 renamed, counters, histograms, waiting, hops)
@@ -261,6 +295,7 @@ class Recorder:
         gauges = [[metrics.RPC_WAITING_REPLIES.name, list(labels), value]
                   for labels, value in waiting]
         gauges.append([metrics.AGENT_QUEUE_DEPTH.name, [self.service], pending])
+        gauges += [[name, list(labels), value] for (name, labels), value in sourced.items()]
         return {
             "format": wire.SNAPSHOT_FORMAT,
             "process": {

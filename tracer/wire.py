@@ -43,7 +43,7 @@ HOPS_PROCESS_FIELDS = ("id", "service")
 
 HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol", "peer",
               "target", "operation", "kind", "outcome", "error", "start", "duration",
-              "request_id", "global_request_id", "server", "timeout")
+              "request_id", "global_request_id", "server", "timeout", "pool_wait")
 # ``server`` is the RPC server (oslo.messaging's ``Target.server``, a host):
 # on a client hop the one the call was addressed to, on a server hop the one
 # that answered; None over HTTP and for calls to a whole topic. Agents before
@@ -51,8 +51,12 @@ HOP_FIELDS = ("trace_id", "span_id", "parent_id", "service", "side", "protocol",
 # it take the fields they know: so the format stays version 1.
 # ``timeout`` (seconds) is an RPC call's timeout on its client hop (what
 # oslo.messaging gave the driver's send), None elsewhere; read as None from
-# agents before it, the same way. Like ``start`` and ``duration``, a number.
-HOP_NUMBER_FIELDS = ("start", "duration", "timeout")
+# agents before it, the same way.
+# ``pool_wait`` (seconds) is on RPC server hops only: the time the message
+# waited for a free worker of the server's executor pool; None elsewhere
+# and from agents before it (read the same way as ``server``).
+# Both are numbers, like ``start`` and ``duration``.
+HOP_NUMBER_FIELDS = ("start", "duration", "timeout", "pool_wait")
 # A hop's side and protocol.
 CLIENT = "client"
 SERVER = "server"

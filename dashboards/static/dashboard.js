@@ -213,6 +213,7 @@ async function refreshDetails() {
     element("td", { class: "num" }, row.waiting_replies.toFixed(0)),
     changeCell(row.change))));
   renderTimeoutBudget(details.timeout_budget);
+  renderEdgeWaitSplit(chosen.kind === "edge" ? details.wait_split : null);
   sparkline($("spark-waiting"), details.series.map((p) => [p.seconds_ago, p.waiting_replies]));
   sparkline($("spark-errors"), details.series.map((p) => [p.seconds_ago, p.errors_per_second]));
   $("details").hidden = false;
@@ -331,9 +332,75 @@ function renderTrace(trace) {
     const bar = element("div", { class: "bar" });
     bar.style.left = `${(100 * (hop.start - start) / total).toFixed(2)}%`;
     bar.style.width = `${(100 * hop.duration / total).toFixed(2)}%`;
-    return element("div", { class: "hop" + (failed ? " failed" : "") }, label,
-      element("div", { class: "lane" }, bar));
+    return element("div", { class: "hop" + (failed ? " failed" : ""), "data-span": hop.span_id },
+      label, element("div", { class: "lane" }, bar));
   }));
+  renderTraceWaitSplits(trace.wait_splits || []);
+}
+
+// -- where the wait goes ------------------------------------------------------
+// An RPC call's wait = queued and in transit + waiting for a worker + processing
+// (exporters/wait_split.py): slow (processing), starved (pool wait) or backed
+// up (queue and transit) at a glance, in the edge details and the trace.
+
+const SPLIT_PARTS = [["queue_transit", "seg-queue", "queue"], ["pool_wait", "seg-pool", "pool"],
+  ["processing", "seg-processing", "processing"]];
+const SPLIT_VERDICTS = {
+  processing: ["slow", "Slow: processing takes most of the wait."],
+  pool_wait: ["starved", "Starved: calls wait for a free worker of the server's pool."],
+  queue_transit: ["backed_up", "Backed up: calls wait in the broker's queue or on the way."],
+};
+
+// Segments of one split ({part: seconds}) in proportion to ``total`` seconds
+// (or to the parts' sum, when percentiles of parts add up past the wait's).
+function splitSegments(split, total) {
+  total = Math.max(total || 0, SPLIT_PARTS.reduce((sum, [part]) => sum + Math.max(0, split[part] || 0), 0));
+  return SPLIT_PARTS.map(([part, css, name]) => {
+    const segment = element("span", { class: css, title: `${name} ${ms(split[part])}` });
+    segment.style.width = `${(100 * Math.max(0, split[part] || 0) / Math.max(total, 1e-9)).toFixed(2)}%`;
+    return segment;
+  });
+}
+
+function splitFigures(split) {
+  return SPLIT_PARTS.map(([part, , name]) => `${name} ${ms(split[part])}`).join(" · ");
+}
+
+function renderEdgeWaitSplit(split) {
+  $("wait-split").hidden = !split;
+  if (!split) { return; }
+  const verdict = SPLIT_VERDICTS[split.dominant];
+  $("wait-split-verdict").className = verdict ? verdict[0] : "";
+  $("wait-split-verdict").textContent = verdict ? verdict[1] : "No answered call in this window.";
+  $("wait-split-bars").replaceChildren(...["p50", "p99"].filter((name) => split[name].wait != null)
+    .map((name) => {
+      const figures = split[name];
+      const range = figures.queue_transit_range;
+      return element("div", { class: "split-row", "data-percentile": name,
+        title: range ? `queue and transit between ${ms(range[0])} and ` +
+          `${range[1] == null ? "more" : ms(range[1])}` : "" },
+      element("span", { class: "split-name" }, name),
+      element("span", { class: "split-bar" }, ...splitSegments(figures, figures.wait)),
+      element("span", { class: "split-figures" }, `${ms(figures.wait)}: ${splitFigures(figures)}`));
+    }));
+  $("wait-split-pools").textContent = split.pools.map((pool) =>
+    `pool of ${pool.target}: ${number(pool.handlers_in_flight)} of ${number(pool.pool_size)} ` +
+    `workers busy, peak ${percent(pool.saturation_peak)}`).join("; ");
+}
+
+// A traced call's bar shows its parts, and its label says them.
+function renderTraceWaitSplits(splits) {
+  for (const split of splits) {
+    const row = $("trace-hops").querySelector(`.hop[data-span="${CSS.escape(split.span_id)}"]`);
+    if (!row) { continue; }
+    const bar = row.querySelector(".bar");
+    bar.classList.add("split");
+    bar.dataset.dominant = split.dominant || "";
+    bar.replaceChildren(...splitSegments(split, split.wait));
+    const label = row.querySelector(".label");
+    label.append(element("span", { class: "split-note" }, ` [${splitFigures(split)}]`));
+    label.title += ` · ${splitFigures(split)}`;
+  }
 }
 
 // The trace's title names the request its entry served; the other request

@@ -16,6 +16,8 @@ parser.add_argument("--executor", default="threading", choices=("threading", "ev
 parser.add_argument("--notifications", action="store_true")
 parser.add_argument("--otel", action="store_true",
                     help="enable oslo.messaging's own OpenTelemetry tracing")
+parser.add_argument("--pool-size", type=int, default=None,
+                    help="executor_thread_pool_size, as an operator sets it")
 parser.add_argument("--exit-hard", action="store_true",
                     help="leave with os._exit once the server stopped, past atexit, "
                          "as oslo.service's workers do")
@@ -122,6 +124,9 @@ endpoint = Endpoint()
 server = om.get_rpc_server(transport, om.Target(topic=args.topic, server=args.server),
                            [endpoint], executor=args.executor,
                            serializer=om.NoOpSerializer())
+if args.pool_size is not None:
+    # Registered by the server just made, read by its start().
+    cfg.CONF.set_override("executor_thread_pool_size", args.pool_size)
 server.start()
 listener = None
 if args.notifications:
