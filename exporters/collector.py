@@ -130,6 +130,7 @@ class Collector:
                  series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
                  lost_grace=None, lost_messages=True):
         self._clock = clock
+        self.wall_clock = wall_clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
         self.started_at = wall_clock()
@@ -186,8 +187,8 @@ class Collector:
         # and kept for the dashboard's 15 minutes only.
         self.method_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
-        # Edge and method totals every minute, for the baseline of ``change``.
-        self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
+        # Edge and method totals on every minute, for the baseline of ``change``.
+        self.baseline_samples = change.samples(wall_clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
         # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
         self.span_export = None
@@ -558,7 +559,7 @@ class Collector:
             return
         merged = self.merged(rates=True)
         if lost_due:
-            self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
+            self.lost.add_sample(merged[0], self.lost_grace())
         if not (edges_due or methods_due or baseline_due):
             return
         totals, consumers = graph.edge_totals(*merged)
@@ -577,7 +578,7 @@ class Collector:
         merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
-        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        queues = self.broker_queues()
         processes = self.processes()
         result = graph.build(current, baseline, age, consumers, queues, processes,
                              reporting=graph.reporting_services(merged[0], merged[1], processes),
@@ -612,22 +613,45 @@ class Collector:
     def baseline(self, window_seconds):
         """(description, totals at its start, at its end) of the baseline
         window that ``change`` compares with (exporters/change.py)."""
+        return change.find(self.baseline_samples, window_seconds,
+                           self.incident_age(window_seconds), self.wall_clock())
+
+    def incident_age(self, window_seconds):
+        """Seconds since the first chain of an incident under way, or None."""
         groups = self._chain_groups(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS)
-        incident = change.incident_age(groups, window_seconds, self.history.now())
-        return change.find(self.baseline_samples, window_seconds, incident)
+        return change.incident_age(groups, window_seconds, self.history.now())
+
+    def baseline_share(self, start, end):
+        """This collector's edge and method totals at the ends of a baseline
+        window (change.share), for a replica that answers for its fleet."""
+        return change.share(self.baseline_samples, start, end)
 
     def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
         """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
-        of casts, fanouts and notifications nobody received (exporters/lost.py)."""
+        of casts, fanouts and notifications nobody received (exporters/lost.py).
+        A replica answers this for its fleet (exporters/fleet.py), from every
+        replica's ``lost_share``."""
         if not self.lost_messages_counted:
             return {"window_seconds": window_seconds, "grace_seconds": None,
                     "covered_seconds": 0.0, "messages": [],
-                    "unavailable": "this collector is a replica: it sees the senders and "
-                                   "receivers of a topic only in part"}, {}
+                    "unavailable": "this collector is a replica with no peers (--peer): it "
+                                   "sees the senders and receivers of a topic only in part"}, {}
+        return lost.report([self.lost_share(window_seconds)], self.broker_queues(), limit)
+
+    def lost_share(self, window_seconds=None, grace=None):
+        """This collector's own sent and received counts of the lost-message
+        window (lost.LostMessages.share); ``grace``: the fleet's, else its own."""
         counters = self.merged(rates=True)[0]
-        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
-        return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
-                                    window_seconds, queues, limit)
+        return self.lost.share(counters, self.lost_grace() if grace is None else grace,
+                               window_seconds)
+
+    def lost_grace(self):
+        """The lost-message grace period, from the processes reporting here."""
+        return self.lost.grace_for(self.processes())
+
+    def broker_queues(self):
+        """The RPC queues RabbitMQ's management API reported, or None."""
+        return self.queue_watcher.queues() if self.queue_watcher is not None else None
 
     def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge and its last 15 minutes of waiting

@@ -16,7 +16,14 @@ with a deadline, and merges the answers with its own:
   (a request's traces live where their trace ids hash; a trace can be split
   when replicas join or leave), and its chains derived again from them all;
 - silent servers: by topic and server, timeouts added; silent reporters: by
-  host, service, target, method and kind (exporters/reporters.py, merge).
+  host, service, target, method and kind (exporters/reporters.py, merge);
+- lost messages: each replica's sent and received counts of the window, by
+  caller, target, method and kind, added; unreceived is computed once from
+  the sums (exporters/lost.py, report), since a cast's sender and its
+  receivers usually report to different replicas;
+- change against a baseline: each replica's edge and method totals at the
+  baseline window's ends (the same wall-clock minutes on every replica)
+  added; the change is computed once from the sums (exporters/change.py).
 
 A peer that does not answer in time makes the answer partial, and the answer
 says so (``replicas``: which answered, which did not and why); it never
@@ -33,8 +40,10 @@ import urllib.parse
 import urllib.request
 
 from commlens.exporters import chains as chains_mod
+from commlens.exporters import change
 from commlens.exporters import graph as graph_mod
 from commlens.exporters import history
+from commlens.exporters import lost
 from commlens.exporters import reporters
 from commlens.tracer import urls
 
@@ -132,15 +141,45 @@ class Fleet:
         merged["silent_reporters"] = silent["reporters"]
         merged["replicas"] = status
         # Where the fleet's chains start (who consumes a topic as this
-        # replica saw it). Each replica's baseline holds its share only and
-        # is not merged: no change against a baseline here yet.
+        # replica saw it).
         consumers = graph_mod.topic_consumers(self.collector.merged(rates=True)[0])
         graph_mod.mark_origins(merged["nodes"], self.chains(
             window_seconds, PEER_CHAINS_LIMIT)["chains"], consumers)
-        merged["baseline"] = None
-        for edge in merged["edges"]:
-            edge["change"] = None
+        description, start, end = self.baseline(window_seconds)
+        merged["baseline"] = description
+        if description is None:
+            for edge in merged["edges"]:
+                edge["change"] = None
+        else:
+            change.edge_changes(merged["edges"], start[0], end[0], description["seconds"])
         return merged
+
+    def baseline(self, window_seconds):
+        """(description, (edge totals, method totals) at its start, the same
+        at its end) of the fleet's baseline window, or (None, None, None):
+        the window one collector would take (ending before the fleet's
+        incident), every replica's totals at its ends added. Asked again,
+        once, when replicas hold different ends (one younger than the
+        window, a minute one missed sampling): the latest start and the
+        earliest end, which all of them hold."""
+        chains = self.chains(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS,
+                             PEER_CHAINS_LIMIT)["chains"]
+        incident = change.incident_age(chains, window_seconds, self.collector.history.now())
+        now = self.collector.wall_clock()
+        start, end, ends_at = change.window(window_seconds, incident, now)
+        found = None
+        for _ in range(2):
+            answers, _status = self.ask("/api/baseline-totals", start=repr(start), end=repr(end))
+            shares = [self.collector.baseline_share(start, end)]
+            shares += [a for a in answers if isinstance(a, dict)]
+            found, agreed = change.combine(shares)
+            if found is None or agreed:
+                break
+            start, end = found[0], found[1]
+        description = change.describe(found[0], found[1], ends_at, now) if found else None
+        if description is None:
+            return None, None, None
+        return description, found[2], found[3]
 
     def chains(self, since_seconds, limit, absorbed=None):
         mine = self.collector.history.chains(since_seconds, PEER_CHAINS_LIMIT, absorbed)
@@ -175,13 +214,37 @@ class Fleet:
         return {"since_seconds": since_seconds, "servers": rows[:limit],
                 "reporters": silent_reporters[:limit], "replicas": status}
 
+    def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
+        """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
+        of the fleet: every replica's sent and received counts of the window
+        added caller by caller, then unreceived computed once (lost.report),
+        as one collector does. The grace period is the longest any replica
+        needs (the slowest process of the fleet): asked again with it when
+        a peer needs longer than this replica."""
+        window = window_seconds or lost.DEFAULT_WINDOW_SECONDS
+        grace = self.collector.lost_grace()
+        for _ in range(2):
+            answers, status = self.ask("/api/lost-messages", window=f"{window:g}s",
+                                       grace=f"{grace:g}s")
+            shares = [a for a in answers if isinstance(a, dict)]
+            needed = max([grace] + [_num(s.get("grace_needed_seconds")) for s in shares])
+            if needed <= grace:
+                break
+            grace = needed
+        mine = self.collector.lost_share(window, grace)
+        body, series = lost.report([mine] + shares, self.collector.broker_queues(), limit)
+        return dict(body, replicas=status), series
+
     def node_details(self, service, window_seconds=300):
         mine = self.collector.node_details(service, window_seconds, histograms=True)
         answers, status = self.ask("/api/graph/node/" + urllib.parse.quote(service, safe=""),
                                    window=f"{window_seconds:g}s")
         merged = merge_details([mine] + [a for a in answers if a is not None],
                                ("caller", "protocol", "operation"))
-        return dict(merged, node=mine["node"], replicas=status)
+        baseline = self._row_changes(
+            window_seconds, [((row["caller"], service, row["protocol"]), row)
+                             for row in merged["methods"]])
+        return dict(merged, node=mine["node"], baseline=baseline, replicas=status)
 
     def edge_details(self, client, server, protocol, window_seconds=300):
         mine = self.collector.edge_details(client, server, protocol, window_seconds,
@@ -189,7 +252,20 @@ class Fleet:
         answers, status = self.ask("/api/graph/edge", client=client, server=server,
                                    protocol=protocol, window=f"{window_seconds:g}s")
         merged = merge_details([mine] + [a for a in answers if a is not None], ("operation",))
-        return dict(merged, edge=mine["edge"], replicas=status)
+        baseline = self._row_changes(window_seconds, [((client, server, protocol), row)
+                                                      for row in merged["methods"]])
+        return dict(merged, edge=mine["edge"], baseline=baseline, replicas=status)
+
+    def _row_changes(self, window_seconds, rows):
+        """Set ``change`` on merged methods-table rows [(edge, row)] from the
+        fleet's baseline; its description."""
+        description, start, end = self.baseline(window_seconds)
+        for edge, row in rows:
+            if description is None:
+                row["change"] = None
+            else:
+                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
+        return description
 
 
 # The response header naming the replica that answered.

@@ -1,0 +1,206 @@
+"""Lost messages and change against a baseline, for replicas that answer as
+one (exporters/fleet.py): a cast's sender and its receivers report to
+different replicas, so each replica gives its raw counts and totals and the
+replica asked adds them, then computes once, as one collector does. Checked
+here against one collector that sees every process; on real RabbitMQ with
+three replicas in tests/test_replicas_as_one.py.
+"""
+
+import json
+import socket
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from commlens.exporters import change
+from commlens.exporters import collector as collector_mod
+from commlens.exporters import fleet as fleet_mod
+from commlens.exporters import graph
+from commlens.exporters import history as history_mod
+from commlens.exporters import lost
+from commlens.exporters import prometheus
+from commlens.tracer import metrics
+from commlens.tracer import wire
+
+GRACE = 20.0
+EDGE = ["nova-api", "nova-conductor", metrics.MESSAGING_SYSTEM]
+N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1.0e6 + 7.0
+
+    def __call__(self):
+        return self.now
+
+
+def _collector(clock):
+    return collector_mod.Collector(clock=clock, wall_clock=clock, lost_grace=GRACE,
+                                   history=history_mod.History(clock=clock))
+
+
+class Processes:
+    """Processes' cumulative counters, each shipped to the replica its id
+    hashes to and to one collector that sees them all."""
+
+    def __init__(self, clock, single, replicas):
+        self.clock, self.single, self.replicas = clock, single, replicas
+        self.counters, self.histograms, self.seq = {}, {}, {}
+
+    def add(self, process, name, labels, n=1):
+        key = (name, tuple(labels))
+        store = self.counters.setdefault(process, {})
+        store[key] = store.get(key, 0) + n
+
+    def observe(self, process, name, labels, bucket, n=1):
+        store = self.histograms.setdefault(process, {})
+        counts = store.setdefault((name, tuple(labels)), [0] * N_BUCKETS)
+        counts[bucket] += n
+
+    def tick(self, seconds, step=5.0, each=None):
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.clock.now = min(end, self.clock.now + step)
+            if each:
+                each()
+            for n, process in enumerate(sorted(set(self.counters) | set(self.histograms))):
+                self.seq[process] = self.seq.get(process, 0) + 1
+                body = json.dumps({
+                    "format": wire.SNAPSHOT_FORMAT, "seq": self.seq[process], "interval": 1.0,
+                    "process": {"id": process, "service": process.split("#")[0], "pid": 1},
+                    "counters": [[name, list(labels), value] for (name, labels), value
+                                 in self.counters.get(process, {}).items()],
+                    "histograms": [[name, list(labels), counts,
+                                    sum(counts) * metrics.LATENCY_BUCKETS[2], 0.005, 0.005]
+                                   for (name, labels), counts
+                                   in self.histograms.get(process, {}).items()],
+                    "gauges": []})
+                for collector in {self.single, self.replicas[n % len(self.replicas)]}:
+                    assert collector.ingest(body) == "accepted"
+            for collector in {self.single, *self.replicas}:
+                collector.sample_graph()
+
+
+def test_lost_messages_of_replicas_added_then_computed_once_equal_one_collectors():
+    clock = Clock()
+    single, replicas = _collector(clock), [_collector(clock), _collector(clock)]
+    plane = Processes(clock, single, replicas)
+    plane.tick(10)
+    # nova-api's casts reach nova-compute, which reports to the other replica;
+    # casts to the conductor reach nobody.
+    plane.add("nova-api#1", metrics.RPC_SENT.name,
+              ("nova-api", "compute", "terminate_instance", "cast"), 57)
+    plane.add("nova-compute#1", metrics.RPC_RECEIVED.name,
+              ("nova-compute", "nova-api", "compute", "terminate_instance", "cast"), 54)
+    plane.add("nova-api#1", metrics.RPC_SENT.name,
+              ("nova-api", "conductor", "build_instances", "cast"), 7)
+    plane.tick(GRACE + 10)
+
+    one = single.lost_messages(300)
+    shares = [r.lost_share(300) for r in replicas]
+    fleet = lost.report(shares, None, lost.DEFAULT_LIMIT)
+    assert fleet == one
+    assert {(m["target"], m["sent"], m["received"], m["unreceived"])
+            for m in fleet[0]["messages"]} == {("compute", 57, 54, 3), ("conductor", 7, 0, 7)}
+    # Each replica alone would count every terminate_instance as lost.
+    alone = lost.report(shares[:1], None, lost.DEFAULT_LIMIT)[1]
+    assert alone[("compute", "terminate_instance", "cast")] == 57
+
+
+def test_a_share_from_a_peer_that_does_not_fit_is_left_out():
+    good = {"window_seconds": 300.0, "grace_seconds": GRACE, "covered_seconds": 300.0,
+            "counts": [["nova-api", "conductor", "build", "cast", 3, 0]], "servers": []}
+    bad = {"counts": [["nova-api", "conductor", "build", "cast", "3", 0], ["x"], "y",
+                      ["nova-api", "conductor", "build", "cast", -1, 0]],
+           "servers": [[1, 2, 3, 4, 5]], "covered_seconds": 300.0}
+    body, series = lost.report([good, bad])
+    assert series == {("conductor", "build", "cast"): 3.0}
+
+
+def _edge_traffic(plane, process, requests, failed, bucket):
+    plane.add(process, metrics.SERVICE_GRAPH_REQUESTS.name, EDGE, requests)
+    plane.add(process, metrics.SERVICE_GRAPH_FAILED.name, EDGE, failed)
+    plane.observe(process, metrics.SERVICE_GRAPH_SERVER_SECONDS.name, EDGE, bucket, requests)
+    plane.add(process, metrics.RPC_SENT.name, ("nova-api", "conductor", "build", "call"),
+              requests)
+    plane.add(process, metrics.RPC_RECEIVED.name,
+              ("nova-conductor", "nova-api", "conductor", "build", "call"), requests)
+    plane.observe(process, metrics.RPC_REPLY_WAIT.name, ("nova-api", "conductor", "build", "ok"),
+                  bucket, requests - failed)
+
+
+def _figures(pair_start, pair_end, seconds):
+    (key,) = pair_end[0]
+    requests, failed, latency, _ = graph.edge_window(pair_end[0][key], pair_start[0][key], "rpc")
+    return change.figures(requests, failed, latency, seconds)
+
+
+def test_baseline_totals_of_replicas_added_equal_one_collectors():
+    clock = Clock()
+    single, replicas = _collector(clock), [_collector(clock), _collector(clock)]
+    plane = Processes(clock, single, replicas)
+    # Two callers of one edge, each on its own replica; 15 minutes of traffic.
+    plane.tick(900, each=lambda: [_edge_traffic(plane, "nova-api#1", 4, 1, 2),
+                                  _edge_traffic(plane, "nova-api#2", 6, 0, 7)])
+    description, start, end = single.baseline(60)
+    assert description is not None and description["from"] % 60 == 0
+    shares = [r.baseline_share(description["from"], description["to"]) for r in replicas]
+    found, agreed = change.combine(json.loads(json.dumps(shares)))
+    assert agreed and found[:2] == (description["from"], description["to"])
+    seconds = description["seconds"]
+    assert _figures(found[2], found[3], seconds) == _figures(start, end, seconds)
+    assert _figures(start, end, seconds)["requests"] > 0
+    # The methods tables' baselines too.
+    assert {k: {op: (t.requests, t.errors, t.ok_latency.counts) for op, t in rows.items()}
+            for k, rows in found[3][1].items()} == \
+        {k: {op: (t.requests, t.errors, t.ok_latency.counts) for op, t in rows.items()}
+         for k, rows in end[1].items()}
+
+
+def test_a_younger_replica_moves_the_fleets_baseline_start_to_its_first_minute():
+    clock = Clock()
+    old = _collector(clock)
+    plane = Processes(clock, old, [old])
+    plane.tick(600, each=lambda: _edge_traffic(plane, "nova-api#1", 1, 0, 2))
+    young = plane.replicas[0] = _collector(clock)
+    plane.tick(300, each=lambda: _edge_traffic(plane, "nova-api#1", 1, 0, 2))
+    start, end, _ = change.window(60, None, clock.now)
+    found, agreed = change.combine([old.baseline_share(start, end),
+                                    young.baseline_share(start, end)])
+    assert not agreed and found[0] > start
+    # Asked again from the start both hold, they agree.
+    again, agreed = change.combine([old.baseline_share(found[0], found[1]),
+                                    young.baseline_share(found[0], found[1])])
+    assert agreed and again[:2] == found[:2]
+    # A replica with no sample that old: no baseline for the fleet.
+    newborn = _collector(clock)
+    assert change.combine([old.baseline_share(start, end),
+                           newborn.baseline_share(start, end)]) == (None, False)
+
+
+def _closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_replica_exports_no_unreceived_figure_while_a_peer_does_not_answer():
+    clock = Clock()
+    replica = _collector(clock)
+    plane = Processes(clock, replica, [replica])
+    plane.tick(10)
+    plane.add("nova-api#1", metrics.RPC_SENT.name, ("nova-api", "conductor", "build", "cast"), 7)
+    plane.tick(GRACE + 10)
+    fleet = fleet_mod.Fleet(replica, "0", [f"http://127.0.0.1:{_closed_port()}"], timeout=1.0)
+    try:
+        body, series = fleet.lost_messages(300)
+        # The API still answers, and says it is partial ...
+        assert body["replicas"]["partial"] is True
+        assert series == {("conductor", "build", "cast"): 7.0}
+        # ... but /metrics leaves the figure out: the missing replica's
+        # receivers would read as losses, and page.
+        text = prometheus.render(replica, fleet=fleet)[0].decode()
+        assert [s for f in text_string_to_metric_families(text)
+                if f.name == "commlens_rpc_unreceived_messages" for s in f.samples] == []
+    finally:
+        fleet.close()
