@@ -35,6 +35,7 @@ import concurrent.futures
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -55,6 +56,10 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # Peers are asked for this many chain groups, so that the merged top is exact
 # unless there are more shapes than that.
 PEER_CHAINS_LIMIT = 1000
+# How long /metrics keeps the fleet's last complete lost-message figure
+# while a peer does not answer: as long as CommlensCollectorDown waits
+# (dashboards/alerts/commlens.rules.yml) before it pages for that replica.
+HOLD_UNRECEIVED_SECONDS = 120.0
 # The query parameter that asks a replica for its own share only.
 SCOPE, REPLICA_SCOPE = "scope", "replica"
 # Points of a 15-minute series fall on the sampling grid (graph.py's 5 s).
@@ -66,8 +71,12 @@ class Fleet:
     (base URLs). A peer URL that turns out to be this replica (a list of
     every replica, the same on each) is asked no more."""
 
-    def __init__(self, collector, replica, peers, timeout=DEFAULT_TIMEOUT, token=None):
+    def __init__(self, collector, replica, peers, timeout=DEFAULT_TIMEOUT, token=None,
+                 clock=time.monotonic):
         self.collector = collector
+        self._clock = clock
+        # The last complete lost-message figures for /metrics: (when, series).
+        self._complete_unreceived = None
         self.replica = replica
         self.peers = [p.rstrip("/") for p in peers]
         self.timeout = timeout
@@ -234,6 +243,24 @@ class Fleet:
         mine = self.collector.lost_share(window, grace)
         body, series = lost.report([mine] + shares, self.collector.broker_queues(), limit)
         return dict(body, replicas=status), series
+
+    def unreceived_series(self):
+        """{(target, method, kind): unreceived} for /metrics: the fleet's
+        figure (every replica exports the same; the alert takes the max).
+        While a peer does not answer, the last complete figure, for up to
+        ``HOLD_UNRECEIVED_SECONDS`` (a replica restarted by a rollout), then
+        none: counted without a replica, the receipts of the processes that
+        report to it would read as losses and page (docs/architecture.md)."""
+        body, series = self.lost_messages()
+        now = self._clock()
+        with self._lock:
+            if not body["replicas"]["partial"]:
+                self._complete_unreceived = (now, series)
+                return series
+            held = self._complete_unreceived
+        if held is not None and now - held[0] <= HOLD_UNRECEIVED_SECONDS:
+            return held[1]
+        return {}
 
     def node_details(self, service, window_seconds=300):
         mine = self.collector.node_details(service, window_seconds, histograms=True)

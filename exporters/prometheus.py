@@ -177,17 +177,13 @@ class CollectorExposition:
 
 
     def _unreceived(self):
-        """The lost-message gauge. A replica exports its fleet's figure (every
-        replica the same; the alert takes the max, docs/architecture.md),
-        and nothing while a peer does not answer: the receipts of the
-        processes reporting to that peer would read as losses."""
+        """The lost-message gauge; a replica exports its fleet's figure
+        (exporters/fleet.py, unreceived_series)."""
         unreceived = _family(UNRECEIVED_MESSAGES)
         if self._fleet is None:
             series = self._collector.lost_messages()[1]
         else:
-            body, series = self._fleet.lost_messages()
-            if body["replicas"]["partial"]:
-                series = {}
+            series = self._fleet.unreceived_series()
         for labels, value in sorted(series.items()):
             unreceived.add_metric(list(labels), value)
         return unreceived

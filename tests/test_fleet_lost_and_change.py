@@ -184,23 +184,41 @@ def _closed_port():
         return probe.getsockname()[1]
 
 
-def test_a_replica_exports_no_unreceived_figure_while_a_peer_does_not_answer():
+def _unreceived_scrape(replica, fleet):
+    text = prometheus.render(replica, fleet=fleet)[0].decode()
+    return {s.labels["target"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "commlens_rpc_unreceived_messages" for s in f.samples}
+
+
+def test_while_a_peer_does_not_answer_metrics_hold_the_last_complete_figure_then_none():
     clock = Clock()
     replica = _collector(clock)
     plane = Processes(clock, replica, [replica])
     plane.tick(10)
     plane.add("nova-api#1", metrics.RPC_SENT.name, ("nova-api", "conductor", "build", "cast"), 7)
     plane.tick(GRACE + 10)
-    fleet = fleet_mod.Fleet(replica, "0", [f"http://127.0.0.1:{_closed_port()}"], timeout=1.0)
+    missing = f"http://127.0.0.1:{_closed_port()}"
+    fleet = fleet_mod.Fleet(replica, "0", [missing], timeout=1.0, clock=clock)
     try:
         body, series = fleet.lost_messages(300)
-        # The API still answers, and says it is partial ...
+        # The API answers, and says it is partial.
         assert body["replicas"]["partial"] is True
         assert series == {("conductor", "build", "cast"): 7.0}
-        # ... but /metrics leaves the figure out: the missing replica's
-        # receivers would read as losses, and page.
-        text = prometheus.render(replica, fleet=fleet)[0].decode()
-        assert [s for f in text_string_to_metric_families(text)
-                if f.name == "commlens_rpc_unreceived_messages" for s in f.samples] == []
+        # /metrics never had a complete figure: none (the missing replica's
+        # receivers would read as losses, and page).
+        assert _unreceived_scrape(replica, fleet) == {}
+        fleet.peers = []
+        assert _unreceived_scrape(replica, fleet) == {"conductor": 7.0}
+        plane.add("nova-api#1", metrics.RPC_SENT.name,
+                  ("nova-api", "conductor", "build", "cast"), 5)
+        plane.tick(GRACE + 10)
+        # A peer goes missing (a rollout): the last complete figure stands ...
+        fleet.peers = [missing]
+        assert _unreceived_scrape(replica, fleet) == {"conductor": 7.0}
+        # ... for as long as CommlensCollectorDown waits, then none.
+        clock.now += fleet_mod.HOLD_UNRECEIVED_SECONDS - 35
+        assert _unreceived_scrape(replica, fleet) == {"conductor": 7.0}
+        clock.now += 10
+        assert _unreceived_scrape(replica, fleet) == {}
     finally:
         fleet.close()
