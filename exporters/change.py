@@ -261,6 +261,28 @@ def compare(now, then, seconds):
     }
 
 
+def on_edges(edges, baseline):
+    """Set ``change`` on graph edges from a baseline (description, totals at
+    its start, at its end), as ``find`` gives it: null without one."""
+    description, start, end = baseline
+    if description is None:
+        for edge in edges:
+            edge["change"] = None
+    else:
+        edge_changes(edges, start[0], end[0], description["seconds"])
+
+
+def on_rows(rows, baseline):
+    """Set ``change`` on methods-table rows [(edge, row)] from a baseline as
+    ``find`` gives it: null without one."""
+    description, start, end = baseline
+    for edge, row in rows:
+        if description is None:
+            row["change"] = None
+        else:
+            row_changes(edge, [row], start[1], end[1], description["seconds"])
+
+
 def edge_changes(edges, start, end, seconds):
     """Set ``change`` on graph edges from the baseline's edge totals."""
     for edge in edges:

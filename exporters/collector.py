@@ -591,13 +591,9 @@ class Collector:
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         result["silent_reporters"] = self.silent_reporters.top()
         graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
-        description, start, end = self.baseline(window_seconds)
-        result["baseline"] = description
-        if description is None:
-            for edge in result["edges"]:
-                edge["change"] = None
-        else:
-            change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
+        baseline = self.baseline(window_seconds)
+        result["baseline"] = baseline[0]
+        change.on_edges(result["edges"], baseline)
         return result
 
     def _chain_groups(self, since_seconds):
@@ -681,13 +677,9 @@ class Collector:
         rows = [(edge, row) for edge in sorted(current) if wanted(edge)
                 for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
                                              histograms)]
-        description, start, end = self.baseline(window_seconds)
-        for edge, row in rows:
-            if description is None:
-                row["change"] = None
-            else:
-                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
-        return rows, description
+        baseline = self.baseline(window_seconds)
+        change.on_rows(rows, baseline)
+        return rows, baseline[0]
 
     def _series(self, wanted):
         points, previous = [], None

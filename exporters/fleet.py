@@ -154,13 +154,9 @@ class Fleet:
         consumers = graph_mod.topic_consumers(self.collector.merged(rates=True)[0])
         graph_mod.mark_origins(merged["nodes"], self.chains(
             window_seconds, PEER_CHAINS_LIMIT)["chains"], consumers)
-        description, start, end = self.baseline(window_seconds)
-        merged["baseline"] = description
-        if description is None:
-            for edge in merged["edges"]:
-                edge["change"] = None
-        else:
-            change.edge_changes(merged["edges"], start[0], end[0], description["seconds"])
+        baseline = self.baseline(window_seconds)
+        merged["baseline"] = baseline[0]
+        change.on_edges(merged["edges"], baseline)
         return merged
 
     def baseline(self, window_seconds):
@@ -286,13 +282,9 @@ class Fleet:
     def _row_changes(self, window_seconds, rows):
         """Set ``change`` on merged methods-table rows [(edge, row)] from the
         fleet's baseline; its description."""
-        description, start, end = self.baseline(window_seconds)
-        for edge, row in rows:
-            if description is None:
-                row["change"] = None
-            else:
-                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
-        return description
+        baseline = self.baseline(window_seconds)
+        change.on_rows(rows, baseline)
+        return baseline[0]
 
 
 # The response header naming the replica that answered.
