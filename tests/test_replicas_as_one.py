@@ -20,7 +20,9 @@ import uuid
 
 import pytest
 
+from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import shipping
 from support import add_error_traces, collector_ready, free_port, run_collector, ship_recorders
 from support import wait_for
 
