@@ -6,8 +6,10 @@ here against one collector that sees every process; on real RabbitMQ with
 three replicas in tests/test_replicas_as_one.py.
 """
 
+import contextlib
 import json
 import socket
+import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +18,7 @@ from commlens.exporters import collector as collector_mod
 from commlens.exporters import fleet as fleet_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
+from commlens.exporters import http
 from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.tracer import metrics
@@ -34,8 +37,8 @@ class Clock:
         return self.now
 
 
-def _collector(clock):
-    return collector_mod.Collector(clock=clock, wall_clock=clock, lost_grace=GRACE,
+def _collector(clock, grace=GRACE):
+    return collector_mod.Collector(clock=clock, wall_clock=clock, lost_grace=grace,
                                    history=history_mod.History(clock=clock))
 
 
@@ -43,8 +46,9 @@ class Processes:
     """Processes' cumulative counters, each shipped to the replica its id
     hashes to and to one collector that sees them all."""
 
-    def __init__(self, clock, single, replicas):
+    def __init__(self, clock, single, replicas, interval=1.0):
         self.clock, self.single, self.replicas = clock, single, replicas
+        self.interval = interval
         self.counters, self.histograms, self.seq = {}, {}, {}
 
     def add(self, process, name, labels, n=1):
@@ -66,7 +70,8 @@ class Processes:
             for n, process in enumerate(sorted(set(self.counters) | set(self.histograms))):
                 self.seq[process] = self.seq.get(process, 0) + 1
                 body = json.dumps({
-                    "format": wire.SNAPSHOT_FORMAT, "seq": self.seq[process], "interval": 1.0,
+                    "format": wire.SNAPSHOT_FORMAT, "seq": self.seq[process],
+                    "interval": self.interval,
                     "process": {"id": process, "service": process.split("#")[0], "pid": 1},
                     "counters": [[name, list(labels), value] for (name, labels), value
                                  in self.counters.get(process, {}).items()],
@@ -222,3 +227,59 @@ def test_while_a_peer_does_not_answer_metrics_hold_the_last_complete_figure_then
         assert _unreceived_scrape(replica, fleet) == {}
     finally:
         fleet.close()
+
+
+@contextlib.contextmanager
+def _serving(collector, name):
+    """``collector`` as a replica named ``name`` on a loopback port, its
+    own only peer (it answers its share, as a peer does)."""
+    app = http.create_app(collector, fleet=fleet_mod.Fleet(collector, name, []))
+    server = http.make_server("127.0.0.1", 0, app)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def test_the_fleets_grace_period_is_the_longest_any_replica_needs():
+    clock = Clock()
+    # Processes that ship every 10 s report to the peer: it needs 30 s of
+    # grace; this replica's ship every second and need the 15 s minimum.
+    mine, theirs = _collector(clock, grace=None), _collector(clock, grace=None)
+    senders = Processes(clock, mine, [mine])
+    receivers = Processes(clock, theirs, [theirs], interval=10.0)
+    receivers.add("nova-compute#1", metrics.RPC_RECEIVED.name,
+                  ("nova-compute", "nova-api", "compute", "reboot", "cast"), 0)
+    for _ in range(8):
+        senders.tick(5)
+        receivers.tick(5)
+    senders.add("nova-api#1", metrics.RPC_SENT.name, ("nova-api", "compute", "reboot", "cast"), 4)
+    senders.tick(5)
+    # 20 s on, the receipt has not been shipped yet (the receiver ships every
+    # 10 s): past this replica's grace, within the peer's.
+    senders.tick(20)
+    assert (mine.lost_grace(), theirs.lost_grace()) == (15.0, 30.0)
+    key = ("compute", "reboot", "cast")
+    with_my_grace = [mine.lost_share(300, 15.0), theirs.lost_share(300, 15.0)]
+    assert lost.report(with_my_grace)[1] == {key: 4.0}
+    with _serving(theirs, "1") as peer:
+        fleet = fleet_mod.Fleet(mine, "0", [peer], timeout=5.0)
+        try:
+            body, series = fleet.lost_messages(300)
+            assert body["replicas"] == {"answered": ["0", "1"], "missing": [],
+                                        "partial": False}
+            assert body["grace_seconds"] == 30.0
+            # Sent 25 s ago: still in its grace period, not counted yet.
+            assert body["messages"] == [] and series == {}
+            # The receipt arrives: received, never counted as lost.
+            receivers.add("nova-compute#1", metrics.RPC_RECEIVED.name,
+                          ("nova-compute", "nova-api", "compute", "reboot", "cast"), 4)
+            receivers.tick(5)
+            senders.tick(20)
+            body, series = fleet.lost_messages(300)
+            assert body["messages"] == [] and series == {key: 0.0}
+        finally:
+            fleet.close()
