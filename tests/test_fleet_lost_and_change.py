@@ -6,10 +6,7 @@ here against one collector that sees every process; on real RabbitMQ with
 three replicas in tests/test_replicas_as_one.py.
 """
 
-import contextlib
 import json
-import socket
-import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +20,7 @@ from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.tracer import metrics
 from commlens.tracer import wire
+from support import free_port, serve_wsgi
 
 GRACE = 20.0
 EDGE = ["nova-api", "nova-conductor", metrics.MESSAGING_SYSTEM]
@@ -183,12 +181,6 @@ def test_a_younger_replica_moves_the_fleets_baseline_start_to_its_first_minute()
                            newborn.baseline_share(start, end)]) == (None, False)
 
 
-def _closed_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _unreceived_scrape(replica, fleet):
     text = prometheus.render(replica, fleet=fleet)[0].decode()
     return {s.labels["target"]: s.value for f in text_string_to_metric_families(text)
@@ -202,7 +194,7 @@ def test_while_a_peer_does_not_answer_metrics_hold_the_last_complete_figure_then
     plane.tick(10)
     plane.add("nova-api#1", metrics.RPC_SENT.name, ("nova-api", "conductor", "build", "cast"), 7)
     plane.tick(GRACE + 10)
-    missing = f"http://127.0.0.1:{_closed_port()}"
+    missing = f"http://127.0.0.1:{free_port()}"
     fleet = fleet_mod.Fleet(replica, "0", [missing], timeout=1.0, clock=clock)
     try:
         body, series = fleet.lost_messages(300)
@@ -229,19 +221,10 @@ def test_while_a_peer_does_not_answer_metrics_hold_the_last_complete_figure_then
         fleet.close()
 
 
-@contextlib.contextmanager
 def _serving(collector, name):
     """``collector`` as a replica named ``name`` on a loopback port, its
     own only peer (it answers its share, as a peer does)."""
-    app = http.create_app(collector, fleet=fleet_mod.Fleet(collector, name, []))
-    server = http.make_server("127.0.0.1", 0, app)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
+    return serve_wsgi(http.create_app(collector, fleet=fleet_mod.Fleet(collector, name, [])))
 
 
 def test_the_fleets_grace_period_is_the_longest_any_replica_needs():
