@@ -133,6 +133,7 @@ class Collector:
                  series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
                  lost_grace=None, lost_messages=True, journal=None):
         self._clock = clock
+        self.wall_clock = wall_clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
         self.started_at = wall_clock()
@@ -190,12 +191,12 @@ class Collector:
         self.method_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
         # How close calls run to their timeout, per edge (exporters/timeout_budget.py).
-        self.budget_samples = graph.GraphSamples()
+        self.budget_samples = graph.GraphSamples(clock=clock)
         # Where RPC edges' waits go (exporters/wait_split.py), sampled with them.
-        self.split_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+        self.split_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                 max_window=SERIES_SECONDS)
-        # Edge and method totals every minute, for the baseline of ``change``.
-        self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
+        # Edge and method totals on every minute, for the baseline of ``change``.
+        self.baseline_samples = change.samples(wall_clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
         # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
         self.span_export = None
@@ -681,7 +682,7 @@ class Collector:
             return
         merged = self.merged(rates=True)
         if lost_due:
-            self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
+            self.lost.add_sample(merged[0], self.lost_grace())
         if not (edges_due or methods_due or baseline_due or split_due):
             return
         totals, consumers = graph.edge_totals(*merged)
@@ -703,7 +704,7 @@ class Collector:
         merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
-        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        queues = self.broker_queues()
         processes = self.processes()
         result = graph.build(current, baseline, age, consumers, queues, processes,
                              reporting=graph.reporting_services(merged[0], merged[1], processes),
@@ -721,13 +722,9 @@ class Collector:
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         result["silent_reporters"] = self.silent_reporters.top()
         graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
-        description, start, end = self.baseline(window_seconds)
-        result["baseline"] = description
-        if description is None:
-            for edge in result["edges"]:
-                edge["change"] = None
-        else:
-            change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
+        baseline = self.baseline(window_seconds)
+        result["baseline"] = baseline[0]
+        change.on_edges(result["edges"], baseline)
         return result
 
     def _add_wait_split(self, edges, merged, consumers, window_seconds, histograms=False):
@@ -752,22 +749,45 @@ class Collector:
     def baseline(self, window_seconds):
         """(description, totals at its start, at its end) of the baseline
         window that ``change`` compares with (exporters/change.py)."""
+        return change.find(self.baseline_samples, window_seconds,
+                           self.incident_age(window_seconds), self.wall_clock())
+
+    def incident_age(self, window_seconds):
+        """Seconds since the first chain of an incident under way, or None."""
         groups = self._chain_groups(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS)
-        incident = change.incident_age(groups, window_seconds, self.history.now())
-        return change.find(self.baseline_samples, window_seconds, incident)
+        return change.incident_age(groups, window_seconds, self.history.now())
+
+    def baseline_share(self, start, end):
+        """This collector's edge and method totals at the ends of a baseline
+        window (change.share), for a replica that answers for its fleet."""
+        return change.share(self.baseline_samples, start, end)
 
     def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
         """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
-        of casts, fanouts and notifications nobody received (exporters/lost.py)."""
+        of casts, fanouts and notifications nobody received (exporters/lost.py).
+        A replica answers this for its fleet (exporters/fleet.py), from every
+        replica's ``lost_share``."""
         if not self.lost_messages_counted:
             return {"window_seconds": window_seconds, "grace_seconds": None,
                     "covered_seconds": 0.0, "messages": [],
-                    "unavailable": "this collector is a replica: it sees the senders and "
-                                   "receivers of a topic only in part"}, {}
+                    "unavailable": "this collector is a replica with no peers (--peer): it "
+                                   "sees the senders and receivers of a topic only in part"}, {}
+        return lost.report([self.lost_share(window_seconds)], self.broker_queues(), limit)
+
+    def lost_share(self, window_seconds=None, grace=None):
+        """This collector's own sent and received counts of the lost-message
+        window (lost.LostMessages.share); ``grace``: the fleet's, else its own."""
         counters = self.merged(rates=True)[0]
-        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
-        return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
-                                    window_seconds, queues, limit)
+        return self.lost.share(counters, self.lost_grace() if grace is None else grace,
+                               window_seconds)
+
+    def lost_grace(self):
+        """The lost-message grace period, from the processes reporting here."""
+        return self.lost.grace_for(self.processes())
+
+    def broker_queues(self):
+        """The RPC queues RabbitMQ's management API reported, or None."""
+        return self.queue_watcher.queues() if self.queue_watcher is not None else None
 
     def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge, its last 15 minutes of waiting
@@ -818,13 +838,9 @@ class Collector:
         rows = [(edge, row) for edge in sorted(current) if wanted(edge)
                 for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
                                              histograms)]
-        description, start, end = self.baseline(window_seconds)
-        for edge, row in rows:
-            if description is None:
-                row["change"] = None
-            else:
-                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
-        return rows, description
+        baseline = self.baseline(window_seconds)
+        change.on_rows(rows, baseline)
+        return rows, baseline[0]
 
     def _series(self, wanted):
         points, previous = [], None

@@ -17,7 +17,14 @@ with a deadline, and merges the answers with its own:
   (a request's traces live where their trace ids hash; a trace can be split
   when replicas join or leave), and its chains derived again from them all;
 - silent servers: by topic and server, timeouts added; silent reporters: by
-  host, service, target, method and kind (exporters/reporters.py, merge).
+  host, service, target, method and kind (exporters/reporters.py, merge);
+- lost messages: each replica's sent and received counts of the window, by
+  caller, target, method and kind, added; unreceived is computed once from
+  the sums (exporters/lost.py, report), since a cast's sender and its
+  receivers usually report to different replicas;
+- change against a baseline: each replica's edge and method totals at the
+  baseline window's ends (the same wall-clock minutes on every replica)
+  added; the change is computed once from the sums (exporters/change.py).
 
 A peer that does not answer in time makes the answer partial, and the answer
 says so (``replicas``: which answered, which did not and why); it never
@@ -30,13 +37,16 @@ import concurrent.futures
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 from commlens.exporters import chains as chains_mod
+from commlens.exporters import change
 from commlens.exporters import graph as graph_mod
 from commlens.exporters import history
+from commlens.exporters import lost
 from commlens.exporters import reporters
 from commlens.exporters import timeout_budget
 from commlens.exporters import wait_split
@@ -50,6 +60,10 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # Peers are asked for this many chain groups, so that the merged top is exact
 # unless there are more shapes than that.
 PEER_CHAINS_LIMIT = 1000
+# How long /metrics keeps the fleet's last complete lost-message figure
+# while a peer does not answer: as long as CommlensCollectorDown waits
+# (dashboards/alerts/commlens.rules.yml) before it pages for that replica.
+HOLD_UNRECEIVED_SECONDS = 120.0
 # The query parameter that asks a replica for its own share only.
 SCOPE, REPLICA_SCOPE = "scope", "replica"
 # Points of a 15-minute series fall on the sampling grid (graph.py's 5 s).
@@ -61,8 +75,12 @@ class Fleet:
     (base URLs). A peer URL that turns out to be this replica (a list of
     every replica, the same on each) is asked no more."""
 
-    def __init__(self, collector, replica, peers, timeout=DEFAULT_TIMEOUT, token=None):
+    def __init__(self, collector, replica, peers, timeout=DEFAULT_TIMEOUT, token=None,
+                 clock=time.monotonic):
         self.collector = collector
+        self._clock = clock
+        # The last complete lost-message figures for /metrics: (when, series).
+        self._complete_unreceived = None
         self.replica = replica
         self.peers = [p.rstrip("/") for p in peers]
         self.timeout = timeout
@@ -136,15 +154,41 @@ class Fleet:
         merged["silent_reporters"] = silent["reporters"]
         merged["replicas"] = status
         # Where the fleet's chains start (who consumes a topic as this
-        # replica saw it). Each replica's baseline holds its share only and
-        # is not merged: no change against a baseline here yet.
+        # replica saw it).
         consumers = graph_mod.topic_consumers(self.collector.merged(rates=True)[0])
         graph_mod.mark_origins(merged["nodes"], self.chains(
             window_seconds, PEER_CHAINS_LIMIT)["chains"], consumers)
-        merged["baseline"] = None
-        for edge in merged["edges"]:
-            edge["change"] = None
+        baseline = self.baseline(window_seconds)
+        merged["baseline"] = baseline[0]
+        change.on_edges(merged["edges"], baseline)
         return merged
+
+    def baseline(self, window_seconds):
+        """(description, (edge totals, method totals) at its start, the same
+        at its end) of the fleet's baseline window, or (None, None, None):
+        the window one collector would take (ending before the fleet's
+        incident), every replica's totals at its ends added. Asked again,
+        once, when replicas hold different ends (one younger than the
+        window, a minute one missed sampling): the latest start and the
+        earliest end, which all of them hold."""
+        chains = self.chains(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS,
+                             PEER_CHAINS_LIMIT)["chains"]
+        incident = change.incident_age(chains, window_seconds, self.collector.history.now())
+        now = self.collector.wall_clock()
+        start, end, ends_at = change.window(window_seconds, incident, now)
+        found = None
+        for _ in range(2):
+            answers, _status = self.ask("/api/baseline-totals", start=repr(start), end=repr(end))
+            shares = [self.collector.baseline_share(start, end)]
+            shares += [a for a in answers if isinstance(a, dict)]
+            found, agreed = change.combine(shares)
+            if found is None or agreed:
+                break
+            start, end = found[0], found[1]
+        description = change.describe(found[0], found[1], ends_at, now) if found else None
+        if description is None:
+            return None, None, None
+        return description, found[2], found[3]
 
     def chains(self, since_seconds, limit, absorbed=None):
         mine = self.collector.history.chains(since_seconds, PEER_CHAINS_LIMIT, absorbed)
@@ -179,13 +223,55 @@ class Fleet:
         return {"since_seconds": since_seconds, "servers": rows[:limit],
                 "reporters": silent_reporters[:limit], "replicas": status}
 
+    def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
+        """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
+        of the fleet: every replica's sent and received counts of the window
+        added caller by caller, then unreceived computed once (lost.report),
+        as one collector does. The grace period is the longest any replica
+        needs (the slowest process of the fleet): asked again with it when
+        a peer needs longer than this replica."""
+        window = window_seconds or lost.DEFAULT_WINDOW_SECONDS
+        grace = self.collector.lost_grace()
+        for _ in range(2):
+            answers, status = self.ask("/api/lost-messages", window=f"{window:g}s",
+                                       grace=f"{grace:g}s")
+            shares = [a for a in answers if isinstance(a, dict)]
+            needed = max([grace] + [_num(s.get("grace_needed_seconds")) for s in shares])
+            if needed <= grace:
+                break
+            grace = needed
+        mine = self.collector.lost_share(window, grace)
+        body, series = lost.report([mine] + shares, self.collector.broker_queues(), limit)
+        return dict(body, replicas=status), series
+
+    def unreceived_series(self):
+        """{(target, method, kind): unreceived} for /metrics: the fleet's
+        figure (every replica exports the same; the alert takes the max).
+        While a peer does not answer, the last complete figure, for up to
+        ``HOLD_UNRECEIVED_SECONDS`` (a replica restarted by a rollout), then
+        none: counted without a replica, the receipts of the processes that
+        report to it would read as losses and page (docs/architecture.md)."""
+        body, series = self.lost_messages()
+        now = self._clock()
+        with self._lock:
+            if not body["replicas"]["partial"]:
+                self._complete_unreceived = (now, series)
+                return series
+            held = self._complete_unreceived
+        if held is not None and now - held[0] <= HOLD_UNRECEIVED_SECONDS:
+            return held[1]
+        return {}
+
     def node_details(self, service, window_seconds=300):
         mine = self.collector.node_details(service, window_seconds, histograms=True)
         answers, status = self.ask("/api/graph/node/" + urllib.parse.quote(service, safe=""),
                                    window=f"{window_seconds:g}s")
         merged = merge_details([mine] + [a for a in answers if a is not None],
                                ("caller", "protocol", "operation"))
-        return dict(merged, node=mine["node"], replicas=status)
+        baseline = self._row_changes(
+            window_seconds, [((row["caller"], service, row["protocol"]), row)
+                             for row in merged["methods"]])
+        return dict(merged, node=mine["node"], baseline=baseline, replicas=status)
 
     def edge_details(self, client, server, protocol, window_seconds=300):
         mine = self.collector.edge_details(client, server, protocol, window_seconds,
@@ -196,9 +282,18 @@ class Fleet:
         merged = merge_details(answered, ("operation",))
         if protocol == graph_mod.RPC:
             merged["wait_split"] = wait_split.merge(answered)
-        return dict(merged, edge=mine["edge"], replicas=status,
+        baseline = self._row_changes(window_seconds, [((client, server, protocol), row)
+                                                      for row in merged["methods"]])
+        return dict(merged, edge=mine["edge"], baseline=baseline, replicas=status,
                     timeout_budget=timeout_budget.merge(
                         [a.get("timeout_budget") for a in answered]))
+
+    def _row_changes(self, window_seconds, rows):
+        """Set ``change`` on merged methods-table rows [(edge, row)] from the
+        fleet's baseline; its description."""
+        baseline = self.baseline(window_seconds)
+        change.on_rows(rows, baseline)
+        return baseline[0]
 
 
 # The response header naming the replica that answered.

@@ -1,6 +1,7 @@
 """The collector's HTTP face: /metrics, health probes, the JSON API and the
 web dashboard (commlens.dashboards.web)."""
 
+import math
 import re
 import socket
 import urllib.parse
@@ -68,7 +69,7 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
     @app.get("/metrics")
     def metrics():
         body, content_type = prometheus.render(collector, intake,
-                                               flask.request.headers.get("Accept"))
+                                               flask.request.headers.get("Accept"), fleet)
         return flask.Response(body, content_type=content_type)
 
     @app.get("/healthz")
@@ -126,7 +127,20 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
         if window > lost.MAX_WINDOW_SECONDS:
             raise BadArgument(f"window: at most {lost.MAX_WINDOW_SECONDS:g}s")
         limit = _limit_arg("limit", lost.DEFAULT_LIMIT, lost.MAX_LIMIT)
+        if asked_fleet():
+            return fleet.lost_messages(window, limit)[0]
+        if own_share():
+            # A peer asks for this replica's counts, with the fleet's grace.
+            grace = _duration_arg("grace", collector.lost_grace())
+            return dict(collector.lost_share(window, grace),
+                        grace_needed_seconds=collector.lost_grace())
         return collector.lost_messages(window, limit)[0]
+
+    @app.get("/api/baseline-totals")
+    def baseline_totals():
+        # What a replica answering for its fleet asks of its peers: this
+        # collector's edge and method totals at a baseline window's ends.
+        return collector.baseline_share(_time_arg("start"), _time_arg("end"))
 
     @app.get("/api/traces/<trace_or_request_id>")
     def trace(trace_or_request_id):
@@ -231,6 +245,18 @@ def _limit_arg(name, default, cap):
     if not _INTEGER.fullmatch(value) or int(value) < 1:
         raise BadArgument(f"{name}: expected a whole number from 1 to {cap}, got {value[:40]!r}")
     return min(int(value), cap)
+
+
+def _time_arg(name):
+    """A required wall-clock time, in seconds since the epoch."""
+    value = flask.request.args.get(name)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise BadArgument(f"{name}: expected seconds since the epoch") from None
+    if not math.isfinite(seconds):
+        raise BadArgument(f"{name}: expected seconds since the epoch")
+    return seconds
 
 
 def _duration_arg(name, default):

@@ -164,14 +164,17 @@ class LostMessages:
 
     # -- the view --------------------------------------------------------
 
-    def unreceived(self, counters, grace, window=None, queues=None, limit=DEFAULT_LIMIT):
-        """What was sent over ``window`` (ending ``grace`` ago) and not received.
+    def share(self, counters, grace, window=None):
+        """This collector's counts over the window: what each caller sent over
+        ``window`` ending ``grace`` ago and what was received of it since the
+        window's start, by (caller, target, method, kind), and the sampled
+        casts to named servers of the window. Counts add up across replicas
+        (each holds its share of the processes and of the traces): a fleet
+        adds its replicas' shares and computes ``unreceived`` once (``report``).
 
-        ``counters``: merged counters now (rates=True). Returns the JSON of
-        ``/api/lost-messages``: ``messages`` (by target, method and kind,
-        most unreceived first, those with any unreceived only, at most
-        ``limit``), and ``series`` {(target, method, kind): unreceived} of
-        everything sent in the window, for /metrics.
+        ``counters``: merged counters now (rates=True). JSON: ``counts``
+        [[caller, target, method, kind, sent, received]], ``servers``
+        [[target, method, server, sampled, not received]].
         """
         window = self.window if window is None else min(window, MAX_WINDOW_SECONDS)
         now = self._clock()
@@ -181,61 +184,109 @@ class LostMessages:
         end = bisect.bisect_right(times, now - grace) - 1
         start = max(0, bisect.bisect_right(times, now - grace - window) - 1)
         covered = max(0.0, times[end] - times[start]) if end >= 0 else 0.0
-        rows, series = {}, {}
+        counts = []
         if end >= 0:
             before, until = samples[start], samples[end]
-            for key, (sent_then, _received) in until.items():
-                caller, target, method, kind = key
+            # Keys only received here count too: their senders may report
+            # to another replica.
+            for key in set(until) | set(current):
                 was_sent, was_received = before.get(key, (0.0, 0.0))
-                sent = max(0.0, sent_then - was_sent)
-                if sent <= 0:
-                    continue
+                sent = max(0.0, until.get(key, (0.0, 0.0))[0] - was_sent)
                 received = max(0.0, current.get(key, (0.0, 0.0))[1] - was_received)
-                missing = max(0.0, sent - received)
-                row = rows.get((target, method, kind))
-                if row is None:
-                    row = rows[(target, method, kind)] = {
-                        "target": target, "method": method, "kind": kind, "sent": 0.0,
-                        "received": 0.0, "unreceived": 0.0, "callers": []}
-                row["sent"] += sent
-                row["received"] += received
-                row["unreceived"] += missing
-                if missing > 0:
-                    row["callers"].append(caller)
-        for key, row in rows.items():
-            series[key] = row["unreceived"]
-        flagged = sorted((r for r in rows.values() if r["unreceived"] > 0),
-                         key=lambda r: (-r["unreceived"], r["target"], r["method"], r["kind"]))
-        flagged = flagged[:limit]
-        servers = self._servers(self._wall_clock() - grace - window, self._wall_clock() - grace)
-        for row in flagged:
-            for field in ("sent", "received", "unreceived"):
-                row[field] = round(row[field])
-            row["callers"] = sorted(row["callers"])[:_MAX_NAMES]
-            row["servers"] = servers.get((row["target"], row["method"]), [])
-            row["queues"] = _idle_queues(queues, row["target"]) if queues else {}
+                if sent > 0 or received > 0:
+                    counts.append([*key, sent, received])
+        wall = self._wall_clock()
+        servers = [[target, method, server, sampled, missing] for (target, method, server),
+                   (sampled, missing) in self._servers(wall - grace - window, wall - grace).items()]
         return {"window_seconds": window, "grace_seconds": grace,
-                "covered_seconds": round(covered, 1), "messages": flagged}, series
+                "covered_seconds": round(covered, 1), "counts": counts, "servers": servers}
+
+    def unreceived(self, counters, grace, window=None, queues=None, limit=DEFAULT_LIMIT):
+        """``report`` of this collector's own ``share``: what was sent over
+        ``window`` (ending ``grace`` ago) and not received."""
+        return report([self.share(counters, grace, window)], queues, limit)
 
     def _servers(self, since, until):
-        """{(target, method): [{server, sampled, unreceived}]} of the sampled
-        casts sent between ``since`` and ``until`` (wall clock) that no server
-        received, most first."""
-        found = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))
+        """{(target, method, server): [sampled, not received]} of the sampled
+        casts sent between ``since`` and ``until`` (wall clock)."""
+        found = collections.defaultdict(lambda: [0, 0])
         with self._lock:
             for cast in self._casts.values():
                 if since <= cast.at <= until:
-                    counts = found[(cast.target, cast.method)][cast.server]
+                    counts = found[(cast.target, cast.method, cast.server)]
                     counts[0] += 1
                     counts[1] += 0 if cast.received else 1
-        result = {}
-        for key, by_server in found.items():
-            rows = [{"server": server, "sampled": sampled, "unreceived": missing}
-                    for server, (sampled, missing) in by_server.items() if missing]
-            rows.sort(key=lambda r: (-r["unreceived"], r["server"]))
-            if rows:
-                result[key] = rows[:_MAX_NAMES]
-        return result
+        return dict(found)
+
+
+def report(shares, queues=None, limit=DEFAULT_LIMIT):
+    """The JSON of ``/api/lost-messages`` from the ``share`` of one collector,
+    or of every replica of a fleet (their counts added first, caller by
+    caller, so a cast sent on one replica and received on another is
+    received), and {(target, method, kind): unreceived} of everything sent
+    in the window, for /metrics.
+
+    ``messages``: by target, method and kind, those with any unreceived
+    only, most unreceived first, at most ``limit``. The window and grace are
+    the first share's; ``covered_seconds`` the least any share covers.
+    """
+    counts = collections.defaultdict(lambda: [0.0, 0.0])
+    servers = collections.defaultdict(lambda: [0, 0])
+    for share in shares:
+        for caller, target, method, kind, sent, received in _rows(share, "counts", 4):
+            both = counts[(caller, target, method, kind)]
+            both[0] += sent
+            both[1] += received
+        for target, method, server, sampled, missing in _rows(share, "servers", 3):
+            both = servers[(target, method, server)]
+            both[0] += sampled
+            both[1] += missing
+    rows = {}
+    for (caller, target, method, kind), (sent, received) in counts.items():
+        if sent <= 0:
+            continue
+        missing = max(0.0, sent - received)
+        row = rows.get((target, method, kind))
+        if row is None:
+            row = rows[(target, method, kind)] = {
+                "target": target, "method": method, "kind": kind, "sent": 0.0,
+                "received": 0.0, "unreceived": 0.0, "callers": []}
+        row["sent"] += sent
+        row["received"] += received
+        row["unreceived"] += missing
+        if missing > 0:
+            row["callers"].append(caller)
+    series = {key: row["unreceived"] for key, row in rows.items()}
+    flagged = sorted((r for r in rows.values() if r["unreceived"] > 0),
+                     key=lambda r: (-r["unreceived"], r["target"], r["method"], r["kind"]))
+    flagged = flagged[:limit]
+    by_topic = collections.defaultdict(list)
+    for (target, method, server), (sampled, missing) in servers.items():
+        if missing:
+            by_topic[(target, method)].append(
+                {"server": server, "sampled": sampled, "unreceived": missing})
+    for row in flagged:
+        for field in ("sent", "received", "unreceived"):
+            row[field] = round(row[field])
+        row["callers"] = sorted(row["callers"])[:_MAX_NAMES]
+        named = by_topic.get((row["target"], row["method"]), [])
+        row["servers"] = sorted(named, key=lambda r: (-r["unreceived"], r["server"]))[:_MAX_NAMES]
+        row["queues"] = _idle_queues(queues, row["target"]) if queues else {}
+    first = shares[0] if shares else {}
+    return {"window_seconds": first.get("window_seconds"),
+            "grace_seconds": first.get("grace_seconds"),
+            "covered_seconds": min((s.get("covered_seconds", 0.0) for s in shares), default=0.0),
+            "messages": flagged}, series
+
+
+def _rows(share, field, names):
+    """The rows of a share's ``field`` that are ``names`` strings (or None)
+    then two counts; a peer's row that does not fit is left out."""
+    for row in share.get(field) or ():
+        if (isinstance(row, list) and len(row) == names + 2
+                and all(isinstance(v, (str, type(None))) for v in row[:names])
+                and all(isinstance(v, (int, float)) and v >= 0 for v in row[names:])):
+            yield row
 
 
 def _idle_queues(queues, topic):

@@ -89,10 +89,11 @@ COLLECTOR_INTAKE_UP = metrics.Metric(
 class CollectorExposition:
     """A prometheus_client collector reading a commlens Collector."""
 
-    def __init__(self, collector, intake=None, exemplars=False):
+    def __init__(self, collector, intake=None, exemplars=False, fleet=None):
         self._collector = collector
         self._intake = intake
         self._exemplars = exemplars
+        self._fleet = fleet
 
     def collect(self):
         collector = self._collector
@@ -170,10 +171,7 @@ class CollectorExposition:
         history_errors = _family(COLLECTOR_HISTORY_ERRORS)
         history_errors.add_metric([], collector.history_errors)
         yield history_errors
-        unreceived = _family(UNRECEIVED_MESSAGES)
-        for labels, value in sorted(collector.lost_messages()[1].items()):
-            unreceived.add_metric(list(labels), value)
-        yield unreceived
+        yield self._unreceived()
         if collector.queue_watcher is not None:
             yield from _broker_families(collector.queue_watcher, topics)
         if collector.span_export is not None:
@@ -183,6 +181,19 @@ class CollectorExposition:
             up.add_metric([], 1 if self._intake.connected else 0)
             yield up
             yield _lost_family(self._intake)
+
+
+    def _unreceived(self):
+        """The lost-message gauge; a replica exports its fleet's figure
+        (exporters/fleet.py, unreceived_series)."""
+        unreceived = _family(UNRECEIVED_MESSAGES)
+        if self._fleet is None:
+            series = self._collector.lost_messages()[1]
+        else:
+            series = self._fleet.unreceived_series()
+        for labels, value in sorted(series.items()):
+            unreceived.add_metric(list(labels), value)
+        return unreceived
 
 
 # The intake's (exporters/intake.py): what the broker dropped from the
@@ -240,7 +251,7 @@ def _family(metric):
     return core.HistogramMetricFamily(name, metric.help, labels=metric.labels)
 
 
-def render(collector, intake=None, accept=None):
+def render(collector, intake=None, accept=None, fleet=None):
     """(body bytes, content type): the Prometheus text format, or OpenMetrics
     with trace-id exemplars on the latency histograms when ``accept`` (the
     request's Accept header) asks for it, as Prometheus does with exemplar
@@ -249,5 +260,6 @@ def render(collector, intake=None, accept=None):
     # Newer prometheus_client hands a functools.partial of it.
     with_exemplars = getattr(generate, "func", generate) is openmetrics.generate_latest
     registry = prom_registry.CollectorRegistry(auto_describe=False)
-    registry.register(CollectorExposition(collector, intake, exemplars=with_exemplars))
+    registry.register(CollectorExposition(collector, intake, exemplars=with_exemplars,
+                                          fleet=fleet))
     return generate(registry), content_type

@@ -244,13 +244,14 @@ def test_sampled_casts_name_the_server_that_did_not_receive_them():
                     parent_id="2" * 16, side="server", service="nova-compute")
     messages.add_trace([_cast_hop("1" * 16, "compute-1"), _cast_hop("2" * 16, "compute-2"),
                         received, _cast_hop("3" * 16, "compute-1")])
-    assert messages._servers(4000.0, 5020.0) == {("compute", "terminate_instance"): [
-        {"server": "compute-1", "sampled": 2, "unreceived": 2}]}
+    assert messages._servers(4000.0, 5020.0) == {
+        ("compute", "terminate_instance", "compute-1"): [2, 2],
+        ("compute", "terminate_instance", "compute-2"): [1, 0]}
     # A receipt that arrives late (the trace reopened) takes it back.
     late = dict(received, span_id="8" * 16, parent_id="1" * 16, server="compute-1")
     messages.add_trace([_cast_hop("1" * 16, "compute-1"), late])
-    assert messages._servers(4000.0, 5020.0)[("compute", "terminate_instance")] == [
-        {"server": "compute-1", "sampled": 2, "unreceived": 1}]
+    assert messages._servers(4000.0, 5020.0)[
+        ("compute", "terminate_instance", "compute-1")] == [2, 1]
 
 
 def test_idle_queues_of_the_topic_name_the_server():

@@ -20,7 +20,9 @@ import uuid
 
 import pytest
 
+from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
+from commlens.tracer import shipping
 from support import add_error_traces, collector_ready, free_port, run_collector, ship_recorders
 from support import wait_for
 
@@ -207,3 +209,126 @@ def test_three_replicas_answer_as_one_and_a_killed_one_loses_nothing(rabbitmq, t
         wait_for(lambda: _sent_total(replicas) == ships * PROCESSES, timeout=30,
                  message="every process's totals after the restart")
         assert sum(r.metrics().value("commlens_collector_lost_total") for r in replicas) == 0
+
+
+# -- lost messages and change against a baseline, for the fleet ----------------
+
+# Casts every process sends to the next one, which receives them (often on
+# another replica), and casts to a topic nobody reads.
+READ, UNREAD, UNREAD_CASTS = "fleet-read", "fleet-unread", 7
+
+
+def _send_traffic(recorders):
+    for i, recorder in enumerate(recorders):
+        receiver = recorders[(i + 1) % len(recorders)]
+        recorder.inc(metrics.RPC_SENT, (recorder.service, READ, "sync", "cast"), 2)
+        receiver.inc(metrics.RPC_RECEIVED, (receiver.service, recorder.service, READ, "sync",
+                                            "cast"), 2)
+        recorder.inc(metrics.SERVICE_GRAPH_REQUESTS, (recorder.service, receiver.service,
+                                                      metrics.MESSAGING_SYSTEM), 2)
+
+
+def _baseline_seen(graph):
+    """What of /api/graph must be the same from each replica: the baseline
+    window and each edge's baseline figures (the current ones move)."""
+    if graph["baseline"] is None:
+        return None
+    return {"baseline": {k: graph["baseline"][k] for k in ("from", "to", "seconds", "ends_at")},
+            "edges": {f"{e['client']}>{e['server']}": {
+                "rate": e["change"]["rate"]["baseline"],
+                "error_ratio": e["change"]["error_ratio"]["baseline"],
+                "p99_seconds": e["change"]["p99_seconds"]["baseline"],
+                "requests": e["change"]["baseline_requests"],
+                "confident": e["change"]["confident"]} for e in graph["edges"]},
+            "partial": graph["replicas"]["partial"]}
+
+
+def test_a_fleet_counts_lost_messages_once_and_compares_with_one_baseline(rabbitmq, tmp_path):
+    """Each replica gives its raw counts; the one asked adds them and
+    computes once: casts to a topic nobody reads are counted exactly, the
+    same from every replica, on /metrics too (each replica exports the
+    fleet's figure); casts received on another replica than their sender's
+    are not lost; the baseline is present and the same from each replica."""
+    run = uuid.uuid4().hex[:8]
+    export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-fleetlost-{run}"
+                  f"&queue=commlens.fleetlost-{run}")
+    ports = [free_port() for _ in range(REPLICAS)]
+    peers = [arg for port in ports for arg in ("--peer", f"http://127.0.0.1:{port}")]
+    recorders = [recorder_mod.Recorder(f"svc-{i}") for i in range(PROCESSES)]
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for i in range(REPLICAS):
+            replicas.append(stack.enter_context(run_collector(
+                export_url, tmp_path, ["--replica", str(i), "--lost-grace", "3s", *peers],
+                port=ports[i])))
+        for i, replica in enumerate(replicas):
+            wait_for(lambda r=replica: collector_ready(r), timeout=30, message=f"replica {i}")
+        transports = [shipping.AmqpTransport(export_url) for _ in recorders]
+        stack.callback(lambda: [t.close() for t in transports])
+        shippers = [shipping.Shipper(r, t, 1.0) for r, t in zip(recorders, transports,
+                                                                 strict=True)]
+
+        def ship():
+            _send_traffic(recorders)
+            for shipper in shippers:
+                assert shipper.ship_once()
+
+        recorders[0].inc(metrics.RPC_SENT, ("svc-0", UNREAD, "rebuild", "cast"), UNREAD_CASTS)
+        ship()
+
+        def lost_from_each():
+            ship()
+            answers = [r.json("/api/lost-messages?window=10m") for r in replicas]
+            if not all(a["messages"] and not a["replicas"]["partial"] for a in answers):
+                return None
+            return answers
+        answers = wait_for(lost_from_each, timeout=60, interval=1.0,
+                           message="lost messages from each replica")
+        for answer in answers:
+            assert answer["replicas"]["answered"] == ["0", "1", "2"]
+            # Counted exactly once, and the casts received on another
+            # replica than their sender's are not lost.
+            assert [(m["target"], m["method"], m["kind"], m["sent"], m["received"],
+                     m["unreceived"], m["callers"]) for m in answer["messages"]] == [
+                (UNREAD, "rebuild", "cast", UNREAD_CASTS, 0, UNREAD_CASTS, ["svc-0"])]
+        # Alone, a replica would have called some of them lost: it holds a
+        # sender whose receiver reports to another replica.
+        shares = [r.json("/api/lost-messages?window=10m&scope=replica") for r in replicas]
+        split = [(s["counts"], i) for i, s in enumerate(shares)]
+        assert any(row[1] == READ and row[4] > 0 and not any(
+            o[0] == row[0] and o[1] == READ and o[5] > 0 for o in counts)
+            for counts, _i in split for row in counts), split
+        # /metrics: each replica the fleet's figure, not its share (the
+        # alert takes the max, so a fleet pages as one collector does).
+        for replica in replicas:
+            scrape = replica.metrics()
+            assert scrape.value("commlens_rpc_unreceived_messages", target=UNREAD,
+                                method="rebuild", kind="cast") == UNREAD_CASTS
+            assert scrape.value("commlens_rpc_unreceived_messages", target=READ,
+                                method="sync", kind="cast") == 0
+
+        # The baseline: samples on the minute on every replica; present once
+        # two minutes have been sampled before the window (up to ~2 minutes).
+        def baseline_from_each():
+            ship()
+            seen = [_baseline_seen(r.json("/api/graph?window=5s")) for r in replicas]
+            if not all(s is not None and s["edges"] for s in seen):
+                return None
+            first = json.dumps(seen[0], sort_keys=True)
+            return seen[0] if all(json.dumps(s, sort_keys=True) == first for s in seen) else None
+        seen = wait_for(baseline_from_each, timeout=200, interval=2.0,
+                        message="one baseline from each replica")
+        assert seen["partial"] is False and seen["baseline"]["seconds"] >= 60
+        assert len(seen["edges"]) == PROCESSES
+        # The fleet's baseline is the replicas' totals at its ends, added.
+        start, end = seen["baseline"]["from"], seen["baseline"]["to"]
+        totals = [r.json(f"/api/baseline-totals?start={start!r}&end={end!r}") for r in replicas]
+        assert all((t["from"], t["to"]) == (start, end) for t in totals)
+        for name, edge in seen["edges"].items():
+            client, server = name.split(">")
+            requests = sum(row[4]["requests"] - row[3]["requests"] for t in totals
+                           for row in t["edges"] if row[:2] == [client, server])
+            assert requests > 0 and edge["requests"] == round(requests)
+        # A node's methods table compares with the same window.
+        node = replicas[1].json("/api/graph/node/svc-1?window=5s")
+        assert node["baseline"] is not None and node["baseline"]["seconds"] >= 60
