@@ -144,7 +144,7 @@ def test_dashboards_cover_what_operators_look_at():
 
 
 def test_no_host_label_is_queried():
-    """Bounded labels (DESIGN.md): no dashboard groups by a host or instance."""
+    """Bounded labels (docs/metrics.md): no dashboard groups by a host or instance."""
     for dashboard in load_dashboards().values():
         for panel in dashboard["panels"]:
             for target in panel.get("targets", []):

@@ -1,6 +1,6 @@
 """The metric schema: names, types and labels exposed on the collector's /metrics.
 
-These names are a contract (DESIGN.md): dashboards, alert rules and
+These names are a contract (docs/metrics.md): dashboards, alert rules and
 operators' queries use them. The recorder keys its aggregates by the names
 here and the collector refuses anything that is not declared here.
 Labels stay bounded: service names, topics, RPC methods, route templates,

@@ -4,7 +4,7 @@
 
 The JSON in generated/ is committed; a test rebuilds it and fails on drift, so
 change this file and run it, never the JSON. Every query uses the metric names
-of DESIGN.md's contract; a datasource variable picks the Prometheus.
+of the metrics contract (docs/metrics.md); a datasource variable picks the Prometheus.
 """
 
 import json
