@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 
+from commlens.exporters import advice as advice_mod
 from commlens.exporters import chains
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
@@ -167,6 +168,8 @@ class Collector:
         # and kept for the dashboard's 15 minutes only.
         self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
+        # What the tuning rules read, every few seconds (exporters/advice.py).
+        self.advice_samples = advice_mod.Samples(clock=clock)
         self.queue_watcher = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
@@ -500,6 +503,7 @@ class Collector:
                 try:
                     self.sweep()
                     self.sample_graph()
+                    self.sample_advice()
                     if self._clock() - last_prune >= prune_every:
                         last_prune = self._clock()
                         self.history.prune()
@@ -547,6 +551,19 @@ class Collector:
                              method_baseline)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         return result
+
+    def sample_advice(self):
+        if self.advice_samples.due():
+            self.advice_samples.add(advice_mod.reduce(*self.merged(rates=True)))
+
+    def advice(self, window_seconds=advice_mod.DEFAULT_WINDOW_SECONDS,
+               baseline_seconds=advice_mod.DEFAULT_BASELINE_SECONDS):
+        """The tuning findings of the last ``window_seconds`` (``/api/advice``)."""
+        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        inputs = advice_mod.inputs_from(
+            self.advice_samples, advice_mod.reduce(*self.merged(rates=True)), window_seconds,
+            baseline_seconds, queues, self.processes())
+        return advice_mod.report(inputs)
 
     def edge_details(self, client, server, protocol, window_seconds=300):
         """The methods table of one edge and its last 15 minutes of waiting
