@@ -15,8 +15,8 @@ def add_command(commands):
     advise = commands.add_parser(
         "advise", help="tuning advice: what to change (rpc_response_timeout, "
                        "executor_thread_pool_size, workers...), with the evidence")
-    advise.add_argument("--window", default="5m",
-                        help="judge the last WINDOW (default 5m)")
+    advise.add_argument("--window", default="1m",
+                        help="judge the last WINDOW (default 1m)")
     advise.add_argument("--baseline", default="15m",
                         help="against the BASELINE before it, for what grew (default 15m)")
     advise.add_argument("--collector", default=os.environ.get(
@@ -38,6 +38,7 @@ def sureness(confidence):
 
 
 def show_findings(console, findings, title):
+    from rich.markup import escape
     from rich.table import Table
 
     if not findings:
@@ -52,9 +53,12 @@ def show_findings(console, findings, title):
         option = finding["option"] or "-"
         if finding["set_on"]:
             option += f"\n({', '.join(finding['set_on'])})"
+        # Options are written as in a configuration file ("[conductor] workers"),
+        # which rich would read as markup.
         table.add_row(f"[{colour}]{finding['severity']}[/{colour}]\n{finding['rule']}",
-                      who(finding["subject"]), finding["finding"], finding["recommendation"],
-                      option, sureness(finding["confidence"]))
+                      *(escape(text) for text in (who(finding["subject"]), finding["finding"],
+                                                  finding["recommendation"], option,
+                                                  sureness(finding["confidence"]))))
     console.print(table)
 
 

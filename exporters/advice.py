@@ -4,7 +4,7 @@ The collector's merged series are reduced, every ``SAMPLE_SECONDS``, to the
 few figures the rules read (``Figures``: per caller and topic, per server and
 topic; bounded by the edges, never by hosts), and kept for an hour
 (``Samples``). A rule (exporters/advice_rules.py) compares two moments: the
-*window* (the last ``window_seconds``, 5 minutes by default) and, where it
+*window* (the last ``window_seconds``, a minute by default) and, where it
 looks for change, the *baseline* before it. What it finds is a ``Finding``:
 
 - ``rule``: which rule (``rpc_response_timeout``, ``executor_thread_pool_size``,
@@ -36,7 +36,8 @@ from commlens.tracer import metrics
 
 SAMPLE_SECONDS = 10.0
 MAX_WINDOW_SECONDS = 3600.0
-DEFAULT_WINDOW_SECONDS = 300.0
+# Advice reacts within a minute: the last minute, against the 15 before it.
+DEFAULT_WINDOW_SECONDS = 60.0
 DEFAULT_BASELINE_SECONDS = 900.0
 
 # The names agreed for issue 18's measurements (docs/metrics.md). The
@@ -97,12 +98,19 @@ class Figures:
     what servers did; histograms are [counts, sum, min, max] (aggregate.py).
     """
 
-    __slots__ = ("waits", "calls", "wait_total", "timeouts", "timeout_low", "failures", "sent",
+    __slots__ = ("waits", "method_waits", "method_processing", "method_pool_wait",
+                 "calls", "wait_total", "timeouts", "timeout_low", "failures", "sent",
                  "processing", "received", "pool_wait", "budget", "over_half", "waiting",
                  "in_flight", "pool_size", "saturation", "http", "unreceived")
 
     def __init__(self):
         self.waits = {}          # answered calls' reply waits (ok, remote_error)
+        # The same, and the servers' processing and pool waits, by method as
+        # well ((caller or service, topic, method)): what one caller waits
+        # for is the processing of the methods it calls, not of the topic's.
+        self.method_waits = {}
+        self.method_processing = {}
+        self.method_pool_wait = {}
         self.calls = collections.Counter()       # finished calls, any outcome
         self.wait_total = collections.Counter()  # their waits' sum, seconds
         self.timeouts = collections.Counter()
@@ -151,13 +159,19 @@ def reduce(counters, histograms, gauges):
             figures.wait_total[key] += total
             if outcome in _ANSWERED:
                 aggregate.add_histogram(figures.waits, key, counts, total, low, high)
+                aggregate.add_histogram(figures.method_waits, labels[:3], counts, total,
+                                        low, high)
             elif outcome == metrics.TIMEOUT and low is not None:
                 known = figures.timeout_low.get(key)
                 figures.timeout_low[key] = low if known is None else min(known, low)
         elif name == metrics.RPC_PROCESSING.name:
             aggregate.add_histogram(figures.processing, labels[:2], counts, total, low, high)
+            aggregate.add_histogram(figures.method_processing, labels[:3], counts, total,
+                                    low, high)
         elif name == POOL_WAIT:
             aggregate.add_histogram(figures.pool_wait, labels[:2], counts, total, low, high)
+            aggregate.add_histogram(figures.method_pool_wait, labels[:3], counts, total,
+                                    low, high)
         elif name == TIMEOUT_BUDGET:
             aggregate.add_histogram(figures.budget, labels[:2], counts, total, low, high)
     for (name, labels), value in gauges.items():

@@ -320,11 +320,9 @@ def waits_growing(inputs):
         if p99_now < GROWTH_FACTOR * p99_then or p99_now - p99_then < MIN_GROWTH_SECONDS:
             continue
         server = _server(inputs, topic)
-        parts = {}
-        for part, field in (("processing", "processing"), ("pool_wait", "pool_wait")):
-            now_part, then_part = (mean(*span.histogram(field, (server, topic)))
-                                   for span in (window, baseline))
-            parts[part] = (now_part or 0.0) - (then_part or 0.0)
+        parts = {part: _method_growth(window, baseline, key, server, field)
+                 for part, field in (("processing", "method_processing"),
+                                     ("pool_wait", "method_pool_wait"))}
         growth = mean(now, now_total) - mean(then, then_total)
         parts["queue"] = max(0.0, growth - parts["processing"] - parts["pool_wait"])
         where = max(parts, key=lambda p: parts[p])
@@ -358,6 +356,22 @@ def waits_growing(inputs):
             confidence=confidence(sum(now.counts) + sum(then.counts),
                                   window.seconds + baseline.seconds)))
     return found
+
+
+def _method_growth(window, baseline, key, server, field):
+    """How much longer, on average, ``server``'s part ``field`` (processing,
+    pool wait) of the calls of ``key`` (caller, topic) got: each method's
+    growth, weighted by the caller's calls of it in the window."""
+    caller, topic = key
+    weighted = calls = 0.0
+    for _caller, _topic, method in (k for k in window.keys("method_waits") if k[:2] == key):
+        n = sum(window.histogram("method_waits", (caller, topic, method))[0].counts)
+        now, then = (mean(*span.histogram(field, (server, topic, method)))
+                     for span in (window, baseline))
+        if n and now is not None:
+            weighted += n * (now - (then or 0.0))
+            calls += n
+    return weighted / calls if calls else 0.0
 
 
 # -- callers retrying into a failing service ------------------------------------

@@ -64,7 +64,7 @@ def create_app(collector, intake=None, dashboard=None):
 
     @app.get("/api/advice")
     def advice():
-        return collector.advice(_duration_arg("window", 300), _duration_arg("baseline", 900))
+        return collector.advice(_duration_arg("window", 60), _duration_arg("baseline", 900))
 
     @app.get("/api/silent-servers")
     def silent_servers():

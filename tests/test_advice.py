@@ -441,3 +441,21 @@ def test_the_collector_serves_advice_on_what_its_processes_shipped():
     assert finding["subject"]["service"] == "nova-conductor"
     assert finding["option"] == "[conductor] workers"
     assert client.get("/api/advice?window=soon").status_code == 400
+
+
+def test_the_advise_table_shows_options_as_written_in_a_configuration_file():
+    from rich.console import Console
+
+    from commlens.cli import advise as advise_cli
+
+    def window(series):
+        _arrivals(series, 50, 1.0)
+    findings = [f.as_dict() for f in advice_rules.workers(_inputs(_nothing, window))]
+    console = Console(record=True, width=300)
+    advise_cli.show_findings(console, findings, "Tuning advice")
+    text = console.export_text()
+    assert "[conductor] workers" in text and "nova-conductor (topic conductor)" in text
+    assert "medium: 3,000 over 60s" in text
+    console = Console(record=True, width=100)
+    advise_cli.show_findings(console, [], "Tuning advice")
+    assert "nothing to change" in console.export_text()
