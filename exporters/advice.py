@@ -3,7 +3,7 @@
 The collector's merged series are reduced, every ``SAMPLE_SECONDS``, to the
 few figures the rules read (``Figures``: per caller and topic, per server and
 topic; bounded by the edges, never by hosts), and kept for an hour
-(``Samples``). A rule (exporters/advice_rules.py) compares two moments: the
+(``samples``). A rule (exporters/advice_rules.py) compares two moments: the
 *window* (the last ``window_seconds``, a minute by default) and, where it
 looks for change, the *baseline* before it. What it finds is a ``Finding``:
 
@@ -24,10 +24,8 @@ Nothing here changes anything: advice is read by people (``commlens
 advise``, ``/api/advice``, the dashboard beside the graph).
 """
 
-import bisect
 import collections
 import dataclasses
-import threading
 import time
 
 from commlens.exporters import graph
@@ -189,45 +187,12 @@ def reduce(counters, histograms, gauges):
     return figures
 
 
-class Samples:
-    """``Figures`` every ``interval`` seconds for ``max_window`` seconds."""
-
-    def __init__(self, clock=time.monotonic, interval=SAMPLE_SECONDS,
-                 max_window=MAX_WINDOW_SECONDS):
-        self._clock = clock
-        self.interval = interval
-        self.max_window = max_window
-        self._lock = threading.Lock()
-        self._times = [clock()]
-        self._figures = [Figures()]  # the collector started with nothing
-
-    def due(self):
-        return self._clock() - self._times[-1] >= self.interval
-
-    def add(self, figures):
-        now = self._clock()
-        with self._lock:
-            self._times.append(now)
-            self._figures.append(figures)
-            while len(self._times) > 1 and now - self._times[0] > self.max_window + self.interval:
-                self._times.pop(0)
-                self._figures.pop(0)
-
-    def at(self, seconds_ago):
-        """(age, Figures) of the sample closest to ``seconds_ago`` (the oldest
-        kept if it does not reach that far back)."""
-        now = self._clock()
-        with self._lock:
-            index = min(max(0, bisect.bisect_left(self._times, now - seconds_ago)),
-                        len(self._times) - 1)
-            return now - self._times[index], self._figures[index]
-
-    def between(self, oldest_ago, newest_ago):
-        """The Figures sampled between those ages (for peaks of gauges)."""
-        now = self._clock()
-        with self._lock:
-            return [f for t, f in zip(self._times, self._figures, strict=True)
-                    if newest_ago <= now - t <= oldest_ago]
+def samples(clock=time.monotonic):
+    """``Figures`` every ``SAMPLE_SECONDS`` for ``MAX_WINDOW_SECONDS``: the
+    graph's sampler (``baseline(seconds)``: the sample closest to that long
+    ago; ``since(seconds)``: those kept in the last ``seconds``)."""
+    return graph.GraphSamples(clock=clock, interval=SAMPLE_SECONDS,
+                              max_window=MAX_WINDOW_SECONDS, empty=Figures)
 
 
 class Span:
@@ -307,10 +272,13 @@ def _consumers(figures):
 def inputs_from(samples, current, window_seconds=DEFAULT_WINDOW_SECONDS,
                 baseline_seconds=DEFAULT_BASELINE_SECONDS, queues=None, processes=()):
     """``Inputs`` of ``current`` Figures against the kept ``samples``."""
-    age, then = samples.at(window_seconds)
-    base_age, before = samples.at(window_seconds + baseline_seconds)
-    window = Span(then, current, age, samples.between(age, 0))
-    baseline = Span(before, then, base_age - age, samples.between(base_age, age))
+    age, then = samples.baseline(window_seconds)
+    base_age, before = samples.baseline(window_seconds + baseline_seconds)
+    # The gauges' peaks: from the samples in each span (a second's slack, as
+    # the clock moved on since the two look-ups).
+    kept = samples.since(base_age + 1.0)
+    window = Span(then, current, age, [f for ago, f in kept if ago <= age + 1.0])
+    baseline = Span(before, then, base_age - age, [f for ago, f in kept if ago >= age])
     return Inputs(window, baseline, queues, processes)
 
 

@@ -169,7 +169,7 @@ class Collector:
         self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
         # What the tuning rules read, every few seconds (exporters/advice.py).
-        self.advice_samples = advice_mod.Samples(clock=clock)
+        self.advice_samples = advice_mod.samples(clock=clock)
         self.queue_watcher = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()

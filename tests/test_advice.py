@@ -84,7 +84,7 @@ def _inputs(baseline, window, queues=None, processes=()):
     """Inputs of a minute of baseline then a minute of window: ``baseline``
     and ``window`` add to one Series, phase by phase."""
     clock = Clock()
-    samples = advice.Samples(clock=clock)
+    samples = advice.samples(clock=clock)
     series = Series()
     baseline(series)
     clock.now += MINUTE
