@@ -38,16 +38,15 @@ MAX_WINDOW_SECONDS = 3600.0
 DEFAULT_WINDOW_SECONDS = 60.0
 DEFAULT_BASELINE_SECONDS = 900.0
 
-# The names agreed for issue 18's measurements (docs/metrics.md). The
-# collector refuses a series it has no declaration for, so until an agent
-# ships them these are simply absent and the rules that need them say nothing.
+# The names agreed for issue 18's measurements (docs/metrics.md): shipped by
+# agents that measure them; from older agents they are absent and the rules
+# that need them say nothing.
 POOL_WAIT = "commlens_rpc_pool_wait_seconds"
 HANDLERS_IN_FLIGHT = "commlens_rpc_handlers_in_flight"
 EXECUTOR_POOL_SIZE = "commlens_rpc_executor_pool_size"
 POOL_SATURATION_PEAK = "commlens_rpc_pool_saturation_peak"
 TIMEOUT_BUDGET = "commlens_rpc_timeout_budget_used"
 OVER_HALF_TIMEOUT = "commlens_rpc_calls_over_half_timeout_total"
-UNRECEIVED = "commlens_rpc_unreceived_messages"
 # The timeout budget's bucket bounds (a fraction of the call's timeout).
 BUDGET_BOUNDS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -99,7 +98,7 @@ class Figures:
     __slots__ = ("waits", "method_waits", "method_processing", "method_pool_wait",
                  "calls", "wait_total", "timeouts", "timeout_low", "failures", "sent",
                  "processing", "received", "pool_wait", "budget", "over_half", "waiting",
-                 "in_flight", "pool_size", "saturation", "http", "unreceived")
+                 "in_flight", "pool_size", "saturation", "http")
 
     def __init__(self):
         self.waits = {}          # answered calls' reply waits (ok, remote_error)
@@ -126,7 +125,6 @@ class Figures:
         self.saturation = {}
         # (caller, target): [requests, failed]
         self.http = collections.defaultdict(lambda: [0.0, 0.0])
-        self.unreceived = collections.Counter()  # (topic, method, kind)
 
 
 def reduce(counters, histograms, gauges):
@@ -182,8 +180,6 @@ def reduce(counters, histograms, gauges):
         elif name == POOL_SATURATION_PEAK:
             # A peak is a maximum over processes, never a sum.
             figures.saturation[labels[:2]] = max(value, figures.saturation.get(labels[:2], 0.0))
-        elif name == UNRECEIVED:
-            figures.unreceived[tuple(labels)] += value
     return figures
 
 
@@ -241,15 +237,19 @@ def mean(latency, total):
 
 class Inputs:
     """Everything the rules read: the window and the baseline before it
-    (``Span``s), the broker's queues, the processes reporting, and who
-    consumes which topic (``{topic: {service: messages received}}``, over all
-    time, so a consumer that stopped is still known)."""
+    (``Span``s), the broker's queues, the processes reporting, the messages
+    nobody received (``{(topic, method, kind): count}``, the collector's
+    ``commlens_rpc_unreceived_messages``), and who consumes which topic
+    (``{topic: {service: messages received}}``, over all time, so a consumer
+    that stopped is still known)."""
 
-    def __init__(self, window, baseline, queues=None, processes=(), consumers=None):
+    def __init__(self, window, baseline, queues=None, processes=(), unreceived=None,
+                 consumers=None):
         self.window = window
         self.baseline = baseline
         self.queues = queues
         self.processes = list(processes)
+        self.unreceived = unreceived or {}
         self.consumers = consumers if consumers is not None else _consumers(window.now)
 
     def servers_of(self, topic):
@@ -270,7 +270,8 @@ def _consumers(figures):
 
 
 def inputs_from(samples, current, window_seconds=DEFAULT_WINDOW_SECONDS,
-                baseline_seconds=DEFAULT_BASELINE_SECONDS, queues=None, processes=()):
+                baseline_seconds=DEFAULT_BASELINE_SECONDS, queues=None, processes=(),
+                unreceived=None):
     """``Inputs`` of ``current`` Figures against the kept ``samples``."""
     age, then = samples.baseline(window_seconds)
     base_age, before = samples.baseline(window_seconds + baseline_seconds)
@@ -279,7 +280,7 @@ def inputs_from(samples, current, window_seconds=DEFAULT_WINDOW_SECONDS,
     kept = samples.since(base_age + 1.0)
     window = Span(then, current, age, [f for ago, f in kept if ago <= age + 1.0])
     baseline = Span(before, then, base_age - age, [f for ago, f in kept if ago >= age])
-    return Inputs(window, baseline, queues, processes)
+    return Inputs(window, baseline, queues, processes, unreceived)
 
 
 def advise(inputs, rules=None):

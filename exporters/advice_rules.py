@@ -291,7 +291,7 @@ def queue_without_consumer(inputs):
                            "timed out)", {"sent": sent, "received": 0, "timeouts": timeouts},
                     sent)
     unreceived = {}
-    for (topic, method, kind), value in window.now.unreceived.items():
+    for (topic, method, kind), value in inputs.unreceived.items():
         if value > 0 and topic not in seen:
             unreceived.setdefault(topic, {})[f"{method} ({kind})"] = value
     for topic, methods in sorted(unreceived.items()):

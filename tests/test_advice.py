@@ -80,7 +80,7 @@ class Series:
                 dict(self.gauges))
 
 
-def _inputs(baseline, window, queues=None, processes=()):
+def _inputs(baseline, window, queues=None, processes=(), unreceived=None):
     """Inputs of a minute of baseline then a minute of window: ``baseline``
     and ``window`` add to one Series, phase by phase."""
     clock = Clock()
@@ -92,7 +92,7 @@ def _inputs(baseline, window, queues=None, processes=()):
     window(series)
     clock.now += MINUTE
     return advice.inputs_from(samples, advice.reduce(*series.merged()), MINUTE, MINUTE,
-                              queues, processes)
+                              queues, processes, unreceived)
 
 
 def _nothing(series):
@@ -260,10 +260,8 @@ def test_a_topic_whose_consumer_stopped_receiving_is_found_from_the_metrics():
 
 
 def test_unreceived_messages_are_found():
-    def window(series):
-        series.gauge(advice.UNRECEIVED, ("compute", "terminate_instance", "cast"), 6)
-
-    [finding] = _findings(advice_rules.queue_without_consumer, _nothing, window)
+    [finding] = _findings(advice_rules.queue_without_consumer, _nothing, _nothing,
+                          unreceived={("compute", "terminate_instance", "cast"): 6})
     assert finding["evidence"]["unreceived"] == {"terminate_instance (cast)": 6}
 
 
@@ -271,6 +269,9 @@ def test_consumed_queues_and_topics_nobody_instrumented_consumes_are_not_found()
     queues = {"conductor": {"ready": 3, "unacked": 1, "consumers": 2}}
     assert _findings(advice_rules.queue_without_consumer, _consumed, _consumed,
                      queues=queues) == []
+
+    assert _findings(advice_rules.queue_without_consumer, _nothing, _nothing,
+                     unreceived={("compute", "terminate_instance", "cast"): 2}) == []
 
     def uninstrumented(series):  # never received by an instrumented service
         series.count(metrics.RPC_SENT.name, ("nova-api", "glance", "m", "cast"), 50)
