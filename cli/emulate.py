@@ -383,18 +383,18 @@ def _print(report, transport):
 
 def _print_sweep(document, args):
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from commlens.cli import advise
     from commlens.dashboards import formatting
     from commlens.emulator import sweep
 
     console = Console()
     table = Table(title=f"commlens emulate --sweep: {args.processes} processes, reports "
                         f"every {args.interval:g}s, {args.duration:g}s measured per size")
-    for column in ("agents", "rpc/s", "p50 wait", "p99 wait", "timeouts", "skipped",
-                   "pool peak", "queue ready", "broker files", "advice"):
-        table.add_column(column, justify="left" if column == "advice" else "right")
+    for column in ("agents", "rpc/s", "p50", "p99", "timeouts", "skipped", "pool peak",
+                   "queue", "broker files", "findings"):
+        table.add_column(column, justify="right")
     for run in document["runs"]:
         used = sweep.utilisation(run)
         files = run.get("broker_open_files")
@@ -405,10 +405,14 @@ def _print_sweep(document, args):
             str(run["report_timeouts"]), str(run["reports_skipped"]),
             "-" if used["conductor pool"] is None else formatting.percent(used["conductor pool"]),
             str(max((run.get("max_queue_ready") or {}).values(), default="-")),
-            f"{files['used']}/{files['total']}" if files else "-",
-            "\n".join(f"{f['severity']}: {advise.who(f['subject'])}: {f['option'] or '-'}"
-                      for f in run["advice"]) or "nothing to change")
+            f"{files['used']}/{files['total']}" if files else "-", str(len(run["advice"])))
     console.print(table)
+    for run in document["runs"]:
+        for finding in run["advice"]:
+            console.print(escape(f"at {run['agents']} agents, {finding['severity']} "
+                                 f"{finding['rule']}: {finding['finding']}; change "
+                                 f"{finding['option'] or '-'} "
+                                 f"on {', '.join(finding['set_on']) or '-'}"))
     console.print(sweep.describe(document["verdict"]) + f". Saved to {args.save}, plot in "
                   f"{args.plot}.")
 
