@@ -9,10 +9,19 @@ three. Peak memory (RSS) is printed beside the window's configured bound:
 it must follow the configuration, not the traffic.
 
     python benchmarks/collector_ingest.py [--traces 1000000]
+        [--replicas 1,3] [--replica-traces 150000] [--snapshots]
+
+``--replicas``: the same ingest split among replica processes as the
+consistent-hash exchange splits it (each its share of the trace ids, its own
+history), all at once on this machine's cores: their combined hops per second.
+``--snapshots``: the per-unit costs of snapshots (an agent process's series
+merged per second, and the memory a process's baseline holds) that
+docs/scale.md multiplies out for a large cloud.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import sys
@@ -76,7 +85,10 @@ def main():
     parser.add_argument("--max-open-traces", type=int, default=traces.DEFAULT_MAX_OPEN_TRACES)
     parser.add_argument("--history-max-traces", type=int,
                         default=history_mod.DEFAULT_MAX_TRACES)
+    add_scale_arguments(parser)
     args = parser.parse_args()
+    if args.only_scale:
+        return run_scale_measurements(args)
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +128,138 @@ def main():
     print(f"memory: peak RSS {peak_rss:,.0f} MiB (at start {start_rss:,.0f} MiB); window "
           f"bound {args.max_open_traces:,} open traces, "
           f"{window.closed['window_full']:,} closed early")
+    run_scale_measurements(args)
     return 0 if rate >= TARGET_HOPS_PER_SECOND else 1
+
+
+# -- Replicas and snapshots: the per-unit costs docs/scale.md builds on -------
+
+def add_scale_arguments(parser):
+    parser.add_argument("--replicas", default="",
+                        help="comma-separated replica counts to measure, e.g. 1,3")
+    parser.add_argument("--replica-traces", type=int, default=150_000,
+                        help="traces split among the replicas (default 150000)")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="measure snapshot ingest and a process's memory")
+    parser.add_argument("--only-scale", action="store_true",
+                        help="skip the one-core ingest above")
+
+
+def run_scale_measurements(args):
+    counts = [int(n) for n in args.replicas.split(",") if n.strip()]
+    print(f"date: {time.strftime('%Y-%m-%d')}  cores: {os.cpu_count()}  load average: "
+          f"{os.getloadavg()[0]:.1f}")
+    if counts:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))  # every core again
+        single = None
+        for n in counts:
+            rate, per_cpu, peak = measure_replicas(n, args.replica_traces)
+            single = single or (rate if n == 1 else None)
+            versus = f", {rate / single:.2f}x one replica" if single and n > 1 else ""
+            print(f"replicas {n}: {rate:,.0f} hops/s combined ({per_cpu:,.0f} per CPU "
+                  f"second{versus}); peak RSS per replica {peak:,.0f} MiB")
+    if args.snapshots:
+        measure_snapshots()
+    return 0
+
+
+def _replica_share(index, replicas, total, barrier, results):
+    """One replica: its share of the traces (every ``replicas``-th, as a
+    consistent hash spreads trace ids evenly), built before the start and
+    ingested after it, into its own collector and history file."""
+    batch = [body for first in range(index * 1000, total, replicas * 1000)
+             for body in messages(first, min(1000, total - first), time.time())]
+    with tempfile.TemporaryDirectory() as tmp:
+        window = traces.TraceWindow(quiet_seconds=1.0)
+        history = history_mod.History(os.path.join(tmp, "history.sqlite"))
+        collector = collector_mod.Collector(window=window, history=history)
+        barrier.wait()
+        started, cpu = time.perf_counter(), time.process_time()
+        for i, body in enumerate(batch):
+            collector.ingest(body)
+            if i % 50 == 0:
+                collector.sweep()
+        collector.sweep(force=True)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        history.close()
+    results.put((sum(body.count(b'"span_id"') for body in batch), started, elapsed,
+                 rss_mib(), cpu))
+
+
+def measure_replicas(replicas, total):
+    """(combined hops/s, hops per CPU second, peak RSS MiB of the largest
+    replica) of ``replicas`` processes ingesting ``total`` traces between
+    them at once. The CPU figure is the per-unit cost: it holds whatever
+    else the machine runs; the combined one is this machine's, now."""
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(replicas + 1), context.Queue()
+    workers = [context.Process(target=_replica_share, args=(i, replicas, total, barrier,
+                                                            results))
+               for i in range(replicas)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    done = [results.get(timeout=3600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    hops = sum(d[0] for d in done)
+    print(f"  {replicas} replica(s): " + ", ".join(
+        f"{d[0]:,} hops in {d[2]:.1f}s ({d[4]:.1f}s CPU)" for d in done))
+    first_start = min(d[1] for d in done)
+    wall = max(d[1] + d[2] for d in done) - first_start
+    return hops / wall, hops / sum(d[4] for d in done), max(d[3] for d in done)
+
+
+# An agent process's series as a compute host's agent holds them: ten
+# methods sent and received, their waits and processing times, a REST route.
+def _agent_snapshot(recorder_mod, metrics, service):
+    recorder = recorder_mod.Recorder(service)
+    for m in range(10):
+        method = f"method_{m}"
+        recorder.inc(metrics.RPC_SENT, (service, "conductor", method, "call"))
+        recorder.observe(metrics.RPC_REPLY_WAIT, (service, "conductor", method, "ok"), 0.02)
+        recorder.observe(metrics.RPC_SERVER_HOPS,
+                         (service, "nova-conductor", "compute", method, "ok"), 0.01)
+    recorder.observe(metrics.HTTP_CLIENT_DURATION, (service, "placement", "GET", "ok"), 0.01)
+    return recorder.snapshot(5.0)
+
+
+def measure_snapshots(processes=20000, rounds=3):
+    """Snapshots merged per second (and series per second), and the memory
+    each process adds, for ``processes`` agent processes shipping ``rounds``
+    snapshots each."""
+    from commlens.tracer import metrics
+    from commlens.tracer import recorder as recorder_mod
+
+    snapshot = _agent_snapshot(recorder_mod, metrics, "nova-compute")
+    series = sum(len(snapshot.get(k) or ()) for k in ("counters", "histograms", "gauges"))
+    collector = collector_mod.Collector()
+    before = rss_mib()
+    busy, cpu, count = 0.0, 0.0, 0
+    for seq in range(1, rounds + 1):
+        bodies = []
+        for p in range(processes):
+            snapshot["process"] = dict(snapshot["process"], id=f"bench-{p}")
+            snapshot["seq"] = seq
+            bodies.append(json.dumps(snapshot).encode())
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for body in bodies:
+            collector.ingest(body)
+        busy += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
+        count += len(bodies)
+        del bodies
+    started = time.perf_counter()
+    collector.graph(300)
+    graph_seconds = time.perf_counter() - started
+    grown = rss_mib() - before
+    accepted = collector.message_counts().get("accepted", 0)
+    print(f"snapshots: {count / busy:,.0f}/s, {count / cpu:,.0f} per CPU second "
+          f"({series} series each: {count * series / cpu:,.0f} series per CPU second); "
+          f"{accepted:,} accepted")
+    print(f"memory: {grown * 1024 / processes:,.1f} KiB per reporting process "
+          f"(peak RSS grew {grown:,.0f} MiB for {processes:,} processes); "
+          f"graph of them built in {graph_seconds:.2f}s")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def _run(render):
         except ApiError as exc:
             print(f"commlens {args.command}: {exc}", file=sys.stderr)
             return 1
+        _say_if_partial(args, data)
         if args.json:
             json.dump(data, sys.stdout, indent=2)
             print()
@@ -84,6 +85,16 @@ def _run(render):
             render.show(Console(), data)
         return 0
     return run
+
+
+def _say_if_partial(args, data):
+    """A fleet's answer without some replicas says so, on stderr."""
+    replicas = data.get("replicas") if isinstance(data, dict) else None
+    if isinstance(replicas, dict) and replicas.get("missing"):
+        missing = ", ".join(f"{m['peer']} ({m['error']})" for m in replicas["missing"])
+        answered = ", ".join(replicas.get("answered", []))
+        print(f"commlens {args.command}: partial answer: replicas {answered} answered; "
+              f"not {missing}", file=sys.stderr)
 
 
 _seconds = formatting.duration

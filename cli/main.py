@@ -54,6 +54,15 @@ def build_parser():
     collector.add_argument("--replica", type=_replica_name, default=None,
                            help="run as one of several collectors sharing the load "
                                 "(a name unique among them, e.g. 1, 2)")
+    collector.add_argument("--peer", action="append", default=None, metavar="URL",
+                           help="another replica's address (http://host:9780), once per "
+                                "replica: the API and dashboard then answer for them all. A "
+                                "list of every replica, this one included, works too "
+                                "(default: COMMLENS_PEERS, comma-separated)")
+    collector.add_argument("--peer-timeout", type=_duration,
+                           default=os.environ.get("COMMLENS_PEER_TIMEOUT", "2s"),
+                           help="how long an answer waits for a peer; one that is later "
+                                "is named as missing in a partial answer (default 2s)")
     collector.add_argument("--queue-ttl", type=_queue_ttl,
                            default=os.environ.get("COMMLENS_QUEUE_TTL", "120"),
                            help="seconds a shipped message waits for a collector in its "
@@ -166,9 +175,21 @@ def run_collector(args):
             broker.BrokerUrlError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
+    peers = _peers(args)
+    fleet = None
+    if peers:
+        from commlens.exporters import fleet as fleet_mod
+
+        if args.replica is None:
+            print("commlens collector: --peer needs --replica (a name for this one)",
+                  file=sys.stderr)
+            return 2
+        fleet = fleet_mod.Fleet(collector, args.replica, peers, timeout=args.peer_timeout,
+                                token=dashboard.token)
     host, port = args.listen
     try:
-        server = serving.make_server(host, port, http.create_app(collector, intake, dashboard),
+        server = serving.make_server(host, port,
+                                     http.create_app(collector, intake, dashboard, fleet),
                                      threaded=True, request_handler=http.RequestHandler)
     except OSError as exc:
         print(f"commlens collector: cannot listen on {host}:{port}: {exc.strerror}",
@@ -187,10 +208,28 @@ def run_collector(args):
         LOG.warning("commlens collector: the dashboard and JSON API on %s are open to anyone "
                     "who can reach it; set --dashboard-token", host)
     _serve_until_signalled(server)
+    if fleet is not None:
+        fleet.close()
     intake.stop()
     collector.stop()
     collector.history.close()
     return 0
+
+
+def _peers(args):
+    """The peer URLs of --peer (or COMMLENS_PEERS); SystemExit on a bad one."""
+    given = args.peer if args.peer is not None else [
+        p for p in os.environ.get("COMMLENS_PEERS", "").split(",") if p.strip()]
+    peers = []
+    for peer in given:
+        peer = peer.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+$", peer):
+            from commlens.tracer import urls
+
+            raise SystemExit(f"commlens collector: --peer {urls.redact(peer)!r}: expected "
+                             "http://host:port")
+        peers.append(peer)
+    return peers
 
 
 def _loopback(host):

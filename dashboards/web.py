@@ -36,7 +36,11 @@ class DashboardSettings:
     token: str | None = None
 
 
-def create_blueprint(collector, settings, duration_arg):
+def create_blueprint(collector, settings, duration_arg, asked_fleet=lambda: None,
+                     own_share=lambda: False):
+    """``asked_fleet()``: the Fleet to answer with (exporters/fleet.py), or
+    None for this collector's own; ``own_share()``: a peer replica asks,
+    wanting the latency buckets to merge."""
     blueprint = flask.Blueprint("dashboard", __name__, static_folder="static",
                                 static_url_path="/dashboard/static",
                                 template_folder="templates")
@@ -55,7 +59,9 @@ def create_blueprint(collector, settings, duration_arg):
     @blueprint.get("/dashboard/graph.svg")
     def graph_svg():
         args = flask.request.args
-        graph = collector.graph(duration_arg("window", 300))
+        fleet = asked_fleet()
+        window = duration_arg("window", 300)
+        graph = fleet.graph(window) if fleet else collector.graph(window)
         try:
             nodes, edges, found = graph_view.select(
                 graph, focus=args.get("focus") or None, depth=args.get("depth", 1, type=int),
@@ -72,11 +78,19 @@ def create_blueprint(collector, settings, duration_arg):
         response.headers["X-Commlens-Nodes"] = str(len(nodes))
         response.headers["X-Commlens-Edges"] = str(len(edges))
         response.headers["X-Commlens-Found"] = str(len(found))
+        if fleet:
+            # The page says when replicas did not answer (the SVG cannot).
+            response.headers["X-Commlens-Missing-Replicas"] = str(
+                len(graph["replicas"]["missing"]))
         return response
 
     @blueprint.get("/api/graph/node/<service>")
     def node_details(service):
-        return collector.node_details(service, duration_arg("window", 300))
+        window = duration_arg("window", 300)
+        fleet = asked_fleet()
+        if fleet:
+            return fleet.node_details(service, window)
+        return collector.node_details(service, window, histograms=own_share())
 
     @blueprint.get("/api/graph/edge")
     def edge_details():
@@ -84,8 +98,12 @@ def create_blueprint(collector, settings, duration_arg):
         missing = [k for k in ("client", "server", "protocol") if not args.get(k)]
         if missing:
             return {"error": f"missing {', '.join(missing)}"}, 400
+        window = duration_arg("window", 300)
+        fleet = asked_fleet()
+        if fleet:
+            return fleet.edge_details(args["client"], args["server"], args["protocol"], window)
         return collector.edge_details(args["client"], args["server"], args["protocol"],
-                                      duration_arg("window", 300))
+                                      window, histograms=own_share())
 
     return blueprint
 

@@ -536,19 +536,22 @@ class Collector:
         if methods_due:
             self.method_samples.add(graph.method_totals(*merged, consumers))
 
-    def graph(self, window_seconds=300):
+    def graph(self, window_seconds=300, histograms=False):
+        """The graph JSON (graph.build); ``histograms``: with each edge's
+        latency buckets, for a peer replica to merge (exporters/fleet.py)."""
         merged = self.merged(rates=True)
         current, consumers = graph.edge_totals(*merged)
         age, baseline = self.graph_samples.baseline(window_seconds)
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
         processes = self.processes()
         result = graph.build(current, baseline, age, consumers, queues, processes,
-                             reporting=graph.reporting_services(merged[0], merged[1], processes))
+                             reporting=graph.reporting_services(merged[0], merged[1], processes),
+                             histograms=histograms)
         # Successful calls' latency comes from the per-method samples, which
         # look back 15 minutes at most.
         _age, method_baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
-                             method_baseline)
+                             method_baseline, histograms=histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         return result
 
@@ -565,30 +568,31 @@ class Collector:
             baseline_seconds, queues, self.processes())
         return advice_mod.report(inputs)
 
-    def edge_details(self, client, server, protocol, window_seconds=300):
+    def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge and its last 15 minutes of waiting
         replies and errors."""
         edge = (client, server, protocol)
-        rows = self._method_rows(window_seconds, lambda key: key == edge)
+        rows = self._method_rows(window_seconds, lambda key: key == edge, histograms)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
                 "methods": [row for _edge, row in rows],
                 "series": self._series(lambda key: key == edge)}
 
-    def node_details(self, service, window_seconds=300):
+    def node_details(self, service, window_seconds=300, histograms=False):
         """What ``service`` serves, by caller and method or route, and the
         waiting replies and errors of its inbound edges over 15 minutes."""
-        rows = self._method_rows(window_seconds, lambda key: key[1] == service)
+        rows = self._method_rows(window_seconds, lambda key: key[1] == service, histograms)
         return {"node": {"service": service},
                 "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
                 "series": self._series(lambda key: key[1] == service)}
 
-    def _method_rows(self, window_seconds, wanted):
+    def _method_rows(self, window_seconds, wanted, histograms=False):
         counters, histograms, gauges = self.merged(rates=True)
         current = graph.method_totals(counters, histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
         return [(edge, row) for edge in sorted(current) if wanted(edge)
-                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age)]
+                for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
+                                             histograms)]
 
     def _series(self, wanted):
         points, previous = [], None

@@ -351,8 +351,10 @@ def method_totals(counters, histograms, gauges, consumers):
     return {edge: dict(rows) for edge, rows in edges.items()}
 
 
-def method_rows(current, baseline, seconds):
-    """Rows of a methods table: rates over ``seconds`` from two MethodTotals maps."""
+def method_rows(current, baseline, seconds, histograms=False):
+    """Rows of a methods table: rates over ``seconds`` from two MethodTotals maps.
+    ``histograms``: each row carries its latency's buckets too, so that
+    replicas' rows can be merged (exporters/fleet.py)."""
     seconds = max(seconds, 1e-3)
     rows = []
     for operation, now in sorted(current.items()):
@@ -367,14 +369,16 @@ def method_rows(current, baseline, seconds):
             "errors": errors, "error_ratio": (errors / requests) if requests else 0.0,
             "timeouts": max(0.0, now.timeouts - then.timeouts), "waiting_replies": now.waiting,
             **percentiles(latency),
+            **({"requests": requests, "ok_latency": latency_json(latency)}
+               if histograms else {}),
         })
     return rows
 
 
-def add_ok_latency(edges, current, baseline):
+def add_ok_latency(edges, current, baseline, histograms=False):
     """Set ``ok_p50_seconds``/``ok_p99_seconds`` (and their ranges, see
     ``percentiles``) on graph edges: percentiles of successful calls only,
-    from two ``method_totals`` maps."""
+    from two ``method_totals`` maps; ``histograms``: the buckets too (``ok_latency``)."""
     for edge in edges:
         key = (edge["client"], edge["server"], edge["protocol"])
         latency = Latency()
@@ -384,6 +388,26 @@ def add_ok_latency(edges, current, baseline):
             window = now.ok_latency.since(then.ok_latency)
             latency.add(window.counts, window.low, window.high)
         edge.update(percentiles(latency, prefix="ok_"))
+        if histograms:
+            edge["ok_latency"] = latency_json(latency)
+
+
+def latency_json(latency):
+    """A Latency as JSON: what a replica gives its peers to merge percentiles
+    from (bucket counts add up; percentiles do not)."""
+    return {"counts": list(latency.counts), "low": latency.low, "high": latency.high}
+
+
+def latency_from_json(data):
+    """The Latency of ``latency_json``; an empty one for anything else."""
+    if (not isinstance(data, dict) or not isinstance(data.get("counts"), list)
+            or len(data["counts"]) != _N_BUCKETS
+            or not all(isinstance(c, (int, float)) and c >= 0 for c in data["counts"])):
+        return Latency()
+    low, high = data.get("low"), data.get("high")
+    if not (isinstance(low, (int, float)) and isinstance(high, (int, float))):
+        low = high = None
+    return Latency(list(data["counts"]), low, high)
 
 
 # The percentiles the API gives, by the name of their fields.
@@ -499,8 +523,12 @@ def reporting_services(counters, histograms, processes=()):
     return reporting
 
 
-def build(current, baseline, seconds, consumers, queues=None, processes=(), reporting=None):
+def build(current, baseline, seconds, consumers, queues=None, processes=(), reporting=None,
+          histograms=False):
     """The graph JSON: nodes and edges with rates over ``seconds``.
+
+    ``histograms``: each edge carries its latency's buckets (``latency``),
+    for a peer replica to merge percentiles from.
 
     ``reporting``: the services that report (``reporting_services``); the
     others are drawn as not instrumented. None: every node counts as
@@ -535,6 +563,8 @@ def build(current, baseline, seconds, consumers, queues=None, processes=(), repo
             # destination) or only the caller.
             "measured_by": "client" if from_client else "server",
         }
+        if histograms:
+            edge["latency"] = latency_json(latency)
         if protocol == RPC:
             edge["waiting_replies"] = now.waiting
             edge["timeouts"] = max(0.0, now.timeouts - then.timeouts)

@@ -204,25 +204,10 @@ class History:
                 "SELECT chain_key, chain FROM chains WHERE chain_key IN (%s)"
                 % ",".join("?" * len(keys)), list(keys))}
         hops = [h for _, _, encoded in rows for h in json.loads(encoded)]
-        entry = _entry_hop(hops)
-        hops.sort(key=lambda h: (h is not entry, _number(h.get("start")),
-                                 str(h.get("trace_id")), str(h.get("span_id"))))
-        order = []  # trace ids, in the order their first hop comes
-        for hop in hops:
-            if hop.get("trace_id") not in order:
-                order.append(hop.get("trace_id"))
-        order += sorted(t for t, _, _ in rows if t not in order)
-        rank = {t: i for i, t in enumerate(order)}
-        starts = [h["start"] for h in hops if isinstance(h.get("start"), (int, float))]
-        ends = [h["start"] + _number(h.get("duration")) for h in hops
-                if isinstance(h.get("start"), (int, float))]
-        found = {"trace_id": order[0], "trace_ids": order,
-                 "seen": max(seen for _, seen, _ in rows),
-                 "start": min(starts) if starts else None,
-                 "duration": (max(ends) - min(starts)) if starts else None,
-                 "hops": hops,
-                 "chains": [_shape(chains[k]) for k in sorted(
-                     chains, key=lambda k: (min(rank.get(t, len(rank)) for t in keys[k]), k))]}
+        found = join(hops, max(seen for _, seen, _ in rows), [t for t, _, _ in rows])
+        rank = {t: i for i, t in enumerate(found["trace_ids"])}
+        found["chains"] = [shape(chains[k]) for k in sorted(
+            chains, key=lambda k: (min(rank.get(t, len(rank)) for t in keys[k]), k))]
         if request_id is not None:
             found["request_id"] = request_id
         return found
@@ -245,7 +230,7 @@ class History:
                 (since,)).fetchall()
             groups = []
             for key, count, first, last, chain in rows:
-                chain = _shape(json.loads(chain))
+                chain = shape(json.loads(chain))
                 if absorbed is not None and chain["absorbed"] != absorbed:
                     continue
                 examples = self._db.execute(
@@ -269,6 +254,28 @@ _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 def _number(value):
     return value if isinstance(value, (int, float)) else 0.0
+
+
+def join(hops, seen, trace_ids):
+    """The answer for hops of one or more traces (``History.trace``, and
+    replicas' answers joined, exporters/fleet.py), without its chains:
+    hops entry first, then by start time, ties broken by ids; ``trace_ids``
+    in the order their first hop comes, then those with no hop."""
+    entry = _entry_hop(hops)
+    hops = sorted(hops, key=lambda h: (h is not entry, _number(h.get("start")),
+                                       str(h.get("trace_id")), str(h.get("span_id"))))
+    order = []  # trace ids, in the order their first hop comes
+    for hop in hops:
+        if hop.get("trace_id") not in order:
+            order.append(hop.get("trace_id"))
+    order += sorted(t for t in trace_ids if t not in order)
+    starts = [h["start"] for h in hops if isinstance(h.get("start"), (int, float))]
+    ends = [h["start"] + _number(h.get("duration")) for h in hops
+            if isinstance(h.get("start"), (int, float))]
+    return {"trace_id": order[0], "trace_ids": order, "seen": seen,
+            "start": min(starts) if starts else None,
+            "duration": (max(ends) - min(starts)) if starts else None,
+            "hops": hops, "chains": []}
 
 
 def _entry_hop(hops):
@@ -304,7 +311,7 @@ def _entry_request_id(chain):
     return None
 
 
-def _shape(chain):
+def shape(chain):
     """A chain as stored: its shape, and the hops (durations, request ids) of
     the first trace that had it; every trace keeps its own in ``trace()``."""
     return {"key": chain["key"], "origin": chain["origin"], "entry": chain["entry"],

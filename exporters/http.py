@@ -9,11 +9,15 @@ from werkzeug import exceptions
 from werkzeug import serving
 
 from commlens.exporters import durations
+from commlens.exporters import fleet as _fleet
 from commlens.exporters import prometheus
 from commlens.exporters import silent
 
 
-def create_app(collector, intake=None, dashboard=None):
+def create_app(collector, intake=None, dashboard=None, fleet=None):
+    """``fleet``: this replica's peers (exporters/fleet.py); the graph, chains,
+    traces and silent servers are then the whole fleet's, unless a request
+    asks for this replica's own share (``?scope=replica``, what peers ask)."""
     from commlens.dashboards import web
 
     dashboard = dashboard or web.DashboardSettings()
@@ -21,7 +25,25 @@ def create_app(collector, intake=None, dashboard=None):
     app.config["COMMLENS_COLLECTOR"] = collector
     if dashboard.token:
         web.require_token(app, dashboard.token)
-    app.register_blueprint(web.create_blueprint(collector, dashboard, _duration_arg))
+
+    def asked_fleet():
+        """The Fleet to answer with, or None for this replica's own share."""
+        if fleet is None or flask.request.args.get(_fleet.SCOPE) == _fleet.REPLICA_SCOPE:
+            return None
+        return fleet
+
+    def own_share():
+        return fleet is not None and asked_fleet() is None
+
+    app.register_blueprint(web.create_blueprint(collector, dashboard, _duration_arg,
+                                                asked_fleet, own_share))
+
+    if fleet is not None:
+        @app.after_request
+        def name_the_replica(response):
+            # Peers learn who answered (and a peer URL that is this replica).
+            response.headers[_fleet.REPLICA_HEADER] = fleet.replica
+            return response
 
     @app.get("/metrics")
     def metrics():
@@ -52,13 +74,17 @@ def create_app(collector, intake=None, dashboard=None):
     @app.get("/api/graph")
     def graph():
         window = _duration_arg("window", 300)
-        return collector.graph(window)
+        if asked_fleet():
+            return fleet.graph(window)
+        return collector.graph(window, histograms=own_share())
 
     @app.get("/api/chains")
     def chains():
         since = _duration_arg("since", 900)
         limit = _limit_arg("limit", 50, MAX_CHAINS_LIMIT)
         absorbed = {"true": True, "false": False}.get(flask.request.args.get("absorbed", ""))
+        if asked_fleet():
+            return fleet.chains(since, limit, absorbed)
         return {"since_seconds": since,
                 "chains": collector.history.chains(since, limit, absorbed)}
 
@@ -70,6 +96,8 @@ def create_app(collector, intake=None, dashboard=None):
     def silent_servers():
         since = _duration_arg("since", 900)
         limit = _limit_arg("limit", silent.DEFAULT_LIMIT, silent.MAX_LIMIT)
+        if asked_fleet():
+            return fleet.silent_servers(since, limit)
         return {"since_seconds": since,
                 "servers": collector.silent_servers.top(since, limit)}
 
@@ -77,12 +105,19 @@ def create_app(collector, intake=None, dashboard=None):
     def trace(trace_or_request_id):
         if len(trace_or_request_id) > 128:
             flask.abort(404)
-        found = collector.history.trace(trace_or_request_id)
+        status = None
+        if asked_fleet():
+            found, status = fleet.trace(trace_or_request_id)
+        else:
+            found = collector.history.trace(trace_or_request_id)
         if found is None:
-            return {"error": f"no trace or request id {trace_or_request_id!r} in the "
-                             "history (it may still be open: traces close after "
-                             f"{collector.window.quiet_seconds:g}s without new hops)"}, 404
-        return found
+            answer = {"error": f"no trace or request id {trace_or_request_id!r} in the "
+                               "history (it may still be open: traces close after "
+                               f"{collector.window.quiet_seconds:g}s without new hops)"}
+            if status is not None:
+                answer["replicas"] = status
+            return answer, 404
+        return found if status is None else dict(found, replicas=status)
 
     @app.errorhandler(BadArgument)
     def bad_argument(exc):

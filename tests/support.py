@@ -130,8 +130,10 @@ TRACE_QUIET = "1.5s"
 
 
 @contextlib.contextmanager
-def run_collector(export_url, tmp_path, extra_args=()):
-    port = free_port()
+def run_collector(export_url, tmp_path, extra_args=(), port=None):
+    """A collector process; ``port``: where it listens (a restart on the same
+    port keeps its history file), else a free one."""
+    port = port or free_port()
     log_path = tmp_path / f"collector-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(

@@ -59,8 +59,8 @@ def _manifests(objects):
     return {key: o for key, o in objects.items() if key != "NOTES"}
 
 
-def _deployment(objects):
-    return objects[("Deployment", "commlens")]["spec"]["template"]["spec"]["containers"][0]
+def _collector(objects):
+    return objects[("StatefulSet", "commlens")]["spec"]["template"]["spec"]["containers"][0]
 
 
 @pytest.mark.parametrize("files, line_length", [
@@ -111,7 +111,11 @@ def _validate(objects, tmp_path):
      "dashboardToken": {"existingSecret": "commlens-dashboard"},
      "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}}},
     dict(EXISTING_SECRET, history={"persistence": {"enabled": True}}),
-], ids=["existing-secret", "url-replicas-token", "persistent-history"])
+    dict(EXISTING_SECRET, replicaCount=3, history={"persistence": {"enabled": True}},
+         rabbitmqManagement={"existingSecret": "rabbitmq-management"},
+         prometheusRule={"labels": {"release": "kube-prometheus-stack"}}),
+], ids=["existing-secret", "url-replicas-token", "persistent-history",
+        "replicas-persistent-management"])
 def test_rendered_manifests_validate_against_kubernetes_schemas(values, tmp_path):
     objects = render(values)
     result = _validate(objects, tmp_path)
@@ -124,16 +128,16 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(values, tmp_path
 
 def test_validation_can_fail(tmp_path):
     objects = render(EXISTING_SECRET)
-    objects[("Deployment", "commlens")]["spec"]["replicas"] = "two"
+    objects[("StatefulSet", "commlens")]["spec"]["replicas"] = "two"
     objects[("Service", "commlens")]["spec"]["portz"] = []
     result = _validate(objects, tmp_path)
     assert result.returncode != 0
-    assert "deployment/commlens" in result.stdout + result.stderr
+    assert "statefulset/commlens" in result.stdout + result.stderr
 
 
 def test_deployment_runs_the_collector_with_probes_and_the_broker_url_from_a_secret():
     objects = render(EXISTING_SECRET)
-    container = _deployment(objects)
+    container = _collector(objects)
     assert container["command"] == ["commlens", "collector"]
     assert "--listen=0.0.0.0:9780" in container["args"]
     assert not any(a.startswith("--replica") for a in container["args"])
@@ -153,9 +157,9 @@ def test_replicas_token_and_a_created_secret():
                       "replicaCount": 3,
                       "dashboardToken": {"existingSecret": "commlens-dashboard"},
                       "serviceMonitor": {"labels": {"release": "kube-prometheus-stack"}}})
-    container = _deployment(objects)
+    container = _collector(objects)
     assert "--replica=$(POD_NAME)" in container["args"]
-    assert objects[("Deployment", "commlens")]["spec"]["replicas"] == 3
+    assert objects[("StatefulSet", "commlens")]["spec"]["replicas"] == 3
     env = {e["name"]: e for e in container["env"]}
     assert env["COMMLENS_DASHBOARD_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == \
         "commlens-dashboard"
@@ -199,13 +203,11 @@ def test_optional_objects_can_be_turned_off():
     objects = render(dict(EXISTING_SECRET, serviceMonitor={"enabled": False},
                           prometheusRule={"enabled": False},
                           grafanaDashboards={"enabled": False}))
-    assert {kind for kind, _ in _manifests(objects)} == {"Deployment", "Service"}
+    assert {kind for kind, _ in _manifests(objects)} == {"StatefulSet", "Service"}
 
 
 @pytest.mark.parametrize("values, message", [
     ({}, "set broker.existingSecret"),
-    (dict(EXISTING_SECRET, replicaCount=2, history={"persistence": {"enabled": True}}),
-     "history.persistence needs replicaCount 1"),
 ])
 def test_bad_values_get_a_clear_error(values, message):
     result = _run("render", json.dumps(values))
@@ -220,3 +222,72 @@ def test_notes_say_how_to_reach_the_dashboard_and_warn_without_a_token():
     assert "WARNING: no dashboardToken.existingSecret" in notes
     guarded = render(dict(EXISTING_SECRET, dashboardToken={"existingSecret": "dash"}))["NOTES"]
     assert "WARNING" not in guarded and "?token=" in guarded
+
+
+REPLICAS = dict(EXISTING_SECRET, replicaCount=3)
+
+
+def test_replica_names_are_the_pods_ordinals_stable_across_rollouts():
+    objects = render(REPLICAS)
+    assert not any(kind == "Deployment" for kind, _ in _manifests(objects))
+    statefulset = objects[("StatefulSet", "commlens")]
+    # A StatefulSet's pods are <name>-<ordinal>: the replica name a rollout
+    # gives back to the pod it replaces, so its queue is consumed again.
+    assert "--replica=$(POD_NAME)" in _collector(objects)["args"]
+    env = {e["name"]: e for e in _collector(objects)["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert statefulset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert statefulset["spec"]["serviceName"] == "commlens-peers"
+
+
+def test_replicas_are_wired_to_their_peers_through_a_headless_service():
+    objects = render(REPLICAS)
+    peers = [a for a in _collector(objects)["args"] if a.startswith("--peer=")]
+    assert peers == [f"--peer=http://commlens-{i}.commlens-peers.openstack.svc:9780"
+                     for i in range(3)]
+    headless = objects[("Service", "commlens-peers")]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    selector = objects[("StatefulSet", "commlens")]["spec"]["selector"]["matchLabels"]
+    assert headless["spec"]["selector"] == selector
+    # Prometheus scrapes each pod once: the ServiceMonitor does not select it.
+    monitor = objects[("ServiceMonitor", "commlens")]["spec"]["selector"]["matchLabels"]
+    assert not monitor.items() <= headless["metadata"]["labels"].items()
+    single = render(EXISTING_SECRET)
+    assert ("Service", "commlens-peers") not in single
+    assert not any(a.startswith(("--peer", "--replica")) for a in _collector(single)["args"])
+
+
+def test_each_replica_keeps_its_own_history_volume_across_rollouts():
+    objects = render(dict(REPLICAS, history={"persistence": {"enabled": True,
+                                                             "size": "5Gi"}}))
+    spec = objects[("StatefulSet", "commlens")]["spec"]
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "history"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert "history" not in {v["name"] for v in spec["template"]["spec"]["volumes"]}
+    assert {"name": "history", "mountPath": "/var/lib/commlens"} in \
+        _collector(objects)["volumeMounts"]
+    assert not any(kind == "PersistentVolumeClaim" for kind, _ in _manifests(objects))
+    ephemeral = render(REPLICAS)[("StatefulSet", "commlens")]["spec"]
+    assert "volumeClaimTemplates" not in ephemeral
+    assert {"name": "history", "emptyDir": {}} in ephemeral["template"]["spec"]["volumes"]
+
+
+def test_the_management_url_comes_from_a_secret_never_the_pod_spec():
+    objects = render(dict(EXISTING_SECRET, rabbitmqManagement={
+        "existingSecret": "rabbitmq-management", "secretKey": "management-url"}))
+    container = _collector(objects)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["COMMLENS_RABBITMQ_MANAGEMENT_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rabbitmq-management", "key": "management-url"}
+    assert not any("management" in a for a in container["args"])
+    assert "COMMLENS_RABBITMQ_MANAGEMENT_URL" not in {
+        e["name"] for e in _collector(render(EXISTING_SECRET))["env"]}
+
+
+def test_prometheus_rule_carries_the_labels_prometheus_selects_rules_by():
+    rule = render(dict(EXISTING_SECRET, prometheusRule={
+        "labels": {"release": "kube-prometheus-stack"}}))[("PrometheusRule", "commlens")]
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/name"] == "commlens"

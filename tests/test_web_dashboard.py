@@ -353,3 +353,39 @@ def test_advice_beside_the_graph_names_a_slow_conductor_and_its_option_then_clea
     finally:
         demo.process.kill()
         demo.process.wait()
+
+
+def test_a_replica_asks_its_peers_with_the_token_and_the_page_says_who_is_missing(
+        browser, rabbitmq, tmp_path):
+    from support import free_port
+
+    import uuid
+
+    token = "fleet-secret-51c2"
+    # An exchange of its own: replicas' queues must not take a share of what
+    # the other tests ship.
+    run = uuid.uuid4().hex[:8]
+    export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-dashfleet-{run}"
+                  f"&queue=commlens.dashfleet-{run}")
+    ports = [free_port() for _ in range(3)]  # the third never starts
+    peers = [a for port in ports for a in ("--peer", f"http://127.0.0.1:{port}")]
+    args = ["--dashboard-token", token, "--peer-timeout", "1s", *peers]
+    with run_collector(export_url, tmp_path, ["--replica", "a", *args], port=ports[0]) as one, \
+            run_collector(export_url, tmp_path, ["--replica", "b", *args], port=ports[1]):
+        wait_for(lambda: collector_ready(one), timeout=30, message="replica a ready")
+        request = urllib.request.Request(one.base_url + "/api/graph",
+                                         headers={"Authorization": f"Bearer {token}"})
+
+        def answered():
+            with urllib.request.urlopen(request, timeout=10) as response:
+                replicas = json.load(response)["replicas"]
+            return replicas if replicas["answered"] == ["a", "b"] else None
+        replicas = wait_for(answered, timeout=30, message="both replicas answer")
+        assert [m["peer"] for m in replicas["missing"]] == [f"http://127.0.0.1:{ports[2]}"]
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(one.base_url + "/dashboard/?" + urllib.parse.urlencode({"token": token}))
+        page.wait_for_selector("#replicas", state="visible", timeout=30000)
+        assert "1 replica(s) did not answer (Connection refused)" in page.inner_text("#replicas")
+        context.close()
+        assert token not in one.log()

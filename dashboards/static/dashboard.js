@@ -110,6 +110,7 @@ async function refreshServices() {
   const graph = await getJSON("/api/graph?window=" + windowArg());
   state.nodes = Object.fromEntries(graph.nodes.map((node) => [node.service, node]));
   renderSilentServers(graph.silent_servers || []);
+  renderReplicas(graph.replicas);
   const services = graph.nodes.map((node) => node.service);
   if (services.join() === state.services.join()) { return; }
   state.services = services;
@@ -120,6 +121,14 @@ async function refreshServices() {
   // A focus the graph does not draw (any more, or yet: a shared link) stays
   // chosen; the graph says there is no such service in this window.
   if (chosen) { ensureOption(focus, chosen); } else { focus.value = ""; }
+}
+
+// Replicas that answer as one (exporters/fleet.py): say when some did not.
+function renderReplicas(replicas) {
+  const missing = (replicas && replicas.missing) || [];
+  $("replicas").hidden = missing.length === 0;
+  $("replicas").textContent = missing.length === 0 ? "" :
+    `partial: ${missing.length} replica(s) did not answer (${missing.map((m) => m.error).join(", ")})`;
 }
 
 // A node that does not report itself (exporters/graph.py): an unknown caller

@@ -27,7 +27,7 @@ from json_http import JsonRequestHandler
 RESOURCES = {
     "/api/v1": [("configmaps", "ConfigMap"), ("secrets", "Secret"), ("services", "Service"),
                 ("persistentvolumeclaims", "PersistentVolumeClaim")],
-    "/apis/apps/v1": [("deployments", "Deployment")],
+    "/apis/apps/v1": [("deployments", "Deployment"), ("statefulsets", "StatefulSet")],
     "/apis/monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor"),
                                        ("prometheusrules", "PrometheusRule")],
 }
