@@ -47,7 +47,7 @@ run: setup
 
 ## The benchmarks: RPC (rabbit:// vs commlens+rabbit://) and WSGI (wrk), compiled and pure
 ## Python side by side, each also counted by callgrind, the agent's installed size and
-## import time, collector ingest, the control plane at 1,000 emulated agents, and
+## import time, collector ingest (and with OTLP export on), the control plane at 1,000 emulated agents, and
 ## 10 minutes of faults against the emulated plane's own ground truth.
 bench: setup
 	@scripts/ensure-rabbitmq
@@ -57,5 +57,6 @@ bench: setup
 	$(PY) benchmarks/wsgi_instructions.py
 	$(PY) benchmarks/agent_footprint.py
 	$(PY) benchmarks/collector_ingest.py
+	$(PY) benchmarks/otlp_export.py
 	$(PY) benchmarks/emulate_scale.py
 	$(PY) benchmarks/fault_soak.py

@@ -32,6 +32,8 @@ import urllib.request
 import uuid
 import warnings
 
+from commlens.exporters import otlp
+
 LOG = logging.getLogger(__name__)
 
 
@@ -63,6 +65,7 @@ def add_command(commands, listen_type, default_listen):
     demo.add_argument("--users", type=int, default=8, help="concurrent API users (8)")
     demo.add_argument("--no-live", action="store_true",
                       help="print a status line every 5 s instead of the live table")
+    otlp.add_arguments(demo)
     demo.set_defaults(run=run_demo)
 
 
@@ -78,7 +81,6 @@ def _queue_ttl(value):
 
 
 def run_demo(args):
-    from werkzeug import serving
 
     from commlens.emulator import controlplane
     from commlens.emulator import faults as faults_mod
@@ -113,6 +115,11 @@ def run_demo(args):
     # graph (what a process older than its collector ships is carried in,
     # exporters/collector.py).
     collector = collector_mod.Collector()
+    try:
+        collector.span_export = otlp.from_arguments(args)
+    except otlp.EndpointError as exc:
+        print(f"commlens demo: {exc}", file=sys.stderr)
+        return 2
     if embedded:
         # Everything the services ship stays in this process.
         export_url = os.environ["COMMLENS_EXPORT_URL"] = "memory://"
@@ -127,12 +134,14 @@ def run_demo(args):
     _add_fault_control(app, faults, plane)
     host, port = args.listen
     try:
-        server = serving.make_server(host, port, app, threaded=True,
-                                     request_handler=http.RequestHandler)
+        server = http.make_server(host, port, app)
     except OSError as exc:
-        print(f"commlens demo: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        print(f"commlens demo: cannot listen on {host}:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
 
+    if collector.span_export is not None:
+        collector.span_export.start()
     intake.start()
     collector.start_sweeper()
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -15,12 +15,53 @@ import urllib.request
 from commlens.dashboards import formatting
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:9780"
+# Output that is not a terminal (a pipe, a file) is as wide as its longest
+# row: grep and awk see whole service names, never rich's 80 columns.
+UNLIMITED_WIDTH = 100000
+NO_VALUE = float("inf")
+
+
+def _most(value):
+    """Descending order for a number that may be missing (missing last)."""
+    return -value if value is not None else NO_VALUE
+
+
+# `commlens graph --sort`: the edge order, first key first; ties in caller,
+# callee, protocol order so the output is stable.
+GRAPH_SORTS = {
+    "errors": lambda e: (-e["error_ratio"], -e["rate"]),
+    "rate": lambda e: (-e["rate"],),
+    "p50": lambda e: (_most(e.get("p50_seconds")),),
+    "p99": lambda e: (_most(e.get("p99_seconds")),),
+    "waiting": lambda e: (_most(e.get("waiting_replies")),),
+    "timeouts": lambda e: (_most(e.get("timeouts")),),
+    "caller": lambda e: (),
+    "callee": lambda e: (e["server"],),
+}
+
+
+def _positive(value):
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a whole number of at least 1")
+    return number
 
 
 def add_commands(commands):
     graph = commands.add_parser("graph", help="who calls whom: rates, errors, latency, "
                                               "waiting replies")
     graph.add_argument("--window", default="5m", help="rates over this window (default 5m)")
+    graph.add_argument("--sort", choices=sorted(GRAPH_SORTS), default="errors",
+                       help="edge order: errors (error ratio, then rate; the default), "
+                            "rate, p50, p99, waiting, timeouts (highest first), "
+                            "caller or callee (by name)")
+    graph.add_argument("--top", type=_positive, default=None, metavar="N",
+                       help="only the first N edges in that order")
     graph.set_defaults(run=run_graph)
 
     chains = commands.add_parser("chains", help="error propagation chains, grouped")
@@ -81,8 +122,7 @@ def _run(render):
             json.dump(data, sys.stdout, indent=2)
             print()
         else:
-            from rich.console import Console
-            render.show(Console(), data)
+            render.show(_console(), data)
         return 0
     return run
 
@@ -97,6 +137,14 @@ def _say_if_partial(args, data):
               f"not {missing}", file=sys.stderr)
 
 
+def _console():
+    from rich.console import Console
+
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=UNLIMITED_WIDTH)
+
+
 _seconds = formatting.duration
 
 
@@ -107,17 +155,21 @@ def _when(timestamp):
 class _Graph:
     @staticmethod
     def fetch(args):
-        return _get(args, "/api/graph", window=args.window)
+        data = _get(args, "/api/graph", window=args.window)
+        return sorted_edges(data, args.sort, args.top)
 
     @staticmethod
     def show(console, data):
         from rich.table import Table
-        table = Table(title=f"Communication graph, last {data['window_seconds']:.0f}s")
+        title = f"Communication graph, last {data['window_seconds']:.0f}s"
+        if data.get("edges_total", len(data["edges"])) > len(data["edges"]):
+            title += f", top {len(data['edges'])} of {data['edges_total']} edges"
+        table = Table(title=title)
         for column in ("caller", "callee", "proto", "req/s", "err %", "p50", "p99",
                        "waiting", "timeouts", "queue ready/unacked/consumers"):
             table.add_column(column, justify="left" if column in (
                 "caller", "callee", "proto") else "right")
-        for edge in sorted(data["edges"], key=lambda e: (-e["error_ratio"], -e["rate"])):
+        for edge in data["edges"]:
             queues = ", ".join(f"{name} {q['ready']}/{q['unacked']}/{q['consumers']}"
                                for name, q in (edge.get("queues") or {}).items())
             error = formatting.number(edge["error_ratio"] * 100)
@@ -130,6 +182,18 @@ class _Graph:
                 _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues)
         console.print(table)
         _show_silent_servers(console, data.get("silent_servers") or [])
+
+
+def sorted_edges(data, sort="errors", top=None):
+    """The graph with its edges in ``sort`` order (GRAPH_SORTS), the first
+    ``top`` only; ``edges_total`` says how many there were."""
+    key = GRAPH_SORTS[sort]
+    edges = sorted(data["edges"], key=lambda e: (*key(e), e["client"], e["server"],
+                                                 e["protocol"]))
+    data = dict(data, edges=edges[:top] if top else edges)
+    if top:
+        data["edges_total"] = len(edges)
+    return data
 
 
 def _show_silent_servers(console, servers):

@@ -1,6 +1,7 @@
 """The ``commlens`` command."""
 
 import argparse
+import importlib.metadata
 import importlib.util
 import ipaddress
 import logging
@@ -16,6 +17,7 @@ from commlens.cli import emulate
 from commlens.cli import grafana
 from commlens.cli import incident
 from commlens.exporters import durations
+from commlens.exporters import otlp
 
 LOG = logging.getLogger("commlens.collector")
 DEFAULT_LISTEN = "127.0.0.1:9780"
@@ -23,6 +25,18 @@ DEFAULT_EXPORT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_HISTORY = os.path.join(
     os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"),
     "commlens", "history.sqlite")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The collector's options that an environment variable can set (their
+# default), by option: build_parser reads them, docs/configuration.md lists them.
+ENVIRONMENT = {
+    "--log-level": "COMMLENS_LOG_LEVEL",
+    "--export-url": "COMMLENS_EXPORT_URL",
+    "--queue-ttl": "COMMLENS_QUEUE_TTL",
+    "--history": "COMMLENS_HISTORY",
+    "--metrics-warm-up": "COMMLENS_METRICS_WARM_UP",
+    "--rabbitmq-management-url": "COMMLENS_RABBITMQ_MANAGEMENT_URL",
+    "--dashboard-token": "COMMLENS_DASHBOARD_TOKEN",
+}
 # What `pip install 'commlens[collector]'` adds (pyproject's collector extra),
 # by import name. Every command is the collector's or talks to it; inside a
 # service only the agent is installed, and there a command says what to
@@ -37,19 +51,54 @@ def _listen_address(value):
     return host.strip("[]"), int(port)
 
 
+def _env(option, fallback=None):
+    return os.environ.get(ENVIRONMENT[option], fallback)
+
+
+def version():
+    try:
+        return importlib.metadata.version("commlens")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr and exit status 2: the usage
+    block argparse prints first hides the line that says what is wrong."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _log_level(value):
+    level = str(value).strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return level
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="commlens",
         description="See how an OpenStack control plane talks to itself.")
-    parser.add_argument("--log-level", default=os.environ.get("COMMLENS_LOG_LEVEL", "INFO"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--log-level", type=_log_level, default=_env("--log-level", "INFO"),
+                        help=f"{', '.join(LOG_LEVELS)} (default: COMMLENS_LOG_LEVEL, "
+                             "else INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     collector = commands.add_parser(
         "collector", help="receive what instrumented services ship; serve /metrics and the API")
     collector.add_argument("--listen", type=_listen_address, default=DEFAULT_LISTEN,
                            help=f"address for /metrics and the API (default {DEFAULT_LISTEN})")
-    collector.add_argument("--export-url", default=os.environ.get("COMMLENS_EXPORT_URL"),
-                           help="where agents ship: amqp://... (default: COMMLENS_EXPORT_URL, "
+    collector.add_argument("--export-url", action="append", type=_export_urls,
+                           default=None, metavar="URL",
+                           help="where agents ship: amqp://user:password@host:5672/vhost, "
+                                "the broker and vhost of the agents' export URL (by "
+                                "default their transport URL's). Repeat it to consume "
+                                "several vhosts at once (default: COMMLENS_EXPORT_URL, "
+                                "one URL or several separated by spaces or commas, "
                                 f"else {DEFAULT_EXPORT_URL.replace('guest:guest@', '<guest>@')})")
     collector.add_argument("--replica", type=_replica_name, default=None,
                            help="run as one of several collectors sharing the load "
@@ -64,21 +113,22 @@ def build_parser():
                            help="how long an answer waits for a peer; one that is later "
                                 "is named as missing in a partial answer (default 2s)")
     collector.add_argument("--queue-ttl", type=_queue_ttl,
-                           default=os.environ.get("COMMLENS_QUEUE_TTL", "120"),
+                           default=_env("--queue-ttl", "120"),
                            help="seconds a shipped message waits for a collector in its "
                                 "queue; what expires is counted on "
                                 "commlens_collector_lost_total (default: COMMLENS_QUEUE_TTL, "
                                 "else 120)")
-    collector.add_argument("--history", default=os.environ.get("COMMLENS_HISTORY",
-                                                               DEFAULT_HISTORY),
+    collector.add_argument("--history", default=_env("--history", DEFAULT_HISTORY),
                            help="SQLite file of traces and chains; ':memory:' for none "
-                                f"(default {DEFAULT_HISTORY})")
+                                "(default: COMMLENS_HISTORY, else "
+                                "$XDG_DATA_HOME/commlens/history.sqlite, "
+                                "~/.local/share/commlens/history.sqlite without it)")
     collector.add_argument("--history-max-age", type=_duration, default="24h",
                            help="forget traces older than this (default 24h)")
     collector.add_argument("--history-max-traces", type=int, default=200000,
                            help="keep at most this many traces (default 200000)")
     collector.add_argument("--metrics-warm-up", type=_warm_up,
-                           default=os.environ.get("COMMLENS_METRICS_WARM_UP", "10s"),
+                           default=_env("--metrics-warm-up", "10s"),
                            help="/metrics shows the shipped counters and histograms this long "
                                 "after the first snapshot, when every process has reported "
                                 "(0 for at once; default: COMMLENS_METRICS_WARM_UP, else 10s)")
@@ -88,11 +138,12 @@ def build_parser():
                            help="traces assembled at once; the oldest closes early "
                                 "past it (default 50000)")
     collector.add_argument("--rabbitmq-management-url",
-                           default=os.environ.get("COMMLENS_RABBITMQ_MANAGEMENT_URL"),
+                           default=_env("--rabbitmq-management-url"),
                            help="http://user:password@host:15672/ to show RPC queue "
-                                "depths beside the graph")
+                                "depths beside the graph (default: "
+                                "COMMLENS_RABBITMQ_MANAGEMENT_URL)")
     collector.add_argument("--dashboard-token",
-                           default=os.environ.get("COMMLENS_DASHBOARD_TOKEN"),
+                           default=_env("--dashboard-token"),
                            help="require this token for the dashboard and the JSON API "
                                 "(default: COMMLENS_DASHBOARD_TOKEN; /metrics and the probes "
                                 "stay open). Set it whenever --listen is not a loopback address")
@@ -101,6 +152,7 @@ def build_parser():
                                 "error ratio (default 0.01)")
     collector.add_argument("--failing-error-ratio", type=float, default=0.05,
                            help="... and failing from this one (default 0.05)")
+    otlp.add_arguments(collector)
     collector.set_defaults(run=run_collector)
 
     incident.add_commands(commands)
@@ -109,6 +161,37 @@ def build_parser():
     emulate.add_command(commands, _listen_address, DEFAULT_LISTEN)
     grafana.add_command(commands)
     return parser
+
+
+def _export_urls(value):
+    """One ``--export-url`` value (or COMMLENS_EXPORT_URL): one URL or several,
+    each checked as the intake will read it; ArgumentTypeError without secrets."""
+    from commlens.exporters import intake
+    from commlens.tracer import shipping
+
+    try:
+        return [intake.check_export_url(url) for url in intake.split_export_urls(value)]
+    except shipping.ExportUrlError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def export_urls(args):
+    """The URLs the collector consumes: every --export-url, else
+    COMMLENS_EXPORT_URL, else the local broker's ``/``."""
+    if args.export_url:
+        found = [url for urls in args.export_url for url in urls]
+    elif _env("--export-url", "").strip():
+        found = _export_urls(_env("--export-url"))
+    else:
+        found = [DEFAULT_EXPORT_URL]
+    from commlens.tracer import urls
+
+    seen = set()
+    for url in found:
+        if url in seen:
+            raise argparse.ArgumentTypeError(f"export URL {urls.redact(url)!r} is given twice")
+        seen.add(url)
+    return found
 
 
 def _duration(value):
@@ -139,8 +222,6 @@ def _replica_name(value):
 
 
 def run_collector(args):
-    from werkzeug import serving
-
     from commlens.dashboards import health
     from commlens.dashboards import web
     from commlens.exporters import broker
@@ -150,9 +231,12 @@ def run_collector(args):
     from commlens.exporters import intake as intake_mod
     from commlens.exporters import traces
     from commlens.tracer import shipping
-    from commlens.tracer import urls
 
-    export_url = args.export_url or DEFAULT_EXPORT_URL
+    try:
+        export_url_list = export_urls(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"commlens collector: {exc}", file=sys.stderr)
+        return 2
     try:
         dashboard = web.DashboardSettings(
             tolerances=health.Tolerances(args.degraded_error_ratio, args.failing_error_ratio),
@@ -167,12 +251,13 @@ def run_collector(args):
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
                                         max_traces=args.history_max_traces),
             metrics_warm_up=args.metrics_warm_up)
-        intake = intake_mod.make_intake(export_url, collector, replica=args.replica,
-                                        queue_ttl=args.queue_ttl)
+        intake = intake_mod.make_intakes(export_url_list, collector, replica=args.replica,
+                                         queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:
             collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
+        collector.span_export = otlp.from_arguments(args)
     except (shipping.ExportUrlError, history_mod.HistoryError,
-            broker.BrokerUrlError) as exc:
+            broker.BrokerUrlError, otlp.EndpointError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
     peers = _peers(args)
@@ -188,21 +273,25 @@ def run_collector(args):
                                 token=dashboard.token)
     host, port = args.listen
     try:
-        server = serving.make_server(host, port,
-                                     http.create_app(collector, intake, dashboard, fleet),
-                                     threaded=True, request_handler=http.RequestHandler)
+        server = http.make_server(host, port, http.create_app(collector, intake, dashboard,
+                                                               fleet))
     except OSError as exc:
-        print(f"commlens collector: cannot listen on {host}:{port}: {exc.strerror}",
-              file=sys.stderr)
+        print(f"commlens collector: cannot listen on {host}:{port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        collector.history.close()
         return 2
+    if collector.span_export is not None:
+        collector.span_export.start()
     intake.start()
     collector.start_sweeper()
     if collector.queue_watcher is not None:
         collector.queue_watcher.start()
-    print(f"commlens collector: consuming {urls.redact(export_url)}"
+    exporting = collector.span_export
+    print(f"commlens collector: consuming {intake.description}"
           f"{' as replica ' + args.replica if args.replica else ''}; "
           f"dashboard on http://{host}:{server.port}/dashboard/, "
-          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}",
+          f"metrics on http://{host}:{server.port}/metrics; history in {args.history}"
+          f"{'; spans to ' + exporting.description if exporting else ''}",
           flush=True)
     if not dashboard.token and not _loopback(host):
         LOG.warning("commlens collector: the dashboard and JSON API on %s are open to anyone "

@@ -40,6 +40,7 @@ import time
 
 from commlens.exporters import advice as advice_mod
 from commlens.exporters import chains
+from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
 from commlens.exporters import silent
@@ -154,6 +155,10 @@ class Collector:
         # Totals no process holds any more, oldest first: {(name, labels): since}.
         self._unheld = collections.OrderedDict()
         self.hops = collections.deque(maxlen=max_hops)
+        # Hops taken into ``hops`` since the start: the exemplars read only
+        # what came after their last look (exemplars.py).
+        self.hops_received = 0
+        self.exemplars = exemplars_mod.Exemplars()
         self.messages = collections.Counter()
         self.invalid_series = 0
         self.refused_series = collections.Counter()
@@ -171,6 +176,8 @@ class Collector:
         # What the tuning rules read, every few seconds (exporters/advice.py).
         self.advice_samples = advice_mod.samples(clock=clock)
         self.queue_watcher = None
+        # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
+        self.span_export = None
         self.history_errors = 0
         self._sweep_lock = threading.Lock()
         self._sweeper = None
@@ -443,9 +450,12 @@ class Collector:
         with self._lock:
             self.hops.extend(cleaned)
             self.invalid_hops += len(hops) - len(cleaned)
+            self.hops_received += len(cleaned)
             add = self.window.add
             for hop in cleaned:
                 add(hop)
+        if self.span_export is not None and cleaned:
+            self.span_export.offer(cleaned)
         return ACCEPTED
 
     # -- traces and chains -------------------------------------------------
@@ -519,6 +529,8 @@ class Collector:
             self._sweeper.join(10)
         if self.queue_watcher is not None:
             self.queue_watcher.stop()
+        if self.span_export is not None:
+            self.span_export.stop()
         self.sweep(force=True)
 
     # -- the graph -----------------------------------------------------------

@@ -2,6 +2,7 @@
 web dashboard (commlens.dashboards.web)."""
 
 import re
+import socket
 import urllib.parse
 
 import flask
@@ -12,6 +13,24 @@ from commlens.exporters import durations
 from commlens.exporters import fleet as _fleet
 from commlens.exporters import prometheus
 from commlens.exporters import silent
+
+
+def make_server(host, port, app):
+    """The threaded server for ``app`` on ``host:port``; OSError (with its
+    strerror) when the address cannot be had. werkzeug's own bind prints the
+    reason and exits with status 1 itself; binding here lets the commands
+    say it in their one line and exit 2."""
+    family = serving.select_address_family(host, port)
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(serving.get_sockaddr(host, port, family))
+        listening.listen(serving.LISTEN_QUEUE)
+        # The server takes a duplicate of the listening socket's descriptor.
+        return serving.make_server(host, port, app, threaded=True,
+                                   request_handler=RequestHandler, fd=listening.fileno())
+    finally:
+        listening.close()
 
 
 def create_app(collector, intake=None, dashboard=None, fleet=None):
@@ -47,7 +66,8 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
 
     @app.get("/metrics")
     def metrics():
-        body, content_type = prometheus.render(collector, intake)
+        body, content_type = prometheus.render(collector, intake,
+                                               flask.request.headers.get("Accept"))
         return flask.Response(body, content_type=content_type)
 
     @app.get("/healthz")

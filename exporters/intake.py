@@ -3,7 +3,9 @@
 import collections
 import json
 import logging
+import re
 import threading
+import urllib.parse
 
 from commlens.exporters import durations
 from commlens.tracer import shipping
@@ -56,6 +58,64 @@ def queue_arguments(ttl_seconds, dead_letter_exchange):
         "x-message-ttl": int(ttl_seconds * 1000),
         "x-dead-letter-exchange": dead_letter_exchange,
     }
+
+
+# Several export URLs in one value: separated by whitespace, or by a comma
+# before the next URL's scheme (a comma inside a URL, in a password, stays).
+_URL_SEPARATOR = re.compile(r"\s+|,\s*(?=(?:amqps?|memory)://)", re.IGNORECASE)
+
+
+def split_export_urls(value):
+    """``"amqp://h/nova amqp://h/neutron"`` (or with commas) -> a list of URLs."""
+    return [url for url in _URL_SEPARATOR.split(value or "") if url.strip(", ")]
+
+
+def check_export_url(export_url):
+    """``export_url`` if the intake can consume it; ExportUrlError, whose
+    message never holds the URL's secrets, if not."""
+    try:
+        urllib.parse.urlsplit(export_url).port  # noqa: B018 - reading the port checks it
+    except ValueError:
+        raise shipping.ExportUrlError(
+            f"export URL {urls.redact(export_url)!r} is not a valid URL "
+            "(an unclosed '[' or a port that is no number?)") from None
+    shipping.make_transport(export_url).close()  # the scheme, and pika's reading of it
+    return export_url
+
+
+def make_intakes(export_urls, collector, replica=None, queue_ttl=DEFAULT_QUEUE_TTL):
+    """One intake per export URL (a vhost each, say), as one intake."""
+    intakes = [make_intake(url, collector, replica=replica, queue_ttl=queue_ttl)
+               for url in export_urls]
+    return intakes[0] if len(intakes) == 1 else Intakes(intakes)
+
+
+class Intakes:
+    """Several intakes consumed at once (openstack-helm gives each service
+    its own vhost; agents ship to their transport's): one collector merges
+    them all. Ready and up while every one of them consumes."""
+
+    def __init__(self, intakes):
+        self.intakes = list(intakes)
+        self.description = ", ".join(intake.description for intake in self.intakes)
+
+    @property
+    def connected(self):
+        return all(intake.connected for intake in self.intakes)
+
+    def start(self):
+        for intake in self.intakes:
+            intake.start()
+
+    def stop(self):
+        for intake in self.intakes:
+            intake.stop()
+
+    def lost_counts(self):
+        total = collections.Counter()
+        for intake in self.intakes:
+            total.update(intake.lost_counts())
+        return dict(total)
 
 
 def make_intake(export_url, collector, replica=None, queue_ttl=DEFAULT_QUEUE_TTL):

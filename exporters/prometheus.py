@@ -3,6 +3,10 @@
 from prometheus_client import core
 from prometheus_client import exposition
 from prometheus_client import registry as prom_registry
+from prometheus_client import samples
+from prometheus_client.openmetrics import exposition as openmetrics
+
+from commlens.exporters import exemplars as exemplars_mod
 
 from commlens.exporters import graph
 from commlens.tracer import metrics
@@ -54,6 +58,17 @@ BROKER_QUEUE_CONSUMERS = metrics.Metric(
 BROKER_UP = metrics.Metric(
     "commlens_broker_management_up", "gauge", (),
     "1 when the last poll of RabbitMQ's management API worked, else 0.")
+COLLECTOR_OTLP_EXPORTED = metrics.Metric(
+    "commlens_collector_otlp_spans_exported_total", "counter", (),
+    "Hops the tracing backend took as OTLP spans (--otlp-endpoint).")
+COLLECTOR_OTLP_DROPPED = metrics.Metric(
+    "commlens_collector_otlp_spans_dropped_total", "counter", ("reason",),
+    "Hops not exported as OTLP spans (reason: queue_full, the backend is slower than "
+    "the intake or down; export_failed, the backend refused, did not answer in time or "
+    "could not be reached; encoding_failed).")
+COLLECTOR_OTLP_QUEUE = metrics.Metric(
+    "commlens_collector_otlp_queue_spans", "gauge", (),
+    "Hops waiting to be exported as OTLP spans.")
 COLLECTOR_INTAKE_UP = metrics.Metric(
     "commlens_collector_intake_up", "gauge", (),
     "1 while the collector is connected to where agents ship, else 0.")
@@ -62,9 +77,10 @@ COLLECTOR_INTAKE_UP = metrics.Metric(
 class CollectorExposition:
     """A prometheus_client collector reading a commlens Collector."""
 
-    def __init__(self, collector, intake=None):
+    def __init__(self, collector, intake=None, exemplars=False):
         self._collector = collector
         self._intake = intake
+        self._exemplars = exemplars
 
     def collect(self):
         collector = self._collector
@@ -84,12 +100,23 @@ class CollectorExposition:
             families[name].add_metric(list(labels), value)
         for (name, labels), value in gauges.items():
             families[name].add_metric(list(labels), value)
-        for (name, labels), (counts, total, _low, _high) in histograms.items():
+        found = {}
+        if self._exemplars and histograms:
+            collector.exemplars.update(collector)
+            found = collector.exemplars.for_series(histograms)
+        for key, (counts, total, _low, _high) in histograms.items():
             cumulative, running = [], 0
-            for bound, count in zip(_BOUNDS, counts, strict=True):
+            bucket_exemplars = found.get(key, {})
+            for index, (bound, count) in enumerate(zip(_BOUNDS, counts, strict=True)):
                 running += count
-                cumulative.append((bound, running))
-            families[name].add_metric(list(labels), cumulative, total)
+                exemplar = bucket_exemplars.get(index)
+                if exemplar is not None and count:
+                    trace_id, value, timestamp = exemplar
+                    cumulative.append((bound, running, samples.Exemplar(
+                        {exemplars_mod.TRACE_ID_LABEL: trace_id}, value, timestamp)))
+                else:
+                    cumulative.append((bound, running))
+            families[key[0]].add_metric(list(key[1]), cumulative, total)
         yield from families.values()
 
         messages = _family(COLLECTOR_MESSAGES)
@@ -133,6 +160,8 @@ class CollectorExposition:
         yield history_errors
         if collector.queue_watcher is not None:
             yield from _broker_families(collector.queue_watcher, topics)
+        if collector.span_export is not None:
+            yield from _otlp_families(collector.span_export)
         if self._intake is not None:
             up = _family(COLLECTOR_INTAKE_UP)
             up.add_metric([], 1 if self._intake.connected else 0)
@@ -154,6 +183,20 @@ def _lost_family(intake):
     for (what, reason), count in sorted(intake.lost_counts().items()):
         family.add_metric([what, reason], count)
     return family
+
+
+def _otlp_families(span_export):
+    exported, dropped = span_export.counts()
+    family = _family(COLLECTOR_OTLP_EXPORTED)
+    family.add_metric([], exported)
+    yield family
+    family = _family(COLLECTOR_OTLP_DROPPED)
+    for reason, count in sorted(dropped.items()):
+        family.add_metric([reason], count)
+    yield family
+    family = _family(COLLECTOR_OTLP_QUEUE)
+    family.add_metric([], span_export.queued())
+    yield family
 
 
 def _broker_families(watcher, topics):
@@ -181,8 +224,14 @@ def _family(metric):
     return core.HistogramMetricFamily(name, metric.help, labels=metric.labels)
 
 
-def render(collector, intake=None):
-    """(body bytes, content type) of the Prometheus text format."""
+def render(collector, intake=None, accept=None):
+    """(body bytes, content type): the Prometheus text format, or OpenMetrics
+    with trace-id exemplars on the latency histograms when ``accept`` (the
+    request's Accept header) asks for it, as Prometheus does with exemplar
+    storage on."""
+    generate, content_type = exposition.choose_encoder(accept or "")
+    # Newer prometheus_client hands a functools.partial of it.
+    with_exemplars = getattr(generate, "func", generate) is openmetrics.generate_latest
     registry = prom_registry.CollectorRegistry(auto_describe=False)
-    registry.register(CollectorExposition(collector, intake))
-    return exposition.generate_latest(registry), exposition.CONTENT_TYPE_LATEST
+    registry.register(CollectorExposition(collector, intake, exemplars=with_exemplars))
+    return generate(registry), content_type

@@ -412,10 +412,11 @@ def _context_copy(ctxt):
 
 
 def _default_export_url(inner_url):
-    """The transport's own broker for AMQP drivers; else in memory."""
+    """The transport's own broker and vhost for AMQP drivers; else None
+    (tracer/shipping.py make_shipper: the service says what to set)."""
     if inner_url.transport.split("+")[0] in _AMQP_DRIVERS:
-        return urls.amqp_url_from_transport(inner_url) or "memory://"
-    return "memory://"
+        return urls.amqp_url_from_transport(inner_url)
+    return None
 
 
 _TRANSPORT_MODULES = ("kombu", "amqp", "pika", "socket", "ssl")

@@ -264,17 +264,80 @@ def test_graph_and_tempo_service_graph_metrics_show_both_kinds_of_edge(
     assert metrics.value("commlens_broker_management_up") == 1
 
 
+def _edge_rows(table, edges):
+    """The table's rows naming an edge's caller and callee, whole, in order."""
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        for edge in edges:
+            if cells[1:3] == [edge["client"], edge["server"]]:
+                rows.append((edge["client"], edge["server"]))
+    return rows
+
+
+def test_piped_graph_shows_whole_names_sorted_and_cut_to_the_top(collector, scenario):
+    """`commlens graph | grep -c nova-conductor` counts every edge of it: a pipe
+    gets the whole width, not rich's 80 columns; --sort and --top order and cut."""
+    api_url, _topic = scenario
+    requests.post(f"{api_url}/v2.1/servers/{uuid.uuid4()}", timeout=15)
+
+    def commlens(*args):
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+        done = subprocess.run([sys.executable, "-m", "commlens.cli.main", "graph",
+                               "--window", "15m", *args, "--collector", collector.base_url],
+                              capture_output=True, text=True, timeout=30, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def edges_of_conductor():
+        edges = json.loads(commlens("--json"))["edges"]
+        return edges if any("nova-conductor" in (e["client"], e["server"])
+                            for e in edges) else None
+
+    wait_for(edges_of_conductor, timeout=30, message="edges of nova-conductor")
+    keys = [None]
+
+    def settled():
+        # The same edges twice in a row: what follows compares several calls.
+        edges = json.loads(commlens("--json"))["edges"]
+        now = sorted((e["client"], e["server"], e["protocol"]) for e in edges)
+        settled_edges = edges if now == keys[0] else None
+        keys[0] = now
+        return settled_edges
+
+    edges = wait_for(settled, timeout=30, message="the graph's edges settle")
+    table = commlens()
+    assert max(len(line) for line in table.splitlines()) > 80
+    conductor = [e for e in edges if "nova-conductor" in (e["client"], e["server"])]
+    assert len(_edge_rows(table, conductor)) == len(conductor)
+    assert len(_edge_rows(table, edges)) == len(edges)
+
+    by_rate = json.loads(commlens("--sort", "rate", "--json"))["edges"]
+    assert [e["rate"] for e in by_rate] == sorted((e["rate"] for e in by_rate), reverse=True)
+    by_callee = json.loads(commlens("--sort", "callee", "--json"))["edges"]
+    assert [e["server"] for e in by_callee] == sorted(e["server"] for e in by_callee)
+    top = json.loads(commlens("--sort", "callee", "--top", "1", "--json"))
+    first = (by_callee[0]["client"], by_callee[0]["server"])
+    assert [(e["client"], e["server"]) for e in top["edges"]] == [first]
+    assert top["edges_total"] == len(by_callee) == len(edges)
+    table = commlens("--sort", "callee", "--top", "1")
+    assert _edge_rows(table, by_callee) == [first]
+    assert f"top 1 of {len(by_callee)} edges" in table
+
+
 def test_incident_commands_print_tables_and_json(collector, scenario):
     api_url, _topic = scenario
     response = requests.post(f"{api_url}/v2.1/servers/{uuid.uuid4()}", timeout=15)
     request_id = _request_id(response)
     collector.trace(request_id)
 
-    def commlens(*args):
+    def commlens(*args, columns="200"):
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+        if columns:
+            env["COLUMNS"] = columns
         done = subprocess.run([sys.executable, "-m", "commlens.cli.main", *args,
                                "--collector", collector.base_url],
-                              capture_output=True, text=True, timeout=30,
-                              env=dict(os.environ, COLUMNS="200"))
+                              capture_output=True, text=True, timeout=30, env=env)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -25,32 +25,59 @@ from commlens.tracer import names
 
 GROUP = "commlens"
 
+# The defaults used when no source sets an option. They are not the
+# options' oslo.config defaults: a default there would hide the environment
+# variable behind it (the config file wins over the environment only when
+# it sets the option). oslo-config-generator and docs/configuration.md show
+# them through each option's sample_default.
+DEFAULTS = {
+    "service_name": None,  # derived from the program name
+    "export_url": None,    # derived from the transport URL
+    "ship_interval": 5.0,
+    "hop_sample_ratio": 0.01,
+    "slow_hop_seconds": 1.0,
+    "http_outbound": True,
+    "http_max_routes": 200,
+    "http_endpoints": [],
+    "service_names": [],
+}
+# How a sample configuration file shows a default that is derived, not fixed.
+DERIVED_DEFAULTS = {
+    "service_name": "<the program's name>",
+    "export_url": "<the commlens+ transport URL's first broker and vhost>",
+}
+
 _OPTS = [
     cfg.StrOpt("service_name",
                help="Name of this service in metrics and traces "
                     "(env COMMLENS_SERVICE_NAME). Default: the program's "
-                    "name, e.g. nova-conductor."),
+                    "name, e.g. nova-conductor; for a WSGI application, its "
+                    "project's API service (nova-api, placement-api)."),
     cfg.StrOpt("export_url", secret=True,
                help="Where to ship records (env COMMLENS_EXPORT_URL): "
-                    "amqp://user:pass@host:5672/vhost or memory://. Default: "
-                    "the broker of the commlens+ transport URL, else memory://."),
+                    "amqp://user:pass@host:5672/vhost, the broker and vhost a "
+                    "collector consumes, or memory:// for a collector in the "
+                    "same process. Default: the broker and vhost of the "
+                    "commlens+ transport URL. A service without one (an "
+                    "API-only service: placement, keystone) must set it, "
+                    "or it ships nothing and says so once."),
     cfg.FloatOpt("ship_interval", min=0.05, max=3600.0,
                  help="Seconds between two shipped snapshots "
-                      "(env COMMLENS_SHIP_INTERVAL). Default 5."),
+                      "(env COMMLENS_SHIP_INTERVAL)."),
     cfg.FloatOpt("hop_sample_ratio", min=0.0, max=1.0,
                  help="Share of successful traces whose hops are shipped; "
                       "error and slow hops are always shipped "
-                      "(env COMMLENS_HOP_SAMPLE_RATIO). Default 0.01."),
+                      "(env COMMLENS_HOP_SAMPLE_RATIO)."),
     cfg.FloatOpt("slow_hop_seconds", min=0.0,
                  help="A hop at least this slow is always shipped "
-                      "(env COMMLENS_SLOW_HOP_SECONDS). Default 1."),
+                      "(env COMMLENS_SLOW_HOP_SECONDS)."),
     cfg.BoolOpt("http_outbound",
                 help="Trace outbound HTTP calls made with requests once the "
                      "WSGI middleware or a commlens+ transport is loaded "
-                     "(env COMMLENS_HTTP_OUTBOUND). Default true."),
+                     "(env COMMLENS_HTTP_OUTBOUND)."),
     cfg.IntOpt("http_max_routes", min=1,
                help="Distinct route templates kept per service; more are "
-                    "counted as 'other' (env COMMLENS_HTTP_MAX_ROUTES). Default 200."),
+                    "counted as 'other' (env COMMLENS_HTTP_MAX_ROUTES)."),
     cfg.ListOpt("http_endpoints",
                 help="Outbound targets: SERVICE=URL pairs, e.g. "
                      "neutron-server=http://10.0.0.5:9696 (env "
@@ -66,17 +93,22 @@ _OPTS = [
                      "docs/operator-guide.md) (env COMMLENS_SERVICE_NAMES)."),
 ]
 
-DEFAULTS = {
-    "service_name": None,  # derived from the program name
-    "export_url": None,    # derived from the transport URL
-    "ship_interval": 5.0,
-    "hop_sample_ratio": 0.01,
-    "slow_hop_seconds": 1.0,
-    "http_outbound": True,
-    "http_max_routes": 200,
-    "http_endpoints": [],
-    "service_names": [],
-}
+
+def sample_default(opt):
+    """The default as a configuration file would spell it."""
+    if opt.dest in DERIVED_DEFAULTS:
+        return DERIVED_DEFAULTS[opt.dest]
+    value = DEFAULTS[opt.dest]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
+
+
+for _opt in _OPTS:
+    _opt.sample_default = sample_default(_opt)
+del _opt
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
@@ -228,9 +260,9 @@ def _candidates(opt, overrides, conf, group):
             if _is_set(raw):
                 location = _config_location(conf, opt)
                 yield f"{source} in {location}" if location else source, raw, None
-    raw = os.environ.get(_env_name(opt))
+    raw = os.environ.get(env_name(opt))
     if _is_set(raw):
-        yield f"environment variable {_env_name(opt)}", raw, None
+        yield f"environment variable {env_name(opt)}", raw, None
 
 
 def _is_set(raw):
@@ -238,7 +270,7 @@ def _is_set(raw):
     return raw is not None and not (isinstance(raw, str) and not raw.strip())
 
 
-def _env_name(opt):
+def env_name(opt):
     return "COMMLENS_" + opt.dest.upper()
 
 

@@ -75,6 +75,10 @@ class MemoryBus:
             if callback in self._subscribers:
                 self._subscribers.remove(callback)
 
+    def has_subscribers(self):
+        with self._lock:
+            return bool(self._subscribers)
+
     def publish(self, body):
         with self._lock:
             subscribers = list(self._subscribers)
@@ -90,6 +94,9 @@ MEMORY_BUS = MemoryBus()
 
 class MemoryTransport:
     description = "memory://"
+    # The shipper's first failed send is a WARNING unless the reason was
+    # said already (make_shipper: no export URL).
+    explained = False
 
     def open(self):
         pass
@@ -363,7 +370,8 @@ class Shipper:
         self._recorder.return_hops(hops)
         # One line when shipping stops working and one when it works again
         # (_ship_once); the failures in between are counted, not logged.
-        log = LOG.warning if self._failures_in_row == 1 else LOG.debug
+        first = self._failures_in_row == 1 and not getattr(self._transport, "explained", False)
+        log = LOG.warning if first else LOG.debug
         log("commlens: cannot ship to %s (%s); keeping records and retrying, "
             "the service is not affected", self._transport.description, _reason(exc))
 
@@ -396,19 +404,34 @@ def _reopen(transport):
     return transport
 
 
-def make_shipper(recorder, settings, default_export_url="memory://"):
-    """The shipper for a process: settings' export URL, else the default.
+def make_shipper(recorder, settings, default_export_url=None):
+    """The shipper for a process: settings' export URL, else the default
+    (the commlens+ transport's broker and vhost), else none at all.
 
     A service must start even with a bad commlens setting: an unusable export
-    URL is logged once and records are then kept but never shipped.
+    URL is logged once and records are then kept but never shipped. A service
+    with no export URL (an API-only service, placement or keystone, with no
+    transport URL) says once what to set; a collector in the same process
+    (memory://) still receives it, as the embedded mode does.
     """
     export_url = settings.export_url or default_export_url
     _quiet_pika()
-    try:
-        transport = make_transport(export_url)
-    except ExportUrlError as exc:
-        LOG.error("commlens: %s; records will not be shipped", exc)
-        transport = NowhereTransport(str(exc))
+    if export_url is None:
+        transport = MemoryTransport()
+        if not MEMORY_BUS.has_subscribers():
+            transport.explained = True
+            LOG.warning(
+                "commlens: %s has no export URL, so what it records reaches no collector: "
+                "set [commlens] export_url (or COMMLENS_EXPORT_URL) to the broker and "
+                "vhost the collector consumes, e.g. amqp://USER:PASSWORD@RABBIT:5672/VHOST; "
+                "until then it counts in memory and ships nothing "
+                "(docs/deploy-placement-keystone.md)", recorder.service)
+    else:
+        try:
+            transport = make_transport(export_url)
+        except ExportUrlError as exc:
+            LOG.error("commlens: %s; records will not be shipped", exc)
+            transport = NowhereTransport(str(exc))
     LOG.info("commlens: %s ships to %s every %.1fs", recorder.service,
              transport.description, settings.ship_interval)
     return Shipper(recorder, transport, settings.ship_interval)

@@ -28,8 +28,13 @@ ERROR_CHAIN_LABELS = ("origin_service, origin_operation, origin_error, entry_ser
                       "entry_operation")
 
 
-def query(expr, legend=None, ref_id="A", instant=False, table_format=False, heatmap_format=False):
+def query(expr, legend=None, ref_id="A", instant=False, table_format=False, heatmap_format=False,
+          exemplar=False):
+    """``exemplar``: show the histogram's trace-id exemplars (the collector's
+    OpenMetrics exposition; Prometheus with exemplar storage)."""
     target = prom.Dataquery().expr(expr).ref_id(ref_id).datasource(DATASOURCE)
+    if exemplar:
+        target = target.exemplar(True)
     if legend:
         target = target.legend_format(legend)
     if instant:
@@ -178,7 +183,7 @@ def rpc():
                 query(f"histogram_quantile(0.5, {buckets('target, ')})",
                       "p50 {{target}}"),
                 query(f"histogram_quantile(0.99, {buckets('target, ')})",
-                      "p99 {{target}}", ref_id="B"),
+                      "p99 {{target}}", ref_id="B", exemplar=True),
                 unit="s", width=24))
             .with_row(gd.Row("Failures"))
             .with_panel(graph_panel(
@@ -216,7 +221,7 @@ def rest():
                 "Latency p50 / p99 of successful requests, by service and route",
                 query(f"histogram_quantile(0.5, {durations})", "p50 {{service}} {{route}}"),
                 query(f"histogram_quantile(0.99, {durations})", "p99 {{service}} {{route}}",
-                      ref_id="B"),
+                      ref_id="B", exemplar=True),
                 unit="s", width=24))
             .with_panel(table_panel(
                 "Status codes in the range, by service, route and caller",

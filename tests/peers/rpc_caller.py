@@ -5,6 +5,7 @@ answers each command on stdin with one JSON line of ground truth:
 - ``call N``: N sequential ``echo`` calls; {"made", "ok", "failed"}.
 - ``cast N``: N ``count_cast`` casts; {"made", "ok", "failed"}.
 - ``slow N SECONDS``: N concurrent calls of ``slow``; {"made", "ok", "failed"}.
+- ``fail N ERROR``: N calls of ``fail`` raising ERROR; {"made", "ok", "failed"}.
 - ``seen``: what the server says it ran: {"echoes", "casts"}.
 - ``exit``: leaves at once, the way a CLI tool ends after its last call
   (commlens's exit hook is all that ships its last counts).
@@ -23,7 +24,9 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--url", required=True)
 parser.add_argument("--topic", required=True)
 parser.add_argument("--timeout", type=float, default=10)
+parser.add_argument("--context", default="{}", help="the request context of every send (JSON)")
 args = parser.parse_args()
+ctxt = json.loads(args.context)
 # As a service logs: INFO and up, each line naming its logger.
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -52,17 +55,20 @@ def drive(command, count, rest):
     if command == "slow":
         seconds = float(rest[0])
         callers = [threading.Thread(target=one, args=(
-            lambda: client.call({}, "slow", seconds=seconds),)) for _ in range(count)]
+            lambda: client.call(ctxt, "slow", seconds=seconds),)) for _ in range(count)]
         for caller in callers:
             caller.start()
         for caller in callers:
             caller.join()
     elif command == "call":
         for index in range(count):
-            one(lambda index=index: client.call({}, "echo", value=index))
+            one(lambda index=index: client.call(ctxt, "echo", value=index))
+    elif command == "fail":
+        for _ in range(count):
+            one(lambda: client.call(ctxt, "fail", error=rest[0]))
     else:
         for _ in range(count):
-            one(lambda: client.cast({}, "count_cast"))
+            one(lambda: client.cast(ctxt, "count_cast"))
     return result
 
 
