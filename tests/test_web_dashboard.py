@@ -328,6 +328,10 @@ def test_advice_beside_the_graph_names_a_slow_conductor_and_its_option_then_clea
             text = item.inner_text()
             assert found[0]["option"] in text and "confidence" in text
             page.screenshot(path=SHOTS / "advice.png", full_page=True)
+            # The demo's own status, every 5 s, ends with the advice too.
+            wait_for(lambda: any(line.startswith("advice: ") and "nova-conductor" in line
+                                 for line in demo.log_path.read_text().splitlines()),
+                     timeout=20, interval=1, message="advice in the demo's status")
             table = subprocess.run(
                 [sys.executable, "-m", "commlens.cli.main", "advise", "--collector",
                  demo.base], capture_output=True, text=True, timeout=60,
