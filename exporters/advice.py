@@ -192,8 +192,9 @@ def samples(clock=time.monotonic):
 
 
 class Span:
-    """What grew between two ``Figures`` (``then`` earlier), over ``seconds``;
-    the gauges are ``now``'s, and ``peaks`` the gauges' largest sampled values."""
+    """What grew between two ``Figures`` (``then`` earlier), over ``seconds``.
+    Gauges are read from ``now``; ``peak`` is a gauge's largest value in the
+    samples taken during the span (``between``) and now."""
 
     def __init__(self, then, now, seconds, between=()):
         self.then, self.now = then, now
@@ -219,16 +220,18 @@ class Span:
         return max((getattr(f, field).get(key, 0.0) for f in self.between), default=0.0)
 
     def keys(self, field):
-        keys = set(getattr(self.now, field))
-        return sorted(keys)
+        """The keys of ``field`` now, sorted (a rule's findings come in a stable order)."""
+        return sorted(getattr(self.now, field))
 
 
 def quantile(q, latency):
+    """The q-quantile's estimate of a duration histogram (graph.quantile), or None."""
     found = graph.quantile(q, latency)
     return None if found is None else found[0]
 
 
 def mean(latency, total):
+    """The mean of what a histogram counted (``total``: their sum), or None."""
     n = sum(latency.counts)
     return total / n if n else None
 

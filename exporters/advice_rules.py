@@ -399,7 +399,8 @@ def retrying_into_failure(inputs):
             attempts, failures = now[0] - then[0], now[1] - then[1]
             before = then[0] - earlier[0]
             server = target
-        if failures < MIN_CALLS or failures / attempts < RETRY_FAILURE_RATIO or before <= 0:
+        if (attempts <= 0 or failures < MIN_CALLS or failures / attempts < RETRY_FAILURE_RATIO
+                or before <= 0):
             continue
         rate_now, rate_before = attempts / window.seconds, before / baseline.seconds
         if rate_now < RETRY_GROWTH * rate_before:
