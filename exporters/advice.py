@@ -8,7 +8,7 @@ topic; bounded by the edges, never by hosts), and kept for an hour
 looks for change, the *baseline* before it. What it finds is a ``Finding``:
 
 - ``rule``: which rule (``rpc_response_timeout``, ``executor_thread_pool_size``,
-  ``workers``, ``queue_without_consumer``, ``waits_growing``,
+  ``workers``, ``api_workers``, ``queue_without_consumer``, ``waits_growing``,
   ``retrying_into_failure``, and the emulator's ``report_interval``);
 - ``severity``: ``critical`` (calls fail now), ``warning`` (they will), ``info``;
 - ``subject``: the ``service`` it is about and, where it is an edge or a
@@ -98,7 +98,8 @@ class Figures:
     __slots__ = ("waits", "method_waits", "method_processing", "method_pool_wait",
                  "calls", "wait_total", "timeouts", "timeout_low", "failures", "sent",
                  "processing", "received", "pool_wait", "budget", "over_half", "waiting",
-                 "in_flight", "pool_size", "saturation", "http")
+                 "in_flight", "pool_size", "saturation", "http", "http_served",
+                 "http_duration")
 
     def __init__(self):
         self.waits = {}          # answered calls' reply waits (ok, remote_error)
@@ -125,6 +126,9 @@ class Figures:
         self.saturation = {}
         # (caller, target): [requests, failed]
         self.http = collections.defaultdict(lambda: [0.0, 0.0])
+        # What each REST service served: requests, and their durations.
+        self.http_served = collections.Counter()
+        self.http_duration = {}
 
 
 def reduce(counters, histograms, gauges):
@@ -142,6 +146,8 @@ def reduce(counters, histograms, gauges):
                 figures.timeouts[labels[:2]] += value
         elif name == OVER_HALF_TIMEOUT:
             figures.over_half[labels[:2]] += value
+        elif name == metrics.HTTP_REQUESTS.name:
+            figures.http_served[labels[:1]] += value
         elif name == metrics.HTTP_CLIENT_REQUESTS.name:
             service, target, _method, code = labels
             row = figures.http[(service, target)]
@@ -164,6 +170,8 @@ def reduce(counters, histograms, gauges):
             aggregate.add_histogram(figures.processing, labels[:2], counts, total, low, high)
             aggregate.add_histogram(figures.method_processing, labels[:3], counts, total,
                                     low, high)
+        elif name == metrics.HTTP_DURATION.name:
+            aggregate.add_histogram(figures.http_duration, labels[:1], counts, total, low, high)
         elif name == POOL_WAIT:
             aggregate.add_histogram(figures.pool_wait, labels[:2], counts, total, low, high)
             aggregate.add_histogram(figures.method_pool_wait, labels[:3], counts, total,

@@ -52,8 +52,16 @@ WORKERS_OPTIONS = {
     "nova-conductor": "[conductor] workers",
     "nova-scheduler": "[scheduler] workers",
     "neutron-server": "[DEFAULT] rpc_workers",
-    "cinder-scheduler": "[DEFAULT] osapi_volume_workers",
     "heat-engine": "[DEFAULT] num_engine_workers",
+}
+# The option that sets how many processes serve a service's REST API (under
+# uWSGI or mod_wsgi, the server's own processes setting).
+API_WORKERS_OPTIONS = {
+    "nova-api": "[DEFAULT] osapi_compute_workers",
+    "neutron-server": "[DEFAULT] api_workers",
+    "cinder-api": "[DEFAULT] osapi_volume_workers",
+    "glance-api": "[DEFAULT] workers",
+    "heat-api": "[heat_api] workers",
 }
 # keystoneauth's retries of a REST client, by the section a service configures
 # its client of the target in.
@@ -245,6 +253,44 @@ def workers(inputs):
     return found
 
 
+def api_workers(inputs):
+    """Little's law for a REST API: requests in service at once = arrival
+    rate x request time, against the processes that report for the service,
+    as if each served one request at a time (uWSGI or mod_wsgi without
+    threads; said in the finding: threads or eventlet serve more)."""
+    window = inputs.window
+    found = []
+    for (service,) in window.keys("http_served"):
+        served = window.count("http_served", (service,))
+        durations, total = window.histogram("http_duration", (service,))
+        duration = mean(durations, total)
+        processes = inputs.process_count(service)
+        if served < MIN_CALLS or not duration or not processes:
+            continue
+        arrival = served / window.seconds
+        busy = arrival * duration
+        utilisation = busy / processes
+        if utilisation < TARGET_UTILISATION:
+            continue
+        needed = math.ceil(busy / TARGET_UTILISATION)
+        option = API_WORKERS_OPTIONS.get(service, "its WSGI server's processes")
+        found.append(Finding(
+            rule="api_workers", severity="info",
+            subject=subject(service),
+            finding=(f"{service} has {formatting.number(busy)} requests in service on average "
+                     f"({_rate(arrival)} x {_s(duration)}) over {processes} processes: "
+                     f"{_pct(utilisation)} if each serves one at a time"),
+            evidence={"arrival_per_second": arrival, "request_mean_seconds": duration,
+                      "requests_in_service": busy, "processes": processes,
+                      "utilisation_one_at_a_time": utilisation, "processes_needed": needed},
+            recommendation=(f"If {service}'s processes serve one request at a time (uWSGI or "
+                            f"mod_wsgi without threads), run {needed} ({option}); with threads "
+                            "or eventlet they serve more, and this is only a bound."),
+            option=option, set_on=[service],
+            confidence=confidence(served, window.seconds)))
+    return found
+
+
 # -- queues with no consumer ----------------------------------------------------
 
 def queue_without_consumer(inputs):
@@ -430,8 +476,8 @@ def retrying_into_failure(inputs):
     return found
 
 
-RULES = (rpc_response_timeout, executor_thread_pool_size, workers, queue_without_consumer,
-         waits_growing, retrying_into_failure)
+RULES = (rpc_response_timeout, executor_thread_pool_size, workers, api_workers,
+         queue_without_consumer, waits_growing, retrying_into_failure)
 
 
 # -- the emulator's runs ----------------------------------------------------------

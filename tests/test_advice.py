@@ -232,6 +232,31 @@ def test_busy_handlers_well_under_the_pool_advise_nothing():
     assert _findings(advice_rules.workers, _nothing, measured) == []
 
 
+def _api_requests(series, n, seconds):
+    series.count(metrics.HTTP_REQUESTS.name, ("nova-api", "unknown", "POST", "/v2.1/servers",
+                                             "202"), n)
+    series.observe(metrics.HTTP_DURATION.name, ("nova-api", "POST", "/v2.1/servers", "ok"),
+                   [seconds] * n)
+
+
+def test_api_requests_in_service_near_the_processes_advise_more_api_workers():
+    # 10 requests a second of 0.35 s over 4 processes: 3.5 in service, 88 %.
+    [finding] = _findings(advice_rules.api_workers, _nothing,
+                          lambda s: _api_requests(s, 600, 0.35),
+                          processes=[{"service": "nova-api"}] * 4)
+    assert finding["option"] == "[DEFAULT] osapi_compute_workers"
+    assert finding["severity"] == "info" and finding["evidence"]["processes_needed"] == 5
+    assert "one at a time" in finding["finding"]
+
+
+def test_api_requests_well_within_the_processes_advise_nothing():
+    assert _findings(advice_rules.api_workers, _nothing, lambda s: _api_requests(s, 600, 0.05),
+                     processes=[{"service": "nova-api"}] * 4) == []
+    # No process reports for it: nothing to count the requests against.
+    assert _findings(advice_rules.api_workers, _nothing,
+                     lambda s: _api_requests(s, 600, 0.35)) == []
+
+
 # -- queues with no consumer ------------------------------------------------------
 
 def _consumed(series):
