@@ -182,6 +182,7 @@ class _Graph:
                 _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues)
         console.print(table)
         _show_silent_servers(console, data.get("silent_servers") or [])
+        _show_silent_reporters(console, data.get("silent_reporters") or [])
 
 
 def sorted_edges(data, sort="errors", top=None):
@@ -209,6 +210,23 @@ def _show_silent_servers(console, servers):
                       str(row["timeouts"]),
                       f"{_when(row['first_seen'])} / {_when(row['last_seen'])}",
                       ", ".join(row["callers"]), ", ".join(row["operations"]))
+    console.print(table)
+
+
+def _show_silent_reporters(console, reporters):
+    """Periodic reporters (state reports) that stopped sending: which host."""
+    if not reporters:
+        return
+    from rich.table import Table
+    table = Table(title="Periodic reporters that went silent (no report for 3+ intervals)")
+    for column in ("host", "reporter", "interval", "missed", "last seen"):
+        table.add_column(column, justify="right" if column in ("interval", "missed")
+                         else "left")
+    for row in reporters:
+        table.add_row(f"[red]{row['host']}[/red]",
+                      f"{row['service']} -> {row['target']} {row['method']}",
+                      f"{row['interval_seconds']:g}s", str(row["missed"]),
+                      _when(row["last_seen"]) + (" (process exited)" if row["ended"] else ""))
     console.print(table)
 
 

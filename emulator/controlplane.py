@@ -46,11 +46,16 @@ class NeutronServerError(Exception):
     pass
 
 
-def instrumented_url(transport_url, service):
+def instrumented_url(transport_url, service, host=None):
     """What an operator writes to turn commlens on for ``service``:
-    ``rabbit://...`` -> ``commlens+rabbit://...?commlens_service_name=SERVICE``."""
+    ``rabbit://...`` -> ``commlens+rabbit://...?commlens_service_name=SERVICE``;
+    ``host``: the emulated host the transport speaks for (``commlens_host``),
+    which then ships as a process of its own, as it would on its own machine."""
+    ours = {"commlens_service_name": service}
+    if host is not None:
+        ours["commlens_host"] = host
     return ("commlens+" + transport_url + ("&" if "?" in transport_url else "?")
-            + urllib.parse.urlencode({"commlens_service_name": service}))
+            + urllib.parse.urlencode(ours))
 
 
 class _Wsgi:
@@ -132,21 +137,23 @@ class ControlPlane:
 
     # -- transports and RPC -----------------------------------------------
 
-    def transport(self, service):
+    def transport(self, service, host=None):
         import oslo_messaging as om
         from oslo_config import cfg
 
-        if service not in self._transports:
-            self._transports[service] = om.get_rpc_transport(
-                cfg.CONF, url=instrumented_url(self.transport_url, service),
+        if (service, host) not in self._transports:
+            self._transports[(service, host)] = om.get_rpc_transport(
+                cfg.CONF, url=instrumented_url(self.transport_url, service, host),
                 allowed_remote_exmods=[__name__])
-        return self._transports[service]
+        return self._transports[(service, host)]
 
-    def client(self, service, topic, fanout=False):
+    def client(self, service, topic, fanout=False, host=None):
+        """``host``: an emulated host whose own process sends (its state
+        reports), so commlens knows which host went silent."""
         import oslo_messaging as om
 
         return self.truth.client(om.get_rpc_client(
-            self.transport(service), om.Target(topic=topic, fanout=fanout),
+            self.transport(service, host), om.Target(topic=topic, fanout=fanout),
             serializer=om.NoOpSerializer(), timeout=self.rpc_timeout), service, topic, fanout)
 
     def serve(self, service, topic, endpoint, server):
@@ -280,7 +287,7 @@ class ControlPlane:
                 return None
 
         self.serve(service, PORT_UPDATE, Agent(), host)
-        plugin = self.client(service, PLUGIN)
+        plugin = self.client(service, PLUGIN, host=host)
         self.every(STATE_REPORT_SECONDS,
                    lambda: plugin.call({}, "report_state", agent=host))
 
@@ -332,7 +339,6 @@ class ControlPlane:
         neutron = self.urls["neutron-server"]
         headers = {"X-Auth-Token": "service-token"}
         notifier = self._notifier()
-        conductor = self.client("nova-compute", CONDUCTOR)
         ports = {}  # this compute's view: instance -> its ports
         ports_lock = threading.Lock()
 
@@ -371,8 +377,9 @@ class ControlPlane:
         self._computes[host] = Compute()
         if not (host == self.compute_hosts[0] and "compute-down" in self.faults):
             self.serve("nova-compute", COMPUTE, self._computes[host], host)
+        reporter = self.client("nova-compute", CONDUCTOR, host=host)
         self.every(STATE_REPORT_SECONDS,
-                   lambda: conductor.call({}, "compute_node_update", host=host),
+                   lambda: reporter.call({}, "compute_node_update", host=host),
                    alive=lambda: not (host == self.compute_hosts[0]
                                       and "compute-down" in self.faults))
 

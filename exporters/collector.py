@@ -43,6 +43,7 @@ from commlens.exporters import chains
 from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
+from commlens.exporters import reporters
 from commlens.exporters import silent
 from commlens.exporters import traces
 from commlens.tracer import aggregate
@@ -168,6 +169,8 @@ class Collector:
         self.chain_counter = chain_counter or chains.ChainCounter()
         # Calls to a named server (a host) that timed out: hosts are never labels.
         self.silent_servers = silent.SilentServers()
+        # Periodic reporters (state reports) that stopped sending, per host.
+        self.silent_reporters = reporters.SilentReporters(clock=clock, wall_clock=wall_clock)
         self.graph_samples = graph.GraphSamples()
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
@@ -279,6 +282,7 @@ class Collector:
         if self._first_snapshot_at is None:
             self._first_snapshot_at = now
         self._add_counters(entry, counters, rebaseline, carried)
+        self.silent_reporters.observe(process_id, entry.host, counters, interval, final)
         self._add_histograms(entry, histograms, rebaseline, carried)
         self._set_gauges(entry, gauges)
         if final:
@@ -565,6 +569,7 @@ class Collector:
         graph.add_ok_latency(result["edges"], graph.method_totals(*merged, consumers),
                              method_baseline, histograms=histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
+        result["silent_reporters"] = self.silent_reporters.top()
         return result
 
     def sample_advice(self):

@@ -15,7 +15,8 @@ with a deadline, and merges the answers with its own:
 - a trace or a request: the hops of every replica that holds some, joined
   (a request's traces live where their trace ids hash; a trace can be split
   when replicas join or leave), and its chains derived again from them all;
-- silent servers: by topic and server, timeouts added.
+- silent servers: by topic and server, timeouts added; silent reporters: by
+  host, service, target, method and kind (exporters/reporters.py, merge).
 
 A peer that does not answer in time makes the answer partial, and the answer
 says so (``replicas``: which answered, which did not and why); it never
@@ -34,6 +35,7 @@ import urllib.request
 from commlens.exporters import chains as chains_mod
 from commlens.exporters import graph as graph_mod
 from commlens.exporters import history
+from commlens.exporters import reporters
 from commlens.tracer import urls
 
 LOG = logging.getLogger(__name__)
@@ -125,7 +127,9 @@ class Fleet:
         answers, status = self.ask("/api/graph", window=f"{window_seconds:g}s")
         merged = merge_graphs([mine] + [a for a in answers if a is not None])
         merged["window_seconds"] = mine["window_seconds"]
-        merged["silent_servers"] = self.silent_servers(window_seconds)["servers"]
+        silent = self.silent_servers(window_seconds)
+        merged["silent_servers"] = silent["servers"]
+        merged["silent_reporters"] = silent["reporters"]
         merged["replicas"] = status
         return merged
 
@@ -156,7 +160,11 @@ class Fleet:
                                    limit=silent.MAX_LIMIT)
         rows = merge_silent_servers([mine] + [a.get("servers", []) for a in answers
                                               if a is not None])
-        return {"since_seconds": since_seconds, "servers": rows[:limit], "replicas": status}
+        silent_reporters = reporters.merge(
+            [self.collector.silent_reporters.top(reporters.MAX_LIMIT)]
+            + [a.get("reporters", []) for a in answers if a is not None])
+        return {"since_seconds": since_seconds, "servers": rows[:limit],
+                "reporters": silent_reporters[:limit], "replicas": status}
 
     def node_details(self, service, window_seconds=300):
         mine = self.collector.node_details(service, window_seconds, histograms=True)

@@ -119,7 +119,9 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
         if asked_fleet():
             return fleet.silent_servers(since, limit)
         return {"since_seconds": since,
-                "servers": collector.silent_servers.top(since, limit)}
+                "servers": collector.silent_servers.top(since, limit),
+                # Not windowed: silent now, for up to an hour (exporters/reporters.py).
+                "reporters": collector.silent_reporters.top(limit)}
 
     @app.get("/api/traces/<trace_or_request_id>")
     def trace(trace_or_request_id):

@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 
+from commlens.middleware import faults
 from commlens.tracer import context
 from commlens.tracer import hops
 from commlens.tracer import labels
@@ -253,9 +254,24 @@ def _end(call, response):
             rec.add_hop(hops.make_hop(
                 call.ctx, service=call.service, side=hops.CLIENT, protocol=hops.HTTP,
                 peer=None, target=call.target, operation=call.method, kind=call.method,
-                outcome=outcome, error=code if failed else None,
+                outcome=outcome, error=_hop_error(code, response) if failed else None,
                 start=hops.wall_clock_start(call.start, call.start + duration),
                 duration=duration, request_id=request_id))
     except Exception:
         call.recorder.dropped("recording_error")
         LOG.debug("commlens: recording an outbound response failed", exc_info=True)
+
+
+def _hop_error(code, response):
+    """The status code, with the error the response's body names when it has
+    one (middleware/faults.py): '409 placement.concurrent_update'. Only a
+    body ``requests`` has already read is looked at (``stream=False``, the
+    default, reads it before send returns); a streamed one is left alone,
+    for its reader."""
+    if response is None or not faults.is_error_status(code):
+        return code
+    content = getattr(response, "_content", None)
+    if type(content) is not bytes:  # False: not read (stream=True)
+        return code
+    name = faults.error_name(content[:faults.MAX_BODY], response.headers.get("content-type"))
+    return code + " " + name if name else code

@@ -89,11 +89,22 @@ class CommlensDriver(base.BaseDriver):
         # the WSGI application does (middleware/wsgi.py).
         provisional = (not explicit and settings.named_by_program
                        and settings.service_name in names.WSGI_HOSTS)
-        self._recorder = recorder_mod.install(
-            settings, lambda rec: shipping.make_shipper(
-                rec, settings, _default_export_url(inner_url)),
-            service=explicit or (names.wsgi_service_name(conf) if provisional else None),
-            provisional=provisional)
+        host = url.query.get(_URL_PREFIX + "host")
+        if host is not None and (labels.server(host) is None or not explicit):
+            LOG.error("commlens: %s=%r needs a valid host and %sservice_name; ignored",
+                      _URL_PREFIX + "host", host, _URL_PREFIX)
+            host = None
+        if host is not None:
+            # A host this transport speaks for: shipped as a process of its own.
+            self._recorder = recorder_mod.install_for_host(
+                settings, host, explicit, lambda rec: shipping.make_shipper(
+                    rec, settings, _default_export_url(inner_url)))
+        else:
+            self._recorder = recorder_mod.install(
+                settings, lambda rec: shipping.make_shipper(
+                    rec, settings, _default_export_url(inner_url)),
+                service=explicit or (names.wsgi_service_name(conf) if provisional else None),
+                provisional=provisional)
         # A name given in the URL is this transport's own; otherwise the
         # process's (docs/architecture.md: "Who ships where"), which it
         # follows when a WSGI application names the process later.

@@ -14,17 +14,18 @@ known OpenStack client's User-Agent, else ``unknown``), the method, the route
 template, the status code and the time to the last byte of the body (the
 body iterator is wrapped and ``close()`` always forwarded), with OpenStack's
 request ids next to the trace id. It reads neither the query string nor
-any auth header, and of a body only the exception class of a small JSON
-fault in an error response (see ``_hop_error``). Loading it also installs the outbound hook
+any auth header, and of a body only the name of the error an error
+response's first bytes give (see ``_hop_error``). Loading it also installs the outbound hook
 (``http_outbound``), so a service that calls others needs no code change.
 
 The application's behaviour is unchanged: its exceptions propagate as they
 are (and count as 500), its status, headers and body pass through untouched.
 """
 
-import json
+import itertools
 import logging
 
+from commlens.middleware import faults
 from commlens.middleware import http_client
 from commlens.tracer import context
 from commlens.tracer import hops
@@ -120,7 +121,8 @@ def _identity(settings, explicit, conf):
 
 def _record_hop(request, code, failed, duration, body):
     """The hop record of a request the recorder keeps; ``body``: a list
-    body, read for its fault if the request failed."""
+    body, or the head of an iterator body (_Body), read for its fault if
+    the request failed."""
     request_id, global_request_id = _request_ids(request)
     service = request.middleware.service
     request.middleware.recorder.add_hop(hops.make_hop(
@@ -128,7 +130,7 @@ def _record_hop(request, code, failed, duration, body):
         protocol=hops.HTTP, peer=request.caller, target=request.route,
         operation=request.method + " " + request.route, kind=request.method,
         outcome=metrics.ERROR if code[0] == "5" else metrics.OK,
-        error=_hop_error(code, request.error, body) if failed else None,
+        error=_hop_error(code, request.error, body, request.headers) if failed else None,
         start=hops.wall_clock_start(request.start, request.start + duration),
         duration=duration, request_id=request_id, global_request_id=global_request_id))
 
@@ -151,16 +153,34 @@ class _Body:
     A server must call ``close()``, but werkzeug's development server skips
     it when the client has hung up first (seen with HEAD requests): then the
     request ends when the server lets go of the body, so it is still counted.
+
+    Of an error response (4xx, 5xx) the first faults.MAX_BODY bytes are
+    kept as they pass (``head``), for the fault they name: every chunk
+    goes on to the server at once and unchanged, nothing waits for the rest.
     """
 
     def __init__(self, body, request):
         self._body = body
         self._request = request
+        self.head = None  # chunks of an error response's first bytes
 
     def __iter__(self):
         try:
-            yield from self._body
-            self._request.finish()
+            chunks = iter(self._body)
+            for chunk in chunks:
+                # WSGI: start_response is called by the first non-empty chunk.
+                status = self._request.status
+                if status is None:
+                    yield chunk
+                    continue
+                if type(status) is str and status[:1] in ("4", "5"):
+                    self.head = []
+                    yield from self._keeping_head(itertools.chain((chunk,), chunks))
+                else:
+                    yield chunk
+                    yield from chunks
+                break
+            self._request.finish(self.head)
         except GeneratorExit:
             # The server stopped iterating: the client went away. Not a
             # server error; the status that was sent is what counts.
@@ -169,46 +189,53 @@ class _Body:
             self._request.error = labels.error_class(type(exc).__name__)
             raise
 
+    def _keeping_head(self, chunks):
+        room = faults.MAX_BODY
+        head = self.head
+        for chunk in chunks:
+            if room > 0 and type(chunk) is bytes:
+                piece = chunk[:room]  # the same object when it fits: no copy
+                head.append(piece)
+                room -= len(piece)
+            yield chunk
+
     def close(self):
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
                 close()
         finally:
-            self._request.finish()
+            self._request.finish(self.head)
 
     def __del__(self):
         if not self._request.done:
-            self._request.finish()
+            self._request.finish(self.head)
 
 
-def _hop_error(code, error, body):
+def _hop_error(code, error, body, headers):
     """What a failed request's hop names as its error: the status code, with
     the exception class when one is known ('409 PortBindingFailed').
 
     The class comes from an exception the application raised, or from the
-    fault body OpenStack APIs return (neutron: {"NeutronError": {"type":
-    "PortBindingFailed", ...}}), read only for error responses whose JSON
-    body is already in memory and small. Only the class name is kept.
+    fault body OpenStack APIs return (middleware/faults.py: neutron's type,
+    nova's and cinder's key, placement's code, keystone's and webob's
+    title), of which only the first faults.MAX_BODY bytes of an error
+    response are read: a list body's, or what an iterator body let through
+    (_Body). Only the name is kept.
     """
-    error = error or _fault_type(body)
+    if not error and body and faults.is_error_status(code):
+        error = faults.error_name(faults.head(body), _content_type(headers))
     return code + " " + error if error and error != labels.INVALID else code
 
 
-_MAX_FAULT_BODY = 16384
-
-
-def _fault_type(body):
-    if not body or len(body) != 1 or not isinstance(body[0], bytes):
-        return None
-    if len(body[0]) > _MAX_FAULT_BODY or not body[0].startswith(b"{"):
-        return None
+def _content_type(headers):
     try:
-        fault = json.loads(body[0])
-        (detail,) = fault.values()
-        return labels.error_class(detail.get("type")) if isinstance(detail, dict) else None
-    except (ValueError, AttributeError):
-        return None
+        for name, value in headers or ():
+            if isinstance(name, str) and name.lower() == "content-type":
+                return value
+    except (TypeError, ValueError):  # headers the server will refuse anyway
+        pass
+    return None
 
 
 def _status_code(status):

@@ -51,6 +51,23 @@ def wait_for(predicate, timeout=20.0, interval=0.1, message="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {message}; last: {last!r}")
 
 
+@contextlib.contextmanager
+def serve_wsgi(app):
+    """A threaded werkzeug server on a free loopback port; yields its base URL."""
+    import threading
+
+    from werkzeug import serving
+
+    server = serving.make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -86,17 +86,19 @@ def test_chain_names_the_network_service_as_origin_and_the_request_id_finds_it(
                                "operation": "PUT /v2.0/ports/{id}/binding",
                                "error": "409 PortBindingFailed"}
     assert chain["entry"]["service"] == "nova-api"
-    # Flask turns the exception into its own 500: no exception reaches commlens.
-    assert chain["entry"]["error"] == "500"
+    # Flask turns the exception into its own 500: no exception reaches
+    # commlens; its page's title names it (middleware/faults.py).
+    assert chain["entry"]["error"] == "500 InternalServerError"
     assert chain["absorbed"] is False
     assert _steps(chain) == [
         ("neutron-server", "server", "http", "409 PortBindingFailed"),
-        ("nova-conductor", "client", "http", "409"),
+        # The caller's hop names what the fault body it received names.
+        ("nova-conductor", "client", "http", "409 PortBindingFailed"),
         ("nova-conductor", "server", "rpc", "PortBindingFailed"),
         # The caller got PortBindingFailed_Remote: labelled by the remote
         # class, with outcome remote_error.
         ("nova-api", "client", "rpc", "PortBindingFailed"),
-        ("nova-api", "server", "http", "500"),
+        ("nova-api", "server", "http", "500 InternalServerError"),
     ]
     api_call = next(h for h in trace["hops"] if h["service"] == "nova-api"
                     and h["side"] == "client")
@@ -131,7 +133,7 @@ def test_a_call_that_times_out_has_the_unanswering_conductor_as_origin(collector
                                "operation": "hang", "error": "MessagingTimeout"}
     assert _steps(chain) == [
         ("nova-api", "client", "rpc", "MessagingTimeout"),
-        ("nova-api", "server", "http", "500"),
+        ("nova-api", "server", "http", "500 InternalServerError"),
     ]
 
 
@@ -148,7 +150,8 @@ def test_a_caller_that_retries_and_succeeds_is_an_absorbed_chain(collector, scen
                               "operation": "reserve", "error": None}
     assert _steps(chain) == [
         ("neutron-server", "server", "http", "409 PortBindingFailed"),
-        ("nova-conductor", "client", "http", "409"),
+        # The caller's hop names what the fault body it received names.
+        ("nova-conductor", "client", "http", "409 PortBindingFailed"),
         ("nova-conductor", "server", "rpc", None),
     ]
     # Not an error at the entry: the api's own hop succeeded and was not kept.

@@ -707,6 +707,13 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
 
     rng = random.Random(51)
     fault = json.dumps({"NeutronError": {"type": "PortBindingFailed", "message": "x"}}).encode()
+    # Fault bodies read by the shared callbacks (middleware/faults.py): a
+    # placement body in chunks of a list, a keystone body as an iterator
+    # (Flask's), a webob plain-text page, and one past the bound.
+    placement = json.dumps({"errors": [{"status": 409, "title": "Conflict", "detail": "d",
+                                        "code": "placement.concurrent_update"}]}).encode()
+    keystone = json.dumps({"error": {"code": 404, "title": "Not Found",
+                                     "message": "m"}}).encode()
 
     def app(environ, start_response):
         behaviour = environ["test.behaviour"]
@@ -729,6 +736,14 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
             return body()
         if behaviour == "fault":
             return [fault]
+        if behaviour == "chunked fault":
+            return [placement[:10], placement[10:]]
+        if behaviour == "iterator fault":
+            return iter([b"", keystone[:7], keystone[7:]])
+        if behaviour == "text fault":
+            return iter([b"409 Conflict\n\nThere was a conflict.\n"])
+        if behaviour == "huge fault":
+            return iter([b'{"NeutronError": {"type": "X", "message": "', b"x" * 9000, b'"}}'])
         return [b"hello"]
 
     made = middlewares(app)
@@ -748,8 +763,9 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
             "test.status": rng.choice(["200 OK", "404 Not Found", "409 Conflict",
                                        "500 Internal Server Error", "abc", 200, None]),
             "test.behaviour": rng.choice(["list", "list", "iterator", "raising iterator",
-                                          "fault", "raise", "no start_response",
-                                          "exc_info"]),
+                                          "fault", "chunked fault", "iterator fault",
+                                          "text fault", "huge fault", "raise",
+                                          "no start_response", "exc_info"]),
             "openstack.request_id": "req-env",
             "test.child_failed": rng.random() < 0.2,
         }
@@ -782,7 +798,13 @@ def test_wsgi_requests_are_recorded_alike(middlewares):
                 response = ("ok", type(response[1]) is list)
             seen[name] = (response, written, started, context.current())
         assert seen["compiled"] == seen["python"], (step, environ, server)
-    assert _snapshot(made["compiled"].recorder) == _snapshot(made["python"].recorder)
+    compiled = _snapshot(made["compiled"].recorder)
+    assert compiled == _snapshot(made["python"].recorder)
+    # The fault bodies were read, whole, chunked and streamed, and named.
+    errors = {hop["error"] for hop in compiled[3]}
+    assert {"409 PortBindingFailed", "409 placement.concurrent_update", "404 NotFound",
+            "409 Conflict"} <= errors
+    assert not [e for e in errors if e and e.endswith(" X")]  # past the bound: unread
 
 
 # -- a signal while recording ------------------------------------------------

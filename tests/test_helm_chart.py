@@ -286,6 +286,15 @@ def test_the_management_url_comes_from_a_secret_never_the_pod_spec():
         e["name"] for e in _collector(render(EXISTING_SECRET))["env"]}
 
 
+def test_the_otlp_endpoint_value_turns_the_span_export_on():
+    endpoint = "http://tempo-distributor.monitoring.svc:4318"
+    env = {e["name"]: e for e in _collector(render(dict(EXISTING_SECRET, otlp={
+        "endpoint": endpoint})))["env"]}
+    assert env["COMMLENS_OTLP_ENDPOINT"]["value"] == endpoint
+    assert "COMMLENS_OTLP_ENDPOINT" not in {
+        e["name"] for e in _collector(render(EXISTING_SECRET))["env"]}
+
+
 def test_prometheus_rule_carries_the_labels_prometheus_selects_rules_by():
     rule = render(dict(EXISTING_SECRET, prometheusRule={
         "labels": {"release": "kube-prometheus-stack"}}))[("PrometheusRule", "commlens")]

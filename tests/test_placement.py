@@ -122,3 +122,39 @@ def test_placement_s_routes_and_codes_are_counted_exactly_with_their_prefix(
         False, "keystoneauth1")
     assert nodes[SERVICE]["instrumented"] is True
     assert "gunicorn" not in nodes
+
+
+def test_a_placement_conflict_is_named_by_its_error_code_at_both_ends(placement, collector,
+                                                                       conf):
+    # issue 18 item 6: a stale generation is placement's 409 with
+    # {"errors": [{"code": "placement.concurrent_update", ...}]}; both the
+    # filter in placement and the caller's outbound hook name that code.
+    from keystoneauth1 import adapter, session, token_endpoint
+
+    from commlens.middleware import http_client
+
+    http_client.instrument([f"{SERVICE}={placement.rsplit('/placement', 1)[0]}"], conf=conf)
+    try:
+        client = adapter.Adapter(session.Session(auth=token_endpoint.Token(placement, "admin")),
+                                 service_type="placement", additional_headers=MICROVERSION)
+        provider = str(uuid.uuid4())
+        assert client.post("/resource_providers",
+                           json={"uuid": provider, "name": "rp-conflict"}).status_code == 200
+        stale = client.put(f"/resource_providers/{provider}/inventories", raise_exc=False,
+                           json={"resource_provider_generation": 7, "inventories": {
+                               "VCPU": {"total": 8}}})
+    finally:
+        http_client.uninstrument()
+    assert stale.status_code == 409
+    assert stale.json()["errors"][0]["code"] == "placement.concurrent_update"
+
+    def hops():
+        server = [h for h in collector.hops(service=SERVICE, side="server")
+                  if h["error"] and h["error"].startswith("409")]
+        client_side = [h for h in collector.hops(target=SERVICE, side="client")
+                       if h["error"] and h["error"].startswith("409")]
+        return (server, client_side) if server and client_side else None
+    server, client_side = wait_for(hops, timeout=30, message="the conflict's hops")
+    assert [h["error"] for h in server] == ["409 placement.concurrent_update"]
+    assert [h["error"] for h in client_side] == ["409 placement.concurrent_update"]
+    assert provider not in str(server + client_side)

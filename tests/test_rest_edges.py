@@ -6,26 +6,23 @@ test process's own recorder is read directly for counts; hops and the
 Prometheus view are read from the collector it ships to.
 """
 
-import contextlib
 import gc
 import json
 import random
 import socket
 import string
 import textwrap
-import threading
 import time
 import uuid
 
 import pytest
 import requests
-from werkzeug import serving
 
 from commlens.middleware import http_client
 from commlens.middleware.wsgi import CommlensMiddleware
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import routes
-from support import blocks_left_behind, wait_for
+from support import blocks_left_behind, serve_wsgi, wait_for
 
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -87,18 +84,6 @@ class App:
         return [b"ok"]
 
 
-@contextlib.contextmanager
-def serve(app):
-    server = serving.make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        server.shutdown()
-        thread.join(5)
-
-
 @pytest.fixture
 def app():
     return App()
@@ -107,7 +92,7 @@ def app():
 @pytest.fixture
 def base_url(app, conf):
     middleware = CommlensMiddleware(app, http_outbound="false")
-    with serve(middleware) as url:
+    with serve_wsgi(middleware) as url:
         yield url
 
 
@@ -376,7 +361,7 @@ def test_routes_keep_the_prefix_a_url_map_moved_into_script_name(app, conf):
     before = {route: requests_seen(route) for route in (
         "/v2/servers/{id}/action", "/v2.1/servers/{id}/action",
         "/placement/resource_providers")}
-    with serve(urlmap) as url:
+    with serve_wsgi(urlmap) as url:
         server = uuid.uuid4()
         assert requests.post(f"{url}/v2/servers/{server}/action", timeout=10).ok
         for _ in range(2):
@@ -445,7 +430,7 @@ def test_openstack_paste_pipeline_keeps_request_ids(tmp_path, collector, conf):
     ini = tmp_path / "api-paste.ini"
     ini.write_text(PASTE_INI)
     pipeline = deploy.loadapp(f"config:{ini}")
-    with serve(pipeline) as url:
+    with serve_wsgi(pipeline) as url:
         response = requests.get(f"{url}/v2.1/servers/{uuid.uuid4()}", timeout=10)
     assert response.status_code == 404
     request_id = response.headers["X-OpenStack-Request-ID"]

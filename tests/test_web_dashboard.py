@@ -146,12 +146,23 @@ def test_an_injected_error_appears_in_the_chains_without_a_reload(page, demo):
 
 
 def test_a_stopped_compute_is_named_in_the_chains_and_the_silent_servers(page, demo):
+    # A dozen state reports from each compute first: their rhythm is learned
+    # (exporters/reporters.py), so compute-1's silence can be seen.
+    wait_for(lambda: demo.metrics().value(
+        "commlens_rpc_sent_total", service="nova-compute", target="conductor",
+        method="compute_node_update", kind="call") >= 4 * 12, timeout=60,
+        message="a dozen state reports from each compute")
     demo.fault("compute-down")
     try:
         # The page refreshes itself; compute-1 is the one the fault stops.
         wait_for(lambda: "compute (compute-1)" in page.inner_text("#silent-servers tbody"),
                  timeout=90, interval=1, message="compute-1 among the silent servers")
         assert page.is_visible("#silent-servers")
+        # Its state reports stopped too: the periodic reporters name it.
+        wait_for(lambda: "compute-1" in page.inner_text("#silent-reporters tbody"),
+                 timeout=60, interval=1, message="compute-1 among the silent reporters")
+        assert "compute_node_update" in page.inner_text("#silent-reporters tbody")
+        assert page.is_visible("#silent-reporters")
         page.screenshot(path=SHOTS / "silent-servers.png", full_page=True)
         page.click("button[data-tab=chains-tab]")
 

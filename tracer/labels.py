@@ -12,6 +12,9 @@ INVALID = "invalid"
 UNKNOWN = "unknown"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# An error's name: an exception class, or a dotted error code of an API's
+# fault body (placement's ``placement.concurrent_update``, middleware/faults.py).
+_ERROR_NAME = re.compile(r"(?=.{1,128}\Z)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 _DOTTED = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$")
 # A value a hop record carries but no label does (a request id, a host).
 _HOP_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
@@ -41,7 +44,7 @@ class _Checked:
 
 
 method = _Checked(_IDENTIFIER)       # an RPC method name
-error_class = _Checked(_IDENTIFIER)  # an exception class name
+error_class = _Checked(_ERROR_NAME)  # an exception class name, an API's error code
 dotted = _Checked(_DOTTED)           # a topic, an event type
 
 

@@ -61,8 +61,12 @@ def _new_latency_histogram():
 class Recorder:
 
     def __init__(self, service, max_pending_hops=MAX_PENDING_HOPS,
-                 hop_sample_ratio=0.01, slow_hop_seconds=1.0, provisional=False):
+                 hop_sample_ratio=0.01, slow_hop_seconds=1.0, provisional=False, host=None):
         self.service = service
+        # The host its snapshots name (the sender's host, never a label):
+        # None for the machine's name; set for a host a transport speaks
+        # for (install_for_host).
+        self.host = host
         # The process's name is the program's (gunicorn, uwsgi) until a WSGI
         # application names it (adopt): see _identity below.
         self.provisional = provisional
@@ -260,7 +264,7 @@ class Recorder:
             "process": {
                 "id": self.process_id,
                 "service": self.service,
-                "host": socket.gethostname(),
+                "host": self.host or socket.gethostname(),
                 "pid": self.pid,
                 "started_at": self.started_at,
             },
@@ -379,6 +383,33 @@ def install(settings, shipper_factory=None, service=None, provisional=False):
         return _RECORDER
 
 
+_HOST_RECORDERS = {}  # (service, host) -> Recorder
+MAX_HOST_RECORDERS = 64
+
+
+def install_for_host(settings, host, service, shipper_factory=None):
+    """The recorder of a transport that speaks for ``host``
+    (``?commlens_host=`` in its URL): one process running the services of
+    several hosts, as the demo's emulated compute hosts do, ships each host
+    as a process of its own, so what the collector learns per sending host
+    (its periodic reports, exporters/reporters.py) names that host. The
+    process's own recorder is installed too (propagation, outbound REST).
+    At most MAX_HOST_RECORDERS; past that, the process's recorder. Not
+    reset after fork: a forking server names no host this way."""
+    process = install(settings, shipper_factory, service=service)
+    with _RECORDER_LOCK:
+        recorder = _HOST_RECORDERS.get((service, host))
+        if recorder is None:
+            if len(_HOST_RECORDERS) >= MAX_HOST_RECORDERS:
+                return process
+            recorder = Recorder(service, hop_sample_ratio=settings.hop_sample_ratio,
+                                slow_hop_seconds=settings.slow_hop_seconds, host=host)
+            if shipper_factory is not None:
+                recorder.attach_shipper(shipper_factory(recorder))
+            _HOST_RECORDERS[(service, host)] = recorder
+        return recorder
+
+
 def _instrument_propagation():
     """Spawned work continues the trace of the request that spawned it."""
     try:
@@ -401,9 +432,12 @@ def uninstall():
     global _RECORDER
     with _RECORDER_LOCK:
         recorder, _RECORDER = _RECORDER, None
+        for_hosts = list(_HOST_RECORDERS.values())
+        _HOST_RECORDERS.clear()
     propagation.uninstrument()
-    if recorder is not None and recorder.shipper is not None:
-        recorder.shipper.stop()
+    for stopping in [recorder, *for_hosts]:
+        if stopping is not None and stopping.shipper is not None:
+            stopping.shipper.stop()
 
 
 def _after_fork_in_child():

@@ -110,6 +110,7 @@ async function refreshServices() {
   const graph = await getJSON("/api/graph?window=" + windowArg());
   state.nodes = Object.fromEntries(graph.nodes.map((node) => [node.service, node]));
   renderSilentServers(graph.silent_servers || []);
+  renderSilentReporters(graph.silent_reporters || []);
   renderReplicas(graph.replicas);
   const services = graph.nodes.map((node) => node.service);
   if (services.join() === state.services.join()) { return; }
@@ -146,6 +147,20 @@ function renderSilentServers(servers) {
       element("td", { class: "num" }, row.timeouts),
       element("td", {}, when(row.last_seen)), element("td", {}, row.callers.join(", ")),
       element("td", {}, row.operations.join(", ")))));
+}
+
+// Periodic reporters (state reports) that stopped sending: which host
+// (exporters/reporters.py). Its own panel beside the silent servers.
+function renderSilentReporters(reporters) {
+  const panel = $("silent-reporters");
+  if (!panel) { return; }
+  panel.hidden = reporters.length === 0;
+  panel.querySelector("tbody").replaceChildren(...reporters.map((row) =>
+    element("tr", {}, element("td", { class: "err" }, row.host),
+      element("td", {}, `${row.service} → ${row.target} ${row.method}`),
+      element("td", { class: "num" }, `${row.interval_seconds}s`),
+      element("td", { class: "num" }, row.missed),
+      element("td", {}, when(row.last_seen) + (row.ended ? " (process exited)" : "")))));
 }
 
 function select(id, refresh = true) {
