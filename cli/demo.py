@@ -389,10 +389,16 @@ def _advice_lines(collector):
 
     from commlens.cli import advise
 
+    try:
+        findings = collector.advice()["findings"]
+    except Exception:
+        # The status goes on without it; the API answers with the error.
+        LOG.debug("demo: no advice for the status", exc_info=True)
+        return []
     return [f"[{'red' if f['severity'] == 'critical' else 'yellow'}]advice[/]: "
             + escape(f"{advise.who(f['subject'])}: {f['finding']}; change "
                      f"{f['option'] or '-'} on {', '.join(f['set_on']) or '-'}")
-            for f in collector.advice()["findings"]]
+            for f in findings]
 
 
 def _show_status(collector, faults, stop, args):
