@@ -1,4 +1,4 @@
-"""Commands for the terminal during an incident: ``graph``, ``chains``, ``trace``.
+"""Commands for the terminal during an incident: ``graph``, ``chains``, ``lost``, ``trace``.
 
 They read a running collector's JSON API (``--collector``, default the
 local one) and print readable tables, or the API's JSON with ``--json``.
@@ -70,13 +70,19 @@ def add_commands(commands):
     chains.add_argument("--limit", type=int, default=20)
     chains.set_defaults(run=run_chains)
 
+    lost = commands.add_parser("lost", help="casts, fanouts and notifications sent but "
+                                            "never received (a queue nobody reads)")
+    lost.add_argument("--window", default="5m", help="sent over this window, ending a grace "
+                                                     "period ago (default 5m)")
+    lost.set_defaults(run=run_lost)
+
     trace = commands.add_parser("trace", help="a whole trace by trace id, or a whole "
                                               "request by request id (req-...): all "
                                               "its traces, joined, entry first")
     trace.add_argument("id", help="an OpenStack request id or a trace id")
     trace.set_defaults(run=run_trace)
 
-    for command in (graph, chains, trace):
+    for command in (graph, chains, lost, trace):
         command.add_argument("--collector", default=os.environ.get(
             "COMMLENS_COLLECTOR_URL", DEFAULT_COLLECTOR),
             help=f"the collector's address (default {DEFAULT_COLLECTOR})")
@@ -156,6 +162,10 @@ class _Graph:
     @staticmethod
     def fetch(args):
         data = _get(args, "/api/graph", window=args.window)
+        try:
+            data["lost_messages"] = _get(args, "/api/lost-messages", window=args.window)
+        except ApiError:
+            pass  # a collector from before lost messages: the graph alone
         return sorted_edges(data, args.sort, args.top)
 
     @staticmethod
@@ -166,23 +176,77 @@ class _Graph:
             title += f", top {len(data['edges'])} of {data['edges_total']} edges"
         table = Table(title=title)
         for column in ("caller", "callee", "proto", "req/s", "err %", "p50", "p99",
-                       "waiting", "timeouts", "queue ready/unacked/consumers"):
+                       "waiting", "timeouts", "queue ready/unacked/consumers",
+                       "vs baseline"):
             table.add_column(column, justify="left" if column in (
-                "caller", "callee", "proto") else "right")
+                "caller", "callee", "proto", "vs baseline") else "right")
+        origins = {n["service"]: n["origin"] for n in data.get("nodes", ())
+                   if n.get("origin")}
         for edge in data["edges"]:
             queues = ", ".join(f"{name} {q['ready']}/{q['unacked']}/{q['consumers']}"
                                for name, q in (edge.get("queues") or {}).items())
             error = formatting.number(edge["error_ratio"] * 100)
             table.add_row(
-                edge["client"], edge["server"], edge["protocol"],
+                _with_origin(edge["client"], origins), _with_origin(edge["server"], origins),
+                edge["protocol"],
                 formatting.number(edge["rate"]),
                 f"[red]{error}[/red]" if edge["error_ratio"] else error,
                 _seconds(edge["p50_seconds"], edge.get("p50_estimated", False)),
                 _seconds(edge["p99_seconds"], edge.get("p99_estimated", False)),
-                _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues)
+                _count(edge.get("waiting_replies")), _count(edge.get("timeouts")), queues,
+                formatting.change(edge.get("change")))
         console.print(table)
+        if data.get("baseline") is None and "baseline" in data:
+            console.print("vs baseline: none yet (the collector has not heard long enough)")
         _show_silent_servers(console, data.get("silent_servers") or [])
         _show_silent_reporters(console, data.get("silent_reporters") or [])
+        if data.get("lost_messages") is not None:
+            _Lost.show(console, data["lost_messages"], quiet=True)
+
+
+def _with_origin(service, origins):
+    """A service, and ``[origin of N chains]`` where error chains start."""
+    origin = origins.get(service)
+    if not origin:
+        return service
+    where = ", ".join(origin["servers"])
+    return (f"{service} [magenta]\\[origin of {origin['chains']} chains"
+            f"{' on ' + where if where else ''}][/magenta]")
+
+
+class _Lost:
+    @staticmethod
+    def fetch(args):
+        return _get(args, "/api/lost-messages", window=args.window)
+
+    @staticmethod
+    def show(console, data, quiet=False):
+        from rich.table import Table
+        if data.get("unavailable"):
+            if not quiet:
+                console.print(f"Lost messages are not counted here: {data['unavailable']}.")
+            return
+        if not data["messages"]:
+            if not quiet:
+                console.print(f"No cast, fanout or notification went unreceived over the "
+                              f"last {data['window_seconds']:.0f}s (grace "
+                              f"{data['grace_seconds']:.0f}s).")
+            return
+        table = Table(title=f"Messages nobody received: sent over {data['window_seconds']:.0f}s "
+                            f"until {data['grace_seconds']:.0f}s ago")
+        for column in ("target", "method", "kind", "sent", "received", "unreceived",
+                       "callers", "servers (sampled) / idle queues"):
+            table.add_column(column, justify="right" if column in (
+                "sent", "received", "unreceived") else "left")
+        for row in data["messages"]:
+            where = [f"{s['server']} ({s['unreceived']} of {s['sampled']})"
+                     for s in row["servers"]]
+            where += [f"queue {name}: {q['ready']} ready, no consumer"
+                      for name, q in row["queues"].items()]
+            table.add_row(row["target"], row["method"], row["kind"], str(row["sent"]),
+                          str(row["received"]), f"[red]{row['unreceived']}[/red]",
+                          ", ".join(row["callers"]), "\n".join(where))
+        console.print(table)
 
 
 def sorted_edges(data, sort="errors", top=None):
@@ -282,6 +346,8 @@ class _Trace:
         zero = min(starts) if starts else 0.0
         traces = data.get("trace_ids") or [data["trace_id"]]
         title = f"Trace {data['trace_id']}"
+        if data.get("entry_request_id") and not data.get("request_id"):
+            title += f", request {data['entry_request_id']}"
         if data.get("request_id"):
             # A request id answers with the whole request: its traces
             # joined, the entry's first (exporters/history.py).
@@ -314,4 +380,5 @@ class _Trace:
 
 run_graph = _run(_Graph)
 run_chains = _run(_Chains)
+run_lost = _run(_Lost)
 run_trace = _run(_Trace)

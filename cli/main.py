@@ -134,6 +134,11 @@ def build_parser():
                                 "(0 for at once; default: COMMLENS_METRICS_WARM_UP, else 10s)")
     collector.add_argument("--trace-quiet", type=_duration, default="5s",
                            help="a trace closes after this long without new hops (default 5s)")
+    collector.add_argument("--lost-grace", type=_duration, default=None,
+                           help="a cast, fanout or notification counts as unreceived once "
+                                "this long has passed since it was sent (default: 3 ship "
+                                "intervals of the slowest process, at least 15s; "
+                                "docs/architecture.md)")
     collector.add_argument("--max-open-traces", type=int, default=50000,
                            help="traces assembled at once; the oldest closes early "
                                 "past it (default 50000)")
@@ -250,7 +255,8 @@ def run_collector(args):
                                       max_open_traces=args.max_open_traces),
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
                                         max_traces=args.history_max_traces),
-            metrics_warm_up=args.metrics_warm_up)
+            metrics_warm_up=args.metrics_warm_up, lost_grace=args.lost_grace,
+            lost_messages=args.replica is None)
         intake = intake_mod.make_intakes(export_url_list, collector, replica=args.replica,
                                          queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:

@@ -42,3 +42,22 @@ def duration(seconds, estimated=False):
         return "-"
     text = number(seconds) + " s" if seconds >= 1 else number(seconds * 1000) + " ms"
     return ("~" if estimated else "") + text
+
+
+def change(found):
+    """An edge's or method's ``change`` (exporters/change.py) in a few words:
+    ``rate x3, err +10%, p99 x12``; ``-`` while there is no baseline. The
+    page's script (``changeText``) says the same."""
+    if found is None:
+        return "-"
+    parts = []
+    if found["rate"]["ratio"] is not None:
+        parts.append(f"rate x{number(found['rate']['ratio'])}")
+    elif not found["rate"]["baseline"]:
+        parts.append("new")
+    if found["error_ratio"]["difference"]:
+        difference = found["error_ratio"]["difference"]
+        parts.append(f"err {'+' if difference > 0 else ''}{percent(difference)}")
+    if found["p99_seconds"]["ratio"] is not None:
+        parts.append(f"p99 x{number(found['p99_seconds']['ratio'])}")
+    return (", ".join(parts) or "same") + ("" if found["confident"] else " (short baseline)")

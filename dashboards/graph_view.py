@@ -117,11 +117,14 @@ def to_dot(nodes, edges, found=frozenset(), tolerances=DEFAULT_TOLERANCES):
         outside = not node.get("instrumented", True)
         if outside:
             classes.append("uninstrumented")
+        origin = node.get("origin")
+        classes += ["origin"] if origin else ["passes-on"] if node.get("passes_errors_on") else []
         lines.append(
             f"  {_q(name)} [id={_q('node:' + name)}, class={_q(' '.join(classes))}, "
             + ('style="rounded,filled,dashed", fillcolor="#f4f4f4", ' if outside else "")
-            + f"color={_q(health.COLOURS[state])}, "
-            f"penwidth={4 if 'found' in classes else 2}, "
+            + f"color={_q(ORIGIN_COLOUR if origin else health.COLOURS[state])}, "
+            + ("peripheries=2, " if origin else "")
+            + f"penwidth={4 if 'found' in classes or origin else 2}, "
             f"tooltip={_q(_node_tooltip(node, waiting, timeouts, state))}, "
             f"label=<{_node_label(node, waiting, timeouts)}>];")
     for edge in sorted(edges, key=edge_id):
@@ -188,7 +191,8 @@ def _edge_tooltip(edge, state):
     return (f"{edge['client']} -> {edge['server']} ({edge['protocol'].upper()}, {state}): "
             f"{_rate(edge['rate'])}, {_percent(edge['error_ratio'])} errors, "
             f"p50 {_latency(edge, 'p50')}, p99 {_latency(edge, 'p99')} "
-            f"(successful calls{by_client}; ~ marks an estimate)")
+            f"(successful calls{by_client}; ~ marks an estimate)"
+            + (f"; vs baseline: {formatting.change(edge['change'])}" if "change" in edge else ""))
 
 
 def _outside_note(node):
@@ -205,7 +209,22 @@ def _node_tooltip(node, waiting, timeouts, state):
     return (f"{node['service']} ({state}{', ' + note if note else ''}): "
             f"in {_rate(node['rate_in'])}, out "
             f"{_rate(node['rate_out'])}, {_percent(node['error_ratio'])} errors, "
-            f"{waiting:.0f} replies waited for, {timeouts:.0f} timeouts")
+            f"{waiting:.0f} replies waited for, {timeouts:.0f} timeouts"
+            + (f"; {_origin_text(node['origin'])}" if node.get("origin") else "")
+            + ("; passes errors on: no chain starts here" if node.get("passes_errors_on")
+               else ""))
+
+
+# Where chains start: a colour no health state uses, so the eye goes to the
+# origin before the services it broke (issue 18 item 5).
+ORIGIN_COLOUR = "#6a1b9a"
+
+
+def _origin_text(origin):
+    """``origin of 12 chains (compute-1)``."""
+    where = ", ".join(origin["servers"] or origin["topics"])
+    count = origin["chains"]
+    return f"origin of {count} chain{'s' if count != 1 else ''}" + (f" ({where})" if where else "")
 
 
 def _node_label(node, waiting, timeouts):
@@ -217,6 +236,12 @@ def _node_label(node, waiting, timeouts):
         rows.append(f'<TR><TD><FONT POINT-SIZE="8" COLOR="#666666">{note}</FONT></TD></TR>')
     rows.append(f"<TR><TD><FONT POINT-SIZE=\"9\">in {_rate(node['rate_in'])}"
                 f" · {_percent(node['error_ratio'])} err</FONT></TD></TR>")
+    if node.get("origin"):
+        rows.append(f'<TR><TD BGCOLOR="{ORIGIN_COLOUR}"><FONT COLOR="white" POINT-SIZE="9">'
+                    f"<B>{html.escape(_origin_text(node['origin']))}</B></FONT></TD></TR>")
+    elif node.get("passes_errors_on"):
+        rows.append('<TR><TD><FONT POINT-SIZE="8" COLOR="#666666">passes errors on'
+                    "</FONT></TD></TR>")
     if waiting or timeouts:
         badge = " · ".join(text for value, text in (
             (waiting, f"{waiting:.0f} waiting"), (timeouts, f"{timeouts:.0f} timeouts"))

@@ -54,7 +54,7 @@ def create_blueprint(collector, settings, duration_arg, asked_fleet=lambda: None
         tolerances = settings.tolerances
         return flask.render_template(
             "dashboard.html", degraded=tolerances.degraded, failing=tolerances.failing,
-            colours=health.COLOURS)
+            colours=health.COLOURS, origin_colour=graph_view.ORIGIN_COLOUR)
 
     @blueprint.get("/dashboard/graph.svg")
     def graph_svg():

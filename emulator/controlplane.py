@@ -129,6 +129,7 @@ class ControlPlane:
         self._threads = []
         self._computes = {}  # host -> endpoint, to serve again after compute-down
         self._notifications = None
+        self._listeners = []  # (notification listener, its transport)
         self.instances = {}  # nova-api's view: instance -> host
         self._instances_lock = threading.Lock()
         self.compute_hosts = [f"compute-{i + 1}" for i in range(computes)]
@@ -206,6 +207,7 @@ class ControlPlane:
         if "nova-control" in self.groups:
             self._start_scheduler()
             self._start_conductor()
+            self._start_notification_consumer()
         if "nova-compute" in self.groups:
             for host in self.compute_hosts:
                 self._start_compute(host)
@@ -300,6 +302,23 @@ class ControlPlane:
 
         self.serve("nova-scheduler", SCHEDULER, Scheduler(), "scheduler-1")
 
+    def _start_notification_consumer(self):
+        """What reads the computes' notifications, as ceilometer's notification
+        agent does: without it they wait in a queue nobody reads."""
+        import oslo_messaging as om
+        from oslo_config import cfg
+
+        class Endpoint:
+            def info(self, ctxt, publisher_id, event_type, payload, metadata):
+                return None
+
+        transport = om.get_notification_transport(
+            cfg.CONF, url=instrumented_url(self.transport_url, "ceilometer-agent-notification"))
+        listener = om.get_notification_listener(
+            transport, [om.Target(topic="notifications")], [Endpoint()], executor="threading")
+        listener.start()
+        self._listeners.append((listener, transport))
+
     def _start_conductor(self):
         plane = self
         scheduler = self.client("nova-conductor", SCHEDULER)
@@ -327,6 +346,10 @@ class ControlPlane:
             def compute_node_update(self, ctxt, host):
                 self._maybe_slow()
                 return "ok"
+
+            def rebuild_instance(self, ctxt, instance, host):
+                # Cast on to the instance's host, as nova's conductor does.
+                computes.prepare(server=host).cast(ctxt, "rebuild_instance", instance=instance)
 
         self._conductor = Conductor()
         if "conductor-down" not in self.faults:
@@ -366,6 +389,9 @@ class ControlPlane:
                 with ports_lock:
                     ports.setdefault(instance, []).append(port_id)
                 return port_id
+
+            def rebuild_instance(self, ctxt, instance):
+                return None
 
             def terminate_instance(self, ctxt, instance):
                 with ports_lock:
@@ -436,10 +462,16 @@ class ControlPlane:
             return {"servers": conductor.call(ctxt(), "instance_list")}
 
         @app.post("/v2.1/servers/<instance>/action")
-        def attach(instance):
+        def action(instance):
             host = plane.host_of(instance)
             if host is None:
                 return {"itemNotFound": {"code": 404}}, 404
+            if "rebuild" in (flask.request.get_json(silent=True) or {}):
+                # Real nova casts a rebuild to the conductor and answers at
+                # once: with the conductor down, the casts wait in a queue
+                # nobody reads (exporters/lost.py).
+                conductor.cast(ctxt(), "rebuild_instance", instance=instance, host=host)
+                return "", 202
             return {"port": computes.prepare(server=host).call(
                 ctxt(), "attach_interface", instance=instance)}, 202
 
@@ -482,6 +514,10 @@ class ControlPlane:
             self.unserve(service, server)
         for server in self._wsgi.values():
             server.stop()
+        for listener, transport in self._listeners:
+            listener.stop()
+            listener.wait()
+            transport.cleanup()
         for thread in self._threads:
             thread.join(STATE_REPORT_SECONDS + 1)
         for transport in self._transports.values():

@@ -4,7 +4,8 @@ import threading
 
 FAULTS = {
     "slow-conductor": "nova-conductor takes 3 s per call: waiting replies grow",
-    "conductor-down": "nova-conductor stops consuming: callers time out",
+    "conductor-down": "nova-conductor stops consuming: callers time out, the rebuilds cast "
+                      "to it wait in a queue nobody reads",
     "neutron-error": "neutron-server fails port bindings (409 PortBindingFailed, some 500): "
                      "error chains through nova-compute and nova-conductor to nova-api",
     "compute-down": "one nova-compute disappears: calls to its host time out, its state "

@@ -1,4 +1,4 @@
-"""The demo's users: a steady mix of boots, lists, port attaches and deletes.
+"""The demo's users: a steady mix of boots, lists, port attaches, rebuilds and deletes.
 
 They call nova-api the way python-novaclient would (its User-Agent, a token
 in X-Auth-Token) with urllib, which commlens does not hook: the users are
@@ -15,7 +15,7 @@ from commlens.emulator import controlplane
 
 USER_AGENT = "python-novaclient keystoneauth1/5.18 python-requests/2.32"
 # (operation, weight)
-MIX = (("boot", 4), ("list", 3), ("attach", 2), ("delete", 2))
+MIX = (("boot", 4), ("list", 3), ("attach", 2), ("delete", 2), ("rebuild", 1))
 
 
 class Workload:
@@ -49,9 +49,13 @@ class Workload:
             except OSError:
                 pass  # the control plane failing is the point of a fault
 
-    def _request(self, method, path):
-        request = urllib.request.Request(self._url + path, method=method, headers={
-            "User-Agent": USER_AGENT, "X-Auth-Token": controlplane.TOKEN})
+    def _request(self, method, path, body=None):
+        headers = {"User-Agent": USER_AGENT, "X-Auth-Token": controlplane.TOKEN}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(body).encode()
+        request = urllib.request.Request(self._url + path, data=body, method=method,
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 body = response.read()
@@ -79,6 +83,11 @@ class Workload:
         instance = self._pick()
         if instance:
             self._request("POST", f"/v2.1/servers/{instance}/action")
+
+    def _rebuild(self):
+        instance = self._pick()
+        if instance:
+            self._request("POST", f"/v2.1/servers/{instance}/action", {"rebuild": {}})
 
     def _delete(self):
         instance = self._pick(remove=True)

@@ -39,11 +39,13 @@ import threading
 import time
 
 from commlens.exporters import advice as advice_mod
+from commlens.exporters import change
 from commlens.exporters import chains
 from commlens.exporters import exemplars as exemplars_mod
 from commlens.exporters import graph
 from commlens.exporters import history as history_mod
 from commlens.exporters import reporters
+from commlens.exporters import lost
 from commlens.exporters import silent
 from commlens.exporters import traces
 from commlens.tracer import aggregate
@@ -112,6 +114,8 @@ class _Process:
 
 # The dashboard's time series and methods tables look back this far at most.
 SERIES_SECONDS = 900
+# Chain shapes read for the graph's origins and the baseline's incident.
+MAX_CHAIN_GROUPS = 1000
 METHOD_SAMPLE_SECONDS = 15.0
 
 
@@ -124,7 +128,8 @@ class Collector:
                  max_message_bytes=MAX_MESSAGE_BYTES, max_series=MAX_SERIES,
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
-                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0):
+                 series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
+                 lost_grace=None, lost_messages=True):
         self._clock = clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
@@ -171,13 +176,21 @@ class Collector:
         self.silent_servers = silent.SilentServers()
         # Periodic reporters (state reports) that stopped sending, per host.
         self.silent_reporters = reporters.SilentReporters(clock=clock, wall_clock=wall_clock)
-        self.graph_samples = graph.GraphSamples()
+        # Casts, fanouts and notifications nobody received (``lost_grace``
+        # None: from the processes' ship intervals).
+        self.lost = lost.LostMessages(grace=lost_grace, clock=clock)
+        # A replica sees the senders and the receivers of a topic only in
+        # part (processes are spread over replicas): it counts no lost message.
+        self.lost_messages_counted = lost_messages
+        self.graph_samples = graph.GraphSamples(clock=clock)
         # Per-method totals are many more series than edges: sampled less often
         # and kept for the dashboard's 15 minutes only.
-        self.method_samples = graph.GraphSamples(interval=METHOD_SAMPLE_SECONDS,
+        self.method_samples = graph.GraphSamples(clock=clock, interval=METHOD_SAMPLE_SECONDS,
                                                  max_window=SERIES_SECONDS)
         # What the tuning rules read, every few seconds (exporters/advice.py).
         self.advice_samples = advice_mod.samples(clock=clock)
+        # Edge and method totals every minute, for the baseline of ``change``.
+        self.baseline_samples = change.samples(clock, graph.MAX_WINDOW_SECONDS)
         self.queue_watcher = None
         # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
         self.span_export = None
@@ -496,6 +509,7 @@ class Collector:
                 for hop in trace.hops.values():
                     if not earlier or hop.get("span_id") not in earlier_spans:
                         self.silent_servers.add(hop)
+                self.lost.add_trace(hops)
                 found = chains.derive(hops)
                 for chain in found:
                     if chain["key"] not in known_keys:
@@ -543,14 +557,23 @@ class Collector:
         # The sweeper runs every second; a sample is kept every few seconds:
         # merge only when one is due.
         edges_due, methods_due = self.graph_samples.due(), self.method_samples.due()
-        if not (edges_due or methods_due):
+        lost_due, baseline_due = self.lost.due(), self.baseline_samples.due()
+        if not (edges_due or methods_due or lost_due or baseline_due):
             return
         merged = self.merged(rates=True)
+        if lost_due:
+            self.lost.add_sample(merged[0], self.lost.grace_for(self.processes()))
+        if not (edges_due or methods_due or baseline_due):
+            return
         totals, consumers = graph.edge_totals(*merged)
         if edges_due:
             self.graph_samples.add(totals)
-        if methods_due:
-            self.method_samples.add(graph.method_totals(*merged, consumers))
+        if methods_due or baseline_due:
+            methods = graph.method_totals(*merged, consumers)
+            if methods_due:
+                self.method_samples.add(methods)
+            if baseline_due:
+                self.baseline_samples.add((totals, methods))
 
     def graph(self, window_seconds=300, histograms=False):
         """The graph JSON (graph.build); ``histograms``: with each edge's
@@ -570,7 +593,45 @@ class Collector:
                              method_baseline, histograms=histograms)
         result["silent_servers"] = self.silent_servers.top(window_seconds)
         result["silent_reporters"] = self.silent_reporters.top()
+        graph.mark_origins(result["nodes"], self._chain_groups(window_seconds), consumers)
+        description, start, end = self.baseline(window_seconds)
+        result["baseline"] = description
+        if description is None:
+            for edge in result["edges"]:
+                edge["change"] = None
+        else:
+            change.edge_changes(result["edges"], start[0], end[0], description["seconds"])
         return result
+
+    def _chain_groups(self, since_seconds):
+        """The history's chains of the last ``since_seconds``; none if it
+        cannot be read (counted)."""
+        try:
+            return self.history.chains(since_seconds, limit=MAX_CHAIN_GROUPS)
+        except Exception:
+            LOG.exception("collector: reading the history failed")
+            self.history_errors += 1
+            return []
+
+    def baseline(self, window_seconds):
+        """(description, totals at its start, at its end) of the baseline
+        window that ``change`` compares with (exporters/change.py)."""
+        groups = self._chain_groups(window_seconds + change.MAX_INCIDENT_LOOKBACK_SECONDS)
+        incident = change.incident_age(groups, window_seconds, self.history.now())
+        return change.find(self.baseline_samples, window_seconds, incident)
+
+    def lost_messages(self, window_seconds=None, limit=lost.DEFAULT_LIMIT):
+        """(``/api/lost-messages`` JSON, {(target, method, kind): unreceived})
+        of casts, fanouts and notifications nobody received (exporters/lost.py)."""
+        if not self.lost_messages_counted:
+            return {"window_seconds": window_seconds, "grace_seconds": None,
+                    "covered_seconds": 0.0, "messages": [],
+                    "unavailable": "this collector is a replica: it sees the senders and "
+                                   "receivers of a topic only in part"}, {}
+        counters = self.merged(rates=True)[0]
+        queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
+        return self.lost.unreceived(counters, self.lost.grace_for(self.processes()),
+                                    window_seconds, queues, limit)
 
     def sample_advice(self):
         if self.advice_samples.due():
@@ -582,34 +643,44 @@ class Collector:
         queues = self.queue_watcher.queues() if self.queue_watcher is not None else None
         inputs = advice_mod.inputs_from(
             self.advice_samples, advice_mod.reduce(*self.merged(rates=True)), window_seconds,
-            baseline_seconds, queues, self.processes())
+            baseline_seconds, queues, self.processes(), self.lost_messages()[1])
         return advice_mod.report(inputs)
 
     def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge and its last 15 minutes of waiting
         replies and errors."""
         edge = (client, server, protocol)
-        rows = self._method_rows(window_seconds, lambda key: key == edge, histograms)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key == edge, histograms)
         return {"edge": {"client": client, "server": server, "protocol": protocol},
-                "methods": [row for _edge, row in rows],
+                "methods": [row for _edge, row in rows], "baseline": baseline,
                 "series": self._series(lambda key: key == edge)}
 
     def node_details(self, service, window_seconds=300, histograms=False):
         """What ``service`` serves, by caller and method or route, and the
         waiting replies and errors of its inbound edges over 15 minutes."""
-        rows = self._method_rows(window_seconds, lambda key: key[1] == service, histograms)
+        rows, baseline = self._method_rows(window_seconds, lambda key: key[1] == service,
+                                           histograms)
         return {"node": {"service": service},
                 "methods": [dict(row, caller=edge[0], protocol=edge[2]) for edge, row in rows],
-                "series": self._series(lambda key: key[1] == service)}
+                "baseline": baseline, "series": self._series(lambda key: key[1] == service)}
 
     def _method_rows(self, window_seconds, wanted, histograms=False):
-        counters, histograms, gauges = self.merged(rates=True)
-        current = graph.method_totals(counters, histograms, gauges,
+        """[(edge, row)] and the baseline's description; ``histograms``: each
+        row with its latency buckets, for a peer replica to merge."""
+        counters, merged_histograms, gauges = self.merged(rates=True)
+        current = graph.method_totals(counters, merged_histograms, gauges,
                                       graph.topic_consumers(counters))
         age, baseline = self.method_samples.baseline(min(window_seconds, SERIES_SECONDS))
-        return [(edge, row) for edge in sorted(current) if wanted(edge)
+        rows = [(edge, row) for edge in sorted(current) if wanted(edge)
                 for row in graph.method_rows(current[edge], baseline.get(edge, {}), age,
                                              histograms)]
+        description, start, end = self.baseline(window_seconds)
+        for edge, row in rows:
+            if description is None:
+                row["change"] = None
+            else:
+                change.row_changes(edge, [row], start[1], end[1], description["seconds"])
+        return rows, description
 
     def _series(self, wanted):
         points, previous = [], None

@@ -131,6 +131,15 @@ class Fleet:
         merged["silent_servers"] = silent["servers"]
         merged["silent_reporters"] = silent["reporters"]
         merged["replicas"] = status
+        # Where the fleet's chains start (who consumes a topic as this
+        # replica saw it). Each replica's baseline holds its share only and
+        # is not merged: no change against a baseline here yet.
+        consumers = graph_mod.topic_consumers(self.collector.merged(rates=True)[0])
+        graph_mod.mark_origins(merged["nodes"], self.chains(
+            window_seconds, PEER_CHAINS_LIMIT)["chains"], consumers)
+        merged["baseline"] = None
+        for edge in merged["edges"]:
+            edge["change"] = None
         return merged
 
     def chains(self, since_seconds, limit, absorbed=None):

@@ -503,6 +503,22 @@ class GraphSamples:
             index = min(index, len(self._times) - 1)
             return now - self._times[index], self._samples[index]
 
+    def at_or_before(self, seconds_ago):
+        """(age in seconds, totals) of the newest sample at least
+        ``seconds_ago`` old; None if every sample kept is younger."""
+        now = self._clock()
+        with self._lock:
+            index = bisect.bisect_right(self._times, now - seconds_ago) - 1
+            if index < 0:
+                return None
+            return now - self._times[index], self._samples[index]
+
+    def oldest(self):
+        """(age in seconds, totals) of the oldest sample kept."""
+        now = self._clock()
+        with self._lock:
+            return now - self._times[0], self._samples[0]
+
     def since(self, seconds):
         """[(seconds ago, totals)] of the samples kept in the last ``seconds``, oldest first."""
         now = self._clock()
@@ -537,20 +553,8 @@ def build(current, baseline, seconds, consumers, queues=None, processes=(), repo
     edges, nodes = [], {}
     for (client, server, protocol), now in sorted(current.items()):
         then = baseline.get((client, server, protocol)) or EdgeTotals()
-        # A REST edge no server reports: the caller's own counts are the edge.
-        from_client = (protocol == HTTP and not any(now.server.counts)
-                       and now.client_requests > 0)
-        if from_client:
-            requests = max(0.0, now.client_requests - then.client_requests)
-            failed = max(0.0, now.client_failed - then.client_failed)
-            ever = now.client_requests
-        else:
-            requests = max(0.0, now.requests - then.requests)
-            failed = max(0.0, now.failed - then.failed)
-            ever = now.requests
-        latency = now.server.since(then.server)
-        if not any(latency.counts):
-            latency = now.client.since(then.client)
+        requests, failed, latency, from_client = edge_window(now, then, protocol)
+        ever = now.client_requests if from_client else now.requests
         if requests == 0 and now.waiting == 0 and ever == 0:
             continue
         edge = {
@@ -586,6 +590,71 @@ def build(current, baseline, seconds, consumers, queues=None, processes=(), repo
                               and node["service"] in names.CLIENT_CALLERS else None)
     return {"window_seconds": seconds, "nodes": sorted(nodes.values(), key=lambda n: n["service"]),
             "edges": edges}
+
+
+def edge_window(now, then, protocol):
+    """(requests, failed, latency, counted by the caller only) of one edge
+    between two of its EdgeTotals."""
+    # A REST edge no server reports: the caller's own counts are the edge.
+    from_client = protocol == HTTP and not any(now.server.counts) and now.client_requests > 0
+    if from_client:
+        requests = max(0.0, now.client_requests - then.client_requests)
+        failed = max(0.0, now.client_failed - then.client_failed)
+    else:
+        requests = max(0.0, now.requests - then.requests)
+        failed = max(0.0, now.failed - then.failed)
+    latency = now.server.since(then.server)
+    if not any(latency.counts):
+        latency = now.client.since(then.client)
+    return requests, failed, latency, from_client
+
+
+def mark_origins(nodes, chain_groups, consumers):
+    """Set ``origin`` on graph nodes where error chains started, apart from
+    the nodes they only passed through.
+
+    ``chain_groups``: ``History.chains`` of the window. A chain's origin is
+    a service, or a topic nobody answered (``conductor``); such a topic is
+    its own node when nobody consumes it, else the origin is marked on the
+    services that consume it, with the server the calls were addressed to
+    (``compute`` on nova-compute, server compute-1). ``origin``: {chains,
+    absorbed, errors, servers, topics} or None; ``passes_errors_on``: the
+    node failed requests but no chain started there."""
+    by_name = {node["service"]: node for node in nodes}
+    serving = collections.defaultdict(list)  # topic -> services that consume it
+    for name in by_name:
+        for topic in consumers.topics(name):
+            serving[topic].append(name)
+    marks = {}
+    for group in chain_groups:
+        origin = group["origin"]
+        name = origin.get("service")
+        if name in by_name:
+            targets, topic = [name], None
+        elif serving.get(name):
+            targets, topic = serving[name], name
+        else:
+            continue
+        for target in targets:
+            mark = marks.setdefault(target, {"chains": 0, "absorbed": 0, "errors": set(),
+                                             "servers": set(), "topics": set()})
+            mark["chains"] += group.get("count", 1)
+            mark["absorbed"] += group.get("count", 1) if group.get("absorbed") else 0
+            if origin.get("error"):
+                mark["errors"].add(str(origin["error"]))
+            if origin.get("server"):
+                mark["servers"].add(origin["server"])
+            if topic:
+                mark["topics"].add(topic)
+    for name, node in by_name.items():
+        mark = marks.get(name)
+        node["origin"] = None if mark is None else {
+            key: sorted(value)[:_MAX_ORIGIN_NAMES] if isinstance(value, set) else value
+            for key, value in mark.items()}
+        node["passes_errors_on"] = mark is None and node["failed_in"] > 0
+
+
+_MAX_ORIGIN_NAMES = 5
 
 
 def _node(nodes, service):

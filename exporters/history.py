@@ -15,6 +15,8 @@ import sqlite3
 import threading
 import time
 
+from commlens.exporters import chains as chains_mod
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE_SECONDS = 24 * 3600
@@ -200,10 +202,21 @@ class History:
                     "SELECT trace_id, chain_key FROM trace_chains WHERE trace_id IN (%s)"
                     % marks, trace_ids):
                 keys.setdefault(k, []).append(t)
-            chains = {k: json.loads(c) for k, c in self._db.execute(
+            stored = {k: json.loads(c) for k, c in self._db.execute(
                 "SELECT chain_key, chain FROM chains WHERE chain_key IN (%s)"
                 % ",".join("?" * len(keys)), list(keys))}
-        hops = [h for _, _, encoded in rows for h in json.loads(encoded)]
+        # Each trace's chains with its own hops (the stored shape holds the
+        # hops of the first trace that had it: another request's).
+        by_trace = {t: json.loads(encoded) for t, _, encoded in rows}
+        chains = {}
+        for t, trace_hops in sorted(by_trace.items()):
+            for chain in chains_mod.derive(trace_hops):
+                if t in keys.get(chain["key"], ()):
+                    chains.setdefault(chain["key"], chain)
+        for key, chain in stored.items():
+            # Stored by an earlier release whose shapes differ: as stored.
+            chains.setdefault(key, chain)
+        hops = [h for trace_hops in by_trace.values() for h in trace_hops]
         found = join(hops, max(seen for _, seen, _ in rows), [t for t, _, _ in rows])
         rank = {t: i for i, t in enumerate(found["trace_ids"])}
         found["chains"] = [shape(chains[k]) for k in sorted(
@@ -244,6 +257,10 @@ class History:
                     break
         return groups
 
+    def now(self):
+        """The history's clock: chains' times are on it."""
+        return self._clock()
+
     def size(self):
         with self._lock:
             return self._db.execute("SELECT count(*) FROM traces").fetchone()[0]
@@ -273,6 +290,9 @@ def join(hops, seen, trace_ids):
     ends = [h["start"] + _number(h.get("duration")) for h in hops
             if isinstance(h.get("start"), (int, float))]
     return {"trace_id": order[0], "trace_ids": order, "seen": seen,
+            # The request the entry served: what the trace is about.
+            "entry_request_id": (entry.get("request_id") or entry.get("global_request_id")
+                                 if entry else None),
             "start": min(starts) if starts else None,
             "duration": (max(ends) - min(starts)) if starts else None,
             "hops": hops, "chains": []}

@@ -11,6 +11,7 @@ from werkzeug import serving
 
 from commlens.exporters import durations
 from commlens.exporters import fleet as _fleet
+from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.exporters import silent
 
@@ -122,6 +123,14 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
                 "servers": collector.silent_servers.top(since, limit),
                 # Not windowed: silent now, for up to an hour (exporters/reporters.py).
                 "reporters": collector.silent_reporters.top(limit)}
+
+    @app.get("/api/lost-messages")
+    def lost_messages():
+        window = _duration_arg("window", lost.DEFAULT_WINDOW_SECONDS)
+        if window > lost.MAX_WINDOW_SECONDS:
+            raise BadArgument(f"window: at most {lost.MAX_WINDOW_SECONDS:g}s")
+        limit = _limit_arg("limit", lost.DEFAULT_LIMIT, lost.MAX_LIMIT)
+        return collector.lost_messages(window, limit)[0]
 
     @app.get("/api/traces/<trace_or_request_id>")
     def trace(trace_or_request_id):

@@ -58,6 +58,11 @@ BROKER_QUEUE_CONSUMERS = metrics.Metric(
 BROKER_UP = metrics.Metric(
     "commlens_broker_management_up", "gauge", (),
     "1 when the last poll of RabbitMQ's management API worked, else 0.")
+UNRECEIVED_MESSAGES = metrics.Metric(
+    "commlens_rpc_unreceived_messages", "gauge", ("target", "method", "kind"),
+    "Casts, fanouts and notifications (kind notification; method: the event type) sent "
+    "over the lost-message window (5 minutes, ending a grace period ago) and not "
+    "received by any instrumented server; a lower bound (exporters/lost.py).")
 COLLECTOR_OTLP_EXPORTED = metrics.Metric(
     "commlens_collector_otlp_spans_exported_total", "counter", (),
     "Hops the tracing backend took as OTLP spans (--otlp-endpoint).")
@@ -158,6 +163,10 @@ class CollectorExposition:
         history_errors = _family(COLLECTOR_HISTORY_ERRORS)
         history_errors.add_metric([], collector.history_errors)
         yield history_errors
+        unreceived = _family(UNRECEIVED_MESSAGES)
+        for labels, value in sorted(collector.lost_messages()[1].items()):
+            unreceived.add_metric(list(labels), value)
+        yield unreceived
         if collector.queue_watcher is not None:
             yield from _broker_families(collector.queue_watcher, topics)
         if collector.span_export is not None:

@@ -173,6 +173,10 @@ def test_a_stopped_compute_is_named_in_the_chains_and_the_silent_servers(page, d
         wait_for(lambda: any(p.startswith("compute (compute-1) build_and_run_instance "
                                           "(MessagingTimeout)") for p in paths()),
                  timeout=60, interval=1, message="the compute's chain, named, first")
+        # Its origin column says what ``commlens chains`` does.
+        origins = page.eval_on_selector_all("#chains .chain-origin", "els => els.map("
+                                            "e => e.innerText.replace(/\\s+/g, ' '))")
+        assert "compute (compute-1) build_and_run_instance MessagingTimeout" in origins
     finally:
         demo.fault("compute-down", on=False)
     page.screenshot(path=SHOTS / "chains-compute-down.png", full_page=True)
@@ -404,3 +408,78 @@ def test_a_replica_asks_its_peers_with_the_token_and_the_page_says_who_is_missin
         assert "1 replica(s) did not answer (Connection refused)" in page.inner_text("#replicas")
         context.close()
         assert token not in one.log()
+# -- lost messages, change and origins (issue 18 items 4 and 5) -------------
+
+def test_conductor_down_lists_the_casts_nobody_received(page, demo):
+    # Rebuilds need instances: once users have some, the conductor goes.
+    wait_for(lambda: demo.metrics().value("commlens_rpc_sent_total", target="conductor",
+                                          method="rebuild_instance") >= 1,
+             timeout=60, interval=1, message="rebuilds cast to the conductor")
+    demo.fault("conductor-down")
+    try:
+        wait_for(lambda: "rebuild_instance" in page.inner_text("#lost-messages tbody"),
+                 timeout=120, interval=1, message="the conductor's casts listed as lost")
+        assert page.is_visible("#lost-messages")
+        (row,) = [r for r in page.eval_on_selector_all(
+            "#lost-messages tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.innerText))")
+            if r[1] == "rebuild_instance"]
+        target, _method, kind, sent, received, unreceived, callers, _where = row
+        assert (target, kind, callers) == ("conductor", "cast", "nova-api")
+        assert int(unreceived) == int(sent) - int(received) >= 1
+        assert "no instrumented server" in page.inner_text("#lost-messages-note")
+        page.screenshot(path=SHOTS / "lost-messages.png", full_page=True)
+    finally:
+        demo.fault("conductor-down", on=False)
+    assert page.console_errors == []
+
+
+def test_methods_tables_say_how_they_compare_with_the_baseline(page):
+    page.wait_for_selector("#graph g.node[id='node:nova-conductor']", timeout=30000)
+    page.click("#graph g.node[id='node:nova-conductor']")
+    page.wait_for_selector("#methods tbody tr td.change")
+    cells = page.eval_on_selector_all("#methods tbody td.change",
+                                      "els => els.map(e => [e.innerText, e.title])")
+    assert len(cells) == page.locator("#methods tbody tr").count()
+    # A young demo has no baseline yet, and says so.
+    assert all(text == "–" and title.startswith("no baseline yet") for text, title in cells)
+    # With one, the words of ``commlens graph``.
+    assert page.evaluate("changeText({rate: {baseline: 1, ratio: 3}, error_ratio: "
+                         "{baseline: 0, difference: 0.1}, p99_seconds: {baseline: 0.01, "
+                         "ratio: 12}, baseline_requests: 500, confident: true})"
+                         ) == "rate ×3, err +10%, p99 ×12"
+
+
+def test_the_origin_of_errors_stands_out_on_the_graph_and_in_the_chains(page, demo):
+    demo.fault("neutron-error")
+    try:
+        wait_for(lambda: "origin" in (page.get_attribute(
+            "#graph g.node[id='node:neutron-server']", "class") or ""),
+            timeout=90, interval=1, message="neutron-server marked as the origin")
+        assert "origin of" in page.text_content("#graph g.node[id='node:neutron-server']")
+        # nova-api only passed the errors on.
+        assert "passes-on" in page.get_attribute("#graph g.node[id='node:nova-api']", "class")
+        page.screenshot(path=SHOTS / "origin.png", full_page=True)
+        page.click("button[data-tab=chains-tab]")
+        wait_for(lambda: "neutron-server" in page.inner_text("#chains tbody"), timeout=30,
+                 interval=1, message="the neutron chain")
+    finally:
+        demo.fault("neutron-error", on=False)
+    chains = demo.json("/api/chains?since=15m&limit=1000")["chains"]
+    shown = page.eval_on_selector_all("#chains .chain-origin", "els => els.map("
+                                      "e => e.innerText.replace(/\\s+/g, ' ').trim())")
+    expected = [" ".join(filter(None, [
+        f"{c['origin']['service']} ({c['origin']['server']})" if c["origin"]["server"]
+        else c["origin"]["service"], c["origin"]["operation"], c["origin"]["error"]]))
+        for c in chains]
+    assert any(o.startswith("neutron-server PUT /v2.0/ports/{id}") for o in shown)
+    assert shown and set(shown) <= set(expected)
+
+    # A trace opened by its id names its entry's request, once.
+    example = next(e for c in chains if c["origin"]["service"] == "neutron-server"
+                   for e in c["examples"] if e["request_id"])
+    page.fill("#search-input", example["trace_id"])
+    page.click("#search-button")
+    page.wait_for_selector("#trace-hops .hop")
+    title = page.inner_text("#trace-title")
+    assert f"request {example['request_id']}" in title
+    assert title.count("req-") == 1

@@ -210,7 +210,8 @@ async function refreshDetails() {
       (row.timeouts ? `, ${row.timeouts.toFixed(0)} timeouts` : "")),
     percentile(row, "p50"),
     percentile(row, "p99"),
-    element("td", { class: "num" }, row.waiting_replies.toFixed(0)))));
+    element("td", { class: "num" }, row.waiting_replies.toFixed(0)),
+    changeCell(row.change))));
   sparkline($("spark-waiting"), details.series.map((p) => [p.seconds_ago, p.waiting_replies]));
   sparkline($("spark-errors"), details.series.map((p) => [p.seconds_ago, p.errors_per_second]));
   $("details").hidden = false;
@@ -291,7 +292,7 @@ async function refreshChains() {
       return link;
     }));
     return element("tr", { class: chain.absorbed ? "absorbed" : "" },
-      element("td", { class: "num" }, chain.count), path,
+      element("td", { class: "num" }, chain.count), chainOriginCell(chain), path,
       element("td", {}, when(chain.first_seen)), element("td", {}, when(chain.last_seen)), examples);
   }));
 }
@@ -321,9 +322,7 @@ function renderTrace(trace) {
   const start = Math.min(...hops.map((hop) => hop.start));
   const end = Math.max(...hops.map((hop) => hop.start + hop.duration));
   const total = Math.max(end - start, 1e-6);
-  const requestIds = [...new Set(hops.map((hop) => hop.request_id).filter(Boolean))];
-  $("trace-title").textContent = `trace ${trace.trace_id} · ${hops.length} hops · ` +
-    `${ms(total)}${requestIds.length ? " · " + requestIds.join(", ") : ""}`;
+  traceTitle(trace, hops, total);
   $("trace-hops").replaceChildren(...hops.map((hop) => {
     const failed = hop.error || (hop.outcome && hop.outcome !== "ok");
     const text = (hop.side === "client" ? `${hop.service} → ${named(hop.target, hop.server)} `
@@ -337,6 +336,76 @@ function renderTrace(trace) {
     return element("div", { class: "hop" + (failed ? " failed" : "") }, label,
       element("div", { class: "lane" }, bar));
   }));
+}
+
+// The trace's title names the request its entry served; the other request
+// ids its hops carry (work handed over) are counted, listed on hover.
+function traceTitle(trace, hops, total) {
+  const entry = trace.entry_request_id || trace.request_id || null;
+  const others = [...new Set(hops.map((hop) => hop.request_id).filter(Boolean))]
+    .filter((id) => id !== entry);
+  const title = $("trace-title");
+  title.textContent = `trace ${trace.trace_id} · ${hops.length} hops · ${ms(total)}` +
+    (entry ? ` · request ${entry}` : "") +
+    (others.length ? ` (+${others.length} other request id${others.length > 1 ? "s" : ""})` : "");
+  title.title = others.join(", ");
+}
+
+// -- lost messages and change against the baseline (issue 18 item 4) -------
+
+// Casts, fanouts and notifications sent and not received (exporters/lost.py).
+async function refreshLostMessages() {
+  renderLostMessages(await getJSON(`/api/lost-messages?window=${windowArg()}`));
+}
+
+function renderLostMessages(body) {
+  const rows = body.messages || [];
+  $("lost-messages").hidden = rows.length === 0;
+  $("lost-messages-note").textContent = `Sent over ${number(body.window_seconds)} s until ` +
+    `${number(body.grace_seconds)} s ago and received by no instrumented server ` +
+    "(a queue nobody reads, a message dropped). A lower bound.";
+  $("lost-messages").querySelector("tbody").replaceChildren(...rows.map((row) => {
+    const where = [...row.servers.map((s) => `${s.server} (${s.unreceived} of ${s.sampled} sampled)`),
+      ...Object.entries(row.queues).map(([name, q]) => `queue ${name}: ${q.ready} ready, no consumer`)];
+    return element("tr", {}, element("td", {}, row.target), element("td", {}, row.method),
+      element("td", {}, row.kind), element("td", { class: "num" }, row.sent),
+      element("td", { class: "num" }, row.received),
+      element("td", { class: "num err" }, row.unreceived),
+      element("td", {}, row.callers.join(", ")), element("td", {}, where.join("; ")));
+  }));
+}
+
+// "rate ×3, err +10%, p99 ×12" against the baseline window (exporters/change.py).
+function changeText(change) {
+  if (!change) { return "–"; }
+  const parts = [];
+  if (change.rate.ratio != null) { parts.push(`rate ×${number(change.rate.ratio)}`); }
+  else if (!change.rate.baseline) { parts.push("new"); }
+  if (change.error_ratio.difference) {
+    parts.push(`err ${change.error_ratio.difference > 0 ? "+" : ""}${percent(change.error_ratio.difference)}`);
+  }
+  if (change.p99_seconds.ratio != null) { parts.push(`p99 ×${number(change.p99_seconds.ratio)}`); }
+  return (parts.join(", ") || "same") + (change.confident ? "" : " (short baseline)");
+}
+
+function changeCell(change) {
+  const worse = change && ((change.error_ratio.difference || 0) > 0.01 ||
+    (change.p99_seconds.ratio || 0) >= 2);
+  const title = !change ? "no baseline yet: the collector has not heard long enough"
+    : `baseline: ${rate(change.rate.baseline)}, ` +
+      `${change.error_ratio.baseline == null ? "–" : percent(change.error_ratio.baseline)} errors, ` +
+      `p99 ${ms(change.p99_seconds.baseline)}, ${change.baseline_requests} requests`;
+  return element("td", { class: "change" + (worse ? " worse" : ""), title }, changeText(change));
+}
+
+// -- origins (issue 18 item 5) ------------------------------------------------
+
+// The chain's origin as `commlens chains` prints it: a topic that did not
+// answer with the server the calls were addressed to, its operation and error.
+function chainOriginCell(chain) {
+  const origin = chain.origin;
+  return element("td", { class: "chain-origin" }, named(origin.service, origin.server),
+    element("br"), `${origin.operation || ""}`, element("br"), `${origin.error || ""}`);
 }
 
 // -- wiring -----------------------------------------------------------------
@@ -422,7 +491,7 @@ function openView() {
 async function refreshAll() {
   try {
     await Promise.all([refreshGraph(), refreshServices(), refreshChains(), refreshDetails(),
-      refreshAdvice()]);
+      refreshLostMessages(), refreshAdvice()]);
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (error) {
     setStatus("refresh failed: " + error.message);
