@@ -326,14 +326,22 @@ def queue_without_consumer(inputs):
                            "no consumer", {"ready": queue["ready"], "consumers": 0},
                     queue["ready"])
     for topic in sent_topics:
-        if topic in seen or topic not in inputs.consumers:
+        if topic in seen:
             continue
         sent = sum(window.count("sent", (c, t)) for c, t in window.keys("sent") if t == topic)
         received = sum(window.count("received", (s, t)) for s, t in window.keys("received")
                        if t == topic)
-        if sent >= MIN_UNRECEIVED and received == 0:
-            timeouts = sum(window.count("timeouts", (c, t)) for c, t in window.keys("timeouts")
-                           if t == topic)
+        timeouts = sum(window.count("timeouts", (c, t)) for c, t in window.keys("timeouts")
+                       if t == topic)
+        answered = sum(sum(window.histogram("waits", (c, t))[0].counts)
+                       for c, t in window.keys("waits") if t == topic)
+        # A topic consumed before that nobody receives now; or one that no
+        # instrumented service ever consumed whose calls all time out (a
+        # consumer without commlens would answer them).
+        stopped = topic in inputs.consumers and sent >= MIN_UNRECEIVED and received == 0
+        never = (topic not in inputs.consumers and timeouts >= MIN_UNRECEIVED
+                 and answered == 0)
+        if stopped or never:
             finding(topic, f"nothing sent to topic {topic} was received in the last "
                            f"{_s(window.seconds)} ({sent:.0f} sent, {timeouts:.0f} calls "
                            "timed out)", {"sent": sent, "received": 0, "timeouts": timeouts},

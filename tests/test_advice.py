@@ -284,6 +284,20 @@ def test_a_topic_whose_consumer_stopped_receiving_is_found_from_the_metrics():
     assert "Start nova-conductor" in finding["recommendation"]
 
 
+def test_a_topic_nobody_ever_consumed_whose_calls_all_time_out_is_found():
+    """``conductor-down`` from the start: no consumer to have learnt, and every
+    call times out (one without commlens would have answered)."""
+    def window(series):
+        series.calls("nova-api", "conductor", "nova-conductor", [5.0] * 6,
+                     outcome=metrics.TIMEOUT)
+
+    [finding] = _findings(advice_rules.queue_without_consumer, _nothing, window)
+    assert finding["subject"] == {"service": "conductor", "caller": None, "topic": "conductor",
+                                  "edge": None}
+    assert finding["set_on"] == [] and "Start the service that consumes conductor" in \
+        finding["recommendation"]
+
+
 def test_unreceived_messages_are_found():
     [finding] = _findings(advice_rules.queue_without_consumer, _nothing, _nothing,
                           unreceived={("compute", "terminate_instance", "cast"): 6})
@@ -300,6 +314,10 @@ def test_consumed_queues_and_topics_nobody_instrumented_consumes_are_not_found()
 
     def uninstrumented(series):  # never received by an instrumented service
         series.count(metrics.RPC_SENT.name, ("nova-api", "glance", "m", "cast"), 50)
+        # ... whose calls are answered, though some time out.
+        series.observe(metrics.RPC_REPLY_WAIT.name, ("nova-api", "glance", "m", "ok"),
+                       [0.05] * 40)
+        series.calls("nova-api", "glance", "glance", [5.0] * 6, outcome=metrics.TIMEOUT)
     assert _findings(advice_rules.queue_without_consumer, uninstrumented, uninstrumented) == []
 
 

