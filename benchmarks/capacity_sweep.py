@@ -16,10 +16,13 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 from rabbit_node import RabbitNode  # noqa: E402
+
+from commlens.exporters import broker  # noqa: E402
 
 
 def sweep(node, out, name, args, *extra):
@@ -49,6 +52,15 @@ def main():
     with tempfile.TemporaryDirectory() as base:
         node = RabbitNode(base, name="commlens-sweep-bench").start()
         try:
+            # The management API (the broker's open files, queue depths)
+            # starts a little after AMQP: emulate refuses 1,000 agents
+            # while it cannot read the limit.
+            management = f"http://guest:guest@127.0.0.1:{node.management_port}/"
+            deadline = time.monotonic() + 120
+            while broker.open_files_limit(management) is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the node's management API did not answer")
+                time.sleep(1)
             sweep(node, out, "before", args, "--conductor-pool", "8")
             sweep(node, out, "after", args, "--conductor-pool", "64",
                   "--compare", str(out / "before.json"))
