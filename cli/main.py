@@ -119,8 +119,10 @@ def build_parser():
                                 "commlens_collector_lost_total (default: COMMLENS_QUEUE_TTL, "
                                 "else 120)")
     collector.add_argument("--history", default=_env("--history", DEFAULT_HISTORY),
-                           help="SQLite file of traces and chains; ':memory:' for none "
-                                "(default: COMMLENS_HISTORY, else "
+                           help="SQLite file of traces and chains, and beside it "
+                                "HISTORY.journal/, the hops of traces still open (a "
+                                "collector killed takes them back when it starts again); "
+                                "':memory:' for none (default: COMMLENS_HISTORY, else "
                                 "$XDG_DATA_HOME/commlens/history.sqlite, "
                                 "~/.local/share/commlens/history.sqlite without it)")
     collector.add_argument("--history-max-age", type=_duration, default="24h",
@@ -234,6 +236,7 @@ def run_collector(args):
     from commlens.exporters import history as history_mod
     from commlens.exporters import http
     from commlens.exporters import intake as intake_mod
+    from commlens.exporters import journal as journal_mod
     from commlens.exporters import traces
     from commlens.tracer import shipping
 
@@ -256,13 +259,16 @@ def run_collector(args):
             history=history_mod.History(args.history, max_age_seconds=args.history_max_age,
                                         max_traces=args.history_max_traces),
             metrics_warm_up=args.metrics_warm_up, lost_grace=args.lost_grace,
-            lost_messages=args.replica is None)
+            lost_messages=args.replica is None,
+            # The hops of open traces beside a history on disk; none in memory.
+            journal=(journal_mod.Journal(args.history + ".journal")
+                     if args.history != ":memory:" else None))
         intake = intake_mod.make_intakes(export_url_list, collector, replica=args.replica,
                                          queue_ttl=args.queue_ttl)
         if args.rabbitmq_management_url:
             collector.queue_watcher = broker.QueueWatcher(args.rabbitmq_management_url)
         collector.span_export = otlp.from_arguments(args)
-    except (shipping.ExportUrlError, history_mod.HistoryError,
+    except (shipping.ExportUrlError, history_mod.HistoryError, journal_mod.JournalError,
             broker.BrokerUrlError, otlp.EndpointError) as exc:
         print(f"commlens collector: {exc}", file=sys.stderr)
         return 2
@@ -288,6 +294,10 @@ def run_collector(args):
         return 2
     if collector.span_export is not None:
         collector.span_export.start()
+    reloaded = collector.reload()
+    if reloaded:
+        LOG.info("commlens collector: %d hop messages of traces left open (the collector "
+                 "before was killed) read back from %s.journal", reloaded, args.history)
     intake.start()
     collector.start_sweeper()
     if collector.queue_watcher is not None:

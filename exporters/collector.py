@@ -121,7 +121,9 @@ METHOD_SAMPLE_SECONDS = 15.0
 
 class Collector:
     """``window``, ``history`` and ``chain_counter`` assemble hops into
-    traces and chains (defaults: a TraceWindow, an in-memory History)."""
+    traces and chains (defaults: a TraceWindow, an in-memory History);
+    ``journal`` (exporters/journal.py) keeps the hops of open traces on disk
+    (default: none)."""
 
     def __init__(self, clock=time.monotonic, wall_clock=time.time, max_hops=MAX_HOPS,
                  window=None, history=None, chain_counter=None, max_processes=MAX_PROCESSES,
@@ -129,7 +131,7 @@ class Collector:
                  max_series_per_process=MAX_SERIES_PER_PROCESS,
                  process_retention=PROCESS_RETENTION_SECONDS,
                  series_retention=SERIES_RETENTION_SECONDS, metrics_warm_up=0.0,
-                 lost_grace=None, lost_messages=True):
+                 lost_grace=None, lost_messages=True, journal=None):
         self._clock = clock
         # When this collector started, on the clock agents stamp their
         # processes' start with: what a process older than it brings is carried in.
@@ -195,16 +197,32 @@ class Collector:
         # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
         self.span_export = None
         self.history_errors = 0
+        # The journal (exporters/journal.py), if any: hop messages are
+        # numbered; {number: how many open traces hold hops of it}; {number:
+        # body} taken but not yet written; numbers read back that no trace
+        # holds, to forget at the next sweep. The journal lock keeps a
+        # message from being forgotten while it is being written.
+        self.journal = journal
+        self._journal = journal is not None
+        self._journal_lock = threading.Lock()
+        self._next_number = journal.next_number if journal is not None else 0
+        self._journal_refs = {}
+        self._unwritten = {}
+        self._unreferenced = []
+        self._journal_failing = False
         self._sweep_lock = threading.Lock()
         self._sweeper = None
         self._stop_sweeper = threading.Event()
 
     # -- intake ----------------------------------------------------------
 
-    def ingest(self, body):
-        """Take one shipped message (bytes or str); returns its outcome."""
+    def ingest(self, body, redelivered=False):
+        """Take one shipped message (bytes or str); returns its outcome.
+        ``redelivered``: the broker delivered it before (to a collector that
+        did not acknowledge it); its hops already here are not duplicates.
+        Call ``commit`` before acknowledging it."""
         try:
-            outcome = self._ingest(body)
+            outcome = self._ingest(body, traces.REDELIVERED if redelivered else None)
         except Exception:
             LOG.debug("collector: message rejected", exc_info=True)
             outcome = REJECTED
@@ -214,7 +232,7 @@ class Collector:
             LOG.debug("collector: skipped a %s message", outcome)
         return outcome
 
-    def _ingest(self, body):
+    def _ingest(self, body, again):
         # Checked before parsing: a huge message costs its parse many times over.
         if not isinstance(body, (bytes, bytearray, str)):
             return MALFORMED
@@ -229,7 +247,7 @@ class Collector:
         if not isinstance(data, dict):
             return FOREIGN
         if data.get("format") == wire.HOPS_FORMAT:
-            return self._ingest_hops(data.get("hops"))
+            return self._ingest_hops(data.get("hops"), body, again)
         if data.get("format") not in wire.SNAPSHOT_FORMATS:
             return FOREIGN
         process = data.get("process")
@@ -249,7 +267,7 @@ class Collector:
         if outcome in (STALE, TOO_MANY_PROCESSES):
             return outcome
         # Agents before hops travelled on their own put them in the snapshot.
-        hops_outcome = self._ingest_hops(data.get("hops") or [])
+        hops_outcome = self._ingest_hops(data.get("hops") or [], None, again)
         return outcome if hops_outcome == ACCEPTED else hops_outcome
 
     def _take(self, process, seq, interval, counters, histograms, gauges, final):
@@ -460,7 +478,10 @@ class Collector:
         self._release(oldest, now, _FORGOTTEN)
         return True
 
-    def _ingest_hops(self, hops):
+    def _ingest_hops(self, hops, body=None, again=None, number=None):
+        """``body``: the message, journalled if a hop of it is kept (None:
+        written from ``hops``); ``number``: its number, if it was read back
+        from the journal."""
         if not isinstance(hops, list):
             return MALFORMED
         cleaned = [hop for hop in map(_clean_hop, hops) if hop is not None]
@@ -468,12 +489,95 @@ class Collector:
             self.hops.extend(cleaned)
             self.invalid_hops += len(hops) - len(cleaned)
             self.hops_received += len(cleaned)
-            add = self.window.add
-            for hop in cleaned:
-                add(hop)
-        if self.span_export is not None and cleaned:
-            self.span_export.offer(cleaned)
+            window = self.window
+            # Of a message the broker delivered again, only hops not already
+            # here are exported as spans: this process exported the others.
+            # Hops read back are exported again: the killed process may have
+            # died with them in its export queue, and backends key spans by id.
+            exported = (cleaned if again != traces.REDELIVERED
+                        else [h for h in cleaned if not window.holds(h)])
+            if not self._journal:
+                for hop in cleaned:
+                    window.add(hop, None, again)
+            else:
+                written = number is not None
+                if not written:
+                    number = self._next_number
+                    self._next_number += 1
+                held = 0
+                for hop in cleaned:
+                    held += window.add(hop, number, again)
+                if held:
+                    self._journal_refs[number] = held
+                    if not written:
+                        self._unwritten[number] = body if body is not None else json.dumps(
+                            {"format": wire.HOPS_FORMAT, "hops": hops})
+                elif written:
+                    self._unreferenced.append(number)
+        if self.span_export is not None and exported:
+            self.span_export.offer(exported)
         return ACCEPTED
+
+    # -- the journal -------------------------------------------------------
+
+    def commit(self):
+        """Write the hop messages taken since the last commit to the journal,
+        in one transaction: the intake acknowledges them to the broker only
+        after this. Without a durable history, nothing to do. A failed write
+        is counted (history errors) and the messages are acknowledged all
+        the same: their hops are then only in the window, as without a journal."""
+        if not self._journal:
+            return
+        with self._journal_lock:
+            with self._lock:
+                if not self._unwritten:
+                    return
+                unwritten, self._unwritten = self._unwritten, {}
+            try:
+                self.journal.append(list(unwritten.items()))
+                self._journal_failing = False
+            except Exception:
+                self.history_errors += 1
+                if not self._journal_failing:
+                    LOG.exception("collector: writing %d hop messages to the journal failed",
+                                  len(unwritten))
+                self._journal_failing = True
+
+    def reload(self):
+        """Take back the journal at start: the hops of traces that were still
+        open when the collector before this one on the same history stopped
+        without closing them (killed). They reopen their traces, counted as
+        reloaded; a trace already stored merges as a late hop does. Returns
+        how many messages were read back."""
+        if not self._journal:
+            return 0
+        count = 0
+        for number, body in self.journal.read():
+            count += 1
+            try:
+                hops = json.loads(body).get("hops")
+            except (ValueError, TypeError, AttributeError):
+                hops = None
+            self._ingest_hops(hops if isinstance(hops, list) else [], body,
+                              traces.RELOADED, number)
+        return count
+
+    def _forgettable(self, closed):
+        """The journalled messages to forget once ``closed`` is stored: those
+        no open trace holds hops of any more. Called with the lock held."""
+        forget, self._unreferenced = self._unreferenced, []
+        refs = self._journal_refs
+        for trace in closed:
+            for number in trace.sources:
+                left = refs[number] - 1
+                if left:
+                    refs[number] = left
+                    continue
+                del refs[number]
+                # Taken and closed before it was written: never written at all.
+                if self._unwritten.pop(number, None) is None:
+                    forget.append(number)
+        return forget
 
     # -- traces and chains -------------------------------------------------
 
@@ -487,8 +591,8 @@ class Collector:
         with self._sweep_lock:
             with self._lock:
                 closed = self.window.take_closed(force)
-            if not closed:
-                return 0
+                if not closed and not self._unreferenced:
+                    return 0
             try:
                 stored = self.history.load(t.trace_id for t in closed)
             except Exception:
@@ -515,12 +619,21 @@ class Collector:
                     if chain["key"] not in known_keys:
                         self.chain_counter.count(chain)
                 records.append((trace.trace_id, hops, found))
-            try:
-                self.history.save(records)
-            except Exception:
-                LOG.exception("collector: writing %d traces to the history failed",
-                              len(records))
-                self.history_errors += 1
+            with self._journal_lock:
+                with self._lock:
+                    forget = self._forgettable(closed)
+                try:
+                    self.history.save(records)
+                except Exception:
+                    LOG.exception("collector: writing %d traces to the history failed",
+                                  len(records))
+                    self.history_errors += 1
+                    # Their messages stay in the journal, read back at the next start.
+                    forget = ()
+                if self._journal:
+                    # After the traces are stored: killed in between, the
+                    # messages are read back and merge with them, each hop once.
+                    self.journal.forget(forget)
             return len(closed)
 
     def start_sweeper(self, interval=1.0, prune_every=60.0):
@@ -529,6 +642,7 @@ class Collector:
             last_prune = self._clock()
             while not self._stop_sweeper.wait(interval):
                 try:
+                    self.commit()  # what an intake that does not commit took
                     self.sweep()
                     self.sample_graph()
                     self.sample_advice()
@@ -550,6 +664,8 @@ class Collector:
         if self.span_export is not None:
             self.span_export.stop()
         self.sweep(force=True)
+        if self._journal:
+            self.journal.close()
 
     # -- the graph -----------------------------------------------------------
 

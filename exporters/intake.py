@@ -38,6 +38,10 @@ DEAD_LETTER_ARGUMENTS = {
 LOSS_REASONS = ("expired", "maxlen", "rejected", "delivery_limit")
 LOST_WHAT = ("hops", "snapshots")
 BACKOFF_MAX = 30.0
+# Deliveries taken before they are made durable and acknowledged together;
+# below the prefetch, so the broker never waits on an acknowledgement.
+PREFETCH = 200
+ACK_EVERY = 100
 
 
 SHARD_EXCHANGE_SUFFIX = ".shard"
@@ -189,6 +193,8 @@ class AmqpIntake:
         self._stopping = threading.Event()
         self._thread = None
         self.connected = False
+        self._unacked = None  # the last delivery taken and not yet acknowledged
+        self._unacked_count = 0
         self._lost_lock = threading.Lock()
         self._lost = collections.Counter(
             {(what, reason): 0 for what in LOST_WHAT for reason in ("expired", "maxlen")})
@@ -231,17 +237,23 @@ class AmqpIntake:
         connection = self._pika.BlockingConnection(self._params)
         try:
             channel = self._declare(connection)
-            channel.basic_qos(prefetch_count=200)
+            channel.basic_qos(prefetch_count=PREFETCH)
             channel.basic_consume(self.queue, self._on_message)
             channel.basic_consume(self.dead_letters, self._on_dead_letter)
             self.connected = True
             LOG.info("collector: consuming %s on %s (queue %s, TTL %gs, losses counted "
                      "from %s)", self.exchange, self.description, self.queue,
                      self.queue_ttl, self.dead_letters)
+            # Each call returns once what arrived is dispatched: what it took
+            # is made durable and acknowledged before waiting for more.
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=1.0)
+                self._acknowledge(channel)
         finally:
             self.connected = False
+            # What was not acknowledged comes again from the broker (to the
+            # next consumer of the queue), marked as redelivered.
+            self._unacked, self._unacked_count = None, 0
             try:
                 if connection.is_open:
                     connection.close()
@@ -249,8 +261,22 @@ class AmqpIntake:
                 pass
 
     def _on_message(self, channel, method, _properties, body):
-        self._collector.ingest(body)
-        channel.basic_ack(method.delivery_tag)
+        # Acknowledged only once durable (docs/architecture.md, "A hop is
+        # acknowledged once it is durable"): a collector killed before that
+        # gets it again at its next start, from the broker.
+        self._collector.ingest(body, redelivered=method.redelivered)
+        self._unacked = method.delivery_tag
+        self._unacked_count += 1
+        if self._unacked_count >= ACK_EVERY:
+            self._acknowledge(channel)
+
+    def _acknowledge(self, channel):
+        """Write what was taken to the journal, then acknowledge it all at once."""
+        if self._unacked is None:
+            return
+        self._collector.commit()
+        channel.basic_ack(self._unacked, multiple=True)
+        self._unacked, self._unacked_count = None, 0
 
     def _on_dead_letter(self, channel, method, properties, body):
         reason = _death_reason(properties.headers)
@@ -316,7 +342,8 @@ class AmqpIntake:
             method, _properties, body = channel.basic_get(queue)
             if method is None:
                 return count
-            self._collector.ingest(body)
+            self._collector.ingest(body, redelivered=method.redelivered)
+            self._collector.commit()
             channel.basic_ack(method.delivery_tag)
             count += 1
 

@@ -10,6 +10,10 @@ Memory is bounded by configuration, not by traffic: at most
 ``max_open_traces`` open traces of at most ``max_hops_per_trace`` hops each.
 Past the first bound the oldest trace closes early; past the second, hops
 are dropped. Both are counted.
+
+With a durable history each trace also knows the journalled messages its
+hops came from (``sources``, numbers the collector gives them), so the
+collector can forget a message once every trace it fed is stored.
 """
 
 import collections
@@ -20,17 +24,24 @@ DEFAULT_MAX_OPEN_TRACES = 50000
 DEFAULT_MAX_HOPS_PER_TRACE = 256
 
 # What happened to hops and traces in the window, as counted on /metrics.
+# REDELIVERED: a hop already in its trace that came again because the broker
+# delivered its message again (a collector killed before it acknowledged
+# it); RELOADED: a hop read back from the journal at start, received and
+# counted before a restart.
 ASSEMBLED, DUPLICATE, TRACE_FULL = "assembled", "duplicate", "trace_full"
+REDELIVERED, RELOADED = "redelivered", "reloaded"
 CLOSED_QUIET, CLOSED_EARLY = "quiet", "window_full"
 
 
 class Trace:
-    __slots__ = ("trace_id", "hops", "last_seen")
+    __slots__ = ("trace_id", "hops", "last_seen", "sources")
 
     def __init__(self, trace_id, last_seen):
         self.trace_id = trace_id
         self.hops = {}  # span id -> hop
         self.last_seen = last_seen
+        # Journalled messages whose hops it holds, in the order they came.
+        self.sources = []
 
 
 class TraceWindow:
@@ -51,9 +62,12 @@ class TraceWindow:
     def __len__(self):
         return len(self._open)
 
-    def add(self, hop):
-        """Add a clean hop (``collector._clean_hop``). Not thread-safe: the
-        collector holds its lock."""
+    def add(self, hop, source=None, again=None):
+        """Add a clean hop (``collector._clean_hop``); True if it added a
+        ``source`` (a journalled message's number) to its trace. ``again``:
+        REDELIVERED if its message came again from the broker, RELOADED if it
+        was read back from the journal. Not thread-safe: the collector holds
+        its lock."""
         trace_id = hop["trace_id"]
         now = self._clock()
         trace = self._open.get(trace_id)
@@ -67,13 +81,26 @@ class TraceWindow:
             trace.last_seen = now
             self._open.move_to_end(trace_id)
         span_id = hop.get("span_id") or ""
+        reloaded = again == RELOADED
         if span_id in trace.hops:
-            self.hop_outcomes[DUPLICATE] += 1
+            self.hop_outcomes[again or DUPLICATE] += 1
         elif len(trace.hops) >= self.max_hops_per_trace:
-            self.hop_outcomes[TRACE_FULL] += 1
+            self.hop_outcomes[RELOADED if reloaded else TRACE_FULL] += 1
         else:
             trace.hops[span_id] = hop
-            self.hop_outcomes[ASSEMBLED] += 1
+            self.hop_outcomes[RELOADED if reloaded else ASSEMBLED] += 1
+            # Only hops kept hold their message: one message per hop at most,
+            # however long the trace stays open. A message's hops come one
+            # after another, so it is the last source if already there.
+            if source is not None and (not trace.sources or trace.sources[-1] != source):
+                trace.sources.append(source)
+                return True
+        return False
+
+    def holds(self, hop):
+        """Whether ``hop``'s span is already in its open trace."""
+        trace = self._open.get(hop["trace_id"])
+        return trace is not None and (hop.get("span_id") or "") in trace.hops
 
     def take_closed(self, force=False):
         """The traces that closed since the last call (all of them if ``force``)."""

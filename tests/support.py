@@ -142,6 +142,44 @@ class CollectorProcess:
         return self.log_path.read_text()
 
 
+def error_hop(trace_id, span_id, parent_id, service, side, request_id=None):
+    """A failed RPC hop, as an agent records it."""
+    return {"trace_id": trace_id, "span_id": span_id, "parent_id": parent_id,
+            "service": service, "side": side, "protocol": "rpc", "peer": None,
+            "target": "topic", "operation": "build", "kind": "call", "outcome": "error",
+            "error": "Boom", "start": time.time(), "duration": 0.01,
+            "request_id": request_id, "global_request_id": None}
+
+
+def add_error_traces(recorders, count, request_id=None):
+    """``count`` traces of three hops from three recorders (processes), one
+    chain each; their trace ids."""
+    from commlens.tracer import context
+
+    trace_ids = [context.new_trace_id() for _ in range(count)]
+    for n, trace_id in enumerate(trace_ids):
+        spans = [context.new_span_id() for _ in range(3)]
+        for k in range(3):
+            recorder = recorders[(n + k) % len(recorders)]
+            recorder.add_hop(error_hop(trace_id, spans[k], spans[k - 1] if k else None,
+                                       recorder.service, "server" if k % 2 == 0 else "client",
+                                       request_id if k == 0 else None))
+    return trace_ids
+
+
+def ship_recorders(export_url, recorders):
+    """Each recorder (a process) ships what it holds, one more call sent
+    (``commlens_rpc_sent_total``) since last time."""
+    from commlens.tracer import metrics
+    from commlens.tracer import shipping
+
+    for recorder in recorders:
+        recorder.inc(metrics.RPC_SENT, (recorder.service, "topic", "build", "call"))
+        transport = shipping.AmqpTransport(export_url)
+        assert shipping.Shipper(recorder, transport, 1.0).ship_once()
+        transport.close()
+
+
 # Traces close after this quiet period in the tests' collectors (default 5 s).
 TRACE_QUIET = "1.5s"
 

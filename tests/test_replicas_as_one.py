@@ -1,14 +1,18 @@
 """Three collector replicas, each its own process on the real RabbitMQ, that
 answer as one (exporters/fleet.py): a trace, a request spanning traces on
 several replicas and the chains table are the same from each; a replica
-stopped gives partial answers that say so, in bounded time; restarted, it
-catches up on what waited in its queue, and nothing is counted twice or lost.
+killed with SIGKILL mid-traffic, with traces open in its window, gives
+partial answers that say so, in bounded time; restarted under the same name
+on its history file, it takes back its open traces from the journal and
+catches up on what waited in its queue: every trace complete, chains and
+counter totals exact, nothing counted twice.
 """
 
 import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,47 +20,17 @@ import uuid
 
 import pytest
 
-from commlens.tracer import context
-from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
-from commlens.tracer import shipping
-from support import collector_ready, free_port, run_collector, wait_for
+from support import add_error_traces, collector_ready, free_port, run_collector, ship_recorders
+from support import wait_for
 
 pytestmark = pytest.mark.slow
 
 REPLICAS = 3
 PROCESSES = 9
 PEER_TIMEOUT = 1.0
-
-
-def _hop(trace_id, span_id, parent_id, service, side, request_id=None):
-    return {"trace_id": trace_id, "span_id": span_id, "parent_id": parent_id,
-            "service": service, "side": side, "protocol": "rpc", "peer": None,
-            "target": "topic", "operation": "build", "kind": "call", "outcome": "error",
-            "error": "Boom", "start": time.time(), "duration": 0.01,
-            "request_id": request_id, "global_request_id": None}
-
-
-def _ship(export_url, recorders):
-    """Each process ships what it holds, one more call sent since last time."""
-    for recorder in recorders:
-        recorder.inc(metrics.RPC_SENT, (recorder.service, "topic", "build", "call"))
-        transport = shipping.AmqpTransport(export_url)
-        assert shipping.Shipper(recorder, transport, 1.0).ship_once()
-        transport.close()
-
-
-def _add_traces(recorders, count, request_id=None):
-    """``count`` traces of three hops from three processes, one chain each."""
-    trace_ids = [context.new_trace_id() for _ in range(count)]
-    for n, trace_id in enumerate(trace_ids):
-        spans = [context.new_span_id() for _ in range(3)]
-        for k in range(3):
-            recorder = recorders[(n + k) % len(recorders)]
-            recorder.add_hop(_hop(trace_id, spans[k], spans[k - 1] if k else None,
-                                  recorder.service, "server" if k % 2 == 0 else "client",
-                                  request_id if k == 0 else None))
-    return trace_ids
+# Long enough that the traces a replica holds when it is killed are still open.
+TRACE_QUIET = "5s"
 
 
 def _get(replica, path):
@@ -91,7 +65,35 @@ def _sent_total(replicas):
     return sum(r.metrics().value("commlens_rpc_sent_total") for r in replicas)
 
 
-def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_path):
+def _hops_total(replicas, outcome):
+    return sum(r.metrics().value("commlens_collector_hops_total", outcome=outcome)
+               for r in replicas)
+
+
+class _Traffic(threading.Thread):
+    """Agents shipping rounds of traces, one after another, until stopped."""
+
+    def __init__(self, export_url, recorders):
+        super().__init__(daemon=True)
+        self.export_url, self.recorders = export_url, recorders
+        self.trace_ids, self.rounds = [], 0
+        self.shipped = threading.Event()
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            self.trace_ids += add_error_traces(self.recorders, 10)
+            ship_recorders(self.export_url, self.recorders)
+            self.rounds += 1
+            self.shipped.set()
+
+    def stop(self):
+        self.stopping.set()
+        self.join(60)
+        assert not self.is_alive()
+
+
+def test_three_replicas_answer_as_one_and_a_killed_one_loses_nothing(rabbitmq, tmp_path):
     run = uuid.uuid4().hex[:8]
     export_url = (f"amqp://guest:guest@127.0.0.1:5672/?exchange=commlens-fleet-{run}"
                   f"&queue=commlens.fleet-{run}")
@@ -102,7 +104,7 @@ def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_
     def start(stack, i):
         replica = stack.enter_context(run_collector(
             export_url, tmp_path, ["--replica", str(i), "--peer-timeout", f"{PEER_TIMEOUT}s",
-                                   *peers], port=ports[i]))
+                                   "--trace-quiet", TRACE_QUIET, *peers], port=ports[i]))
         wait_for(lambda: collector_ready(replica), timeout=30, message=f"replica {i}")
         return replica
 
@@ -111,9 +113,9 @@ def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_
     with contextlib.ExitStack() as stack:
         replicas = [start(stack, i) for i in range(REPLICAS)]
         # One request's traces hash to several replicas; every trace has one chain.
-        request_traces = _add_traces(recorders, 6, request_id)
-        trace_ids = request_traces + _add_traces(recorders, 30)
-        _ship(export_url, recorders)
+        request_traces = add_error_traces(recorders, 6, request_id)
+        trace_ids = request_traces + add_error_traces(recorders, 30)
+        ship_recorders(export_url, recorders)
 
         chains = _same_from_each(replicas, "/api/chains?since=1h&limit=1000",
                                  lambda a: sum(c["count"] for c in a["chains"]) == 36)
@@ -137,17 +139,28 @@ def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_
         wait_for(lambda: _sent_total(replicas) == PROCESSES, timeout=30,
                  message="every process's totals on a replica")
 
-        # One replica stops: the others answer at once, partially, and say so.
-        stopped = replicas[1]
-        stopped.process.terminate()
-        stopped.process.wait(30)
+        # Agents keep shipping while one replica is killed with SIGKILL, with
+        # traces open in its window: hops it took and acknowledged, none stored.
+        in_flight = add_error_traces(recorders, 30)
+        ship_recorders(export_url, recorders)
+        killed = replicas[1]
+        killed_holds = [t for t in trace_ids
+                        if _get(killed, f"/api/traces/{t}?scope=replica") is not None]
+        wait_for(lambda: killed.metrics().value("commlens_collector_open_traces") > 0,
+                 timeout=30, interval=0.05, message="traces open on replica 1")
+        traffic = _Traffic(export_url, recorders)
+        traffic.start()
+        assert traffic.shipped.wait(60)
+        killed.process.kill()
+        killed.process.wait(30)
+        # The others answer at once, partially, and say so.
         started = time.monotonic()
         partial = _chains(replicas[0])
         assert time.monotonic() - started < PEER_TIMEOUT + 5
         assert partial["replicas"]["answered"] == ["0", "2"]
         assert partial["replicas"]["partial"] is True
-        assert [m["peer"] for m in partial["replicas"]["missing"]] == [stopped.base_url]
-        assert sum(c["count"] for c in partial["chains"]) < 36
+        assert [m["peer"] for m in partial["replicas"]["missing"]] == [killed.base_url]
+        assert killed_holds and _get(replicas[0], "/api/traces/" + killed_holds[0]) is None
         graph = replicas[2].json("/api/graph?window=5m")
         assert graph["replicas"]["missing"][0]["error"] == "Connection refused"
         # The incident commands say so on stderr; their output is the answer.
@@ -157,7 +170,7 @@ def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_
             capture_output=True, text=True, timeout=60)
         assert command.returncode == 0, command.stderr
         assert "partial answer: replicas 0, 2 answered" in command.stderr
-        assert stopped.base_url in command.stderr
+        assert killed.base_url in command.stderr
         assert json.loads(command.stdout)["replicas"]["partial"] is True
         # The dashboard's picture says how many replicas are missing.
         request = urllib.request.Request(replicas[0].base_url + "/dashboard/graph.svg")
@@ -167,18 +180,30 @@ def test_three_replicas_answer_as_one_and_a_restart_loses_nothing(rabbitmq, tmp_
         except urllib.error.HTTPError as exc:
             assert exc.code == 503  # no Graphviz: the page says so instead
 
-        # What agents ship meanwhile waits in the stopped replica's queue.
-        later = _add_traces(recorders, 30)
-        _ship(export_url, recorders)
+        # What agents ship meanwhile waits in the killed replica's queue.
+        wait_for(lambda: traffic.rounds >= 3, timeout=60, message="traffic while killed")
+        traffic.stop()
+        later = add_error_traces(recorders, 30)
+        ship_recorders(export_url, recorders)
         replicas[1] = start(stack, 1)
 
+        total = 36 + len(in_flight) + len(traffic.trace_ids) + len(later)
         chains = _same_from_each(replicas, "/api/chains?since=1h&limit=1000",
-                                 lambda a: sum(c["count"] for c in a["chains"]) >= 66)
-        assert sum(c["count"] for c in chains["chains"]) == 66, "nothing counted twice"
-        for trace_id in later[::7]:
+                                 lambda a: sum(c["count"] for c in a["chains"]) >= total)
+        assert sum(c["count"] for c in chains["chains"]) == total, "nothing counted twice"
+        # Every trace complete, each hop once, whichever replica holds it.
+        for trace_id in in_flight + traffic.trace_ids + later:
+            hops = _get(replicas[0], "/api/traces/" + trace_id)["hops"]
+            assert len({h["span_id"] for h in hops}) == len(hops) == 3, trace_id
+        for trace_id in in_flight[::7]:
             _same_from_each(replicas, "/api/traces/" + trace_id, lambda a: len(a["hops"]) == 3)
-        # Each process's totals again on one replica, counted once: two
-        # snapshots of one increment each.
-        wait_for(lambda: _sent_total(replicas) == 2 * PROCESSES, timeout=30,
+        # The killed replica took its open traces back from its journal.
+        assert replicas[1].metrics().value("commlens_collector_hops_total",
+                                           outcome="reloaded") > 0
+        assert _hops_total(replicas, "duplicate") == 0
+        # Each process's totals again on one replica, counted once: one
+        # increment per snapshot it shipped.
+        ships = 3 + traffic.rounds
+        wait_for(lambda: _sent_total(replicas) == ships * PROCESSES, timeout=30,
                  message="every process's totals after the restart")
         assert sum(r.metrics().value("commlens_collector_lost_total") for r in replicas) == 0
