@@ -382,12 +382,32 @@ def _per_service(collector):
     return rows
 
 
+def _advice_lines(collector):
+    """The tuning advice of the last minute, a line a finding, under the
+    status table (``commlens advise`` has the whole of it)."""
+    from rich.markup import escape
+
+    from commlens.cli import advise
+
+    try:
+        findings = collector.advice()["findings"]
+    except Exception:
+        # The status goes on without it; the API answers with the error.
+        LOG.debug("demo: no advice for the status", exc_info=True)
+        return []
+    return [f"[{'red' if f['severity'] == 'critical' else 'yellow'}]advice[/]: "
+            + escape(f"{advise.who(f['subject'])}: {f['finding']}; change "
+                     f"{f['option'] or '-'} on {', '.join(f['set_on']) or '-'}")
+            for f in findings]
+
+
 def _show_status(collector, faults, stop, args):
     deadline = time.monotonic() + args.duration if args.duration else None
     previous, previous_at = {}, time.monotonic()
 
     def table():
         nonlocal previous, previous_at
+        from rich.console import Group
         from rich.table import Table
 
         from commlens.dashboards import formatting
@@ -407,7 +427,7 @@ def _show_status(collector, faults, stop, args):
                            f"[red]{errors}[/red]" if rate["errors"] else errors,
                            formatting.number(row['waiting']))
         previous, previous_at = rows, now
-        return result
+        return Group(result, *_advice_lines(collector))
 
     def finished():
         return stop.wait(1.0 if not args.no_live else 5.0) or (

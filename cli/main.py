@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from commlens.cli import advise
 from commlens.cli import demo
 from commlens.cli import emulate
 from commlens.cli import grafana
@@ -162,6 +163,7 @@ def build_parser():
     collector.set_defaults(run=run_collector)
 
     incident.add_commands(commands)
+    advise.add_command(commands)
     demo.add_command(commands, _listen_address, DEFAULT_LISTEN)
     emulate.add_command(commands, _listen_address, DEFAULT_LISTEN)
     grafana.add_command(commands)

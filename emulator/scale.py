@@ -19,6 +19,7 @@ itself instead of ``commlens+rabbit://``: the same load without commlens.
 import argparse
 import bisect
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +45,9 @@ class Tally:
         self.counts = {}
         self.buckets = [0] * (len(_BOUNDS) + 1)
         self.hosts = set()
+        # The conductor's handlers running at once, and the most there were
+        # during the window: how full its executor pool got.
+        self.in_flight = self.peak_in_flight = self.pool_size = 0
         self._window_start = self._window_end = None
 
     def add(self, what, seconds=None, host=None):
@@ -54,6 +58,18 @@ class Tally:
             if host is not None:
                 self.hosts.add(host)
 
+    @contextlib.contextmanager
+    def handling(self):
+        """Counts a handler in flight while it runs."""
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
     def mark(self):
         """The emulator writes a line to our stdin once every process is up
         and again when its measured window ends: start-up and shutdown are
@@ -63,6 +79,7 @@ class Tally:
             snapshot = (time.monotonic(), dict(self.counts), list(self.buckets))
             if self._window_start is None:
                 self._window_start = snapshot
+                self.peak_in_flight = self.in_flight  # the window's own peak
             elif self._window_end is None:
                 self._window_end = snapshot
 
@@ -73,6 +90,7 @@ class Tally:
             return {"counts": {k: v - start[1].get(k, 0) for k, v in end[1].items()},
                     "buckets": [a - b for a, b in zip(end[2], start[2], strict=True)],
                     "bounds": list(_BOUNDS), "hosts": len(self.hosts),
+                    "peak_in_flight": self.peak_in_flight,
                     "window_seconds": end[0] - start[0] if start[0] else None}
 
 
@@ -158,13 +176,18 @@ def run_agents(args, tally, stop):
 
 def run_control(args, tally, stop):
     import oslo_messaging as om
+    from oslo_config import cfg
 
     conductor_transport = _transport(args, "nova-conductor")
     plugin_transport = _transport(args, "neutron-server")
 
     class Conductor:
         def compute_node_update(self, ctxt, host):
-            tally.add("compute_node_update", host=host)
+            with tally.handling():
+                # What a real conductor spends on its database per report.
+                if args.processing:
+                    time.sleep(args.processing)
+                tally.add("compute_node_update", host=host)
             return "ok"
 
         def update_available_resource(self, ctxt, host):
@@ -184,8 +207,11 @@ def run_control(args, tally, stop):
         om.get_rpc_server(plugin_transport, om.Target(topic=PLUGIN, server="n1"),
                           [Plugin()], executor="threading"),
     ]
-    for server in servers:
-        server.start()
+    # oslo.messaging's executor_thread_pool_size, or --conductor-pool.
+    pool_size = args.conductor_pool or cfg.CONF.executor_thread_pool_size
+    servers[0].start(override_pool_size=pool_size)
+    servers[1].start()
+    tally.pool_size = pool_size
     pinger = om.get_rpc_client(conductor_transport, om.Target(topic=COMPUTE), timeout=5)
     print("READY", flush=True)
     # The control plane also calls its agents, on their own server queues.
@@ -222,6 +248,10 @@ def main(argv=None):
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--rpc-timeout", type=float, default=10.0)
+    parser.add_argument("--conductor-pool", type=int, default=0,
+                        help="the conductor's executor_thread_pool_size (0: oslo's default)")
+    parser.add_argument("--processing", type=float, default=0.0,
+                        help="seconds the conductor spends on each state report")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.basicConfig(level=logging.WARNING)
@@ -240,6 +270,9 @@ def main(argv=None):
     started = time.monotonic()
     (run_agents if args.role == "agents" else run_control)(args, tally, stop)
     result = tally.as_dict()
+    if args.role == "control":
+        result["conductor_pool"] = {"size": tally.pool_size,
+                                    "peak_in_flight": result["peak_in_flight"]}
     result.update(role=args.role, seconds=time.monotonic() - started,
                   cpu_seconds=time.process_time(), id=uuid.uuid4().hex[:6])
     print(json.dumps(result), flush=True)

@@ -42,18 +42,33 @@ def _api(management_url, path):
     return url, "Basic " + base64.b64encode(credentials.encode()).decode()
 
 
-def open_files_limit(management_url, timeout=5.0):
-    """The smallest limit of open files among the broker's nodes, or None if unknown."""
+def _nodes(management_url, columns, timeout):
+    """The broker's nodes (``/api/nodes``) with ``columns``; [] if unknown."""
     try:
-        url, auth = _api(management_url, "/api/nodes?columns=fd_total")
+        url, auth = _api(management_url, "/api/nodes?columns=" + columns)
         request = urllib.request.Request(url, headers={"Authorization": auth})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             nodes = json.loads(response.read(1024 * 1024))
-        limits = [node["fd_total"] for node in nodes
-                  if isinstance(node, dict) and isinstance(node.get("fd_total"), int)]
     except Exception:
-        return None
+        return []
+    return [node for node in nodes if isinstance(node, dict)] if isinstance(nodes, list) else []
+
+
+def open_files_limit(management_url, timeout=5.0):
+    """The smallest limit of open files among the broker's nodes, or None if unknown."""
+    limits = [node["fd_total"] for node in _nodes(management_url, "fd_total", timeout)
+              if isinstance(node.get("fd_total"), int)]
     return min(limits) if limits else None
+
+
+def open_files(management_url, timeout=5.0):
+    """{"used", "total"} of the broker node closest to its limit of open
+    files, or None if unknown."""
+    nodes = [{"used": node["fd_used"], "total": node["fd_total"]}
+             for node in _nodes(management_url, "fd_used,fd_total", timeout)
+             if isinstance(node.get("fd_used"), int) and isinstance(node.get("fd_total"), int)
+             and node["fd_total"] > 0]
+    return max(nodes, key=lambda n: n["used"] / n["total"]) if nodes else None
 
 
 class QueueWatcher:

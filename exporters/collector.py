@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 
+from commlens.exporters import advice as advice_mod
 from commlens.exporters import change
 from commlens.exporters import chains
 from commlens.exporters import exemplars as exemplars_mod
@@ -197,6 +198,8 @@ class Collector:
                                                 max_window=SERIES_SECONDS)
         # Edge and method totals on every minute, for the baseline of ``change``.
         self.baseline_samples = change.samples(wall_clock, graph.MAX_WINDOW_SECONDS)
+        # What the tuning rules read, every few seconds (exporters/advice.py).
+        self.advice_samples = advice_mod.samples(clock=clock)
         self.queue_watcher = None
         # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
         self.span_export = None
@@ -649,6 +652,7 @@ class Collector:
                     self.commit()  # what an intake that does not commit took
                     self.sweep()
                     self.sample_graph()
+                    self.sample_advice()
                     if self._clock() - last_prune >= prune_every:
                         last_prune = self._clock()
                         self.history.prune()
@@ -788,6 +792,18 @@ class Collector:
     def broker_queues(self):
         """The RPC queues RabbitMQ's management API reported, or None."""
         return self.queue_watcher.queues() if self.queue_watcher is not None else None
+
+    def sample_advice(self):
+        if self.advice_samples.due():
+            self.advice_samples.add(advice_mod.reduce(*self.merged(rates=True)))
+
+    def advice(self, window_seconds=advice_mod.DEFAULT_WINDOW_SECONDS,
+               baseline_seconds=advice_mod.DEFAULT_BASELINE_SECONDS):
+        """The tuning findings of the last ``window_seconds`` (``/api/advice``)."""
+        inputs = advice_mod.inputs_from(
+            self.advice_samples, advice_mod.reduce(*self.merged(rates=True)), window_seconds,
+            baseline_seconds, self.broker_queues(), self.processes(), self.lost_messages()[1])
+        return advice_mod.report(inputs)
 
     def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge, its last 15 minutes of waiting

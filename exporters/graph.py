@@ -474,13 +474,13 @@ class GraphSamples:
     """Totals every few seconds, for rates over a window and short series."""
 
     def __init__(self, clock=time.monotonic, interval=SAMPLE_INTERVAL_SECONDS,
-                 max_window=MAX_WINDOW_SECONDS):
+                 max_window=MAX_WINDOW_SECONDS, empty=dict):
         self._clock = clock
         self.interval = interval
         self.max_window = max_window
         self._lock = threading.Lock()
         self._times = [clock()]
-        self._samples = [{}]  # the collector started with nothing
+        self._samples = [empty()]  # the collector started with nothing
 
     def due(self):
         """Whether ``add`` would keep a sample now."""

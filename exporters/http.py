@@ -110,6 +110,10 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
         return {"since_seconds": since,
                 "chains": collector.history.chains(since, limit, absorbed)}
 
+    @app.get("/api/advice")
+    def advice():
+        return collector.advice(_duration_arg("window", 60), _duration_arg("baseline", 900))
+
     @app.get("/api/silent-servers")
     def silent_servers():
         since = _duration_arg("since", 900)

@@ -327,6 +327,74 @@ def test_a_token_guards_the_dashboard_and_api_but_not_metrics(browser, rabbitmq,
             {"COMMLENS_DASHBOARD_TOKEN": token}).stdout)
 
 
+def _conductor_advice(demo):
+    """The findings about nova-conductor in the demo's /api/advice."""
+    return [f for f in demo.json("/api/advice")["findings"]
+            if f["subject"]["service"] == "nova-conductor"]
+
+
+def test_advice_beside_the_graph_names_a_slow_conductor_and_its_option_then_clears(
+        browser, tmp_path):
+    """``slow-conductor`` injected into a running demo: within a minute the
+    advice beside the graph, ``/api/advice`` and ``commlens advise`` name
+    nova-conductor and the option to change; once the fault is removed the
+    advice clears. A demo of its own: this takes a few minutes."""
+    demo = Demo(tmp_path)
+    try:
+        wait_for(demo.up, timeout=30, message="demo serving")
+        # A baseline: the calls to the conductor before the fault.
+        wait_for(lambda: demo.metrics().value("commlens_rpc_received_total",
+                                              service="nova-conductor") or 0, timeout=30)
+        context = browser.new_context(viewport={"width": 1500, "height": 950})
+        page = context.new_page()
+        errors = []
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.goto(demo.base + "/dashboard/")
+        page.wait_for_selector("#advice-empty", state="visible", timeout=30000)
+        # The window is the last minute: its baseline starts a minute in.
+        wait_for(lambda: demo.json("/api/advice")["baseline_seconds"] >= 15, timeout=120,
+                 interval=1, message="15 s of baseline")
+        demo.fault("slow-conductor")
+        try:
+            found = wait_for(lambda: _conductor_advice(demo), timeout=60, interval=1,
+                             message="advice about nova-conductor")
+            assert all(f["option"] for f in found)
+            item = page.locator("#advice-findings li", has_text="nova-conductor").first
+            item.wait_for(timeout=30000)  # the page refreshes every 10 s
+            text = item.inner_text()
+            assert found[0]["option"] in text and "confidence" in text
+            page.screenshot(path=SHOTS / "advice.png", full_page=True)
+            # The demo's own status, every 5 s, ends with the advice too.
+            wait_for(lambda: any(line.startswith("advice: ") and "nova-conductor" in line
+                                 for line in demo.log_path.read_text().splitlines()),
+                     timeout=20, interval=1, message="advice in the demo's status")
+            table = subprocess.run(
+                [sys.executable, "-m", "commlens.cli.main", "advise", "--collector",
+                 demo.base], capture_output=True, text=True, timeout=60,
+                env=dict(os.environ, COLUMNS="250"))
+            assert table.returncode == 0, table.stderr
+            # A table's cells wrap: the option's words, each whole.
+            assert "nova-conductor" in table.stdout
+            assert all(word in table.stdout for word in found[0]["option"].split())
+            scripted = subprocess.run(
+                [sys.executable, "-m", "commlens.cli.main", "advise", "--json",
+                 "--collector", demo.base], capture_output=True, text=True, timeout=60)
+            assert any(f["subject"]["service"] == "nova-conductor"
+                       for f in json.loads(scripted.stdout)["findings"])
+        finally:
+            demo.fault("slow-conductor", on=False)
+        # The window moves past the slow calls: nothing is left to change.
+        wait_for(lambda: not _conductor_advice(demo), timeout=150, interval=2,
+                 message="the conductor's advice to clear")
+        wait_for(lambda: page.locator("#advice-findings li", has_text="nova-conductor")
+                 .count() == 0, timeout=30, interval=1, message="the panel to clear")
+        assert errors == []
+        context.close()
+    finally:
+        demo.process.kill()
+        demo.process.wait()
+
+
 def test_a_replica_asks_its_peers_with_the_token_and_the_page_says_who_is_missing(
         browser, rabbitmq, tmp_path):
     from support import free_port

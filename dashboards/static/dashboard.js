@@ -264,6 +264,39 @@ function sparkline(svg, points) {
   svg.dataset.points = String(points.length);
 }
 
+// -- advice -----------------------------------------------------------------
+// Tuning findings (/api/advice, exporters/advice.py) beside the graph: the
+// last minute against the 15 before, whatever the graph's window.
+
+async function refreshAdvice() {
+  const body = await getJSON("/api/advice?window=1m&baseline=15m");
+  renderAdvice(body.findings);
+}
+
+function renderAdvice(findings) {
+  $("advice-empty").hidden = findings.length > 0;
+  $("advice-findings").replaceChildren(...findings.map(adviceItem));
+}
+
+function adviceItem(finding) {
+  const subject = finding.subject;
+  const who = (subject.edge || subject.service) + (subject.topic ? ` (topic ${subject.topic})` : "");
+  const title = element("p", { class: "subject", title: "show it on the graph" }, who);
+  // The service the finding is about, selected on the graph if it is drawn.
+  title.addEventListener("click", () => {
+    if (document.getElementById("node:" + subject.service)) { select("node:" + subject.service); }
+  });
+  const sure = finding.confidence;
+  const change = finding.option
+    ? element("p", {}, "Change ", element("span", { class: "option" }, finding.option),
+      finding.set_on.length ? ` on ${finding.set_on.join(", ")}` : "")
+    : element("p", {}, "No setting: see above.");
+  return element("li", { class: finding.severity, "data-rule": finding.rule }, title,
+    element("p", {}, finding.finding), element("p", {}, finding.recommendation), change,
+    element("p", { class: "sure" }, `${finding.severity} · ${finding.rule} · ${sure.level} ` +
+      `confidence: ${sure.observations.toLocaleString("en-US")} over ${Math.round(sure.seconds)} s`));
+}
+
 // -- chains -----------------------------------------------------------------
 
 async function refreshChains() {
@@ -556,7 +589,7 @@ function openView() {
 async function refreshAll() {
   try {
     await Promise.all([refreshGraph(), refreshServices(), refreshChains(), refreshDetails(),
-      refreshLostMessages()]);
+      refreshLostMessages(), refreshAdvice()]);
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (error) {
     setStatus("refresh failed: " + error.message);
