@@ -36,6 +36,9 @@ ENVIRONMENT = {
     "--metrics-warm-up": "COMMLENS_METRICS_WARM_UP",
     "--rabbitmq-management-url": "COMMLENS_RABBITMQ_MANAGEMENT_URL",
     "--dashboard-token": "COMMLENS_DASHBOARD_TOKEN",
+    "--peer": "COMMLENS_PEERS",
+    "--peer-timeout": "COMMLENS_PEER_TIMEOUT",
+    "--otlp-endpoint": "COMMLENS_OTLP_ENDPOINT",
 }
 # What `pip install 'commlens[collector]'` adds (pyproject's collector extra),
 # by import name. Every command is the collector's or talks to it; inside a
@@ -109,7 +112,7 @@ def build_parser():
                                 "list of every replica, this one included, works too "
                                 "(default: COMMLENS_PEERS, comma-separated)")
     collector.add_argument("--peer-timeout", type=_duration,
-                           default=os.environ.get("COMMLENS_PEER_TIMEOUT", "2s"),
+                           default=_env("--peer-timeout", "2s"),
                            help="how long an answer waits for a peer; one that is later "
                                 "is named as missing in a partial answer (default 2s)")
     collector.add_argument("--queue-ttl", type=_queue_ttl,
@@ -324,7 +327,7 @@ def run_collector(args):
 def _peers(args):
     """The peer URLs of --peer (or COMMLENS_PEERS); SystemExit on a bad one."""
     given = args.peer if args.peer is not None else [
-        p for p in os.environ.get("COMMLENS_PEERS", "").split(",") if p.strip()]
+        p for p in _env("--peer", "").split(",") if p.strip()]
     peers = []
     for peer in given:
         peer = peer.strip().rstrip("/")
