@@ -206,7 +206,7 @@ class Samples:
     ``combine``), as change.py's baseline samples do."""
 
     def __init__(self, clock=time.time, interval=SAMPLE_SECONDS,
-                 keep=MAX_WINDOW_SECONDS + DEFAULT_BASELINE_SECONDS):
+                 keep=MAX_WINDOW_SECONDS + SAMPLE_SECONDS):
         self.clock = clock
         self.interval = interval
         self.keep = keep
