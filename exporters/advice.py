@@ -24,8 +24,11 @@ Nothing here changes anything: advice is read by people (``commlens
 advise``, ``/api/advice``, the dashboard beside the graph).
 """
 
+import bisect
 import collections
 import dataclasses
+import math
+import threading
 import time
 
 from commlens.exporters import graph
@@ -191,12 +194,72 @@ def reduce(counters, histograms, gauges):
     return figures
 
 
-def samples(clock=time.monotonic):
-    """``Figures`` every ``SAMPLE_SECONDS`` for ``MAX_WINDOW_SECONDS``: the
-    graph's sampler (``baseline(seconds)``: the sample closest to that long
-    ago; ``since(seconds)``: those kept in the last ``seconds``)."""
-    return graph.GraphSamples(clock=clock, interval=SAMPLE_SECONDS,
-                              max_window=MAX_WINDOW_SECONDS, empty=Figures)
+class Samples:
+    """``Figures`` on every ``SAMPLE_SECONDS`` mark of the wall clock, kept
+    ``keep`` seconds, after an empty one at the start (the collector started
+    with nothing).
+
+    On the mark, not every ten seconds since this collector started:
+    replicas then sample at the same instants (to within their sweeper's
+    second and their clocks' skew), so their figures at a window's ends, and
+    their gauges at each mark, add up to the fleet's (``share``,
+    ``combine``), as change.py's baseline samples do."""
+
+    def __init__(self, clock=time.time, interval=SAMPLE_SECONDS,
+                 keep=MAX_WINDOW_SECONDS + SAMPLE_SECONDS):
+        self.clock = clock
+        self.interval = interval
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._times = [clock()]
+        self._samples = [Figures()]
+
+    def _mark(self):
+        return math.floor(self.clock() / self.interval) * self.interval
+
+    def due(self):
+        """Whether ``add`` would keep a sample now (a new mark was passed)."""
+        with self._lock:
+            return self._mark() > self._times[-1]
+
+    def add(self, figures):
+        mark = self._mark()
+        with self._lock:
+            if mark <= self._times[-1]:
+                return  # this mark's is taken (or the clock stepped back)
+            self._times.append(mark)
+            self._samples.append(figures)
+            while len(self._times) > 1 and self._times[0] < mark - self.keep:
+                self._times.pop(0)
+                self._samples.pop(0)
+
+    def at_or_before(self, when):
+        """(time, Figures) of the newest sample at or before ``when``; the
+        oldest kept for a time older than them all (a collector younger
+        than the window: its empty start)."""
+        with self._lock:
+            index = max(0, bisect.bisect_right(self._times, when) - 1)
+            return self._times[index], self._samples[index]
+
+    def since(self, when):
+        """[(time, Figures)] of the samples at or after ``when``, oldest first."""
+        with self._lock:
+            index = bisect.bisect_left(self._times, when)
+            return list(zip(self._times[index:], self._samples[index:], strict=True))
+
+
+def samples(clock=time.time):
+    """The sample store advice reads (``clock``: the wall clock)."""
+    return Samples(clock=clock)
+
+
+def ends(window_seconds, baseline_seconds, now):
+    """(window's start, baseline's start): the sampling marks, on the wall
+    clock, at or before ``window_seconds`` and ``window_seconds +
+    baseline_seconds`` ago: the same on every replica asked at that time."""
+    def mark(seconds_ago):
+        return math.floor((now - seconds_ago) / SAMPLE_SECONDS) * SAMPLE_SECONDS
+    return mark(window_seconds), mark(window_seconds + baseline_seconds)
 
 
 class Span:
@@ -283,15 +346,140 @@ def _consumers(figures):
 def inputs_from(samples, current, window_seconds=DEFAULT_WINDOW_SECONDS,
                 baseline_seconds=DEFAULT_BASELINE_SECONDS, queues=None, processes=(),
                 unreceived=None):
-    """``Inputs`` of ``current`` Figures against the kept ``samples``."""
-    age, then = samples.baseline(window_seconds)
-    base_age, before = samples.baseline(window_seconds + baseline_seconds)
-    # The gauges' peaks: from the samples in each span (a second's slack, as
-    # the clock moved on since the two look-ups).
-    kept = samples.since(base_age + 1.0)
-    window = Span(then, current, age, [f for ago, f in kept if ago <= age + 1.0])
-    baseline = Span(before, then, base_age - age, [f for ago, f in kept if ago >= age])
+    """``Inputs`` of one collector: ``current`` Figures against its kept
+    ``samples``, by the same road as a fleet's (``share``, ``combine``)."""
+    now = samples.clock()
+    then, before = ends(window_seconds, baseline_seconds, now)
+    return combine([share(samples, current, then, before, processes)], now, then, before,
+                   queues, unreceived)
+
+
+# -- a replica's share of the inputs, and a fleet's (exporters/fleet.py) --------
+
+# How each field of Figures adds up across replicas.
+_SUMS = frozenset(("calls", "wait_total", "timeouts", "failures", "sent", "received",
+                   "over_half", "waiting", "in_flight", "pool_size", "http_served"))
+_HISTOGRAMS = frozenset(("waits", "method_waits", "method_processing", "method_pool_wait",
+                         "processing", "pool_wait", "budget", "http_duration"))
+_LOWEST, _HIGHEST, _PAIRS = "timeout_low", "saturation", "http"
+# The gauges whose peaks the rules read (Span.peak), sent at every mark.
+GAUGES = ("waiting", "in_flight", "pool_size", "saturation")
+
+
+def share(samples, current, then, before, processes=()):
+    """JSON of what one collector holds of the advice inputs: its
+    ``current`` Figures (``now``), its samples at the window's start
+    (``then``) and the baseline's (``before``), with the times they were
+    taken (``at``), its gauges at every mark since (``gauges``, for peaks),
+    and its processes. Every figure is raw, so replicas' shares add up."""
+    at_then, at_before = samples.at_or_before(then), samples.at_or_before(before)
+    return {"now": figures_json(current),
+            "then": {"at": at_then[0], "figures": figures_json(at_then[1])},
+            "before": {"at": at_before[0], "figures": figures_json(at_before[1])},
+            "gauges": [[t, figures_json(f, GAUGES)]
+                       for t, f in samples.since(min(at_before[0], before))],
+            "processes": [{"id": p.get("id"), "service": p.get("service")} for p in processes]}
+
+
+def combine(shares, now, then, before, queues=None, unreceived=None):
+    """``Inputs`` of replicas' ``share``s added up, as one collector holding
+    all of their processes would have them: figures added (peaks of a
+    process's saturation the largest, timeouts' shortest waits the
+    shortest), gauges added mark by mark, processes counted once. Each end
+    is the latest sample the replicas used for it (the mark, unless one
+    missed it or is younger than the window)."""
+    current, at_then, at_before = Figures(), Figures(), Figures()
+    gauges = collections.defaultdict(Figures)
+    processes, seen = [], set()
+    then_times, before_times = [], []
+    for part in shares:
+        if not isinstance(part, dict):
+            continue
+        add_figures(current, part.get("now"))
+        for name, figures, times in (("then", at_then, then_times),
+                                     ("before", at_before, before_times)):
+            end = part.get(name) if isinstance(part.get(name), dict) else {}
+            add_figures(figures, end.get("figures"))
+            if _number(end.get("at")):
+                times.append(end["at"])
+        for row in part.get("gauges") or ():
+            if isinstance(row, list) and len(row) == 2 and _number(row[0]):
+                add_figures(gauges[row[0]], row[1], GAUGES)
+        for process in part.get("processes") or ():
+            if not isinstance(process, dict) or not isinstance(process.get("service"), str):
+                continue
+            if process.get("id") is not None:
+                if process["id"] in seen:
+                    continue
+                seen.add(process["id"])
+            processes.append(process)
+    then_at = max(then_times, default=then)
+    before_at = min(max(before_times, default=before), then_at)
+    marks = sorted(gauges)
+    window = Span(at_then, current, now - then_at, [gauges[t] for t in marks if t >= then_at])
+    baseline = Span(at_before, at_then, then_at - before_at,
+                    [gauges[t] for t in marks if before_at <= t <= then_at])
     return Inputs(window, baseline, queues, processes, unreceived)
+
+
+def figures_json(figures, fields=Figures.__slots__):
+    """{field: [[key, value]]} of ``figures``: keys as lists, histograms as
+    [counts, sum, min, max]."""
+    answer = {}
+    for field in fields:
+        rows = []
+        for key, value in sorted(getattr(figures, field).items()):
+            if field in _HISTOGRAMS:
+                value = [list(value[0]), value[1], value[2], value[3]]
+            elif field == _PAIRS:
+                value = list(value)
+            rows.append([list(key), value])
+        answer[field] = rows
+    return answer
+
+
+def add_figures(figures, data, fields=Figures.__slots__):
+    """Add ``figures_json`` JSON into ``figures``; a row that does not fit
+    (from a peer of another version) is left out."""
+    if not isinstance(data, dict):
+        return
+    for field in fields:
+        store = getattr(figures, field)
+        for row in data.get(field) or ():
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], list)
+                    and all(isinstance(v, str) for v in row[0])):
+                continue
+            key, value = tuple(row[0]), row[1]
+            if field in _HISTOGRAMS:
+                _add_histogram(store, key, value)
+            elif field == _PAIRS:
+                if isinstance(value, list) and len(value) == 2 and all(map(_number, value)):
+                    store[key][0] += value[0]
+                    store[key][1] += value[1]
+            elif not _number(value):
+                continue
+            elif field in _SUMS:
+                store[key] += value
+            elif field == _LOWEST:
+                store[key] = min(value, store.get(key, value))
+            elif field == _HIGHEST:
+                store[key] = max(value, store.get(key, value))
+
+
+def _add_histogram(store, key, value):
+    if not (isinstance(value, list) and len(value) == 4 and isinstance(value[0], list)
+            and all(map(_number, value[0])) and _number(value[1])
+            and all(v is None or _number(v) for v in value[2:])):
+        return
+    known = store.get(key)
+    if known is not None and len(known[0]) != len(value[0]):
+        return  # other buckets: cannot be added
+    aggregate.add_histogram(store, key, value[0], value[1], value[2], value[3])
+
+
+def _number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def advise(inputs, rules=None):

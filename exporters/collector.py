@@ -199,7 +199,8 @@ class Collector:
         # Edge and method totals on every minute, for the baseline of ``change``.
         self.baseline_samples = change.samples(wall_clock, graph.MAX_WINDOW_SECONDS)
         # What the tuning rules read, every few seconds (exporters/advice.py).
-        self.advice_samples = advice_mod.samples(clock=clock)
+        # On the wall clock's marks, as replicas' must meet (exporters/fleet.py).
+        self.advice_samples = advice_mod.samples(clock=wall_clock)
         self.queue_watcher = None
         # Hops exported as spans to a tracing backend (exporters/otlp.py), or None.
         self.span_export = None
@@ -804,6 +805,13 @@ class Collector:
             self.advice_samples, advice_mod.reduce(*self.merged(rates=True)), window_seconds,
             baseline_seconds, self.broker_queues(), self.processes(), self.lost_messages()[1])
         return advice_mod.report(inputs)
+
+    def advice_share(self, then, before):
+        """This collector's own advice inputs for a window starting at the
+        wall-clock mark ``then`` after a baseline starting at ``before``
+        (advice.share): what a replica answering for its fleet asks."""
+        return advice_mod.share(self.advice_samples, advice_mod.reduce(*self.merged(rates=True)),
+                                then, before, self.processes())
 
     def edge_details(self, client, server, protocol, window_seconds=300, histograms=False):
         """The methods table of one edge, its last 15 minutes of waiting

@@ -24,7 +24,12 @@ with a deadline, and merges the answers with its own:
   receivers usually report to different replicas;
 - change against a baseline: each replica's edge and method totals at the
   baseline window's ends (the same wall-clock minutes on every replica)
-  added; the change is computed once from the sums (exporters/change.py).
+  added; the change is computed once from the sums (exporters/change.py);
+- tuning advice: each replica's raw advice inputs (its current figures, its
+  samples at the window's and the baseline's starts, the same wall-clock
+  marks on every replica, its gauges at each mark, its processes) added;
+  the rules run once on the sums, with the fleet's lost messages
+  (exporters/advice.py, share and combine).
 
 A peer that does not answer in time makes the answer partial, and the answer
 says so (``replicas``: which answered, which did not and why); it never
@@ -42,6 +47,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from commlens.exporters import advice as advice_mod
 from commlens.exporters import chains as chains_mod
 from commlens.exporters import change
 from commlens.exporters import graph as graph_mod
@@ -189,6 +195,19 @@ class Fleet:
         if description is None:
             return None, None, None
         return description, found[2], found[3]
+
+    def advice(self, window_seconds, baseline_seconds):
+        """``/api/advice`` of the fleet: every replica's advice inputs at the
+        same sampling marks, added, and the rules run once on them, as one
+        collector holding every process would."""
+        now = self.collector.wall_clock()
+        then, before = advice_mod.ends(window_seconds, baseline_seconds, now)
+        answers, status = self.ask("/api/advice", then=repr(then), before=repr(before))
+        shares = [self.collector.advice_share(then, before)]
+        shares += [a for a in answers if isinstance(a, dict)]
+        inputs = advice_mod.combine(shares, now, then, before, self.collector.broker_queues(),
+                                    self.lost_messages()[1])
+        return dict(advice_mod.report(inputs), replicas=status)
 
     def chains(self, since_seconds, limit, absorbed=None):
         mine = self.collector.history.chains(since_seconds, PEER_CHAINS_LIMIT, absorbed)

@@ -112,7 +112,14 @@ def create_app(collector, intake=None, dashboard=None, fleet=None):
 
     @app.get("/api/advice")
     def advice():
-        return collector.advice(_duration_arg("window", 60), _duration_arg("baseline", 900))
+        if flask.request.args.get(_fleet.SCOPE) == _fleet.REPLICA_SCOPE:
+            # A replica answering for its fleet asks for this one's raw
+            # inputs at the sampling marks it chose (exporters/advice.py, share).
+            return collector.advice_share(_time_arg("then"), _time_arg("before"))
+        window, baseline = _duration_arg("window", 60), _duration_arg("baseline", 900)
+        if asked_fleet():
+            return fleet.advice(window, baseline)
+        return collector.advice(window, baseline)
 
     @app.get("/api/silent-servers")
     def silent_servers():

@@ -462,7 +462,7 @@ def test_the_collector_serves_advice_on_what_its_processes_shipped():
     """Snapshots in, ``/api/advice`` out: a conductor that got slow is named,
     with the option; the JSON is strict."""
     clock = Clock()
-    collector = collector_mod.Collector(clock=clock)
+    collector = collector_mod.Collector(clock=clock, wall_clock=clock)
     series = Series()
     seq = 0
 
