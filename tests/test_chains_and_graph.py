@@ -271,7 +271,8 @@ def _edge_rows(table, edges):
     """The table's rows naming an edge's caller and callee, whole, in order."""
     rows = []
     for line in table.splitlines():
-        cells = [c.strip() for c in line.split("│")]
+        # A service where chains start is marked after its name: "[origin of N chains]".
+        cells = [c.split(" [origin of ")[0].strip() for c in line.split("│")]
         for edge in edges:
             if cells[1:3] == [edge["client"], edge["server"]]:
                 rows.append((edge["client"], edge["server"]))

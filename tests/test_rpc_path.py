@@ -147,9 +147,12 @@ def test_notifications_are_counted_on_both_sides(collector, start_peer, conf, to
                                topics=[topic + "-notifications"])
         for _ in range(5):
             notifier.info({}, "compute.instance.create.end", {"id": 1})
+        # A deadline for a loaded machine, not a speed: the peer's listener
+        # and both ship intervals come first (once 20 s ran out in a full run).
         collector.wait_metric("commlens_notifications_received_total", 5,
                               service="peer-server", caller="test-client",
-                              event_type="compute.instance.create.end", priority="info")
+                              event_type="compute.instance.create.end", priority="info",
+                              timeout=60)
         # Each side ships on its own clock: the sender's count may arrive later.
         collector.wait_metric("commlens_notifications_sent_total", 5, service="test-client",
                               target=topic + "-notifications.info",
