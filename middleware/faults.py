@@ -74,7 +74,7 @@ def is_error_status(code):
 
 
 def head(chunks):
-    """The first MAX_BYTES of a body given as chunks (bytes; anything else
+    """The first MAX_BODY bytes of a body given as chunks (bytes; anything else
     ends it), joined; b'' for none."""
     if not chunks:
         return b""
