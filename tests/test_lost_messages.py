@@ -355,7 +355,10 @@ def test_casts_and_notifications_nobody_received_on_rabbitmq_are_counted_exactly
 
 @pytest.mark.slow
 def test_the_demo_conductor_down_shows_casts_nobody_received_until_it_is_back(tmp_path):
-    demo = Demo(tmp_path)
+    # Users rebuild only servers they booted, and boots fail once the
+    # conductor is down: so more users, and the fault only once they have
+    # servers enough to keep rebuilding (a few rebuilds seen).
+    demo = Demo(tmp_path, "--users", "16")
     try:
         wait_for(demo.up, timeout=30, message="demo serving")
 
@@ -364,7 +367,7 @@ def test_the_demo_conductor_down_shows_casts_nobody_received_until_it_is_back(tm
                                         target="conductor", method="rebuild_instance",
                                         kind="cast")
 
-        wait_for(lambda: sent() >= 1, timeout=60, message="rebuilds cast to the conductor")
+        wait_for(lambda: sent() >= 3, timeout=120, message="rebuilds cast to the conductor")
         demo.fault("conductor-down")
 
         sent_before = sent()
