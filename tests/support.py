@@ -101,6 +101,17 @@ class Metrics:
         return [(ls, v) for n, ls, v in self.samples
                 if n == name and all(ls.get(k) == str(val) for k, val in labels.items())]
 
+class Clock:
+    """A clock a test moves by hand (``clock.now += 5``), for a Collector's
+    ``clock`` or ``wall_clock``."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 class CollectorProcess:
     def __init__(self, process, base_url, log_path):
         self.process = process

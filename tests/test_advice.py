@@ -18,16 +18,9 @@ from commlens.exporters import collector as collector_mod
 from commlens.exporters import http
 from commlens.tracer import metrics
 from commlens.tracer import wire
+from support import Clock
 
 MINUTE = 60.0
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def _histogram(values, bounds=metrics.LATENCY_BUCKETS):

@@ -16,18 +16,11 @@ from commlens.exporters import collector as collector_mod
 from commlens.exporters import history as history_mod
 from commlens.tracer import metrics
 from commlens.tracer import wire
+from support import Clock
 
 EDGE = ["nova-api", "nova-conductor", metrics.MESSAGING_SYSTEM]
 N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
 FAST, SLOW = 2, 7  # bucket indexes: 5 ms and 250 ms
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1.0e6
-
-    def __call__(self):
-        return self.now
 
 
 class Plane:
@@ -85,7 +78,7 @@ class Plane:
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return Clock(1.0e6)
 
 
 @pytest.fixture

@@ -17,20 +17,13 @@ from commlens.exporters import prometheus
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import wire
+from support import Clock
 
 RECEIVED = metrics.RPC_RECEIVED
 RECEIVED_LABELS = ("conductor", "api", "conductor", "build_instances", "call")
 RECEIVED_KEY = (RECEIVED.name, RECEIVED_LABELS)
 WAITING_KEY = (metrics.RPC_WAITING_REPLIES.name, ("api", "conductor", "build_instances"))
 N_BUCKETS = len(metrics.LATENCY_BUCKETS) + 1
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def _ship(collector, recorder, final=False, interval=1.0):

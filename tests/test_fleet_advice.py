@@ -19,18 +19,10 @@ from commlens.exporters import collector as collector_mod
 from commlens.tracer import metrics
 from commlens.tracer import recorder as recorder_mod
 from commlens.tracer import shipping
-from support import collector_ready, free_port, run_collector, wait_for
+from support import Clock, collector_ready, free_port, run_collector, wait_for
 
 MINUTE = 60.0
 API, CONDUCTOR, TOPIC, UNREAD = "nova-api", "nova-conductor", "conductor", "fleet-unread"
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 class Pool:

@@ -20,17 +20,9 @@ from commlens.exporters import lost
 from commlens.exporters import prometheus
 from commlens.tracer import metrics
 from commlens.tracer import wire
-from support import COMMLENS_URL, Demo, wait_for
+from support import Clock, COMMLENS_URL, Demo, wait_for
 
 GRACE = 20.0
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture
